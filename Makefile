@@ -1,0 +1,49 @@
+# The two commands a newcomer runs on a fresh machine:
+#   make run    - a real distillation, offline, on the default CPU spec (MiniLM-L6 -> 3 layers, RTE)
+#   make test   - the test suite
+# Both create .venv and install what they need first (torch pinned to the CPU build on this kind
+# of machine). Every kdray command runs with the offline/loopback variables below.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SPEC ?= search_spaces/rte-cpu.yaml
+TORCH ?= torch==2.13.0
+# GLUE in the download_glue_data.py layout; default: ../shared/glue beside the checkout.
+KDRAY_GLUE_DIR ?= $(abspath ../shared/glue)
+
+# Offline and loopback only: no hub downloads, no telemetry, Ray bound to 127.0.0.1, any
+# non-local HTTP(S) sent to a closed loopback port. Set only for kdray/pytest, never for pip.
+OFFLINE := env HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+	HF_HUB_DISABLE_TELEMETRY=1 RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+	HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 \
+	http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9 \
+	NO_PROXY=127.0.0.1,localhost,::1 no_proxy=127.0.0.1,localhost,::1 \
+	KDRAY_GLUE_DIR=$(KDRAY_GLUE_DIR)
+
+.PHONY: install run test sweep lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+run: install
+	$(OFFLINE) $(VENV)/bin/kdray run $(SPEC)
+
+sweep: install
+	$(OFFLINE) $(VENV)/bin/kdray sweep $(SPEC)
+
+test: install
+	$(OFFLINE) $(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check kdray tests benchmarks
+	$(VENV)/bin/ruff format --check kdray tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

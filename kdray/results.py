@@ -1,0 +1,165 @@
+"""The Parquet tables every run, sweep and ablation writes, and how to read them back.
+
+``trials.parquet``: one row per run (trial): identity, status, the resolved settings as flat
+dotted columns, best and final dev metrics, timing, teacher and model sizes.
+``epochs.parquet``: one row per run and epoch: stage, every loss term, dev metrics, lr, speed.
+
+Files are replaced atomically (written beside, then renamed), so a reader never sees a
+half-written table, and the column set and types are fixed by the first write of a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdray import __version__
+from kdray.spec import Spec
+from kdray.train import RunResult
+
+TRIALS_FILE = "trials.parquet"
+EPOCHS_FILE = "epochs.parquet"
+
+# Columns every trials table starts with, in this order; settings and metrics follow.
+ID_COLUMNS = ("name", "trial_id", "status", "error", "kdray_version", "spec_fingerprint")
+
+
+def _cell(value: Any) -> Any:
+    """Lists (explicit layer maps) become JSON text so a column keeps one type."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return value
+
+
+def trial_row(
+    spec: Spec, result: RunResult, *, trial_id: str = "run", extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One trials-table row: who, what settings, what came out."""
+    row: dict[str, Any] = {
+        "name": spec.name,
+        "trial_id": trial_id,
+        "status": result.status,
+        "error": result.error,
+        "kdray_version": __version__,
+        "spec_fingerprint": spec.fingerprint(),
+    }
+    for key, value in spec.flat().items():
+        if key != "name":
+            row[key] = _cell(value)
+    row["metric"] = result.metric
+    for prefix, metrics in (("best", result.best_metrics), ("final", result.final_metrics)):
+        for name, value in metrics.items():
+            row[f"{prefix}.dev.{name}"] = float(value)
+    row.update(
+        {
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "wall_time": result.wall_time,
+            "examples_per_s": result.examples_per_s,
+            "student_params": result.student_params,
+            "teacher_params": result.teacher_params,
+            "student_path": result.student_path,
+        }
+    )
+    if result.teacher is not None:
+        row["teacher.id"] = result.teacher.id
+        for name, value in result.teacher.dev_metrics.items():
+            row[f"teacher.dev.{name}"] = float(value)
+    for key, value in (result.diagnostics or {}).items():
+        row[f"diag.{key}"] = _cell(value)
+    row.update({k: _cell(v) for k, v in (extra or {}).items()})
+    return row
+
+
+def epoch_rows(
+    spec: Spec, records: Iterable[dict[str, Any]], *, trial_id: str = "run"
+) -> list[dict[str, Any]]:
+    return [{"name": spec.name, "trial_id": trial_id, **record} for record in records]
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_table(rows: list[dict[str, Any]], path: str | Path) -> pd.DataFrame:
+    """Write rows as a Parquet table, keeping the schema a table at ``path`` already has.
+
+    New rows may leave columns out (they become null); a column the existing schema does not
+    have is added at the end, so a sweep's first trial fixes the order and types.
+    """
+    path = Path(path)
+    frame = pd.DataFrame(rows)
+    if path.exists():
+        schema = pq.read_schema(path)
+        known = [n for n in schema.names]
+        extra = [c for c in frame.columns if c not in known]
+        frame = frame.reindex(columns=known + extra)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        fields = [schema.field(n) for n in known] + [table.schema.field(n) for n in extra]
+        target = pa.schema(fields)
+        table = _cast(table, target)
+    else:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    _write_atomic(table, path)
+    return frame
+
+
+def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    columns = []
+    for target in schema:
+        column = table.column(target.name)
+        if column.type != target.type and not pa.types.is_null(target.type):
+            column = column.cast(target.type, safe=False)
+        columns.append(column)
+    return pa.Table.from_arrays(
+        columns,
+        schema=pa.schema([pa.field(f.name, c.type) for f, c in zip(schema, columns, strict=True)]),
+    )
+
+
+def write_run(out_dir: str | Path, spec: Spec, result: RunResult) -> tuple[Path, Path]:
+    """A single ``kdray run``: a one-row trials table and its epochs table."""
+    out = Path(out_dir)
+    trials = out / TRIALS_FILE
+    epochs = out / EPOCHS_FILE
+    if trials.exists():
+        trials.unlink()
+    if epochs.exists():
+        epochs.unlink()
+    write_table([trial_row(spec, result)], trials)
+    rows = epoch_rows(spec, result.records)
+    if rows:
+        write_table(rows, epochs)
+    else:  # a run that ended before its first epoch: an empty table, still readable
+        _write_atomic(
+            pa.table({"name": pa.array([], pa.string()), "epoch": pa.array([], pa.int64())}), epochs
+        )
+    return trials, epochs
+
+
+def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(trials, epochs)`` DataFrames of a results folder (or of the folder holding a file)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    trials_file, epochs_file = folder / TRIALS_FILE, folder / EPOCHS_FILE
+    if not trials_file.exists():
+        raise FileNotFoundError(f"no {TRIALS_FILE} in {folder}")
+    trials = pd.read_parquet(trials_file)
+    epochs = pd.read_parquet(epochs_file) if epochs_file.exists() else pd.DataFrame()
+    return trials, epochs

