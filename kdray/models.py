@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from kdray.spec import LayerChoice
 
@@ -28,6 +29,11 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 }
 
 TEACHER_INFO_FILE = "teacher.json"
+
+# kdray shows its own progress; the per-load bars and "newly initialised" notes are noise here
+# (a fresh classifier head is expected for every teacher and student).
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
 
 
 class ModelError(ValueError):

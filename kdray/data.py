@@ -1,0 +1,697 @@
+"""GLUE data: task registry, readers for local TSV files and the HF hub, metrics, tokenization.
+
+Local files follow the layout written by the widely used ``download_glue_data.py`` script
+(``<glue_dir>/<TASK>/<split>.tsv``). Labels are always ids in the order of the Hugging Face
+``nyu-mll/glue`` dataset, so a model trained on local files and one trained on hub data agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "TASKS",
+    "DataError",
+    "Example",
+    "GlueTask",
+    "TokenizedSplit",
+    "collate",
+    "compute_metrics",
+    "get_task",
+    "load_examples",
+    "load_hub",
+    "read_local",
+    "tokenize",
+]
+
+logger = logging.getLogger(__name__)
+
+GLUE_DIR_ENV = "KDRAY_GLUE_DIR"
+HUB_DATASET = "nyu-mll/glue"
+_CACHE_FORMAT = "kdray-tokenized-v1"
+_FIX_HINT = (
+    "Point data.dir (config) or $KDRAY_GLUE_DIR at a folder in the download_glue_data.py layout, "
+    "e.g. <dir>/RTE/train.tsv, <dir>/MNLI/dev_matched.tsv."
+)
+
+
+class DataError(ValueError):
+    """Raised for missing/malformed data; the message names the file (and line) or where we looked.
+
+    A ValueError subclass so callers that only know "bad input" still catch it.
+    """
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Everything needed to read one GLUE classification task from disk or from the hub.
+
+    The ``file_*`` fields describe the download_glue_data.py TSV layout; they are private parsing
+    details that other modules need not use.
+    """
+
+    name: str
+    hub_columns: tuple[str, ...]
+    labels: tuple[str, ...]
+    metrics: tuple[str, ...]
+    main_metric: str
+    dev_split: str
+    local_dir: str
+    local_files: Mapping[str, str] = field(hash=False)
+    # split -> hub split name ("train", "dev" and, for MNLI, "dev_mismatched").
+    hub_splits: Mapping[str, str] = field(hash=False, repr=False)
+    # split -> the file's columns (its header, or positional names when it has none).
+    file_columns: Mapping[str, tuple[str, ...]] = field(hash=False, repr=False)
+    file_has_header: bool = field(default=True, repr=False)
+    file_text_columns: tuple[str, ...] = field(default=(), repr=False)
+    file_label_column: str = field(default="label", repr=False)
+    # Label values as written in the file, in id order (same order as ``labels``).
+    file_label_values: tuple[str, ...] = field(default=(), repr=False)
+    # QQP's train file has a few rows broken by embedded newlines; the hub loader drops them too.
+    skip_malformed_rows: bool = field(default=False, repr=False)
+
+    @property
+    def num_labels(self) -> int:
+        """Size of the classifier head."""
+        return len(self.labels)
+
+    @property
+    def is_pair(self) -> bool:
+        """Whether examples carry a second text (``text_b``)."""
+        return len(self.hub_columns) == 2
+
+
+def _task(
+    name: str,
+    *,
+    hub_columns: tuple[str, ...],
+    labels: tuple[str, ...],
+    metrics: tuple[str, ...],
+    main_metric: str,
+    local_dir: str,
+    columns: tuple[str, ...],
+    text_columns: tuple[str, ...],
+    label_column: str,
+    label_values: tuple[str, ...],
+    has_header: bool = True,
+    dev_columns: tuple[str, ...] | None = None,
+    mnli: bool = False,
+    skip_malformed_rows: bool = False,
+) -> GlueTask:
+    """Build a task with the usual train/dev split names so the table below stays readable."""
+    files = {"train": "train.tsv", "dev": "dev.tsv"}
+    hub = {"train": "train", "dev": "validation"}
+    if mnli:
+        files = {
+            "train": "train.tsv",
+            "dev": "dev_matched.tsv",
+            "dev_mismatched": "dev_mismatched.tsv",
+        }
+        hub = {
+            "train": "train",
+            "dev": "validation_matched",
+            "dev_mismatched": "validation_mismatched",
+        }
+    dev_cols = dev_columns or columns
+    file_columns = {split: (columns if split == "train" else dev_cols) for split in files}
+    return GlueTask(
+        name=name,
+        hub_columns=hub_columns,
+        labels=labels,
+        metrics=metrics,
+        main_metric=main_metric,
+        dev_split=hub["dev"],
+        local_dir=local_dir,
+        local_files=MappingProxyType(files),
+        hub_splits=MappingProxyType(hub),
+        file_columns=MappingProxyType(file_columns),
+        file_has_header=has_header,
+        file_text_columns=text_columns,
+        file_label_column=label_column,
+        file_label_values=label_values,
+        skip_malformed_rows=skip_malformed_rows,
+    )
+
+
+_NLI2 = ("entailment", "not_entailment")
+_BIN = ("0", "1")
+_MNLI_PREFIX = (
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+)
+
+TASKS: dict[str, GlueTask] = {
+    "cola": _task(
+        "cola",
+        hub_columns=("sentence",),
+        labels=("unacceptable", "acceptable"),
+        metrics=("matthews",),
+        main_metric="matthews",
+        local_dir="CoLA",
+        columns=("source", "label", "original_mark", "sentence"),
+        has_header=False,
+        text_columns=("sentence",),
+        label_column="label",
+        label_values=_BIN,
+    ),
+    "sst2": _task(
+        "sst2",
+        hub_columns=("sentence",),
+        labels=("negative", "positive"),
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        local_dir="SST-2",
+        columns=("sentence", "label"),
+        text_columns=("sentence",),
+        label_column="label",
+        label_values=_BIN,
+    ),
+    "mrpc": _task(
+        "mrpc",
+        hub_columns=("sentence1", "sentence2"),
+        labels=("not_equivalent", "equivalent"),
+        metrics=("accuracy", "f1"),
+        main_metric="accuracy",
+        local_dir="MRPC",
+        columns=("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"),
+        text_columns=("#1 String", "#2 String"),
+        label_column="Quality",
+        label_values=_BIN,
+    ),
+    "qqp": _task(
+        "qqp",
+        hub_columns=("question1", "question2"),
+        labels=("not_duplicate", "duplicate"),
+        metrics=("accuracy", "f1"),
+        main_metric="accuracy",
+        local_dir="QQP",
+        columns=("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
+        text_columns=("question1", "question2"),
+        label_column="is_duplicate",
+        label_values=_BIN,
+        skip_malformed_rows=True,
+    ),
+    "mnli": _task(
+        "mnli",
+        hub_columns=("premise", "hypothesis"),
+        labels=("entailment", "neutral", "contradiction"),
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        local_dir="MNLI",
+        columns=(*_MNLI_PREFIX, "label1", "gold_label"),
+        dev_columns=(*_MNLI_PREFIX, "label1", "label2", "label3", "label4", "label5", "gold_label"),
+        text_columns=("sentence1", "sentence2"),
+        label_column="gold_label",
+        label_values=("entailment", "neutral", "contradiction"),
+        mnli=True,
+    ),
+    "qnli": _task(
+        "qnli",
+        hub_columns=("question", "sentence"),
+        labels=_NLI2,
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        local_dir="QNLI",
+        columns=("index", "question", "sentence", "label"),
+        text_columns=("question", "sentence"),
+        label_column="label",
+        label_values=_NLI2,
+    ),
+    "rte": _task(
+        "rte",
+        hub_columns=("sentence1", "sentence2"),
+        labels=_NLI2,
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        local_dir="RTE",
+        columns=("index", "sentence1", "sentence2", "label"),
+        text_columns=("sentence1", "sentence2"),
+        label_column="label",
+        label_values=_NLI2,
+    ),
+    "wnli": _task(
+        "wnli",
+        hub_columns=("sentence1", "sentence2"),
+        labels=("not_entailment", "entailment"),
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        local_dir="WNLI",
+        columns=("index", "sentence1", "sentence2", "label"),
+        text_columns=("sentence1", "sentence2"),
+        label_column="label",
+        label_values=_BIN,
+    ),
+}
+
+_UNSUPPORTED = {
+    "stsb": "STS-B is a regression task; kdray only distils classification tasks",
+    "ax": "AX is a test-only diagnostic set without training data",
+}
+
+
+def get_task(name: str | GlueTask) -> GlueTask:
+    """Look a task up forgivingly ("RTE", "SST-2", "sst_2") so configs can use any spelling."""
+    if isinstance(name, GlueTask):
+        return name
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    if key in TASKS:
+        return TASKS[key]
+    allowed = ", ".join(TASKS)
+    if key in _UNSUPPORTED:
+        raise DataError(f"task '{name}' is not supported: {_UNSUPPORTED[key]} (allowed: {allowed})")
+    raise DataError(f"unknown GLUE task '{name}' (allowed: {allowed})")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example; ``label`` is an id in ``GlueTask.labels`` order."""
+
+    text_a: str
+    text_b: str | None
+    label: int
+
+
+def _check_split(task: GlueTask, split: str) -> None:
+    """Fail early with the list of valid splits instead of a KeyError deep inside a reader."""
+    if split not in task.local_files:
+        allowed = ", ".join(task.local_files)
+        raise DataError(f"unknown split '{split}' for task {task.name} (allowed: {allowed})")
+
+
+def read_local(task: str | GlueTask, glue_dir: str | Path, split: str) -> list[Example]:
+    """Read one split from a download_glue_data.py-style folder.
+
+    Files are read with tab delimiters and no quote processing (the GLUE texts contain stray
+    quote characters) and validated strictly, so a wrong file fails loudly with its path and line
+    instead of silently training on garbage.
+    """
+    t = get_task(task)
+    _check_split(t, split)
+    root = Path(glue_dir).expanduser()
+    path = root / t.local_dir / t.local_files[split]
+    if not path.is_file():
+        where = f"GLUE folder {root} does not exist" if not root.is_dir() else f"no file {path}"
+        raise DataError(f"{where}: looked for {path} (task {t.name}, split {split}). {_FIX_HINT}")
+
+    columns = t.file_columns[split]
+    n_fields = len(columns)
+    text_idx = [columns.index(c) for c in t.file_text_columns]
+    label_idx = columns.index(t.file_label_column)
+    label_ids = {v: i for i, v in enumerate(t.file_label_values)}
+    allowed = ", ".join(repr(v) for v in t.file_label_values)
+
+    examples: list[Example] = []
+    skipped: list[int] = []
+    try:
+        # utf-8-sig strips MRPC's byte-order mark and is a no-op for the other files.
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            if t.file_has_header:
+                header = next(reader, None)
+                if header is None:
+                    raise DataError(f"{path}: file is empty. {_FIX_HINT}")
+                if tuple(header) != columns:
+                    got, want = "\t".join(header), "\t".join(columns)
+                    raise DataError(
+                        f"{path}:1: unexpected header {got!r}; expected {want!r} "
+                        f"(the download_glue_data.py layout for {t.local_dir}/"
+                        f"{t.local_files[split]})"
+                    )
+            for row in reader:
+                if not row:  # blank line, e.g. a trailing one; csv.DictReader skips these too
+                    continue
+                line = reader.line_num
+                if len(row) != n_fields:
+                    if t.skip_malformed_rows:
+                        skipped.append(line)
+                        continue
+                    raise DataError(
+                        f"{path}:{line}: expected {n_fields} tab-separated fields, got {len(row)}"
+                    )
+                value = row[label_idx]
+                if value not in label_ids:
+                    raise DataError(f"{path}:{line}: unknown label {value!r} (allowed: {allowed})")
+                text_b = row[text_idx[1]] if len(text_idx) == 2 else None
+                examples.append(Example(row[text_idx[0]], text_b, label_ids[value]))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e})") from e
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed TSV ({e})") from e
+
+    if skipped:
+        shown = ", ".join(str(n) for n in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        logger.warning(
+            "%s: skipped %d malformed row(s) with the wrong number of fields (lines %s); "
+            "the Hugging Face GLUE loader drops these too",
+            path,
+            len(skipped),
+            shown,
+        )
+    if not examples:
+        raise DataError(f"{path}: no examples found")
+    return examples
+
+
+def _offline() -> bool:
+    """Whether the user switched the HF libraries offline (then the hub can only serve caches)."""
+    truthy = {"1", "on", "yes", "true"}
+    return any(
+        os.environ.get(v, "").strip().lower() in truthy
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def load_hub(task: str | GlueTask, split: str) -> list[Example]:
+    """Load a split from the ``nyu-mll/glue`` hub dataset, for machines without local GLUE files."""
+    t = get_task(task)
+    _check_split(t, split)
+    hub_split = t.hub_splits[split]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(HUB_DATASET, t.name, split=hub_split)
+    except Exception as e:  # any failure here means "no hub data"; say how to avoid the hub
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not cached"
+            if _offline()
+            else "the hub could not be reached or the dataset could not be prepared"
+        )
+        raise DataError(
+            f"could not load {HUB_DATASET} config '{t.name}' split '{hub_split}' from the Hugging "
+            f"Face hub: {why} ({type(e).__name__}: {e}). To use local files instead: {_FIX_HINT}"
+        ) from e
+
+    names = getattr(ds.features.get("label"), "names", None)
+    if names is not None and tuple(names) != t.labels:
+        raise DataError(
+            f"{HUB_DATASET}/{t.name}: hub label names {tuple(names)} differ from the expected "
+            f"{t.labels}; refusing to guess the mapping"
+        )
+    texts_a = ds[t.hub_columns[0]]
+    texts_b = ds[t.hub_columns[1]] if t.is_pair else [None] * len(texts_a)
+    labels = ds["label"]
+    bad = [i for i, y in enumerate(labels) if not 0 <= int(y) < t.num_labels]
+    if bad:
+        raise DataError(
+            f"{HUB_DATASET}/{t.name} split '{hub_split}': row {bad[0]} has label {labels[bad[0]]} "
+            f"outside 0..{t.num_labels - 1} ({len(bad)} such rows; is this an unlabelled split?)"
+        )
+    return [Example(a, b, int(y)) for a, b, y in zip(texts_a, texts_b, labels, strict=True)]
+
+
+def load_examples(
+    task: str | GlueTask, split: str, glue_dir: str | Path | None = None
+) -> list[Example]:
+    """Pick the data source: explicit folder, then $KDRAY_GLUE_DIR, then the hub."""
+    if glue_dir is None:
+        glue_dir = os.environ.get(GLUE_DIR_ENV) or None
+    if glue_dir is not None:
+        return read_local(task, glue_dir, split)
+    return load_hub(task, split)
+
+
+def compute_metrics(task: str | GlueTask, predictions: Any, labels: Any) -> dict[str, float]:
+    """Score predictions with the task's GLUE metrics (keys exactly ``task.metrics``).
+
+    ``predictions`` may be class ids ``[N]`` or logits ``[N, C]`` (argmax is taken), as numpy
+    arrays, torch tensors or lists, so trainers can pass whatever they have.
+    """
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    t = get_task(task)
+    preds = _as_numpy(predictions)
+    gold = _as_numpy(labels)
+    if preds.ndim == 2:
+        preds = preds.argmax(axis=-1)
+    if preds.ndim != 1 or gold.ndim != 1:
+        raise ValueError(
+            f"expected 1-d predictions (or 2-d logits) and 1-d labels, got shapes "
+            f"{preds.shape} and {gold.shape}"
+        )
+    if len(preds) != len(gold):
+        raise ValueError(f"{len(preds)} predictions but {len(gold)} labels")
+    if len(gold) == 0:
+        raise ValueError("cannot compute metrics on zero examples")
+    preds = preds.astype(np.int64)
+    gold = gold.astype(np.int64)
+
+    out: dict[str, float] = {}
+    for name in t.metrics:
+        if name == "accuracy":
+            out[name] = float(accuracy_score(gold, preds))
+        elif name == "f1":
+            out[name] = float(f1_score(gold, preds, average="binary", pos_label=1, zero_division=0))
+        elif name == "matthews":
+            out[name] = float(matthews_corrcoef(gold, preds))
+        else:  # pragma: no cover - guarded by the TASKS table
+            raise ValueError(f"unknown metric {name!r}")
+    return out
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """Accept tensors (on any device), arrays and lists alike."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+@dataclass(repr=False, eq=False)
+class TokenizedSplit(Dataset):
+    """Unpadded token ids per example; padding happens per batch in :func:`collate`.
+
+    Keeping sequences unpadded lets a length-bucketing sampler use :attr:`lengths` and keeps the
+    on-disk cache small.
+    """
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        n = len(self.input_ids)
+        if len(self.token_type_ids) != n or len(self.labels) != n:
+            raise ValueError(
+                f"input_ids ({n}), token_type_ids ({len(self.token_type_ids)}) and labels "
+                f"({len(self.labels)}) must have the same length"
+            )
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.input_ids)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} examples")
+        i = int(i) % n
+        return {
+            "input_ids": self.input_ids[i],
+            "token_type_ids": self.token_type_ids[i],
+            "labels": self.labels[i],
+            "index": i,
+        }
+
+    @property
+    def lengths(self) -> list[int]:
+        """Sequence lengths (with special tokens), for length-grouped batching."""
+        return [len(ids) for ids in self.input_ids]
+
+    def __repr__(self) -> str:
+        return f"TokenizedSplit(n={len(self)})"
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """Everything about the tokenizer that changes its output, minus call-time settings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend_cfg: Any = None
+    if backend is not None and hasattr(backend, "to_str"):
+        backend_cfg = json.loads(backend.to_str())
+        # Truncation/padding are per-call state the tokenizer mutates; they must not break hits.
+        backend_cfg.pop("truncation", None)
+        backend_cfg.pop("padding", None)
+    init_kwargs = getattr(tokenizer, "init_kwargs", {}) or {}
+    special = getattr(tokenizer, "special_tokens_map", {}) or {}
+    return {
+        "class": type(tokenizer).__name__,
+        "do_lower_case": getattr(tokenizer, "do_lower_case", init_kwargs.get("do_lower_case")),
+        "strip_accents": init_kwargs.get("strip_accents"),
+        "special_tokens": {k: str(v) for k, v in sorted(special.items())},
+        "special_ids": list(getattr(tokenizer, "all_special_ids", []) or []),
+        "truncation_side": getattr(tokenizer, "truncation_side", "right"),
+        "backend": backend_cfg,
+    }
+
+
+def _cache_key(examples: Sequence[Example], tokenizer: Any, max_seq_length: int) -> str:
+    """sha256 over tokenizer identity, vocabulary, max length and example content."""
+    h = hashlib.sha256()
+    head = {
+        "format": _CACHE_FORMAT,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "max_seq_length": max_seq_length,
+    }
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    vocab = sorted(tokenizer.get_vocab().items())
+    h.update(json.dumps(vocab, ensure_ascii=False).encode())
+    h.update(str(len(examples)).encode())
+    for ex in examples:
+        h.update(json.dumps([ex.text_a, ex.text_b, ex.label], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _run_tokenizer(
+    examples: Sequence[Example], tokenizer: Any, max_seq_length: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Tokenize in chunks; single texts and pairs go in separate calls (the API needs that)."""
+    input_ids: list[list[int]] = [[] for _ in examples]
+    type_ids: list[list[int]] = [[] for _ in examples]
+    singles = [i for i, ex in enumerate(examples) if ex.text_b is None]
+    pairs = [i for i, ex in enumerate(examples) if ex.text_b is not None]
+    chunk = 2048
+    for group, is_pair in ((singles, False), (pairs, True)):
+        for start in range(0, len(group), chunk):
+            idx = group[start : start + chunk]
+            texts_a = [examples[i].text_a for i in idx]
+            texts_b = [examples[i].text_b for i in idx] if is_pair else None
+            enc = tokenizer(
+                texts_a,
+                texts_b,
+                truncation="longest_first",
+                max_length=max_seq_length,
+                padding=False,
+                return_token_type_ids=True,
+                return_attention_mask=False,
+            )
+            ids_batch = enc["input_ids"]
+            tt_batch = enc.get("token_type_ids") or [[0] * len(ids) for ids in ids_batch]
+            for i, ids, tt in zip(idx, ids_batch, tt_batch, strict=True):
+                input_ids[i] = list(ids)
+                type_ids[i] = list(tt)
+    too_long = max((len(ids) for ids in input_ids), default=0)
+    if too_long > max_seq_length:
+        raise ValueError(
+            f"max_seq_length={max_seq_length} is too small to hold the special tokens "
+            f"(got a {too_long}-token sequence)"
+        )
+    return input_ids, type_ids
+
+
+def _read_cache(path: Path, key: str, n: int) -> TokenizedSplit | None:
+    """Load a cached split; return None (recompute) if the file is unreadable or not ours."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        meta = table.schema.metadata or {}
+        if meta.get(b"kdray_cache_key", b"").decode() != key or table.num_rows != n:
+            logger.warning("ignoring tokenization cache %s: key or size mismatch", path)
+            return None
+        return TokenizedSplit(
+            input_ids=table.column("input_ids").to_pylist(),
+            token_type_ids=table.column("token_type_ids").to_pylist(),
+            labels=table.column("labels").to_pylist(),
+        )
+    except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+        logger.warning("ignoring unreadable tokenization cache %s: %s", path, e)
+        return None
+
+
+def _write_cache(path: Path, key: str, split: TokenizedSplit) -> None:
+    """Write atomically so a crashed or concurrent writer never leaves a half file behind."""
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "input_ids": pa.array(split.input_ids, type=pa.list_(pa.int32())),
+            "token_type_ids": pa.array(split.token_type_ids, type=pa.list_(pa.int8())),
+            "labels": pa.array(split.labels, type=pa.int64()),
+        }
+    ).replace_schema_metadata({"kdray_cache_key": key, "kdray_format": _CACHE_FORMAT})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tokenize(
+    examples: list[Example],
+    tokenizer: Any,
+    max_seq_length: int,
+    cache_dir: str | Path | None = None,
+) -> TokenizedSplit:
+    """Tokenize examples (truncating pairs longest-first), reusing an on-disk cache if given.
+
+    Trials in a sweep tokenize the same split with the same tokenizer over and over; the cache
+    (an Arrow IPC file keyed by a content hash) makes that a file read.
+    """
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+    if not examples:
+        raise ValueError("no examples to tokenize")
+    path: Path | None = None
+    key = ""
+    if cache_dir is not None:
+        key = _cache_key(examples, tokenizer, max_seq_length)
+        path = Path(cache_dir).expanduser() / f"tokenized-{key}.arrow"
+        if path.is_file():
+            cached = _read_cache(path, key, len(examples))
+            if cached is not None:
+                logger.debug("loaded tokenized split from %s", path)
+                return cached
+
+    input_ids, type_ids = _run_tokenizer(examples, tokenizer, max_seq_length)
+    split = TokenizedSplit(input_ids, type_ids, [ex.label for ex in examples])
+    if path is not None:
+        _write_cache(path, key, split)
+    return split
+
+
+def collate(batch: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest sequence (dynamic padding wastes less compute than max_len)."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    size = len(batch)
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((size, width), dtype=torch.long)
+    token_type_ids = torch.zeros((size, width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(item["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        token_type_ids[row, :n] = torch.as_tensor(item["token_type_ids"], dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+        "labels": torch.tensor([int(item["labels"]) for item in batch], dtype=torch.long),
+        "index": torch.tensor([int(item["index"]) for item in batch], dtype=torch.long),
+    }
