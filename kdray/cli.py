@@ -61,6 +61,9 @@ class RichProgress:
         )
         self._progress.update(self._task, advance=steps, info=info)
 
+    def log(self, message: str) -> None:
+        self._progress.console.print(message)
+
     def finish(self, summary: str) -> None:
         self._progress.update(self._task, info=summary)
         self._progress.stop()
@@ -150,6 +153,126 @@ def teacher(
     info = ensure_teacher(spec, progress=RichProgress())
     shown = ", ".join(f"{k} {v:.4f}" for k, v in info.dev_metrics.items())
     console.print(f"teacher {info.id}: dev {shown}\n  {info.path}")
+
+
+def _live_table_callback(spec: Spec) -> Any:
+    """A Tune callback that keeps a rich table of the trials on screen while a sweep runs."""
+    from ray.tune import Callback
+    from rich.live import Live
+
+    class LiveTrials(Callback):
+        def __init__(self) -> None:
+            self.rows: dict[str, dict[str, Any]] = {}
+            self.live = Live(self._table(), console=console, refresh_per_second=2)
+            self.started = False
+
+        def _table(self) -> Table:
+            table = Table(title=f"sweep {spec.name}")
+            for column in ("trial", "status", "params", "epoch", "stage", "dev", "best"):
+                table.add_column(column)
+            for trial_id, row in sorted(self.rows.items()):
+                table.add_row(
+                    trial_id,
+                    *(
+                        str(row.get(c, ""))
+                        for c in ("status", "params", "epoch", "stage", "dev", "best")
+                    ),
+                )
+            return table
+
+        def _update(self, trial: Any, **fields: Any) -> None:
+            from kdray.tune import active_values
+
+            row = self.rows.setdefault(trial.trial_id, {})
+            params = active_values(spec, {k: v for k, v in trial.config.items()})
+            row["params"] = " ".join(
+                f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                for k, v in params.items()
+            )
+            row.update(fields)
+            if not self.started:
+                self.live.start()
+                self.started = True
+            self.live.update(self._table())
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._update(trial, status="running")
+
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
+            metric = next((k for k in result if k.startswith("dev.")), None)
+            best = result.get("objective")
+            self._update(
+                trial,
+                epoch=result.get("epoch", ""),
+                stage=result.get("stage_name", ""),
+                dev=f"{result[metric]:.4f}" if metric else "",
+                best="" if best is None or best != best else f"{best:.4f}",
+            )
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._update(trial, status="done")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._update(trial, status="error")
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if self.started:
+                self.live.stop()
+
+    return LiveTrials()
+
+
+@app.command()
+def sweep(
+    spec_path: Annotated[
+        Path, typer.Argument(help="A YAML spec with a search block.", metavar="SPEC")
+    ],
+    set_: SetOption = None,
+    address: Annotated[
+        str | None, typer.Option(help="Join a Ray cluster: auto or ray://host:port.")
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Ray storage: a path or URI (default results/<name>/ray).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Tables folder (default results/<name>).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep.")] = False,
+) -> None:
+    """A hyperparameter search: every Ray Tune trial is one distillation run."""
+    from kdray.tune import run_sweep
+
+    spec = _load(spec_path, set_)
+    if not spec.search:
+        console.print(f"[red]{spec_path}: no search block; use kdray run for a single run[/red]")
+        raise typer.Exit(2)
+    console.print(
+        f"[bold]kdray sweep[/bold] {spec.name}: {len(spec.search)} searched settings, "
+        f"{spec.tune.num_samples} trials, searcher {spec.tune.searcher.kind}, "
+        f"scheduler {spec.tune.scheduler.kind}" + (" (resuming)" if resume else "")
+    )
+    outcome = run_sweep(
+        spec,
+        address=address,
+        storage=storage,
+        out_dir=out,
+        resume=resume,
+        callbacks=[_live_table_callback(spec)],
+    )
+    trials = outcome.trials
+    counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
+    console.print("trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if outcome.best is not None:
+        metric = outcome.best["metric"]
+        params = {k[6:]: v for k, v in outcome.best.items() if k.startswith("param.") and v == v}
+        console.print(
+            f"[bold green]best trial {outcome.best['trial_id']}[/bold green]: dev {metric} "
+            f"{outcome.best[f'best.dev.{metric}']:.4f} with {params}"
+        )
+    console.print(f"tables: {outcome.out_dir}/trials.parquet and epochs.parquet")
+    console.print(f"resume with: kdray sweep {spec_path} --resume")
 
 
 def main() -> None:

@@ -161,7 +161,24 @@ def build_student(
                 f"student.layers is {layers}"
             )
     check_compatible(student, teacher)
+    disable_attention_dropout(student)
     return student
+
+
+def disable_attention_dropout(model: nn.Module) -> None:
+    """Switch off dropout on the attention probabilities (hidden-state dropout stays).
+
+    Eager attention returns the probabilities *after* dropout: in training mode some entries
+    are zeroed and the rest scaled by 1/(1-p), so the rows are not distributions and the
+    attention KL would mostly measure the dropout mask instead of the student's attention.
+    """
+    if hasattr(model.config, "attention_probs_dropout_prob"):
+        model.config.attention_probs_dropout_prob = 0.0
+    for module in model.modules():
+        if type(module).__name__.endswith("SelfAttention"):
+            for child in module.children():
+                if isinstance(child, nn.Dropout):
+                    child.p = 0.0
 
 
 def _config_with(config: Any, **overrides: Any) -> Any:

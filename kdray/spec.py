@@ -345,27 +345,35 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if "=" not in item:
             raise SpecError(f"--set {item!r}: expected key.path=value, e.g. train.lr=3e-5")
         key, text = item.split("=", 1)
-        values[key.strip()] = _parse_value(text)
+        try:
+            values[key.strip()] = _parse_value(text)
+        except yaml.YAMLError as error:
+            raise SpecError(f"--set {item!r}: not a valid YAML value: {error}") from None
     return values
 
 
 def _allowed_keys(loc: tuple) -> list[str] | None:
     """The keys a section at ``loc`` accepts, to put in 'unknown key' errors."""
     model: Any = Spec
+    mapping_key = False  # the next part is a key of a dict section (search: {<key>: ...})
     for part in loc[:-1]:
+        if mapping_key:
+            mapping_key = False
+            continue
         if isinstance(part, int) or model is None:
             return None
         field = model.model_fields.get(part)
         if field is None:
             return None
         annotation = field.annotation
+        mapping_key = getattr(annotation, "__origin__", None) is dict
         candidates = getattr(annotation, "__args__", (annotation,))
         model = next(
             (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
         )
     if model is None or not isinstance(model, type):
         return None
-    return list(model.model_fields)
+    return [field.alias or name for name, field in model.model_fields.items()]
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
@@ -436,6 +444,16 @@ def validate_search(spec: Spec, source: str = "<spec>") -> None:
                 problems.append(f"  {where}.when: a parameter cannot depend on itself")
             elif not isinstance(cond_values, list) or not cond_values:
                 problems.append(f"  {where}.when.{cond_key}: give a non-empty list of values")
+            else:
+                for value in cond_values:
+                    try:
+                        spec.with_values({cond_key: value})
+                    except SpecError as error:
+                        detail = str(error).splitlines()[-1].strip()
+                        problems.append(
+                            f"  {where}.when.{cond_key}: {cond_key} can never be {value!r}: "
+                            f"{detail}"
+                        )
     if problems:
         raise SpecError("\n".join([f"{source}: invalid search block", *problems]))
 

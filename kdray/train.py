@@ -12,7 +12,7 @@ import math
 import random
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,12 +66,14 @@ class ProgressHook(Protocol):
 
     def start(self, description: str, total: int) -> None: ...
     def advance(self, steps: int = 1, **fields: Any) -> None: ...
+    def log(self, message: str) -> None: ...
     def finish(self, summary: str) -> None: ...
 
 
 class _NoProgress:
     def start(self, description: str, total: int) -> None: ...
     def advance(self, steps: int = 1, **fields: Any) -> None: ...
+    def log(self, message: str) -> None: ...
     def finish(self, summary: str) -> None: ...
 
 
@@ -250,6 +252,10 @@ def teacher_settings(spec: Spec, data_fingerprint: str) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "seed": t.seed,
         "warmup": t.warmup,
+        # fine_tune_teacher reads these train.* settings too
+        "weight_decay": spec.train.weight_decay,
+        "max_grad_norm": spec.train.max_grad_norm,
+        "precision": spec.train.precision,
         "recipe": "kdray-finetune-v1",
     }
 
@@ -333,6 +339,7 @@ def fine_tune_teacher(
             progress.advance(1, loss=float(loss.detach()))
         metrics = evaluate(model, dev_loader, prepared.task, device)
         history.append({"epoch": epoch, **{f"dev.{k}": v for k, v in metrics.items()}})
+        progress.log(f"teacher epoch {epoch}: dev {main} {metrics[main]:.4f}")
         if best is None or metrics[main] > best[0]:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             best = (metrics[main], epoch, state, metrics)
@@ -497,15 +504,16 @@ def _apply_freezing(student: nn.Module, stage: Stage) -> None:
             param.requires_grad_(index not in stage.frozen)
 
 
-def _selection(spec: Spec, task: data.GlueTask) -> tuple[str, str]:
-    metric = spec.tune.metric or task.main_metric
-    metric = metric.removeprefix("dev.")
+def selection_metric(spec: Spec) -> str:
+    """The dev metric that picks the best epoch (and trial): tune.metric or the task's main."""
+    task = data.get_task(spec.task)
+    metric = (spec.tune.metric or task.main_metric).removeprefix("dev.")
     if metric not in task.metrics:
         raise ValueError(
             f"tune.metric {metric!r} is not a dev metric of {task.name} "
             f"(allowed: {', '.join(task.metrics)})"
         )
-    return metric, spec.tune.mode
+    return metric
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -539,7 +547,7 @@ def distill(
     teacher_info = ensure_teacher(spec, progress=progress)
     prepared = prepare_data(spec, teacher_info.path)
     task = prepared.task
-    metric, mode = _selection(spec, task)
+    metric, mode = selection_metric(spec), spec.tune.mode
     result = RunResult(status="ok", metric=metric, teacher=teacher_info)
 
     teacher_model = models.load_classifier(teacher_info.path, task.num_labels)
@@ -674,7 +682,9 @@ def distill(
             train_examples += n_examples
             if diverged:
                 result.status = "diverged"
-                result.error = f"loss became {float(total)} in epoch {epoch} (stage {stage.name})"
+                result.error = (
+                    f"loss became {float(total.detach())} in epoch {epoch} (stage {stage.name})"
+                )
                 break
             metrics = evaluate(student, dev_loader, task, device)
             means = {f"loss.{k}": v / max(1, n_batches) for k, v in sums.items()}
@@ -701,7 +711,10 @@ def distill(
                     }
             result.final_metrics = metrics
             record["is_best"] = result.best_epoch == epoch
+            record["best_epoch"] = result.best_epoch
+            record.update({f"best.dev.{k}": v for k, v in result.best_metrics.items()})
             result.records.append(record)
+            progress.log(_epoch_line(record, metric))
             if report is not None:
                 report(copy.deepcopy(record), save)
     except Exception as error:  # noqa: BLE001 - a failed run is recorded, never lost
@@ -725,5 +738,13 @@ def distill(
     return result
 
 
-def iter_records(result: RunResult) -> Iterator[dict[str, Any]]:
-    yield from result.records
+def _epoch_line(record: dict[str, Any], metric: str) -> str:
+    losses_text = " ".join(
+        f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss.") and ".L" not in k
+    )
+    best = " *" if record.get("is_best") else ""
+    return (
+        f"epoch {record['epoch']} [{record['stage_name']}] {losses_text} | "
+        f"dev {metric} {record.get('dev.' + metric, float('nan')):.4f}{best} | "
+        f"{record['examples_per_s']:.0f} ex/s"
+    )

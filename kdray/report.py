@@ -1,0 +1,1072 @@
+"""Statistics and plots over results tables: what an ablation or a sweep actually showed.
+
+Every function takes and returns plain DataFrames (the ``trials``/``epochs`` tables of
+``kdray.results``), so what ``kdray report`` prints a notebook user can recompute and extend.
+
+Ablations (tables with a ``cell`` column, several seeds per cell) are summarised per cell and
+each cell is compared with a baseline cell *paired by seed*: runs sharing a seed share data
+order and initialisation noise, so the per-seed differences are far less noisy than the
+difference of two independent means. Sweeps (no ``cell`` column) get the best trials, the best
+trial per algorithm and a fANOVA parameter importance.
+
+Plots use matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``): headless-safe,
+and it never switches the pyplot backend of a notebook that imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+__all__ = [
+    "Report",
+    "best_per",
+    "build_report",
+    "cell_summary",
+    "learning_curves",
+    "load_results",
+    "paired_comparison",
+    "parameter_importance",
+    "plot_cells",
+    "plot_cka",
+    "plot_learning_curves",
+    "render",
+    "sweep_summary",
+]
+
+CKA_FILE = "cka.parquet"
+OK = "ok"
+
+# Columns of a trials row that are neither settings nor metrics (see kdray.results.trial_row).
+_NOT_SETTINGS = {
+    "name",
+    "trial_id",
+    "status",
+    "error",
+    "kdray_version",
+    "spec_fingerprint",
+    "metric",
+    "best_epoch",
+    "epochs_run",
+    "wall_time",
+    "examples_per_s",
+    "student_params",
+    "teacher_params",
+    "student_path",
+    "cell",
+    "seed",
+}
+_RESULT_PREFIXES = ("best.", "final.", "teacher.", "diag.")
+# Settings that describe where/how a run was executed, not what it was: never "parameters".
+_BOOKKEEPING_PREFIXES = ("data.dir", "data.cache_dir", "train.device", "teacher.cache")
+
+Fmt = Literal["table", "markdown", "csv"]
+# Per-run diagnostics (kdray.diagnostics) worth a per-cell mean in the summary.
+_DIAG_SUMMARY = ("diag.cka.mean", "diag.attention_kl.mean", "diag.agreement")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(trials, epochs)`` of a results folder (or of a file's folder); ``kdray.results.load``.
+
+    A path that does not exist is an error here, not a lookup in its parent folder.
+    """
+    from kdray.results import load  # lazy: kdray.results imports the trainer (torch)
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no results at {path}")
+    return load(path)
+
+
+def _ok(trials: pd.DataFrame) -> pd.DataFrame:
+    """Rows of runs that finished; failed and diverged runs carry no comparable metric."""
+    if "status" not in trials.columns:
+        return trials
+    return trials[trials["status"] == OK]
+
+
+def _group_column(trials: pd.DataFrame) -> str:
+    """What an ablation varies: its ``cell``; else the distillation algorithm."""
+    if "cell" in trials.columns:
+        return "cell"
+    if "distill.algorithm" in trials.columns:
+        return "distill.algorithm"
+    raise ValueError("trials have neither a 'cell' nor a 'distill.algorithm' column to group by")
+
+
+def _seed_column(trials: pd.DataFrame) -> str:
+    for column in ("seed", "train.seed"):
+        if column in trials.columns:
+            return column
+    raise ValueError("trials have no 'seed' (or 'train.seed') column to pair runs by")
+
+
+def _metric_names(trials: pd.DataFrame) -> list[str]:
+    return [c.removeprefix("best.dev.") for c in trials.columns if c.startswith("best.dev.")]
+
+
+def main_metric(trials: pd.DataFrame) -> str:
+    """The selection metric the runs used (the most common value of the ``metric`` column)."""
+    if "metric" in trials.columns and trials["metric"].notna().any():
+        return str(trials["metric"].dropna().astype(str).mode().iloc[0])
+    names = _metric_names(trials)
+    if not names:
+        raise ValueError("trials have no 'metric' column and no best.dev.<metric> columns")
+    return names[0]
+
+
+def _metric_column(trials: pd.DataFrame, metric: str) -> str:
+    """Accept ``accuracy``, ``dev.accuracy`` or a full column name such as ``best.dev.accuracy``."""
+    if metric in trials.columns:
+        return metric
+    name = metric.removeprefix("dev.")
+    column = f"best.dev.{name}"
+    if column not in trials.columns:
+        raise ValueError(
+            f"no column for metric {metric!r}; metrics present: {', '.join(_metric_names(trials))}"
+        )
+    return column
+
+
+def _short(metric_column: str) -> str:
+    return metric_column.removeprefix("best.dev.")
+
+
+def _ci95(std: float, n: int) -> float:
+    """Half-width of the t-based 95% confidence interval of a mean (NaN with < 2 values)."""
+    if n < 2 or not np.isfinite(std):
+        return float("nan")
+    return float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+
+
+def setting_columns(trials: pd.DataFrame) -> list[str]:
+    """Columns holding run settings (``train.lr``, ``distill.layer_map`` ...), not results."""
+    return [
+        c
+        for c in trials.columns
+        if c not in _NOT_SETTINGS
+        and not c.startswith(_RESULT_PREFIXES)
+        and not c.startswith(_BOOKKEEPING_PREFIXES)
+    ]
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    if isinstance(value, np.ndarray):
+        return json.dumps(value.tolist())
+    return value
+
+
+def varying_settings(trials: pd.DataFrame) -> list[str]:
+    """Setting columns that take more than one value among the given rows."""
+    return [
+        c for c in setting_columns(trials) if trials[c].map(_hashable).nunique(dropna=False) > 1
+    ]
+
+
+def _ordered_groups(frame: pd.DataFrame, column: str) -> list[Any]:
+    """Group keys in order of first appearance (the grid order of an ablation)."""
+    return list(dict.fromkeys(frame[column].map(_hashable).tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablations
+
+
+def cell_summary(trials: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
+    """Mean, std (ddof=1), t-based 95% CI half-width and n of every best dev metric per cell.
+
+    Grouped by ``cell`` (or ``distill.algorithm`` without one) over the runs with status ok, in
+    order of first appearance. ``teacher.<m>`` is the mean teacher dev score and
+    ``retention.<m> = 100 * <m>.mean / teacher.<m>``, the paper's way of stating how much of the
+    teacher a student keeps. ``n`` counts the ok runs with a value of the first metric,
+    ``n_failed`` the runs of the cell that did not finish. Where the runs recorded
+    representation diagnostics, the cell means of ``diag.cka.mean``, ``diag.attention_kl.mean``
+    and ``diag.agreement`` are added, so "behaves more like the teacher" sits beside the score.
+    """
+    group = _group_column(trials)
+    ok = _ok(trials)
+    names = metrics if metrics is not None else _metric_names(trials)
+    columns = [_metric_column(trials, m) for m in names]
+    keys = _ordered_groups(trials, group)
+    records = []
+    for key in keys:
+        rows = ok[ok[group].map(_hashable) == key]
+        all_rows = trials[trials[group].map(_hashable) == key]
+        record: dict[str, Any] = {group: key}
+        for i, column in enumerate(columns):
+            values = pd.to_numeric(rows[column], errors="coerce").dropna()
+            short = _short(column)
+            n = int(values.size)
+            mean = float(values.mean()) if n else float("nan")
+            std = float(values.std(ddof=1)) if n > 1 else float("nan")
+            record[f"{short}.mean"] = mean
+            record[f"{short}.std"] = std
+            record[f"{short}.ci95"] = _ci95(std, n)
+            if i == 0:
+                record["n"] = n
+        record["n_failed"] = int(len(all_rows) - len(rows))
+        for column in columns:
+            short = _short(column)
+            teacher_column = f"teacher.dev.{short}"
+            if teacher_column in trials.columns:
+                teacher = pd.to_numeric(rows[teacher_column], errors="coerce").mean()
+                record[f"teacher.{short}"] = float(teacher)
+                mean = record[f"{short}.mean"]
+                record[f"retention.{short}"] = (
+                    100.0 * mean / teacher if teacher and np.isfinite(teacher) else float("nan")
+                )
+        for column in _DIAG_SUMMARY:
+            if column in trials.columns:
+                record[column] = float(pd.to_numeric(rows[column], errors="coerce").mean())
+        if "student_params" in trials.columns:
+            params = pd.to_numeric(rows["student_params"], errors="coerce").dropna()
+            record["student_params"] = int(params.median()) if len(params) else pd.NA
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    if frame.empty:
+        frame = pd.DataFrame(columns=[group, "n", "n_failed"])
+    # Readable order: the group, n, then per metric, then teacher/retention, params last.
+    first = [group, "n", "n_failed"]
+    rest = [c for c in frame.columns if c not in first]
+    return frame[first + rest].reset_index(drop=True)
+
+
+def _select_baseline(trials: pd.DataFrame, baseline: str | dict[str, Any], group: str) -> Any:
+    keys = _ordered_groups(trials, group)
+    if isinstance(baseline, str):
+        if baseline not in keys:
+            raise ValueError(
+                f"baseline {baseline!r} is not a {group} of these trials "
+                f"(present: {', '.join(map(str, keys))})"
+            )
+        return baseline
+    if not isinstance(baseline, dict) or not baseline:
+        raise ValueError("baseline must be a cell name or a non-empty {setting: value} dict")
+    missing = [k for k in baseline if k not in trials.columns]
+    if missing:
+        raise ValueError(f"baseline settings {missing} are not columns of the trials table")
+    matches = []
+    for key in keys:
+        rows = trials[trials[group].map(_hashable) == key]
+        if all(
+            (rows[k].map(_hashable) == _hashable(v)).all() and len(rows)
+            for k, v in baseline.items()
+        ):
+            matches.append(key)
+    if len(matches) != 1:
+        found = ", ".join(map(str, matches)) or "none"
+        raise ValueError(
+            f"baseline {baseline} must select exactly one {group}; it selects {found}. "
+            "Give the cell name instead."
+        )
+    return matches[0]
+
+
+def _holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count as a test)."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full_like(p, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    m = valid.size
+    if m == 0:
+        return out.tolist()
+    order = valid[np.argsort(p[valid], kind="stable")]
+    running = 0.0
+    for rank, idx in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[idx]))
+        out[idx] = running
+    return out.tolist()
+
+
+def paired_comparison(
+    trials: pd.DataFrame,
+    baseline: str | dict[str, Any],
+    metric: str,
+    n_boot: int = 10000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Every cell against the baseline cell, paired by seed over the seeds both have.
+
+    Per cell: ``n_pairs``, the two means over the paired seeds, ``mean_diff`` (cell minus
+    baseline), a 95% percentile-bootstrap CI of the mean difference (``n_boot`` resamples of the
+    paired differences; a fresh ``numpy`` Generator seeded with ``seed`` per cell, so a cell's CI
+    does not depend on which other cells exist), the paired t-test p (``p_ttest``) and its
+    Holm-adjusted value over the compared cells (``p_ttest_holm``), and the Wilcoxon signed-rank
+    p (``p_wilcoxon``; NaN with < 2 pairs or all differences 0). Several ok runs of one cell with
+    the same seed are averaged first. ``baseline`` is a cell name or ``{setting: value}``
+    selecting exactly one cell (e.g. ``{"distill.algorithm": "soft"}``).
+    """
+    group = _group_column(trials)
+    seed_column = _seed_column(trials)
+    column = _metric_column(trials, metric)
+    base = _select_baseline(trials, baseline, group)
+    ok = _ok(trials).copy()
+    ok["_group"] = ok[group].map(_hashable)
+    ok["_value"] = pd.to_numeric(ok[column], errors="coerce")
+    ok = ok.dropna(subset=["_value"])
+    per_seed = ok.groupby(["_group", seed_column], sort=False)["_value"].mean()
+    base_values = per_seed.loc[base] if base in per_seed.index.get_level_values(0) else None
+
+    records = []
+    for key in _ordered_groups(trials, group):
+        if key == base:
+            continue
+        values = per_seed.loc[key] if key in per_seed.index.get_level_values(0) else None
+        if values is None or base_values is None:
+            common: list[Any] = []
+        else:
+            common = [s for s in values.index if s in set(base_values.index)]
+        a = np.asarray([values[s] for s in common], dtype=float) if common else np.empty(0)
+        b = np.asarray([base_values[s] for s in common], dtype=float) if common else np.empty(0)
+        diff = a - b
+        n = int(diff.size)
+        record: dict[str, Any] = {
+            group: key,
+            "baseline": base,
+            "n_pairs": n,
+            "mean": float(a.mean()) if n else float("nan"),
+            "baseline_mean": float(b.mean()) if n else float("nan"),
+            "mean_diff": float(diff.mean()) if n else float("nan"),
+        }
+        record["ci_low"], record["ci_high"] = _bootstrap_ci(diff, n_boot, seed)
+        record["p_ttest"] = _ttest_p(a, b)
+        record["p_wilcoxon"] = _wilcoxon_p(diff)
+        records.append(record)
+    columns = [
+        group,
+        "baseline",
+        "n_pairs",
+        "mean",
+        "baseline_mean",
+        "mean_diff",
+        "ci_low",
+        "ci_high",
+        "p_ttest",
+        "p_ttest_holm",
+        "p_wilcoxon",
+    ]
+    frame = pd.DataFrame.from_records(records)
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    frame["p_ttest_holm"] = _holm(frame["p_ttest"].tolist())
+    return frame[columns]
+
+
+def _bootstrap_ci(diff: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """95% percentile-bootstrap CI of the mean of the paired differences."""
+    if diff.size == 0 or n_boot < 1:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
+    means = diff[idx].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _ttest_p(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2:
+        return float("nan")
+    diff = a - b
+    if np.allclose(diff, diff[0], rtol=0, atol=0):
+        # Zero variance of the differences: t is infinite (or undefined when all are 0).
+        return float("nan") if diff[0] == 0 else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b).pvalue)
+
+
+def _wilcoxon_p(diff: np.ndarray) -> float:
+    if diff.size < 2 or np.all(diff == 0):
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(stats.wilcoxon(diff).pvalue)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def _ascending(mode: str) -> bool:
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    return mode == "min"
+
+
+def sweep_summary(
+    trials: pd.DataFrame, metric: str, mode: str = "max", top: int = 10
+) -> pd.DataFrame:
+    """The ``top`` ok trials by ``best.dev.<metric>``, with the settings that vary among them."""
+    column = _metric_column(trials, metric)
+    ok = _ok(trials)
+    ok = ok[pd.to_numeric(ok[column], errors="coerce").notna()]
+    varying = varying_settings(ok)
+    keep = [c for c in ("trial_id", "cell") if c in ok.columns] + [column] + varying
+    keep += [c for c in ("best_epoch", "epochs_run", "wall_time") if c in ok.columns]
+    ordered = ok.sort_values(column, ascending=_ascending(mode), kind="stable")
+    frame = ordered[list(dict.fromkeys(keep))].head(top).reset_index(drop=True)
+    return frame.rename(columns={column: _short(column)})
+
+
+def best_per(
+    trials: pd.DataFrame,
+    column: str = "distill.algorithm",
+    metric: str | None = None,
+    mode: str = "max",
+) -> pd.DataFrame:
+    """The best ok trial for every value of ``column`` (e.g. the best run of each algorithm)."""
+    metric_column = _metric_column(trials, metric or main_metric(trials))
+    ok = _ok(trials)
+    ok = ok[pd.to_numeric(ok[metric_column], errors="coerce").notna()]
+    if column not in ok.columns:
+        raise ValueError(f"no column {column!r} in the trials table")
+    varying = [c for c in varying_settings(ok) if c != column]
+    ordered = ok.sort_values(metric_column, ascending=_ascending(mode), kind="stable")
+    best = ordered.assign(_key=ordered[column].map(_hashable)).drop_duplicates("_key")
+    keep = [column] + [c for c in ("trial_id",) if c in ok.columns] + [metric_column] + varying
+    frame = best[list(dict.fromkeys(keep))].reset_index(drop=True)
+    return frame.rename(columns={metric_column: _short(metric_column)})
+
+
+def _distribution(values: pd.Series) -> tuple[Any, list[Any]] | None:
+    """An optuna distribution for a column and the row values mapped into it; None if constant."""
+    import optuna.distributions as od
+
+    if values.map(_hashable).nunique(dropna=False) < 2:
+        return None
+    numeric = (
+        pd.api.types.is_numeric_dtype(values)
+        and not pd.api.types.is_bool_dtype(values)
+        and values.notna().all()
+    )
+    if numeric:
+        low, high = float(values.min()), float(values.max())
+        log = low > 0 and high / low > 10
+        if pd.api.types.is_integer_dtype(values):
+            return od.IntDistribution(int(low), int(high), log=log and low >= 1), [
+                int(v) for v in values
+            ]
+        return od.FloatDistribution(low, high, log=log), [float(v) for v in values]
+    as_text = [str(_hashable(v)) if not _is_missing(v) else "None" for v in values]
+    choices = list(dict.fromkeys(as_text))
+    return od.CategoricalDistribution(choices), as_text
+
+
+def _is_missing(value: Any) -> bool:
+    if isinstance(value, (list, tuple, dict, np.ndarray)):
+        return False
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def parameter_importance(
+    trials: pd.DataFrame, params: list[str], metric: str, mode: str = "max"
+) -> pd.DataFrame:
+    """fANOVA importance (optuna, seed 0) of each varying parameter for ``best.dev.<metric>``.
+
+    The ok rows become a fresh in-memory optuna study: strings, bools and lists are categorical
+    (as text), integers ``IntDistribution``, floats ``FloatDistribution``, on a log scale when a
+    positive column spans more than a decade (fANOVA weighs a parameter's effect over its range,
+    so the scale matters). Constant parameters are left out; fewer than 3 complete rows or nothing
+    varying gives an empty frame. Columns ``param, importance`` (summing to 1), most important
+    first.
+    """
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    empty = pd.DataFrame({"param": pd.Series(dtype=str), "importance": pd.Series(dtype=float)})
+    column = _metric_column(trials, metric)
+    missing = [p for p in params if p not in trials.columns]
+    if missing:
+        raise ValueError(f"parameters {missing} are not columns of the trials table")
+    ok = _ok(trials)
+    ok = ok.assign(_value=pd.to_numeric(ok[column], errors="coerce"))
+    ok = ok[ok["_value"].map(lambda v: bool(np.isfinite(v)))]
+    numeric_params = [
+        p
+        for p in params
+        if pd.api.types.is_numeric_dtype(ok[p]) and not pd.api.types.is_bool_dtype(ok[p])
+    ]
+    ok = ok.dropna(subset=numeric_params)
+    if len(ok) < 3:
+        return empty
+    distributions: dict[str, Any] = {}
+    values: dict[str, list[Any]] = {}
+    for param in params:
+        found = _distribution(ok[param].reset_index(drop=True))
+        if found is not None:
+            distributions[param], values[param] = found
+    if not distributions:
+        return empty
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+        for i, value in enumerate(ok["_value"].tolist()):
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={p: values[p][i] for p in distributions},
+                    distributions=dict(distributions),
+                    value=float(value),
+                )
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            importances = get_param_importances(
+                study, evaluator=FanovaImportanceEvaluator(seed=0), params=list(distributions)
+            )
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    frame = pd.DataFrame(
+        {"param": list(importances), "importance": [float(v) for v in importances.values()]}
+    )
+    return frame.sort_values("importance", ascending=False, kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning curves
+
+
+def _join_keys(left: pd.DataFrame, right: pd.DataFrame) -> list[str]:
+    keys = [k for k in ("name", "trial_id") if k in left.columns and k in right.columns]
+    if "trial_id" not in keys:
+        raise ValueError("epochs and trials must both have a 'trial_id' column to be joined")
+    return keys
+
+
+def learning_curves(
+    epochs: pd.DataFrame, trials: pd.DataFrame, metric: str, by: str | None = None
+) -> pd.DataFrame:
+    """Mean and std of ``dev.<metric>`` per group and epoch, over the ok runs, with stages.
+
+    ``by`` defaults to ``cell`` when the trials have one, else ``distill.algorithm``: a cell is
+    what an ablation varies, and it equals the algorithm in an algorithm ablation. ``stage`` and
+    ``stage_name`` are the most common stage of the group's runs at that epoch and
+    ``stage_start`` marks the epochs where it differs from the epoch before (the stage
+    boundaries). Columns: ``<by>, epoch, mean, std, n, stage, stage_name, stage_start``.
+    """
+    group = by or _group_column(trials)
+    name = metric.removeprefix("best.dev.").removeprefix("dev.")
+    column = f"dev.{name}"
+    out_columns = [group, "epoch", "mean", "std", "n", "stage", "stage_name", "stage_start"]
+    if epochs.empty or column not in epochs.columns:
+        return pd.DataFrame(columns=out_columns)
+    keys = _join_keys(epochs, trials)
+    info = _ok(trials)[keys + [group]].drop_duplicates(keys)
+    info = info.assign(**{group: info[group].map(_hashable)})
+    joined = epochs.drop(columns=[group], errors="ignore").merge(info, on=keys, how="inner")
+    if joined.empty:
+        return pd.DataFrame(columns=out_columns)
+    joined[column] = pd.to_numeric(joined[column], errors="coerce")
+    records = []
+    for key in _ordered_groups(joined, group):
+        rows = joined[joined[group] == key]
+        previous_stage: Any = None
+        for epoch, at in rows.groupby("epoch", sort=True):
+            values = at[column].dropna()
+            stage = at["stage"].mode().iloc[0] if "stage" in at.columns else pd.NA
+            stage_name = (
+                at.loc[at["stage"] == stage, "stage_name"].iloc[0]
+                if "stage_name" in at.columns and "stage" in at.columns
+                else pd.NA
+            )
+            records.append(
+                {
+                    group: key,
+                    "epoch": epoch,
+                    "mean": float(values.mean()) if len(values) else float("nan"),
+                    "std": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                    "n": int(len(values)),
+                    "stage": stage,
+                    "stage_name": stage_name,
+                    "stage_start": bool(
+                        previous_stage is not None
+                        and not _na(stage)
+                        and not _na(previous_stage)
+                        and stage != previous_stage
+                    ),
+                }
+            )
+            previous_stage = stage
+    return pd.DataFrame.from_records(records, columns=out_columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _figure(width: float, height: float) -> Any:
+    """A figure on an Agg canvas, independent of any pyplot backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_cells(summary_or_trials: pd.DataFrame, metric: str, path: str | Path) -> Path:
+    """PNG of the metric per cell: mean with t-based 95% CI bars, runs as dots, teacher dashed.
+
+    Accepts a ``cell_summary`` frame or a trials table (then also the individual runs are drawn).
+    """
+    name = metric.removeprefix("best.dev.").removeprefix("dev.")
+    if f"{name}.mean" in summary_or_trials.columns:
+        summary, trials = summary_or_trials, None
+    else:
+        trials = summary_or_trials
+        summary = cell_summary(trials, [name])
+    group = summary.columns[0]
+    labels = [str(v) for v in summary[group]]
+    x = np.arange(len(labels))
+    means = summary[f"{name}.mean"].to_numpy(dtype=float)
+    ci = summary.get(f"{name}.ci95", pd.Series(np.nan, index=summary.index)).to_numpy(dtype=float)
+
+    fig = _figure(max(5.0, 1.1 * len(labels) + 2.0), 4.5)
+    ax = fig.subplots()
+    if trials is not None:
+        ok = _ok(trials)
+        column = _metric_column(trials, name)
+        jitter = np.random.default_rng(0)
+        for i, key in enumerate(summary[group]):
+            values = pd.to_numeric(ok.loc[ok[group].map(_hashable) == key, column], errors="coerce")
+            values = values.dropna().to_numpy()
+            xs = i + jitter.uniform(-0.12, 0.12, size=values.size)
+            ax.scatter(xs, values, s=14, color="0.6", zorder=2, label="runs" if i == 0 else None)
+    ax.errorbar(
+        x,
+        means,
+        yerr=np.nan_to_num(ci, nan=0.0),
+        fmt="o",
+        color="C0",
+        capsize=5,
+        markersize=7,
+        zorder=3,
+        label="mean ± 95% CI",
+    )
+    teacher_column = f"teacher.{name}"
+    if teacher_column in summary.columns and summary[teacher_column].notna().any():
+        teacher = float(summary[teacher_column].mean())
+        ax.axhline(teacher, color="C3", linestyle="--", label=f"teacher ({teacher:.4g})")
+    ax.set_xticks(x, labels, rotation=25 if max(map(len, labels), default=0) > 8 else 0, ha="right")
+    ax.set_xlabel(group)
+    ax.set_ylabel(f"best dev {name}")
+    ax.set_title(f"Best dev {name} per {group}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_learning_curves(
+    epochs: pd.DataFrame,
+    trials: pd.DataFrame,
+    metric: str,
+    path: str | Path,
+    by: str | None = None,
+) -> Path:
+    """PNG of dev metric vs epoch per group (mean line, ±1 std band), stage starts dotted.
+
+    A dotted vertical line sits half an epoch before the first epoch of each new stage, in the
+    group's colour, so one sees where PID/SID hand over from one layer to the next.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    curves = learning_curves(epochs, trials, metric, by=by)
+    name = metric.removeprefix("best.dev.").removeprefix("dev.")
+    group = curves.columns[0]
+    fig = _figure(7.5, 4.5)
+    ax = fig.subplots()
+    drew_boundary = False
+    for i, key in enumerate(_ordered_groups(curves, group) if len(curves) else []):
+        rows = curves[curves[group] == key].sort_values("epoch")
+        color = f"C{i % 10}"
+        x = rows["epoch"].to_numpy(dtype=float)
+        mean = rows["mean"].to_numpy(dtype=float)
+        std = np.nan_to_num(rows["std"].to_numpy(dtype=float), nan=0.0)
+        ax.plot(x, mean, marker="o", markersize=3, color=color, label=str(key))
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        for epoch in rows.loc[rows["stage_start"].astype(bool), "epoch"]:
+            ax.axvline(
+                float(epoch) - 0.5,
+                color=color,
+                linestyle=":",
+                alpha=0.8,
+                label=None if drew_boundary else "stage boundary",
+            )
+            drew_boundary = True
+    if curves.empty:
+        ax.text(0.5, 0.5, "no epoch records", ha="center", va="center", transform=ax.transAxes)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"dev {name}")
+    ax.set_title(f"Dev {name} per epoch (mean ± 1 std over runs)")
+    ax.grid(alpha=0.3)
+    if not curves.empty:
+        ax.legend(loc="best", fontsize="small", title=group)
+    return _save(fig, path)
+
+
+def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str = "algorithm") -> Path:
+    """PNG: one annotated CKA heatmap (student x teacher layer) per ``by`` value, side by side.
+
+    Runs of the same group are averaged; all panels share the 0..1 colour scale so they compare.
+    """
+    needed = {"student_layer", "teacher_layer", "cka"}
+    if not needed <= set(cka_long.columns):
+        raise ValueError(f"cka_long needs columns {sorted(needed)}, got {list(cka_long.columns)}")
+    frame = cka_long if by in cka_long.columns else cka_long.assign(**{by: "all runs"})
+    frame = frame.assign(**{by: frame[by].map(_hashable)})
+    groups = _ordered_groups(frame, by)
+    if not groups:
+        raise ValueError("cka_long has no rows to plot")
+    n_s = int(frame["student_layer"].max())
+    n_t = int(frame["teacher_layer"].max())
+    fig = _figure(max(4.0, 0.55 * n_t + 1.6) * len(groups) + 1.0, max(3.0, 0.5 * n_s + 1.6))
+    axes = np.atleast_1d(fig.subplots(1, len(groups), squeeze=False)[0])
+    image = None
+    for ax, key in zip(axes, groups, strict=True):
+        mean = (
+            frame[frame[by] == key]
+            .groupby(["student_layer", "teacher_layer"])["cka"]
+            .mean()
+            .unstack("teacher_layer")
+            .reindex(index=range(1, n_s + 1), columns=range(1, n_t + 1))
+        )
+        matrix = mean.to_numpy(dtype=float)
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", origin="lower", aspect="auto")
+        for s in range(n_s):
+            for t in range(n_t):
+                value = matrix[s, t]
+                if np.isfinite(value):
+                    ax.text(
+                        t,
+                        s,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="black" if value > 0.6 else "white",
+                    )
+        ax.set_xticks(range(n_t), [f"T{t}" for t in range(1, n_t + 1)])
+        ax.set_yticks(range(n_s), [f"S{s}" for s in range(1, n_s + 1)])
+        ax.set_xlabel("teacher layer")
+        ax.set_ylabel("student layer")
+        ax.set_title(str(key))
+    fig.suptitle("Linear CKA of [CLS] vectors, student vs teacher layers")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="linear CKA", shrink=0.9)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _format(value: Any) -> str:
+    if value is None or (not isinstance(value, (list, tuple, dict, np.ndarray)) and _na(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4f}"
+        return f"{v:.3g}"
+    if isinstance(value, (list, tuple, dict, np.ndarray)):
+        return json.dumps(value.tolist() if isinstance(value, np.ndarray) else value)
+    return str(value)
+
+
+def _na(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _with_index(df: pd.DataFrame) -> pd.DataFrame:
+    """A meaningful index (not 0..n-1) becomes ordinary leading columns, so it is rendered."""
+    if isinstance(df.index, pd.RangeIndex) and df.index.name is None:
+        return df
+    return df.reset_index()
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    df = _with_index(df)
+    if df.columns.empty:
+        return "_(no data)_"
+    header = [str(c).replace("|", "\\|") for c in df.columns]
+    numeric = [
+        pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
+        for c in df.columns
+    ]
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join("---:" if num else ":---" for num in numeric) + "|")
+    for row in df.itertuples(index=False, name=None):
+        cells = [_format(v).replace("|", "\\|").replace("\n", " ") for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(df: pd.DataFrame, fmt: Fmt = "table") -> str:
+    """A frame as text: ``markdown`` (GitHub pipe table), ``csv`` or ``table`` (plain text).
+
+    Markdown uses ``DataFrame.to_markdown`` when ``tabulate`` is installed and a small writer of
+    its own otherwise, so reports never need an extra dependency.
+    """
+    if fmt == "csv":
+        frame = _with_index(df)
+        return frame.to_csv(index=False)
+    if fmt == "markdown":
+        try:
+            import tabulate  # noqa: F401
+        except ImportError:
+            return _markdown(df)
+        frame = _with_index(df)
+        if frame.columns.empty:
+            return "_(no data)_"
+        return frame.to_markdown(index=False, floatfmt=".4g")
+    if fmt == "table":
+        frame = _with_index(df)
+        if frame.columns.empty:
+            return "(no data)"
+        if frame.empty:
+            return "  ".join(map(str, frame.columns)) + "\n(no rows)"
+        text = frame.map(_format) if hasattr(frame, "map") else frame.applymap(_format)
+        return text.to_string(index=False)
+    raise ValueError(f"fmt must be 'table', 'markdown' or 'csv', got {fmt!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole report
+
+
+@dataclass
+class Report:
+    """Everything ``build_report`` found in a results folder, as frames and plot paths.
+
+    Frames that do not apply are None (``comparison`` for a sweep without baseline, ``sweep``
+    and ``importance`` for an ablation).
+    """
+
+    results_dir: Path
+    kind: str  # "ablation" | "sweep"
+    metric: str
+    mode: str
+    group: str
+    n_trials: int
+    n_ok: int
+    teacher: pd.DataFrame
+    summary: pd.DataFrame
+    comparison: pd.DataFrame | None = None
+    baseline: Any = None
+    sweep: pd.DataFrame | None = None
+    best: pd.DataFrame | None = None
+    importance: pd.DataFrame | None = None
+    curves: pd.DataFrame | None = None
+    cka: pd.DataFrame | None = None
+    plots: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    fmt: Fmt = "markdown"
+
+    def sections(self) -> list[tuple[str, str | pd.DataFrame]]:
+        """``(heading, frame or prose)`` in document order: one source for every output format."""
+        out: list[tuple[str, str | pd.DataFrame]] = []
+        out.append(("Teacher", self.teacher))
+        title = "Cells" if self.group == "cell" else f"Per {self.group}"
+        out.append((title, self.summary))
+        if self.comparison is not None:
+            out.append((f"Paired comparison vs baseline `{self.baseline}`", self.comparison))
+        if self.sweep is not None:
+            out.append(("Sweep: best trials", self.sweep))
+        if self.best is not None:
+            out.append(("Best trial per algorithm", self.best))
+        if self.importance is not None:
+            out.append(("Parameter importance (fANOVA)", self.importance))
+        return out
+
+    def to_markdown(self, path: str | Path | None = None) -> str:
+        """The full markdown document; image links relative to ``path`` (the .md file) if given."""
+        base = Path(path).resolve().parent if path is not None else None
+        lines = [
+            f"# kdray report: {self.results_dir.name}",
+            "",
+            f"- results: `{self.results_dir}`",
+            f"- kind: {self.kind}; {self.n_ok} of {self.n_trials} runs ok",
+            f"- metric: best dev {self.metric} ({self.mode})",
+        ]
+        lines += [f"- note: {note}" for note in self.notes]
+        for heading, body in self.sections():
+            lines += ["", f"## {heading}", ""]
+            if isinstance(body, pd.DataFrame) and body.empty:
+                lines.append("_(nothing to show)_")
+            else:
+                lines.append(body if isinstance(body, str) else render(body, "markdown"))
+        if self.comparison is not None:
+            lines += [
+                "",
+                "mean_diff = cell minus baseline over the seeds both have; CI: 95% percentile "
+                "bootstrap of the mean paired difference; p_ttest_holm: Holm-adjusted over cells.",
+            ]
+        if self.plots:
+            lines += ["", "## Plots", ""]
+            for name, plot in self.plots.items():
+                target = Path(plot).resolve()
+                link = os.path.relpath(target, base) if base is not None else str(plot)
+                lines.append(f"![{name}]({Path(link).as_posix()})")
+                lines.append("")
+        return "\n".join(lines).rstrip() + "\n"
+
+    def render(self, fmt: Fmt | None = None) -> str:
+        """The report as one text in ``fmt`` (default: the format it was built with)."""
+        fmt = fmt or self.fmt
+        if fmt == "markdown":
+            return self.to_markdown()
+        parts = []
+        for heading, body in self.sections():
+            text = body if isinstance(body, str) else render(body, fmt)
+            if fmt == "csv":
+                parts.append(f"# {heading}\n{text}")
+            else:
+                parts.append(f"{heading}\n{'=' * len(heading)}\n{text}\n")
+        return "\n".join(parts)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the markdown document to ``path`` (links relative to it)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_markdown(path), encoding="utf-8")
+        return path
+
+
+def teacher_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per teacher: its dev scores and size, as recorded by the runs that used it."""
+    columns = [c for c in trials.columns if c.startswith("teacher.dev.")]
+    key = "teacher.id" if "teacher.id" in trials.columns else None
+    extra = ["teacher_params"] if "teacher_params" in trials.columns else []
+    if not columns and key is None:
+        return pd.DataFrame()
+    rows = trials.dropna(subset=columns, how="all") if columns else trials
+    if key is None:
+        frame = rows[columns + extra].mean(numeric_only=True).to_frame().T
+    else:
+        frame = (
+            rows.groupby(key, sort=False, dropna=False)[columns + extra]
+            .mean(numeric_only=True)
+            .reset_index()
+        )
+        frame.insert(1, "runs", rows.groupby(key, sort=False, dropna=False).size().to_numpy())
+    if "teacher_params" in frame.columns:
+        frame["teacher_params"] = frame["teacher_params"].round().astype("Int64")
+    return frame.rename(columns={c: c.removeprefix("teacher.dev.") for c in columns})
+
+
+def _default_baseline(trials: pd.DataFrame, group: str) -> Any:
+    """The soft-label cell if there is exactly one, else None (no comparison is guessed)."""
+    if "distill.algorithm" not in trials.columns:
+        return None
+    try:
+        return _select_baseline(trials, {"distill.algorithm": "soft"}, group)
+    except ValueError:
+        return None
+
+
+def build_report(
+    results_dir: str | Path,
+    *,
+    baseline: str | dict[str, Any] | None = None,
+    plots_dir: str | Path | None = None,
+    fmt: Fmt = "markdown",
+    mode: str = "max",
+    top: int = 10,
+) -> Report:
+    """Read a results folder and compute every table (and, with ``plots_dir``, every plot).
+
+    An ablation (trials with a ``cell`` column) gets per-cell statistics and a paired comparison
+    against ``baseline`` (default: the one cell whose runs all use ``distill.algorithm: soft``, if
+    any). A sweep gets the best trials, the best trial per algorithm and fANOVA importance of the
+    varying settings. ``cka.parquet`` (``trial_id, student_layer, teacher_layer, cka``), when
+    present, is joined to the trials for the CKA heatmaps. ``mode`` is the metric's direction,
+    which the trials table does not record.
+    """
+    results_dir = Path(results_dir)
+    trials, epochs = load_results(results_dir)
+    if trials.empty:
+        raise ValueError(f"{results_dir}: the trials table has no rows")
+    metric = main_metric(trials)
+    is_ablation = "cell" in trials.columns
+    group = _group_column(trials)
+    ok = _ok(trials)
+    report = Report(
+        results_dir=results_dir,
+        kind="ablation" if is_ablation else "sweep",
+        metric=metric,
+        mode=mode,
+        group=group,
+        n_trials=len(trials),
+        n_ok=len(ok),
+        teacher=teacher_table(ok),
+        summary=cell_summary(trials),
+        fmt=fmt,
+    )
+
+    chosen = baseline if baseline is not None else (_default_baseline(trials, group))
+    if chosen is not None and (is_ablation or baseline is not None):
+        report.baseline = _select_baseline(trials, chosen, group)
+        report.comparison = paired_comparison(trials, report.baseline, metric)
+    elif is_ablation:
+        report.notes.append("no baseline given and no unique soft-label cell: no paired comparison")
+
+    if not is_ablation:
+        report.sweep = sweep_summary(trials, metric, mode=mode, top=top)
+        if "distill.algorithm" in trials.columns:
+            report.best = best_per(trials, "distill.algorithm", metric, mode=mode)
+        report.importance = parameter_importance(trials, varying_settings(ok), metric, mode=mode)
+
+    if not epochs.empty:
+        report.curves = learning_curves(epochs, trials, metric)
+    cka_file = results_dir / CKA_FILE
+    if cka_file.exists():
+        cka = pd.read_parquet(cka_file)
+        keys = [k for k in ("name", "trial_id") if k in cka.columns and k in trials.columns]
+        info = trials[keys + [group]].drop_duplicates(keys)
+        report.cka = cka.merge(info, on=keys, how="inner")
+
+    if plots_dir is not None:
+        plots = Path(plots_dir)
+        if len(ok):
+            report.plots["cells"] = plot_cells(trials, metric, plots / "cells.png")
+        if report.curves is not None and not report.curves.empty:
+            report.plots["learning_curves"] = plot_learning_curves(
+                epochs, trials, metric, plots / "learning_curves.png"
+            )
+        if report.cka is not None and not report.cka.empty:
+            report.plots["cka"] = plot_cka(report.cka, plots / "cka.png", by=group)
+    return report

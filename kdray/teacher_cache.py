@@ -1,0 +1,807 @@
+"""Teacher-output cache: run the frozen teacher once over the training split, then reuse it.
+
+In a sweep the teacher is frozen and sees the same training examples in every epoch of every
+trial, so recomputing its forward pass each step (about a third of a step for MiniLM-L6 -> 3
+layers) is waste. :func:`build_cache` runs the teacher once and stores per example, unpadded and
+in float16, everything the loss terms take from it; :class:`CachedTeacher` serves it back as the
+``TeacherBatch`` of any shuffled batch, re-padded to that batch's width.
+
+A cache folder (content-addressed by :func:`cache_key`) holds standard safetensors files, which
+``safetensors.safe_open`` reads; kdray writes them streaming and reads them through ``np.memmap``
+so neither side ever holds the attention buffer (gigabytes for a large split) in memory::
+
+    manifest.json          CacheManifest: key, what is cached, which layers' attentions, sizes
+    logits.safetensors     "lengths" I64 [N] real tokens per example, "logits" F16 [N, C]
+    hidden.safetensors     "L<l>" F16 [N, D]: [CLS] vector at the output of teacher layer l
+    attention.safetensors  "offsets" I64 [N + 1], "L<l>" F16 flat buffer per cached layer l;
+                           example i is elements offsets[i]:offsets[i + 1], its probabilities
+                           [H, Q_i, L_i] in row-major order (L_i its real length; Q_i = L_i for
+                           rows="all", 1 for rows="cls", the [CLS] query row only)
+
+Teacher layers are numbered from 1 as in the rest of kdray (hidden_states[l], attentions[l - 1]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdray import data, models
+from kdray import train as _train  # module object only: train.py may import this module too
+
+if TYPE_CHECKING:
+    from kdray.train import LiveTeacher, Prepared, TeacherBatch, TeacherOutputs
+
+__all__ = [
+    "ALL_PARTS",
+    "ATTENTION_ORDER",
+    "FORMAT",
+    "CacheBudgetError",
+    "CacheError",
+    "CacheManifest",
+    "CachedTeacher",
+    "LayerNotCachedError",
+    "build_cache",
+    "cache_key",
+    "default_root",
+    "estimate_bytes",
+    "model_digest",
+    "split_fingerprint",
+    "teacher_outputs_factory",
+]
+
+logger = logging.getLogger("kdray")
+
+#: Bumped whenever the layout or the meaning of a stored value changes; part of every key.
+FORMAT = "kdray-teacher-cache-v1"
+#: What a cache can hold. Logits are always stored (they are tiny and TeacherBatch needs them).
+ALL_PARTS: tuple[str, ...] = ("logits", "hidden", "attentions")
+#: Which layers' attentions are kept when they do not all fit in the budget, written into every
+#: manifest. The lowest teacher layers go first: the bottom-up schedules (PID, SID) need them in
+#: the most stages, so those stages run entirely from the cache.
+ATTENTION_ORDER = "ascending teacher layer (lowest first)"
+
+MANIFEST_FILE = "manifest.json"
+LOGITS_FILE = "logits.safetensors"
+HIDDEN_FILE = "hidden.safetensors"
+ATTENTION_FILE = "attention.safetensors"
+
+_ST_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
+_NP_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be built or does not match what it is asked for."""
+
+
+class CacheBudgetError(CacheError):
+    """Even the logits and [CLS] vectors do not fit in the byte budget: run the teacher live."""
+
+
+class LayerNotCachedError(KeyError):
+    """A requested teacher layer is not in the cache and no teacher model was given."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and sizes
+
+
+def _normalise_layers(layers: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """Sorted and unique: the stored content does not depend on the order layers are named in."""
+    out = tuple(sorted({int(layer) for layer in layers}))
+    if any(layer < 1 for layer in out):
+        raise ValueError(f"teacher layers are numbered from 1, got {list(layers)}")
+    return out
+
+
+def _normalise_what(what: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    unknown = sorted(set(what) - set(ALL_PARTS))
+    if unknown:
+        raise ValueError(f"unknown cache parts {unknown} (allowed: {', '.join(ALL_PARTS)})")
+    return tuple(part for part in ALL_PARTS if part in what or part == "logits")
+
+
+def _check_rows(rows: str) -> None:
+    if rows not in ("all", "cls"):
+        raise ValueError(f"rows must be 'all' or 'cls', got {rows!r}")
+
+
+def cache_key(
+    teacher_id: str,
+    task: str,
+    split_fingerprint: str,
+    max_seq_length: int,
+    layers: tuple[int, ...],
+    rows: str,
+    what: tuple[str, ...],
+) -> str:
+    """sha256 over everything that changes the stored values, so a cache folder named by it can
+    never be reused for other settings. Layer and part order do not matter (they are sorted)."""
+    _check_rows(rows)
+    ingredients = {
+        "format": FORMAT,
+        "teacher": str(teacher_id),
+        "task": str(task).lower(),
+        "split": str(split_fingerprint),
+        "max_seq_length": int(max_seq_length),
+        "layers": list(_normalise_layers(layers)),
+        "rows": rows,
+        "what": list(_normalise_what(what)),
+    }
+    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()
+
+
+def split_fingerprint(split: data.TokenizedSplit) -> str:
+    """Hash of the token ids in split order: exactly what the teacher sees (labels do not change
+    its outputs; tokenizer, truncation and max_train_examples all show up in the ids)."""
+    digest = hashlib.sha256(str(len(split)).encode())
+    for column in (split.input_ids, split.token_type_ids):
+        lengths = np.fromiter((len(ids) for ids in column), dtype=np.int64, count=len(column))
+        flat = np.fromiter(
+            (token for ids in column for token in ids), dtype=np.int64, count=int(lengths.sum())
+        )
+        digest.update(lengths.tobytes())
+        digest.update(flat.tobytes())
+    return digest.hexdigest()
+
+
+def model_digest(model: nn.Module) -> str:
+    """Content hash of a model's weights and config, for a key when no teacher id is known."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        digest.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def estimate_bytes(
+    split: data.TokenizedSplit,
+    n_layers: int,
+    n_heads: int,
+    hidden: int,
+    n_labels: int,
+    rows: str,
+) -> dict[str, int]:
+    """Bytes of the float16 values, unpadded: logits, hidden ([CLS] vectors of ``n_layers``
+    layers), attentions (all ``n_layers``), attention_per_layer and total.
+
+    Attention per layer is ``sum_i H * L_i * L_i * 2`` for rows="all" and ``sum_i H * L_i * 2``
+    for rows="cls". Index bookkeeping (8 bytes per example and file) is not included.
+    """
+    _check_rows(rows)
+    lengths = np.asarray(split.lengths, dtype=np.int64)
+    n = int(lengths.size)
+    cells = lengths * lengths if rows == "all" else lengths
+    per_layer = int(n_heads * int(cells.sum()) * 2)
+    sizes = {
+        "logits": n * n_labels * 2,
+        "hidden": n * n_layers * hidden * 2,
+        "attentions": n_layers * per_layer,
+        "attention_per_layer": per_layer,
+    }
+    sizes["total"] = sizes["logits"] + sizes["hidden"] + sizes["attentions"]
+    return sizes
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Safetensors files written and read in place
+
+
+def _create_safetensors(
+    path: Path, tensors: dict[str, tuple[np.dtype, tuple[int, ...]]], metadata: dict[str, str]
+) -> dict[str, np.ndarray]:
+    """Write a safetensors header for tensors of known shape and return writable memmaps of
+    their (zero-filled) data, so values can be stored batch by batch in any example order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": _ST_DTYPES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as the reference writer does
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        handle.truncate(8 + len(raw) + offset)
+    return _map_tensors(path, writable=True)
+
+
+def _map_tensors(path: Path, *, writable: bool = False) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a safetensors file (nothing is read until it is indexed)."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    start = 8 + length
+    arrays: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        dtype = _NP_DTYPES[info["dtype"]]
+        shape = tuple(int(s) for s in info["shape"])
+        begin, end = info["data_offsets"]
+        if end == begin:
+            arrays[name] = np.zeros(shape, dtype=dtype)
+            continue
+        arrays[name] = np.memmap(
+            path, dtype=dtype, mode="r+" if writable else "r", offset=start + begin, shape=shape
+        )
+    return arrays
+
+
+def _flush(arrays: dict[str, np.ndarray]) -> None:
+    for array in arrays.values():
+        if isinstance(array, np.memmap):
+            array.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest
+
+
+@dataclass
+class CacheManifest:
+    """What a cache folder holds; ``live_layers`` are requested layers whose attentions did not
+    fit in the budget and are computed by the teacher when a batch needs them."""
+
+    key: str
+    n_examples: int
+    n_labels: int
+    hidden_size: int
+    n_heads: int
+    layers: tuple[int, ...]
+    rows: str
+    what: tuple[str, ...]
+    attention_layers: tuple[int, ...]
+    live_layers: tuple[int, ...]
+    bytes: dict[str, int] = field(default_factory=dict)  # data bytes written per part
+    needed_bytes: dict[str, int] = field(default_factory=dict)  # estimate_bytes of everything
+    max_bytes: int = 0
+    attention_order: str = ATTENTION_ORDER
+    created: str = ""
+    build_seconds: float = 0.0
+    format: str = FORMAT
+    path: str = ""  # the folder it was read from (not stored)
+
+    def files(self) -> list[str]:
+        names = [MANIFEST_FILE, LOGITS_FILE]
+        if "hidden" in self.what and self.layers:
+            names.append(HIDDEN_FILE)
+        if self.attention_layers:
+            names.append(ATTENTION_FILE)
+        return names
+
+    def to_json(self) -> str:
+        record = asdict(self)
+        record.pop("path")
+        return json.dumps(record, indent=2, sort_keys=True)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> CacheManifest | None:
+        """The manifest of a complete cache of this format, or None (then it is rebuilt)."""
+        folder = Path(folder)
+        try:
+            record = json.loads((folder / MANIFEST_FILE).read_text())
+            if record.get("format") != FORMAT:
+                return None
+            for name in ("layers", "what", "attention_layers", "live_layers"):
+                record[name] = tuple(record[name])
+            manifest = cls(**record, path=str(folder))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if not all((folder / name).is_file() for name in manifest.files()):
+            return None
+        return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    """Concurrent trials of a sweep wait for one build instead of each running the teacher."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename still keeps the cache consistent
+        yield
+        return
+    lock_path = target.parent / f".{target.name}.lock"
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _use_eager_attention(model: nn.Module) -> None:
+    """Attention probabilities only come out of the eager implementation."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+
+
+def _half(values: torch.Tensor, what: str) -> np.ndarray:
+    """float16 copy; refuse values that float16 cannot hold rather than cache inf/NaN."""
+    array = values.detach().float().cpu().numpy().astype(np.float16)
+    if not np.isfinite(array).all():
+        peak = float(values.detach().float().abs().max())
+        raise CacheError(
+            f"teacher {what} are not finite in float16 (max |value| {peak:g}); "
+            "turn the teacher cache off (teacher.cache.enabled: off)"
+        )
+    return array
+
+
+def _plan_attention(
+    layers: tuple[int, ...], sizes: dict[str, int], fixed: int, n: int, max_bytes: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Split layers into (cached, live): as many layers' attentions as fit, lowest first."""
+    room = max_bytes - fixed - 8 * (n + 1)  # the offsets index is stored once
+    per_layer = sizes["attention_per_layer"]
+    fits = 0 if room < 0 else min(len(layers), room // max(per_layer, 1))
+    return layers[:fits], layers[fits:]
+
+
+def build_cache(
+    teacher_model: nn.Module,
+    split: data.TokenizedSplit,
+    pad_token_id: int,
+    target_dir: str | Path,
+    *,
+    layers: tuple[int, ...],
+    rows: str,
+    max_bytes: int,
+    key: str,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    what: tuple[str, ...] = ALL_PARTS,
+) -> CacheManifest:
+    """Run the teacher once over ``split`` and store its outputs in ``target_dir``, or reuse the
+    folder if it already holds a complete cache with this ``key``.
+
+    ``max_bytes`` bounds the stored data. Logits and [CLS] vectors must fit (else
+    :class:`CacheBudgetError`); of the attentions, as many layers as fit are stored, lowest
+    teacher layer first (:data:`ATTENTION_ORDER`), and the rest are recorded as live (computed by
+    the teacher on the batches that need them), with a warning on the ``kdray`` logger.
+    ``what`` drops parts whose loss weight is 0 (the key must then say so too).
+    """
+    target = Path(target_dir)
+    layers = _normalise_layers(layers)
+    what = _normalise_what(what)
+    _check_rows(rows)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    existing = CacheManifest.read(target)
+    if existing is not None and existing.key == key:
+        logger.debug("reusing teacher cache %s", target)
+        return existing
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(target):
+        existing = CacheManifest.read(target)  # another process may have built it meanwhile
+        if existing is not None and existing.key == key:
+            return existing
+        return _build(
+            teacher_model,
+            split,
+            pad_token_id,
+            target,
+            layers=layers,
+            rows=rows,
+            max_bytes=int(max_bytes),
+            key=key,
+            batch_size=batch_size,
+            device=torch.device(device),
+            what=what,
+        )
+
+
+def _build(
+    teacher_model: nn.Module,
+    split: data.TokenizedSplit,
+    pad_token_id: int,
+    target: Path,
+    *,
+    layers: tuple[int, ...],
+    rows: str,
+    max_bytes: int,
+    key: str,
+    batch_size: int,
+    device: torch.device,
+    what: tuple[str, ...],
+) -> CacheManifest:
+    started = time.perf_counter()
+    config = teacher_model.config
+    n_teacher = int(config.num_hidden_layers)
+    if layers and layers[-1] > n_teacher:
+        raise ValueError(f"teacher layers {list(layers)}: the teacher has layers 1..{n_teacher}")
+    n_heads, hidden_size = int(config.num_attention_heads), int(config.hidden_size)
+    n_labels = int(config.num_labels)
+    n = len(split)
+    lengths = np.asarray(split.lengths, dtype=np.int64)
+    hidden_layers = layers if "hidden" in what else ()
+    sizes = estimate_bytes(split, len(layers), n_heads, hidden_size, n_labels, rows)
+    fixed = sizes["logits"] + 8 * n + (sizes["hidden"] if hidden_layers else 0)
+    if fixed > max_bytes:
+        raise CacheBudgetError(
+            f"teacher cache: logits and [CLS] vectors alone need {_fmt_bytes(fixed)} but the "
+            f"budget is {_fmt_bytes(max_bytes)}"
+        )
+    attention_layers: tuple[int, ...] = ()
+    live_layers: tuple[int, ...] = ()
+    if "attentions" in what and layers:
+        attention_layers, live_layers = _plan_attention(layers, sizes, fixed, n, max_bytes)
+    if live_layers:
+        needed = fixed + 8 * (n + 1) + sizes["attentions"]
+        logger.warning(
+            "teacher cache: the attentions of teacher layers %s do not fit in the budget of %s "
+            "and are computed on the fly (a teacher forward on every batch that needs them); "
+            "cached: layers %s. Caching all layers needs %s (%s per layer's attentions): raise "
+            "teacher.cache.max_gb to at least %.3g to cache everything.",
+            list(live_layers),
+            _fmt_bytes(max_bytes),
+            list(attention_layers) or "none",
+            _fmt_bytes(needed),
+            _fmt_bytes(sizes["attention_per_layer"]),
+            needed / 1e9,
+        )
+
+    q_len = lengths if rows == "all" else np.ones_like(lengths)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(n_heads * q_len * lengths, out=offsets[1:])
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        meta = {"format": FORMAT, "key": key}
+        out_logits = _create_safetensors(
+            tmp / LOGITS_FILE,
+            {"lengths": (np.int64, (n,)), "logits": (np.float16, (n, n_labels))},
+            meta,
+        )
+        out_logits["lengths"][:] = lengths
+        out_hidden = {}
+        if hidden_layers:
+            out_hidden = _create_safetensors(
+                tmp / HIDDEN_FILE,
+                {f"L{layer}": (np.float16, (n, hidden_size)) for layer in hidden_layers},
+                meta,
+            )
+        out_attn = {}
+        if attention_layers:
+            spec = {"offsets": (np.int64, (n + 1,))}
+            spec |= {f"L{layer}": (np.float16, (int(offsets[-1]),)) for layer in attention_layers}
+            out_attn = _create_safetensors(tmp / ATTENTION_FILE, spec, {**meta, "rows": rows})
+            out_attn["offsets"][:] = offsets
+
+        _run_teacher(
+            teacher_model,
+            split,
+            pad_token_id,
+            lengths,
+            offsets,
+            batch_size=batch_size,
+            device=device,
+            rows=rows,
+            hidden_layers=hidden_layers,
+            attention_layers=attention_layers,
+            out_logits=out_logits["logits"],
+            out_hidden=out_hidden,
+            out_attn=out_attn,
+        )
+        written = {"logits": sizes["logits"]}
+        for arrays, part in ((out_logits, None), (out_hidden, "hidden"), (out_attn, "attentions")):
+            _flush(arrays)
+            if part:
+                written[part] = sum(int(a.nbytes) for k, a in arrays.items() if k != "offsets")
+        del out_logits, out_hidden, out_attn
+
+        manifest = CacheManifest(
+            key=key,
+            n_examples=n,
+            n_labels=n_labels,
+            hidden_size=hidden_size,
+            n_heads=n_heads,
+            layers=layers,
+            rows=rows,
+            what=what,
+            attention_layers=attention_layers,
+            live_layers=live_layers,
+            bytes=written,
+            needed_bytes=sizes,
+            max_bytes=max_bytes,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            build_seconds=round(time.perf_counter() - started, 3),
+        )
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+        _install(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info(
+        "teacher cache: %d examples, %s in %.1f s at %s",
+        n,
+        _fmt_bytes(sum(manifest.bytes.values())),
+        manifest.build_seconds,
+        target,
+    )
+    manifest.path = str(target)
+    return manifest
+
+
+@torch.no_grad()
+def _run_teacher(
+    model: nn.Module,
+    split: data.TokenizedSplit,
+    pad_token_id: int,
+    lengths: np.ndarray,
+    offsets: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    rows: str,
+    hidden_layers: tuple[int, ...],
+    attention_layers: tuple[int, ...],
+    out_logits: np.ndarray,
+    out_hidden: dict[str, np.ndarray],
+    out_attn: dict[str, np.ndarray],
+) -> None:
+    """One eval-mode fp32 pass in length order (little padding); rows land at their index."""
+    was_training = model.training
+    model.to(device).eval()
+    _use_eager_attention(model)
+    order = np.argsort(lengths, kind="stable")
+    try:
+        for start in range(0, len(order), batch_size):
+            ids = order[start : start + batch_size]
+            batch = data.collate([split[int(i)] for i in ids], pad_token_id)
+            out = model(
+                **{k: v.to(device) for k, v in _train.model_inputs(batch).items()},
+                output_hidden_states=bool(hidden_layers),
+                output_attentions=bool(attention_layers),
+            )
+            out_logits[ids] = _half(out.logits, "logits")
+            for layer in hidden_layers:
+                out_hidden[f"L{layer}"][ids] = _half(out.hidden_states[layer][:, 0], "hidden")
+            for layer in attention_layers:
+                if out.attentions is None or out.attentions[layer - 1] is None:
+                    raise CacheError("the teacher returned no attentions (needs eager attention)")
+                probs = _half(out.attentions[layer - 1], "attention probabilities")
+                flat = out_attn[f"L{layer}"]
+                for row, i in enumerate(ids):
+                    length = int(lengths[i])
+                    q = length if rows == "all" else 1
+                    flat[offsets[i] : offsets[i + 1]] = probs[row, :, :q, :length].reshape(-1)
+    finally:
+        model.train(was_training)
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Atomic swap: readers see the old complete cache or the new one, never a half-written one."""
+    old: Path | None = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+class CachedTeacher:
+    """``TeacherOutputs`` from a cache folder: gathers the batch's examples by ``batch["index"]``
+    and re-pads them to the batch width (zeros in padding), as float32 on ``device``.
+
+    A batch that asks for a layer whose attentions are live (over budget) or that the cache does
+    not hold is computed by ``teacher_model`` instead (all of that batch's outputs then come from
+    the forward pass); without a teacher model that is a :class:`LayerNotCachedError`.
+    ``stats`` counts batches served from the cache and by the teacher.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        *,
+        teacher_model: nn.Module | None = None,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ) -> None:
+        manifest = CacheManifest.read(cache_dir)
+        if manifest is None:
+            raise FileNotFoundError(f"no complete teacher cache ({FORMAT}) in {cache_dir}")
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.precision = precision
+        self.teacher_model = teacher_model
+        self._live: LiveTeacher | None = None
+        folder = Path(cache_dir)
+        stored = _map_tensors(folder / LOGITS_FILE)
+        self._lengths, self._logits = stored["lengths"], stored["logits"]
+        self._hidden: dict[int, np.ndarray] = {}
+        if HIDDEN_FILE in manifest.files():
+            self._hidden = {int(k[1:]): v for k, v in _map_tensors(folder / HIDDEN_FILE).items()}
+        self._attn: dict[int, np.ndarray] = {}
+        self._offsets = np.zeros(1, dtype=np.int64)
+        if ATTENTION_FILE in manifest.files():
+            stored = _map_tensors(folder / ATTENTION_FILE)
+            self._offsets = np.asarray(stored.pop("offsets"))
+            self._attn = {int(k[1:]): v for k, v in stored.items()}
+        self.stats = {"cached": 0, "live": 0}
+
+    def uncached(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """Requested layers the cache cannot serve (they need a teacher forward)."""
+        what = self.manifest.what
+        return tuple(
+            layer
+            for layer in layers
+            if ("hidden" in what and layer not in self._hidden)
+            or ("attentions" in what and layer not in self._attn)
+        )
+
+    def __call__(self, batch: dict[str, torch.Tensor], layers: tuple[int, ...]) -> TeacherBatch:
+        layers = tuple(layers)
+        index = batch["index"].cpu().numpy().astype(np.int64)
+        lengths = self._check_batch(batch, index)
+        missing = self.uncached(layers)
+        if missing:
+            return self._forward(batch, layers, missing)
+        self.stats["cached"] += 1
+        result = _train.TeacherBatch(logits=self._tensor(self._logits[index]))
+        width = int(batch["input_ids"].shape[1])
+        for layer in layers:
+            if layer in self._hidden:
+                result.hidden[layer] = self._tensor(self._hidden[layer][index])
+            if layer in self._attn:
+                result.attentions[layer] = self._tensor(
+                    self._padded_attention(self._attn[layer], index, lengths, width)
+                )
+        return result
+
+    def _padded_attention(
+        self, flat: np.ndarray, index: np.ndarray, lengths: np.ndarray, width: int
+    ) -> np.ndarray:
+        heads = self.manifest.n_heads
+        rows_all = self.manifest.rows == "all"
+        out = np.zeros((len(index), heads, width if rows_all else 1, width), dtype=np.float32)
+        for row, (i, length) in enumerate(zip(index, lengths, strict=True)):
+            q = int(length) if rows_all else 1
+            piece = flat[self._offsets[i] : self._offsets[i + 1]]
+            out[row, :, :q, :length] = piece.reshape(heads, q, int(length))
+        return out
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(array, dtype=np.float32)).to(self.device)
+
+    def _check_batch(self, batch: dict[str, torch.Tensor], index: np.ndarray) -> np.ndarray:
+        """A batch from another split or tokenisation would silently get wrong targets."""
+        n = self.manifest.n_examples
+        if index.size and (index.min() < 0 or index.max() >= n):
+            raise CacheError(
+                f"batch index {int(index.max())} is outside the cached split of {n} examples "
+                f"({self.manifest.path}): the cache was built for another split"
+            )
+        lengths = np.asarray(self._lengths[index])
+        real = batch["attention_mask"].sum(dim=1).cpu().numpy()
+        if not np.array_equal(real, lengths):
+            bad = int(np.flatnonzero(real != lengths)[0])
+            raise CacheError(
+                f"example {int(index[bad])} has {int(real[bad])} tokens in this batch but "
+                f"{int(lengths[bad])} in the teacher cache {self.manifest.path}: the cache was "
+                "built for another split, tokenizer or max_seq_length"
+            )
+        return lengths
+
+    def _forward(
+        self, batch: dict[str, torch.Tensor], layers: tuple[int, ...], missing: tuple[int, ...]
+    ) -> TeacherBatch:
+        if self.teacher_model is None:
+            raise LayerNotCachedError(
+                f"teacher layers {list(missing)} are not in the teacher cache "
+                f"{self.manifest.path} (it holds attentions of layers "
+                f"{list(self.manifest.attention_layers)}, [CLS] vectors of layers "
+                f"{sorted(self._hidden)}); give CachedTeacher a teacher_model to compute them"
+            )
+        if self._live is None:
+            self._live = _train.LiveTeacher(self.teacher_model, self.device, self.precision)
+        self.stats["live"] += 1
+        return self._live(batch, layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The factory train.distill takes
+
+
+def default_root() -> Path:
+    """Where caches go unless told otherwise: next to the tokenised data and teachers."""
+    return models.cache_root() / "teacher-outputs"
+
+
+def teacher_outputs_factory(
+    *,
+    task: str,
+    max_seq_length: int,
+    layers: tuple[int, ...],
+    rows: str,
+    max_bytes: int,
+    teacher_id: str | None = None,
+    what: tuple[str, ...] = ALL_PARTS,
+    root: str | Path | None = None,
+    batch_size: int = 64,
+    precision: str = "fp32",
+) -> Callable[[Prepared, nn.Module, torch.device], TeacherOutputs]:
+    """``(prepared, teacher_model, device) -> TeacherOutputs`` for ``train.distill``: builds or
+    reuses the cache of ``prepared.train`` under ``root/<cache_key>`` and serves it.
+
+    ``layers`` are the teacher layers the layer map uses; ``teacher_id`` should be a content id
+    of the teacher (``TeacherInfo.id``), else the weights are hashed. When even the logits and
+    [CLS] vectors exceed ``max_bytes`` the factory warns and falls back to ``LiveTeacher``.
+    """
+
+    def make(prepared: Prepared, teacher_model: nn.Module, device: torch.device) -> TeacherOutputs:
+        split = prepared.train
+        ident = teacher_id or "weights:" + model_digest(teacher_model)
+        key = cache_key(ident, task, split_fingerprint(split), max_seq_length, layers, rows, what)
+        target = Path(root) if root is not None else default_root()
+        try:
+            build_cache(
+                teacher_model,
+                split,
+                prepared.tokenizer.pad_token_id,
+                target / key,
+                layers=layers,
+                rows=rows,
+                max_bytes=max_bytes,
+                key=key,
+                batch_size=batch_size,
+                device=device,
+                what=what,
+            )
+        except CacheBudgetError as error:
+            logger.warning("%s: running the teacher live instead", error)
+            return _train.LiveTeacher(teacher_model, device, precision)
+        return CachedTeacher(
+            target / key, teacher_model=teacher_model, device=device, precision=precision
+        )
+
+    return make
