@@ -163,8 +163,12 @@ def _live_table_callback(spec: Spec) -> Any:
     class LiveTrials(Callback):
         def __init__(self) -> None:
             self.rows: dict[str, dict[str, Any]] = {}
-            self.live = Live(self._table(), console=console, refresh_per_second=2)
-            self.started = False
+            self.live: Any = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Ray pickles the run config (callbacks included) into the experiment state; the
+            # live display holds locks and a terminal, so it is recreated, never pickled.
+            return {"rows": self.rows, "live": None}
 
         def _table(self) -> Table:
             table = Table(title=f"sweep {spec.name}")
@@ -190,9 +194,9 @@ def _live_table_callback(spec: Spec) -> Any:
                 for k, v in params.items()
             )
             row.update(fields)
-            if not self.started:
+            if self.live is None:
+                self.live = Live(self._table(), console=console, refresh_per_second=2)
                 self.live.start()
-                self.started = True
             self.live.update(self._table())
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -218,8 +222,9 @@ def _live_table_callback(spec: Spec) -> Any:
             self._update(trial, status="error")
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
-            if self.started:
+            if self.live is not None:
                 self.live.stop()
+                self.live = None
 
     return LiveTrials()
 
@@ -273,6 +278,118 @@ def sweep(
         )
     console.print(f"tables: {outcome.out_dir}/trials.parquet and epochs.parquet")
     console.print(f"resume with: kdray sweep {spec_path} --resume")
+
+
+@app.command()
+def ablate(
+    spec_path: Annotated[
+        Path, typer.Argument(help="A YAML spec with an ablation block.", metavar="SPEC")
+    ],
+    set_: SetOption = None,
+    from_sweep: Annotated[
+        Path | None,
+        typer.Option(help="Start each cell from the best trial of its algorithm in this sweep."),
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option(help="Use seeds 1..N instead of ablation.seeds.")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Join a Ray cluster: auto or ray://host:port.")
+    ] = None,
+    storage: Annotated[str | None, typer.Option(help="Ray storage: a path or URI.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Tables folder (default results/<name>-ablation).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted ablation.")] = False,
+) -> None:
+    """Every cell of the ablation grid once per seed, paired by seed, as Ray Tune trials."""
+    from kdray.tune import ablation_cells, run_ablation
+
+    spec = _load(spec_path, set_)
+    try:
+        cells = ablation_cells(spec, from_sweep)
+    except (ValueError, FileNotFoundError, SpecError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    seed_list = list(range(1, seeds + 1)) if seeds else None
+    n_seeds = len(seed_list or (spec.ablation.seeds if spec.ablation else [1]))
+    console.print(
+        f"[bold]kdray ablate[/bold] {spec.name}: {len(cells)} cells x {n_seeds} seeds = "
+        f"{len(cells) * n_seeds} runs" + (" (resuming)" if resume else "")
+    )
+    for cell in cells:
+        console.print(f"  {cell['cell']}  [dim]from {cell['source']}[/dim]")
+    outcome = run_ablation(
+        spec,
+        from_sweep=from_sweep,
+        seeds=seed_list,
+        address=address,
+        storage=storage,
+        out_dir=out,
+        resume=resume,
+        callbacks=[_live_table_callback(spec)],
+    )
+    counts = outcome.trials["status"].value_counts().to_dict()
+    console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    console.print(f"tables: {outcome.out_dir}; summarise with: kdray report {outcome.out_dir}")
+
+
+@app.command()
+def report(
+    results_dir: Annotated[Path, typer.Argument(help="A results folder (trials.parquet).")],
+    format_: Annotated[str, typer.Option("--format", help="table | markdown | csv")] = "table",
+    plots: Annotated[Path | None, typer.Option(help="Write PNG plots into this folder.")] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Baseline cell (default: the soft-label cell).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also save to a file.")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="max or min: the metric's direction.")] = "max",
+) -> None:
+    """Summarise a sweep or an ablation: statistics, paired comparisons, importance, plots."""
+    from kdray.report import build_report
+
+    if format_ not in ("table", "markdown", "csv"):
+        console.print("[red]--format must be table, markdown or csv[/red]")
+        raise typer.Exit(2)
+    try:
+        built = build_report(
+            results_dir, baseline=baseline, plots_dir=plots, fmt=format_, mode=mode
+        )
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    if format_ == "table":
+        _print_report_tables(built)
+    else:
+        console.print(built.render(format_), markup=False, highlight=False)
+    if output is not None:
+        built.save(output)
+        console.print(f"saved {output}")
+    for name, path in built.plots.items():
+        console.print(f"plot {name}: {path}")
+
+
+def _print_report_tables(built: Any) -> None:
+    import pandas as pd
+
+    for heading, body in built.sections():
+        if isinstance(body, pd.DataFrame):
+            table = Table(title=heading)
+            for column in body.columns:
+                table.add_column(str(column))
+            for row in body.itertuples(index=False):
+                table.add_row(*(_fmt(v) for v in row))
+            console.print(table)
+        else:
+            console.print(f"[bold]{heading}[/bold]\n{body}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"
+    return str(value)
 
 
 def main() -> None:

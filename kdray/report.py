@@ -387,7 +387,7 @@ def _ttest_p(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan") if diff[0] == 0 else 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b).pvalue)
+        return float(stats.ttest_rel(a, b).pvalue)
 
 
 def _wilcoxon_p(diff: np.ndarray) -> float:

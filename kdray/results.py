@@ -27,6 +27,7 @@ from kdray.train import RunResult
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
+CKA_FILE = "cka.parquet"  # one row per run and (student layer, teacher layer): linear CKA
 
 # Columns every trials table starts with, in this order; settings and metrics follow.
 ID_COLUMNS = ("name", "trial_id", "status", "error", "kdray_version", "spec_fingerprint")
@@ -82,7 +83,27 @@ def trial_row(
 def epoch_rows(
     spec: Spec, records: Iterable[dict[str, Any]], *, trial_id: str = "run"
 ) -> list[dict[str, Any]]:
-    return [{"name": spec.name, "trial_id": trial_id, **record} for record in records]
+    return [
+        {"name": spec.name, "trial_id": trial_id, **without_diagnostics(record)}
+        for record in records
+    ]
+
+
+def without_diagnostics(record: dict[str, Any]) -> dict[str, Any]:
+    """Diagnostics describe the run, not an epoch: they go to trials/cka tables instead."""
+    return {k: v for k, v in record.items() if not k.startswith("diag.")}
+
+
+def cka_from_matrix(matrix_json: str) -> pd.DataFrame:
+    """The long CKA table from the JSON matrix a trial reports (rows: student layers)."""
+    matrix = json.loads(matrix_json)
+    return pd.DataFrame(
+        [
+            {"student_layer": i, "teacher_layer": j, "cka": value}
+            for i, row in enumerate(matrix, start=1)
+            for j, value in enumerate(row, start=1)
+        ]
+    )
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -101,7 +122,8 @@ def write_table(rows: list[dict[str, Any]], path: str | Path) -> pd.DataFrame:
     """Write rows as a Parquet table, keeping the schema a table at ``path`` already has.
 
     New rows may leave columns out (they become null); a column the existing schema does not
-    have is added at the end, so a sweep's first trial fixes the order and types.
+    have is added at the end, so a sweep's first trial fixes the order and types (a value
+    that type cannot hold, 2.5 in an int column, widens the column instead of being cut).
     """
     path = Path(path)
     frame = pd.DataFrame(rows)
@@ -125,7 +147,10 @@ def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
     for target in schema:
         column = table.column(target.name)
         if column.type != target.type and not pa.types.is_null(target.type):
-            column = column.cast(target.type, safe=False)
+            try:
+                column = column.cast(target.type)  # safe: raises rather than truncate
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # values the first type cannot hold (2.5 in an int column): keep them
         columns.append(column)
     return pa.Table.from_arrays(
         columns,
@@ -150,7 +175,16 @@ def write_run(out_dir: str | Path, spec: Spec, result: RunResult) -> tuple[Path,
         _write_atomic(
             pa.table({"name": pa.array([], pa.string()), "epoch": pa.array([], pa.int64())}), epochs
         )
+    cka_file = out / CKA_FILE
+    if result.cka is not None:
+        write_table(cka_rows(spec.name, "run", result.cka), cka_file)
+    elif cka_file.exists():
+        cka_file.unlink()
     return trials, epochs
+
+
+def cka_rows(name: str, trial_id: str, cka: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{"name": name, "trial_id": trial_id, **row} for row in cka.to_dict("records")]
 
 
 def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -46,8 +46,12 @@ class DataSpec(_Strict):
 
 
 class TeacherCacheSpec(_Strict):
+    """Teacher outputs (logits, [CLS] vectors, attention maps) computed once and reused by every
+    epoch and trial; over ``max_gb`` the remaining attention layers are computed live."""
+
     enabled: Literal["auto", "on", "off"] | bool = "auto"
     max_gb: float = Field(4.0, gt=0)
+    dir: str | None = Field(None, description="Default: <cache_dir>/teacher-outputs.")
 
 
 class TeacherSpec(_Strict):
@@ -141,6 +145,9 @@ class TrainSpec(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's own.")
     save_student: bool = True
+    diagnostics: bool = Field(
+        True, description="Teacher-student CKA, attention KL and agreement on dev after training."
+    )
     max_train_examples: int | None = Field(
         None, ge=1, description="Use only the first N training examples (smoke runs)."
     )

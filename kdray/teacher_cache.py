@@ -496,18 +496,20 @@ def _build(
             meta,
         )
         out_logits["lengths"][:] = lengths
-        out_hidden = {}
+        out_hidden: dict[str, np.ndarray] = {}
         if hidden_layers:
             out_hidden = _create_safetensors(
                 tmp / HIDDEN_FILE,
                 {f"L{layer}": (np.float16, (n, hidden_size)) for layer in hidden_layers},
                 meta,
             )
-        out_attn = {}
+        out_attn: dict[str, np.ndarray] = {}
         if attention_layers:
-            spec = {"offsets": (np.int64, (n + 1,))}
-            spec |= {f"L{layer}": (np.float16, (int(offsets[-1]),)) for layer in attention_layers}
-            out_attn = _create_safetensors(tmp / ATTENTION_FILE, spec, {**meta, "rows": rows})
+            tensors = {"offsets": (np.int64, (n + 1,))}
+            tensors |= {
+                f"L{layer}": (np.float16, (int(offsets[-1]),)) for layer in attention_layers
+            }
+            out_attn = _create_safetensors(tmp / ATTENTION_FILE, tensors, {**meta, "rows": rows})
             out_attn["offsets"][:] = offsets
 
         _run_teacher(
@@ -525,11 +527,13 @@ def _build(
             out_hidden=out_hidden,
             out_attn=out_attn,
         )
-        written = {"logits": sizes["logits"]}
-        for arrays, part in ((out_logits, None), (out_hidden, "hidden"), (out_attn, "attentions")):
+        for arrays in (out_logits, out_hidden, out_attn):
             _flush(arrays)
-            if part:
-                written[part] = sum(int(a.nbytes) for k, a in arrays.items() if k != "offsets")
+        written = {
+            "logits": int(out_logits["logits"].nbytes),
+            "hidden": sum(int(a.nbytes) for a in out_hidden.values()),
+            "attentions": sum(int(a.nbytes) for k, a in out_attn.items() if k != "offsets"),
+        }
         del out_logits, out_hidden, out_attn
 
         manifest = CacheManifest(

@@ -52,6 +52,7 @@ class RunResult:
     student_path: str | None = None
     error: str | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    cka: Any = None  # long DataFrame: student_layer, teacher_layer, cka (best student, dev set)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -408,6 +409,42 @@ class LiveTeacher:
 # Distillation
 
 
+def cache_enabled(spec: Spec) -> bool:
+    """``teacher.cache.enabled``: auto caches whenever the teacher is used for more than one
+    epoch (building the cache costs about one epoch of teacher forwards)."""
+    setting = spec.teacher.cache.enabled
+    if setting in (False, "off"):
+        return False
+    if setting in (True, "on"):
+        return True
+    return spec.train.epochs > 1 and spec.distill.algorithm != "none"
+
+
+def cached_teacher_factory(
+    spec: Spec,
+    layer_map: list[int],
+    teacher_info: models.TeacherInfo,
+    root: str | Path | None = None,
+) -> Callable[[Prepared, nn.Module, torch.device], TeacherOutputs] | None:
+    """The teacher-output cache for this run's mapped layers, or None when it is off."""
+    if not cache_enabled(spec):
+        return None
+    from kdray import teacher_cache
+
+    return teacher_cache.teacher_outputs_factory(
+        task=spec.task,
+        max_seq_length=spec.data.max_seq_length,
+        layers=tuple(sorted(set(layer_map))),
+        rows=spec.distill.losses.attention.rows,
+        max_bytes=int(spec.teacher.cache.max_gb * 1e9),
+        teacher_id=teacher_info.id,
+        root=root
+        or spec.teacher.cache.dir
+        or models.cache_root(spec.data.cache_dir) / "teacher-outputs",
+        precision=spec.train.precision,
+    )
+
+
 def term_weights(spec: Spec) -> dict[str, float]:
     """Weights of the named loss terms. Algorithms without soft labels (none, internal) train
     the classifier on hard labels, with weight 1 when ``losses.hard.weight`` is left at 0."""
@@ -459,7 +496,7 @@ def _check_weights(schedule: StageSchedule, weights: dict[str, float]) -> None:
 
 def stage_losses(
     student_out: Any,
-    teacher: TeacherBatch,
+    teacher: TeacherBatch | None,
     batch: dict[str, torch.Tensor],
     stage: Stage,
     layer_map: list[int],
@@ -474,6 +511,8 @@ def stage_losses(
     ``attention.L<i>``/``hidden.L<i>`` keep each student layer's value for the records.
     """
     terms: dict[str, torch.Tensor] = {}
+    if teacher is None and (stage.soft or stage.internal_layers):
+        raise ValueError(f"stage '{stage.name}' needs teacher outputs")
     logits = student_out.logits.float()
     if stage.hard and weights["hard"] > 0:
         terms["hard"] = losses.hard_label_loss(logits, batch["labels"])
@@ -544,10 +583,11 @@ def distill(
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     device = pick_device(spec.train.device)
+    # A bad tune.metric surfaces before a teacher is fine-tuned (which can take hours).
+    metric, mode = selection_metric(spec), spec.tune.mode
     teacher_info = ensure_teacher(spec, progress=progress)
     prepared = prepare_data(spec, teacher_info.path)
     task = prepared.task
-    metric, mode = selection_metric(spec), spec.tune.mode
     result = RunResult(status="ok", metric=metric, teacher=teacher_info)
 
     teacher_model = models.load_classifier(teacher_info.path, task.num_labels)
@@ -569,7 +609,9 @@ def distill(
     ).to(device)
     result.student_params = models.count_parameters(student)
     result.teacher_params = models.count_parameters(teacher_model)
-    make_teacher = teacher_outputs or (lambda p, m, d: LiveTeacher(m, d, spec.train.precision))
+    make_teacher = teacher_outputs or cached_teacher_factory(spec, layer_map, teacher_info)
+    if make_teacher is None:
+        make_teacher = lambda p, m, d: LiveTeacher(m, d, spec.train.precision)  # noqa: E731
     teacher = make_teacher(prepared, teacher_model, device)
 
     weights = term_weights(spec)
@@ -647,7 +689,9 @@ def distill(
             diverged = False
             for batch in loader:
                 batch = to_device(batch, device)
-                t_out = teacher(batch, need if need_internal else ())
+                # stages on hard labels only (algorithm none) never ask the teacher
+                uses_teacher = stage.soft or need_internal
+                t_out = teacher(batch, need if need_internal else ()) if uses_teacher else None
                 with _autocast(device, spec.train.precision):
                     s_out = student(
                         **model_inputs(batch),
@@ -713,6 +757,16 @@ def distill(
             record["is_best"] = result.best_epoch == epoch
             record["best_epoch"] = result.best_epoch
             record.update({f"best.dev.{k}": v for k, v in result.best_metrics.items()})
+            if schedule.finished and spec.train.diagnostics:
+                # Measured before the last report so a sweep's trial carries them even when
+                # the scheduler stops it right after that report.
+                diag = _diagnose(
+                    student, best_state, teacher_model, dev_loader, layer_map, device, rows
+                )
+                result.diagnostics = diag.to_columns()
+                result.cka = diag.cka_long()
+                record.update({f"diag.{k}": v for k, v in result.diagnostics.items()})
+                record["diag.cka_matrix"] = json.dumps(diag.cka.values.tolist())
             result.records.append(record)
             progress.log(_epoch_line(record, metric))
             if report is not None:
@@ -736,6 +790,27 @@ def distill(
     )
     progress.finish(summary)
     return result
+
+
+def _diagnose(
+    student: nn.Module,
+    best_state: dict[str, torch.Tensor] | None,
+    teacher_model: nn.Module,
+    loader: DataLoader,
+    layer_map: list[int],
+    device: torch.device,
+    rows: str,
+) -> Any:
+    """Representation diagnostics of the best student (the current one if none was kept)."""
+    from kdray.diagnostics import representation_diagnostics
+
+    model = student
+    if best_state is not None:
+        model = copy.deepcopy(student)
+        model.load_state_dict(best_state)
+    return representation_diagnostics(
+        model, teacher_model.to(device), loader, layer_map, device, rows=rows
+    )
 
 
 def _epoch_line(record: dict[str, Any], metric: str) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from kdray import results
+from kdray.models import TeacherInfo
 from kdray.spec import Distribution, Spec
 from kdray.train import RunResult, distill, ensure_teacher, selection_metric
 
@@ -205,6 +206,10 @@ def make_scheduler(spec: Spec, metric: str = OBJECTIVE) -> Any:
 
 def trial_spec(base: Spec, config: dict[str, Any]) -> tuple[Spec, dict[str, Any]]:
     """The spec one trial runs, and the parameter values that were active for it."""
+    if "ablation" in config:
+        trial = config["ablation"]
+        values = {**trial["values"], "train.seed": trial["seed"]}
+        return base.with_values(values), values
     sampled = {k: v for k, v in config.items() if k in base.search}
     values = active_values(base, sampled)
     return base.with_values(values), values
@@ -310,6 +315,7 @@ class TableWriter:
         self.epochs: dict[tuple[str, int], dict[str, Any]] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.rows: dict[str, dict[str, Any]] = {}
+        self.cka: dict[str, list[dict[str, Any]]] = {}
         self._load_existing()
 
     def _load_existing(self) -> None:
@@ -318,6 +324,10 @@ class TableWriter:
         if trials_file.exists():
             for row in pd.read_parquet(trials_file).to_dict("records"):
                 self.rows[row["trial_id"]] = row
+        cka_file = self.out_dir / results.CKA_FILE
+        if cka_file.exists():
+            for row in pd.read_parquet(cka_file).to_dict("records"):
+                self.cka.setdefault(row["trial_id"], []).append(row)
         if epochs_file.exists():
             for row in pd.read_parquet(epochs_file).to_dict("records"):
                 if "epoch" in row and row.get("trial_id") is not None:
@@ -325,6 +335,9 @@ class TableWriter:
 
     def on_result(self, trial: Any, result: dict[str, Any]) -> None:
         self.last[trial.trial_id] = {**self.last.get(trial.trial_id, {}), **result}
+        if isinstance(result.get("diag.cka_matrix"), str):
+            matrix = results.cka_from_matrix(result["diag.cka_matrix"])
+            self.cka[trial.trial_id] = results.cka_rows(self.spec.name, trial.trial_id, matrix)
         if "epoch" in result and not result.get("final"):
             keep = {k: v for k, v in result.items() if _epoch_column(k)}
             self.epochs[(trial.trial_id, int(result["epoch"]))] = {
@@ -377,6 +390,11 @@ class TableWriter:
         result.student_params = int(last.get("student_params") or 0)
         result.teacher_params = int(last.get("teacher_params") or 0)
         result.teacher = self.teacher
+        result.diagnostics = {
+            k.removeprefix("diag."): v
+            for k, v in last.items()
+            if k.startswith("diag.") and k != "diag.cka_matrix"
+        }
         status = last.get("status", "ok")
         if error is not None:
             status, result.error = "error", error
@@ -387,12 +405,22 @@ class TableWriter:
             result.error = last["error"]
         result.status = status
         extra = {f"param.{k}": v for k, v in values.items()}
+        if "ablation" in trial.config:
+            ablation = trial.config["ablation"]
+            extra = {
+                "cell": ablation["cell"],
+                "seed": ablation["seed"],
+                "source": ablation["source"],
+            }
         extra["node_id"] = last.get("node_id")
         extra["num_failures"] = getattr(trial, "num_failures", 0)
         return results.trial_row(spec, result, trial_id=trial.trial_id, extra=extra)
 
     def write(self) -> None:
         rows = sorted(self.rows.values(), key=lambda r: str(r["trial_id"]))
+        cka = [row for _, trial_rows in sorted(self.cka.items()) for row in trial_rows]
+        if cka:
+            results.write_table(cka, self.out_dir / results.CKA_FILE)
         epochs = sorted(self.epochs.values(), key=lambda r: (str(r["trial_id"]), r["epoch"]))
         results.write_table(rows, self.out_dir / results.TRIALS_FILE)
         if epochs:
@@ -424,7 +452,7 @@ _RAY_KEYS = {
 
 
 def _epoch_column(key: str) -> bool:
-    return key not in _RAY_KEYS and not key.startswith("config")
+    return key not in _RAY_KEYS and not key.startswith(("config", "diag."))
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -457,6 +485,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
     ray.init(
+        address="local",  # a new instance, never whatever cluster happens to run here
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=False,
@@ -475,6 +504,67 @@ def _teacher_task(spec_json: dict[str, Any], target: str) -> dict[str, Any]:
     fs.create_dir(path, recursive=True)
     pafs.copy_files(info.path, path, destination_filesystem=fs)
     return {"id": info.id, "dev_metrics": info.dev_metrics, "settings": info.settings}
+
+
+def cache_variants(spec: Spec, extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every (layer_map, student.layers, attention rows) a trial of this experiment can run
+    with teacher-output caching on, from the search space, the ablation cells and the spec."""
+    import itertools
+
+    def candidates(key: str) -> list[Any]:
+        values = [spec.flat()[key]]
+        dist = spec.search.get(key)
+        if dist is not None and dist.kind in ("choice", "grid"):
+            values += list(dist.values)
+        for cell in extra or []:
+            if key in cell:
+                values.append(cell[key])
+        unique: list[Any] = []
+        for value in values:
+            if value not in unique:
+                unique.append(value)
+        return unique
+
+    if not any(
+        spec.with_values(cell).teacher.cache.enabled not in (False, "off") for cell in extra or [{}]
+    ):
+        return []
+    keys = ("distill.layer_map", "student.layers", "distill.losses.attention.rows")
+    return [
+        dict(zip(keys, combo, strict=True))
+        for combo in itertools.product(*(candidates(k) for k in keys))
+    ]
+
+
+def _teacher_outputs_task(spec_json: dict[str, Any], variants: list[dict], root: str) -> int:
+    """Runs as a Ray task: build the teacher-output caches the trials will read."""
+    from kdray import models
+    from kdray.train import cached_teacher_factory, pick_device, prepare_data
+
+    spec = Spec.model_validate(spec_json)
+    info = ensure_teacher(spec)
+    prepared = prepare_data(spec, info.path)
+    teacher_model = models.load_classifier(info.path, prepared.task.num_labels)
+    device = pick_device(spec.train.device)
+    built = set()
+    for variant in variants:
+        try:
+            variant_spec = spec.with_values(variant)
+            layer_map = models.resolve_layer_map(
+                variant_spec.distill.layer_map,
+                variant_spec.student.layers,
+                models.num_layers(teacher_model),
+            )
+        except (ValueError, models.ModelError):
+            continue  # a combination no trial can run (its trial fails with the reason)
+        marker = (tuple(sorted(set(layer_map))), variant_spec.distill.losses.attention.rows)
+        if marker in built:
+            continue
+        factory = cached_teacher_factory(variant_spec, layer_map, info, root=root)
+        if factory is not None:
+            factory(prepared, teacher_model, device)
+            built.add(marker)
+    return len(built)
 
 
 def _as_uri(path: str) -> str:
@@ -508,10 +598,15 @@ class SweepResult:
     best: dict[str, Any] | None
 
 
-def sweep_paths(spec: Spec, storage: str | None, out_dir: str | Path | None) -> tuple[Path, str]:
-    out = Path(out_dir) if out_dir else Path("results") / spec.name
-    store = storage or str((out / "ray").resolve())
-    return out, store
+@dataclass
+class Plan:
+    """Which trials an experiment runs: a searched space, or an explicit grid (ablations)."""
+
+    param_space: dict[str, Any]
+    searcher: Any
+    scheduler: Any
+    num_samples: int
+    max_concurrent: int | None
 
 
 def run_sweep(
@@ -525,20 +620,58 @@ def run_sweep(
     trainable: Callable[..., None] | None = None,
 ) -> SweepResult:
     """Run (or resume) the spec's search as a Ray Tune experiment and write the tables."""
+
+    def plan(base: Spec) -> Plan:
+        searcher = make_searcher(base)
+        return Plan(
+            param_space=ray_space(base) if searcher is None else {},
+            searcher=searcher,
+            scheduler=make_scheduler(base),
+            num_samples=base.tune.num_samples,
+            # the Optuna searcher is wrapped in a ConcurrencyLimiter already
+            max_concurrent=base.tune.max_concurrent if searcher is None else None,
+        )
+
+    return run_experiment(
+        spec,
+        plan,
+        name=spec.name,
+        address=address,
+        storage=storage,
+        out_dir=out_dir,
+        resume=resume,
+        callbacks=callbacks,
+        trainable=trainable,
+    )
+
+
+def run_experiment(
+    spec: Spec,
+    plan: Callable[[Spec], Plan],
+    *,
+    name: str,
+    plan_values: list[dict[str, Any]] | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: list[Any] | None = None,
+    trainable: Callable[..., None] | None = None,
+) -> SweepResult:
+    """Teacher first (one Ray task), then the trials as one resumable Tune experiment."""
     import ray
     from ray import tune
 
-    out, store = sweep_paths(spec, storage, out_dir)
+    out = Path(out_dir) if out_dir else Path("results") / name
+    store = storage or str((out / "ray").resolve())
     out.mkdir(parents=True, exist_ok=True)
     init_ray(address)
-    experiment = f"{store.rstrip('/')}/{spec.name}"
+    experiment = f"{store.rstrip('/')}/{name}"
 
-    teacher_location = f"{store.rstrip('/')}/{spec.name}-teacher"
+    teacher_location = f"{store.rstrip('/')}/{name}-teacher"
     resources = spec.tune.resources
     task = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(_teacher_task)
     teacher_meta = ray.get(task.remote(spec.model_dump(mode="json"), teacher_location))
-    from kdray.models import TeacherInfo
-
     teacher = TeacherInfo(
         path=teacher_location,
         id=teacher_meta["id"],
@@ -546,12 +679,22 @@ def run_sweep(
         settings=teacher_meta["settings"],
     )
     trial_base = spec.with_values({"teacher.checkpoint": teacher_location})
+    variants = cache_variants(trial_base, plan_values)
+    if variants and "://" not in store:
+        # Teacher outputs for every layer set a trial can ask for, built once by one task;
+        # with a remote storage URI each node builds (and locks) its own local copy instead.
+        outputs_root = f"{store.rstrip('/')}/{name}-teacher-outputs"
+        build = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(_teacher_outputs_task)
+        ray.get(
+            build.remote(trial_base.model_dump(mode="json", by_alias=True), variants, outputs_root)
+        )
+        trial_base = trial_base.with_values({"teacher.cache.dir": outputs_root})
     spec_json = trial_base.model_dump(mode="json", by_alias=True)
     fn = tune.with_parameters(trainable or distill_trainable, spec_json=spec_json)
     fn = tune.with_resources(fn, {"cpu": resources.cpu, "gpu": resources.gpu})
     writer = TableWriter(trial_base, out, teacher)
     run_config = tune.RunConfig(
-        name=spec.name,
+        name=name,
         storage_path=store,
         callbacks=[writer.callback, *(callbacks or [])],
         failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
@@ -560,29 +703,124 @@ def run_sweep(
     )
     if resume:
         if not tune.Tuner.can_restore(experiment):
-            raise FileNotFoundError(f"no sweep to resume at {experiment}")
+            raise FileNotFoundError(f"nothing to resume at {experiment}")
         tuner = tune.Tuner.restore(
             experiment, trainable=fn, resume_unfinished=True, resume_errored=True
         )
     else:
-        searcher = make_searcher(trial_base)
+        chosen = plan(trial_base)
         tuner = tune.Tuner(
             fn,
-            param_space=ray_space(trial_base) if searcher is None else {},
+            param_space=chosen.param_space,
             tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=make_scheduler(trial_base),
-                num_samples=spec.tune.num_samples,
-                # the Optuna searcher is wrapped in a ConcurrencyLimiter already
-                max_concurrent_trials=spec.tune.max_concurrent if searcher is None else None,
+                search_alg=chosen.searcher,
+                scheduler=chosen.scheduler,
+                num_samples=chosen.num_samples,
+                max_concurrent_trials=chosen.max_concurrent,
             ),
             run_config=run_config,
         )
-    grid = tuner.fit()
+    tuner.fit()
     trials, epochs = results.load(out)
-    best = best_trial(trials, spec)
-    del grid
-    return SweepResult(trials=trials, epochs=epochs, out_dir=out, storage=experiment, best=best)
+    return SweepResult(
+        trials=trials,
+        epochs=epochs,
+        out_dir=out,
+        storage=experiment,
+        best=best_trial(trials, spec),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablations: every cell of a grid once per seed, no pruning, paired by seed
+
+
+def cell_name(values: dict[str, Any]) -> str:
+    return ",".join(f"{k}={_encode(v)}" for k, v in values.items())
+
+
+def ablation_cells(spec: Spec, from_sweep: str | Path | None = None) -> list[dict[str, Any]]:
+    """The grid of the ``ablation.axes``; each cell starts from the spec's settings or, with a
+    sweep, from the best trial of the same algorithm there (its sampled ``param.*`` values)."""
+    if spec.ablation is None or not spec.ablation.axes:
+        raise ValueError("the spec has no ablation.axes: nothing to ablate")
+    import itertools
+
+    axes = spec.ablation.axes
+    sweep_trials = results.load(from_sweep)[0] if from_sweep else None
+    cells = []
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo, strict=True))
+        base: dict[str, Any] = {}
+        source = "spec"
+        if sweep_trials is not None:
+            best = _best_matching(sweep_trials, values, spec)
+            if best is not None:
+                source = f"sweep:{best['trial_id']}"
+                for key, value in best.items():
+                    setting = key.removeprefix("param.")
+                    if key.startswith("param.") and setting not in axes and _present(value):
+                        dist = spec.search.get(setting)
+                        base[setting] = _decode(dist, value) if dist is not None else value
+        cells.append({"cell": cell_name(values), "values": {**base, **values}, "source": source})
+    for cell in cells:
+        spec.with_values(cell["values"])  # every cell must be a valid spec before Ray starts
+    return cells
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _best_matching(trials: pd.DataFrame, values: dict[str, Any], spec: Spec) -> dict | None:
+    """The best ok sweep trial with the cell's algorithm (the axis a sweep tunes per)."""
+    rows = trials[trials["status"] == "ok"]
+    algorithm = values.get("distill.algorithm")
+    if algorithm is not None and "distill.algorithm" in rows:
+        rows = rows[rows["distill.algorithm"] == algorithm]
+    return best_trial(rows, spec) if not rows.empty else None
+
+
+def run_ablation(
+    spec: Spec,
+    *,
+    from_sweep: str | Path | None = None,
+    seeds: list[int] | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: list[Any] | None = None,
+) -> SweepResult:
+    """Every cell x seed as one Ray Tune trial (FIFO, nothing pruned)."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    cells = ablation_cells(spec, from_sweep)
+    run_seeds = seeds or (spec.ablation.seeds if spec.ablation else [spec.train.seed])
+    trials = [{**cell, "seed": seed} for cell in cells for seed in run_seeds]
+
+    def plan(base: Spec) -> Plan:
+        return Plan(
+            param_space={"ablation": tune.grid_search(trials)},
+            searcher=None,
+            scheduler=FIFOScheduler(),
+            num_samples=1,
+            max_concurrent=base.tune.max_concurrent,
+        )
+
+    name = f"{spec.name}-ablation"
+    return run_experiment(
+        spec,
+        plan,
+        name=name,
+        plan_values=[cell["values"] for cell in cells],
+        address=address,
+        storage=storage,
+        out_dir=out_dir or Path("results") / name,
+        resume=resume,
+        callbacks=callbacks,
+    )
 
 
 def best_trial(trials: pd.DataFrame, spec: Spec) -> dict[str, Any] | None:

@@ -65,3 +65,14 @@ def tiny_spec_dict(model: Path, **sections: Any) -> dict[str, Any]:
         else:
             spec[key] = value
     return spec
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """Run torch on one thread: on two shared cores, two threads make tiny models ~100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,444 @@
+"""Ablation statistics against hand-computed values, sweep tables, fANOVA, plots and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from kdray import report as R
+
+SOFT, SID, PID = "distill.algorithm=soft", "distill.algorithm=sid", "distill.algorithm=pid"
+# best dev accuracy per cell and seed. pid has seed 4 instead of 3: only seeds 1, 2 pair.
+ACCURACY = {
+    "soft": {1: 0.70, 2: 0.72, 3: 0.74},
+    "sid": {1: 0.71, 2: 0.74, 3: 0.80},
+    "pid": {1: 0.73, 2: 0.71, 4: 0.99},
+}
+TEACHER = 0.80
+
+
+def _row(algorithm: str, seed: int, accuracy: float, **extra: object) -> dict[str, object]:
+    return {
+        "name": "ablation",
+        "trial_id": f"{algorithm}-s{seed}",
+        "status": "ok",
+        "error": None,
+        "task": "rte",
+        "distill.algorithm": algorithm,
+        "distill.layer_map": "skip",
+        "train.seed": seed,
+        "train.lr": 2e-5,
+        "metric": "accuracy",
+        "best.dev.accuracy": accuracy,
+        "best.dev.f1": accuracy - 0.1,
+        "best_epoch": 3,
+        "epochs_run": 4,
+        "wall_time": 10.0,
+        "student_params": 1000,
+        "teacher_params": 2000,
+        "teacher.id": "teacher-a",
+        "teacher.dev.accuracy": TEACHER,
+        "teacher.dev.f1": 0.70,
+        "diag.cka.mean": 0.5 + seed / 10,
+        "diag.agreement": 0.9,
+        "cell": f"distill.algorithm={algorithm}",
+        "seed": seed,
+        **extra,
+    }
+
+
+@pytest.fixture
+def ablation() -> pd.DataFrame:
+    rows = [_row(a, s, v) for a, per_seed in ACCURACY.items() for s, v in per_seed.items()]
+    # A failed sid run: counted as failed, never averaged.
+    failed = _row("sid", 5, float("nan"), status="failed", error="boom")
+    return pd.DataFrame(rows + [failed])
+
+
+# ---------------------------------------------------------------------------------------------
+# cell_summary
+
+
+def test_cell_summary_matches_hand_computed_values(ablation: pd.DataFrame) -> None:
+    summary = R.cell_summary(ablation)
+    assert list(summary["cell"]) == [SOFT, SID, PID]  # grid order kept
+    soft = summary.set_index("cell").loc[SOFT]
+    sid = summary.set_index("cell").loc[SID]
+    assert soft["accuracy.mean"] == pytest.approx(0.72)
+    assert soft["accuracy.std"] == pytest.approx(0.02)  # ddof=1: sqrt((.02^2 + 0 + .02^2) / 2)
+    assert sid["accuracy.mean"] == pytest.approx(0.75)
+    assert sid["accuracy.std"] == pytest.approx(math.sqrt((0.04**2 + 0.01**2 + 0.05**2) / 2))
+    assert soft["accuracy.ci95"] == pytest.approx(4.302652729911275 * 0.02 / math.sqrt(3))
+    assert int(sid["n"]) == 3 and int(sid["n_failed"]) == 1 and int(soft["n_failed"]) == 0
+    assert soft["teacher.accuracy"] == pytest.approx(TEACHER)
+    assert soft["retention.accuracy"] == pytest.approx(90.0)
+    assert sid["retention.accuracy"] == pytest.approx(93.75)
+    assert sid["f1.mean"] == pytest.approx(0.65)
+    assert int(soft["student_params"]) == 1000
+    assert soft["diag.cka.mean"] == pytest.approx(0.7)  # seeds 1, 2, 3
+    assert sid["diag.agreement"] == pytest.approx(0.9)
+    assert "diag.attention_kl.mean" not in summary.columns  # not recorded by these runs
+    assert list(summary.columns[:3]) == ["cell", "n", "n_failed"]
+
+
+def test_cell_summary_selected_metrics_and_grouping_by_algorithm(ablation: pd.DataFrame) -> None:
+    summary = R.cell_summary(ablation.drop(columns=["cell"]), metrics=["accuracy"])
+    assert summary.columns[0] == "distill.algorithm"
+    assert "f1.mean" not in summary.columns
+    assert summary.set_index("distill.algorithm").loc["pid", "accuracy.mean"] == pytest.approx(
+        (0.73 + 0.71 + 0.99) / 3
+    )
+    with pytest.raises(ValueError, match="metrics present"):
+        R.cell_summary(ablation, metrics=["matthews"])
+
+
+# ---------------------------------------------------------------------------------------------
+# paired_comparison
+
+
+def _t_p_df2(d: np.ndarray) -> float:
+    """Paired t-test p for 3 pairs by hand: with 2 d.o.f. F(t) = 1/2 + t / (2 sqrt(2 + t^2))."""
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
+    return 1.0 - abs(t) / math.sqrt(2.0 + t * t)
+
+
+def test_paired_comparison_matches_hand_computed_values(ablation: pd.DataFrame) -> None:
+    comparison = R.paired_comparison(ablation, SOFT, "accuracy", n_boot=2000, seed=0)
+    assert list(comparison["cell"]) == [SID, PID]  # the baseline is not compared with itself
+    sid = comparison.set_index("cell").loc[SID]
+    diffs = np.array([0.01, 0.02, 0.06])
+    assert sid["baseline"] == SOFT
+    assert int(sid["n_pairs"]) == 3
+    assert sid["mean_diff"] == pytest.approx(0.03)
+    assert sid["mean"] == pytest.approx(0.75) and sid["baseline_mean"] == pytest.approx(0.72)
+    assert sid["p_ttest"] == pytest.approx(_t_p_df2(diffs), rel=1e-6)
+    assert sid["p_ttest"] == pytest.approx(0.18847, abs=1e-4)
+    # Three positive differences without ties: exact two-sided Wilcoxon p = 2 / 2^3.
+    assert sid["p_wilcoxon"] == pytest.approx(0.25)
+    assert sid["ci_low"] <= sid["mean_diff"] <= sid["ci_high"]
+    assert 0.01 - 1e-12 <= sid["ci_low"] and sid["ci_high"] <= 0.06 + 1e-12
+
+
+def test_pairing_uses_only_common_seeds(ablation: pd.DataFrame) -> None:
+    pid = R.paired_comparison(ablation, SOFT, "accuracy").set_index("cell").loc[PID]
+    # Seed 4 (0.99) has no soft partner and soft's seed 3 has no pid partner.
+    assert int(pid["n_pairs"]) == 2
+    assert pid["mean_diff"] == pytest.approx(((0.73 - 0.70) + (0.71 - 0.72)) / 2)
+    assert pid["mean"] == pytest.approx(0.72) and pid["baseline_mean"] == pytest.approx(0.71)
+    # 1 d.o.f.: t = 0.5, two-sided p = 1 - 2 atan(t) / pi.
+    assert pid["p_ttest"] == pytest.approx(1 - 2 * math.atan(0.5) / math.pi, rel=1e-6)
+    assert pid["p_ttest"] == pytest.approx(
+        stats.ttest_rel([0.73, 0.71], [0.70, 0.72]).pvalue, rel=1e-9
+    )
+
+
+def test_holm_adjustment_over_cells(ablation: pd.DataFrame) -> None:
+    comparison = R.paired_comparison(ablation, SOFT, "accuracy").set_index("cell")
+    p_sid, p_pid = comparison.loc[SID, "p_ttest"], comparison.loc[PID, "p_ttest"]
+    assert p_sid < p_pid
+    assert comparison.loc[SID, "p_ttest_holm"] == pytest.approx(2 * p_sid)
+    assert comparison.loc[PID, "p_ttest_holm"] == pytest.approx(max(2 * p_sid, p_pid))
+
+
+def test_baseline_as_settings_dict(ablation: pd.DataFrame) -> None:
+    by_name = R.paired_comparison(ablation, SOFT, "accuracy")
+    by_dict = R.paired_comparison(ablation, {"distill.algorithm": "soft"}, "best.dev.accuracy")
+    pd.testing.assert_frame_equal(by_name, by_dict)
+    with pytest.raises(ValueError, match="exactly one"):
+        R.paired_comparison(ablation, {"task": "rte"}, "accuracy")  # every cell matches
+    with pytest.raises(ValueError, match="exactly one"):
+        R.paired_comparison(ablation, {"distill.algorithm": "idal"}, "accuracy")
+    with pytest.raises(ValueError, match="not a cell"):
+        R.paired_comparison(ablation, "distill.algorithm=nope", "accuracy")
+
+
+def test_wilcoxon_nan_when_undefined(ablation: pd.DataFrame) -> None:
+    same = ablation.copy()
+    sid = same["cell"] == SID
+    same.loc[sid, "best.dev.accuracy"] = same.loc[sid, "seed"].map(ACCURACY["soft"])
+    row = R.paired_comparison(same, SOFT, "accuracy").set_index("cell").loc[SID]
+    assert row["mean_diff"] == 0 and np.isnan(row["p_wilcoxon"]) and np.isnan(row["p_ttest"])
+    one = ablation[~((ablation["cell"] == PID) & (ablation["seed"] == 2))]
+    row = R.paired_comparison(one, SOFT, "accuracy").set_index("cell").loc[PID]
+    assert int(row["n_pairs"]) == 1
+    assert np.isnan(row["p_wilcoxon"]) and np.isnan(row["p_ttest"])
+    assert row["ci_low"] == row["ci_high"] == pytest.approx(0.03)
+
+
+def test_bootstrap_ci_is_deterministic_and_sensible() -> None:
+    rng = np.random.default_rng(7)
+    n = 30
+    base = rng.normal(0.7, 0.05, size=n)
+    cell = base + rng.normal(0.02, 0.01, size=n)
+    rows = [
+        {"cell": c, "seed": s, "status": "ok", "metric": "accuracy", "best.dev.accuracy": v}
+        for c, values in (("base", base), ("new", cell))
+        for s, v in enumerate(values)
+    ]
+    trials = pd.DataFrame(rows)
+
+    def ci(seed: int) -> tuple[float, float]:
+        row = R.paired_comparison(trials, "base", "accuracy", n_boot=4000, seed=seed).iloc[0]
+        return float(row["ci_low"]), float(row["ci_high"])
+
+    assert ci(0) == ci(0)
+    assert ci(0) != ci(1)
+    diff = cell - base
+    half = 1.96 * diff.std(ddof=1) / math.sqrt(n)
+    low, high = ci(0)
+    assert low < diff.mean() < high
+    assert (high - low) / 2 == pytest.approx(half, rel=0.08)  # close to the normal-theory CI
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+
+@pytest.fixture
+def sweep() -> pd.DataFrame:
+    """A sweep where accuracy depends on the learning rate only."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        lr = float(10 ** rng.uniform(-5, -3))
+        rows.append(
+            {
+                "name": "sweep",
+                "trial_id": f"t{i:02d}",
+                "status": "ok" if i != 5 else "failed",
+                "distill.algorithm": ["soft", "sid", "pid"][i % 3],
+                "distill.layer_map": json.dumps([2, 4]) if i % 2 else "skip",
+                "distill.freeze": bool(i % 4 < 2),
+                "train.lr": lr,
+                "train.batch_size": [16, 32][(i // 2) % 2],
+                "train.epochs": 3,
+                "data.dir": f"/somewhere/{i}",
+                "metric": "accuracy",
+                "best.dev.accuracy": 0.9 + 0.1 * math.log10(lr) / 5 if i != 5 else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_sweep_summary_and_best_per(sweep: pd.DataFrame) -> None:
+    top = R.sweep_summary(sweep, "accuracy", top=5)
+    assert len(top) == 5
+    assert list(top["accuracy"]) == sorted(sweep["best.dev.accuracy"].dropna(), reverse=True)[:5]
+    assert {"train.lr", "distill.algorithm", "train.batch_size"} <= set(top.columns)
+    assert (
+        "train.epochs" not in top.columns and "data.dir" not in top.columns
+    )  # constant / bookkeeping
+    low = R.sweep_summary(sweep, "accuracy", mode="min", top=2)
+    assert list(low["accuracy"]) == sorted(sweep["best.dev.accuracy"].dropna())[:2]
+
+    best = R.best_per(sweep, "distill.algorithm", "accuracy")
+    assert len(best) == 3
+    for _, row in best.iterrows():
+        rows = sweep[(sweep["distill.algorithm"] == row["distill.algorithm"])]
+        assert row["accuracy"] == rows["best.dev.accuracy"].max()
+    assert R.best_per(sweep)["accuracy"].max() == sweep["best.dev.accuracy"].max()
+
+
+def test_parameter_importance_finds_the_one_that_matters(sweep: pd.DataFrame) -> None:
+    params = [
+        "train.lr",
+        "train.batch_size",
+        "distill.algorithm",
+        "distill.layer_map",
+        "distill.freeze",
+        "train.epochs",  # constant: left out
+    ]
+    importance = R.parameter_importance(sweep, params, "accuracy")
+    assert list(importance.columns) == ["param", "importance"]
+    assert set(importance["param"]) == set(params) - {"train.epochs"}
+    assert importance["importance"].sum() == pytest.approx(1.0, abs=1e-6)
+    assert importance.iloc[0]["param"] == "train.lr"
+    assert importance.iloc[0]["importance"] > 0.8
+    # Deterministic (fANOVA seeded).
+    pd.testing.assert_frame_equal(importance, R.parameter_importance(sweep, params, "accuracy"))
+
+
+def test_parameter_importance_distributions(sweep: pd.DataFrame) -> None:
+    import optuna.distributions as od
+
+    lr, _ = R._distribution(sweep["train.lr"])
+    assert isinstance(lr, od.FloatDistribution) and lr.log
+    narrow, _ = R._distribution(pd.Series([0.1, 0.2, 0.5]))
+    assert isinstance(narrow, od.FloatDistribution) and not narrow.log
+    batch, values = R._distribution(sweep["train.batch_size"])
+    assert isinstance(batch, od.IntDistribution) and values[:2] == [16, 16]
+    layers, values = R._distribution(sweep["distill.layer_map"])
+    assert isinstance(layers, od.CategoricalDistribution)
+    assert set(layers.choices) == {"skip", "[2, 4]"}
+    freeze, values = R._distribution(sweep["distill.freeze"])
+    assert isinstance(freeze, od.CategoricalDistribution) and set(values) == {"True", "False"}
+    assert R._distribution(sweep["train.epochs"]) is None
+
+
+def test_parameter_importance_degenerate_cases(sweep: pd.DataFrame) -> None:
+    few = R.parameter_importance(sweep.iloc[3:6], ["train.lr"], "accuracy")  # t05 failed
+    assert few.empty and list(few.columns) == ["param", "importance"]
+    constant = R.parameter_importance(sweep, ["train.epochs"], "accuracy")
+    assert constant.empty
+    with pytest.raises(ValueError, match="not columns"):
+        R.parameter_importance(sweep, ["train.nope"], "accuracy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning curves and plots
+
+
+def _epochs(trials: pd.DataFrame) -> pd.DataFrame:
+    """Four epochs per ok run; sid changes stage after epoch 2, soft never does."""
+    rows = []
+    for _, trial in trials[trials["status"] == "ok"].iterrows():
+        sid = trial["distill.algorithm"] == "sid"
+        for epoch in range(1, 5):
+            stage = (0 if epoch <= 2 else 1) if sid else 0
+            rows.append(
+                {
+                    "name": trial["name"],
+                    "trial_id": trial["trial_id"],
+                    "epoch": epoch,
+                    "stage": stage,
+                    "stage_name": f"layer{stage + 1}" if sid else "soft",
+                    "lr": 1e-3,
+                    "loss.total": 1.0 / epoch,
+                    "dev.accuracy": 0.5 + 0.05 * epoch + 0.01 * trial["seed"],
+                    "classifier_epochs": epoch,
+                    "is_best": epoch == 4,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_learning_curves(ablation: pd.DataFrame) -> None:
+    epochs = _epochs(ablation)
+    curves = R.learning_curves(epochs, ablation, "accuracy")
+    assert list(curves.columns[:5]) == ["cell", "epoch", "mean", "std", "n"]
+    assert len(curves) == 3 * 4
+    soft = curves[curves["cell"] == SOFT].set_index("epoch")
+    assert soft.loc[2, "mean"] == pytest.approx(0.6 + 0.02)  # seeds 1, 2, 3
+    assert soft.loc[2, "std"] == pytest.approx(0.01)
+    assert int(soft.loc[2, "n"]) == 3
+    assert not soft["stage_start"].any()
+    sid = curves[curves["cell"] == SID].set_index("epoch")
+    assert list(sid["stage_start"]) == [False, False, True, False]
+    assert sid.loc[3, "stage_name"] == "layer2"
+    by_algorithm = R.learning_curves(epochs, ablation, "dev.accuracy", by="distill.algorithm")
+    assert set(by_algorithm["distill.algorithm"]) == {"soft", "sid", "pid"}
+
+
+def _assert_png(path: Path) -> None:
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 1000
+
+
+def _cka_long(trials: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, trial in trials[trials["status"] == "ok"].iterrows():
+        for s in (1, 2):
+            for t in (1, 2, 3, 4):
+                rows.append(
+                    {
+                        "trial_id": trial["trial_id"],
+                        "student_layer": s,
+                        "teacher_layer": t,
+                        "cka": max(0.0, 1.0 - 0.2 * abs(2 * s - t)),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_plots_are_written(ablation: pd.DataFrame, tmp_path: Path) -> None:
+    _assert_png(R.plot_cells(ablation, "accuracy", tmp_path / "cells.png"))
+    _assert_png(R.plot_cells(R.cell_summary(ablation), "accuracy", tmp_path / "summary.png"))
+    curves = R.plot_learning_curves(_epochs(ablation), ablation, "accuracy", tmp_path / "lc.png")
+    _assert_png(curves)
+    cka = _cka_long(ablation).merge(ablation[["trial_id", "distill.algorithm"]], on="trial_id")
+    cka = cka.rename(columns={"distill.algorithm": "algorithm"})
+    _assert_png(R.plot_cka(cka, tmp_path / "sub" / "cka.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def test_render_markdown_csv_and_table() -> None:
+    frame = pd.DataFrame(
+        {"cell": ["a|b", "c"], "accuracy.mean": [0.71234, float("nan")], "n": [3, 2]}
+    )
+    markdown = R.render(frame, "markdown").splitlines()
+    assert markdown[0] == "| cell | accuracy.mean | n |"
+    assert markdown[1] == "|:---|---:|---:|"
+    assert markdown[2] == "| a\\|b | 0.7123 | 3 |"
+    assert markdown[3] == "| c |  | 2 |"
+    csv = R.render(frame, "csv")
+    pd.testing.assert_frame_equal(pd.read_csv(StringIO(csv)), frame)
+    table = R.render(frame, "table")
+    assert "accuracy.mean" in table and "0.7123" in table and "a|b" in table
+    indexed = R.render(frame.set_index("cell"), "markdown")
+    assert indexed.splitlines()[0] == "| cell | accuracy.mean | n |"
+    with pytest.raises(ValueError, match="fmt"):
+        R.render(frame, "html")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# build_report
+
+
+def test_build_report_on_an_ablation_folder(ablation: pd.DataFrame, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    ablation.to_parquet(results / "trials.parquet", index=False)
+    _epochs(ablation).to_parquet(results / "epochs.parquet", index=False)
+    _cka_long(ablation).to_parquet(results / "cka.parquet", index=False)
+
+    report = R.build_report(results, plots_dir=tmp_path / "out" / "plots")
+    assert report.kind == "ablation" and report.metric == "accuracy"
+    assert report.baseline == SOFT  # the unique soft-label cell, found by default
+    assert report.n_trials == 10 and report.n_ok == 9
+    assert list(report.comparison["cell"]) == [SID, PID]
+    assert report.summary.equals(R.cell_summary(ablation))
+    assert report.teacher.loc[0, "teacher.id"] == "teacher-a"
+    assert report.teacher.loc[0, "accuracy"] == pytest.approx(TEACHER)
+    assert report.sweep is None and report.importance is None
+    assert set(report.plots) == {"cells", "learning_curves", "cka"}
+    for plot in report.plots.values():
+        _assert_png(plot)
+
+    md_path = tmp_path / "out" / "report.md"
+    report.save(md_path)
+    text = md_path.read_text()
+    for heading in ("## Teacher", "## Cells", "## Paired comparison vs baseline", "## Plots"):
+        assert heading in text
+    assert "](plots/cells.png)" in text and "](plots/cka.png)" in text
+    assert "| distill.algorithm=sid |" in text
+    assert "Cells\n=====" in report.render("table")
+    assert "# Cells\ncell,n,n_failed" in report.render("csv")
+
+    explicit = R.build_report(results, baseline={"distill.algorithm": "sid"})
+    assert explicit.baseline == SID and not explicit.plots
+
+
+def test_build_report_on_a_sweep_folder(sweep: pd.DataFrame, tmp_path: Path) -> None:
+    sweep.to_parquet(tmp_path / "trials.parquet", index=False)
+    report = R.build_report(tmp_path, plots_dir=tmp_path / "plots")
+    assert report.kind == "sweep" and report.comparison is None
+    assert report.sweep is not None and len(report.sweep) == 10
+    assert report.best is not None and len(report.best) == 3
+    assert report.importance is not None and report.importance.iloc[0]["param"] == "train.lr"
+    assert "train.seed" not in set(report.importance["param"])
+    assert set(report.plots) == {"cells"}  # no epochs table, no CKA
+    text = report.to_markdown()
+    assert "## Sweep: best trials" in text and "## Parameter importance (fANOVA)" in text
+    with pytest.raises(FileNotFoundError):
+        R.build_report(tmp_path / "missing")

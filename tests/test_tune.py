@@ -1,0 +1,268 @@
+"""Sweeps through Ray Tune on one Ray instance for the whole session: a two-node cluster on
+127.0.0.1 (Ray's cluster utilities), so every sweep here also exercises the multi-node path."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+from kdray.spec import spec_from_dict
+from kdray.tune import (
+    OBJECTIVE,
+    RUNG_TIME,
+    OptunaSpace,
+    active_values,
+    make_scheduler,
+    run_sweep,
+)
+from conftest import REPO, tiny_spec_dict
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Any:
+    """Head + one worker node, both on loopback, one CPU each, shared by all sweep tests."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def sweep_spec(model: Path, name: str, **extra: Any) -> dict[str, Any]:
+    spec = tiny_spec_dict(model, name=name, train={"epochs": 3})
+    spec["search"] = {
+        "distill.algorithm": {"choice": ["soft", "internal", "sid"]},
+        "distill.losses.soft.temperature": {
+            "loguniform": [1, 10],
+            "when": {"distill.algorithm": ["soft", "sid"]},
+        },
+        "train.lr": {"loguniform": [1e-4, 1e-3]},
+    }
+    spec["tune"] = {
+        "num_samples": 4,
+        "searcher": {"optuna": {"sampler": "tpe", "seed": 0}},
+        "scheduler": {"asha": {"grace_period": 1, "reduction_factor": 2}},
+        "max_concurrent": 2,
+        "resources": {"cpu": 1},
+        "max_failures": 0,
+    }
+    spec.update(extra)
+    return spec
+
+
+def test_conditional_space_samples_only_what_matters(tiny_bert: Path) -> None:
+    import optuna
+
+    spec = spec_from_dict(sweep_spec(tiny_bert, "space"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        OptunaSpace(spec)(trial)
+        algorithm = trial.params["distill.algorithm"]
+        seen.add(algorithm)
+        has_temperature = "distill.losses.soft.temperature" in trial.params
+        assert has_temperature == (algorithm in ("soft", "sid"))
+        study.tell(trial, 0.5)
+    assert seen == {"soft", "internal", "sid"}
+    # a value sampled for a parameter whose condition fails is dropped, not applied
+    values = active_values(
+        spec, {"distill.algorithm": "internal", "distill.losses.soft.temperature": 7.0}
+    )
+    assert values == {"distill.algorithm": "internal"}
+
+
+class _Trial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def test_asha_never_prunes_a_staged_trial_for_being_staged(tiny_bert: Path) -> None:
+    """A sid trial's dev metric is meaningless before its classifier stage: ASHA on kd_epoch
+    must let it through however bad it looks, and judge it after its classifier epochs."""
+    spec = spec_from_dict(sweep_spec(tiny_bert, "asha", train={"epochs": 8}))
+    scheduler = make_scheduler(spec)
+    good = [_Trial(f"soft{i}") for i in range(4)]
+    staged = _Trial("sid")
+    for trial in [*good, staged]:
+        scheduler.on_trial_add(None, trial)
+    for epoch in range(1, 4):
+        for i, trial in enumerate(good):
+            action = scheduler.on_trial_result(
+                None, trial, {RUNG_TIME: epoch, OBJECTIVE: 0.8 + 0.01 * i, "epoch": epoch}
+            )
+    # epochs 1..3 of the staged trial train layers only: chance-level dev metric, kd_epoch 0
+    for epoch in range(1, 4):
+        action = scheduler.on_trial_result(
+            None, staged, {RUNG_TIME: 0, OBJECTIVE: math.nan, "epoch": epoch}
+        )
+        assert action == "CONTINUE"
+    # after its first classifier epoch it is compared like any other trial at rung 1
+    action = scheduler.on_trial_result(None, staged, {RUNG_TIME: 1, OBJECTIVE: 0.1, "epoch": 4})
+    assert action == "STOP"
+
+
+def test_sweep_writes_tables_with_conditional_params(cluster: Any, tiny_bert: Path, tmp_path: Path) -> None:
+    spec = spec_from_dict(sweep_spec(tiny_bert, "sweep"))
+    outcome = run_sweep(spec, out_dir=tmp_path / "out")
+    trials, epochs = outcome.trials, outcome.epochs
+    assert len(trials) == 4
+    assert trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"ok", "pruned"}
+    assert (trials["best.dev.accuracy"].notna()).all()
+    assert (trials["teacher.dev.accuracy"].notna()).all()
+    internal = trials[trials["distill.algorithm"] == "internal"]
+    soft_like = trials[trials["distill.algorithm"] != "internal"]
+    if "param.distill.losses.soft.temperature" in trials:
+        assert internal["param.distill.losses.soft.temperature"].isna().all()
+        assert soft_like["param.distill.losses.soft.temperature"].notna().all()
+    # the resolved setting equals the sampled one where it was sampled
+    for _, row in soft_like.iterrows():
+        assert row["distill.losses.soft.temperature"] == pytest.approx(
+            row["param.distill.losses.soft.temperature"]
+        )
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    per_trial = epochs.groupby("trial_id")["epoch"].max()
+    for _, row in trials.iterrows():
+        assert per_trial[row["trial_id"]] == row["epochs_run"]
+    # two concurrent one-CPU trials on two one-CPU nodes: both nodes ran trials
+    assert trials["node_id"].nunique() == 2
+    # the sweep fine-tuned the teacher once and every trial used it
+    assert trials["teacher.id"].nunique() == 1
+    assert outcome.best is not None
+
+
+def test_failing_trial_is_recorded_and_others_finish(cluster: Any, tiny_bert: Path, tmp_path: Path) -> None:
+    spec_dict = sweep_spec(tiny_bert, "failing")
+    # a 5-layer student cannot be built from the 4-layer tiny teacher: that trial raises
+    spec_dict["search"] = {"student.layers": {"grid": [2, 5]}}
+    spec_dict["distill"] = {"algorithm": "soft"}
+    spec_dict["tune"].update({"searcher": {"grid": {}}, "num_samples": 1, "scheduler": {"fifo": {}}})
+    spec = spec_from_dict(spec_dict)
+    trials = run_sweep(spec, out_dir=tmp_path / "out").trials.set_index("student.layers")
+    assert trials.loc[2, "status"] == "ok"
+    assert trials.loc[5, "status"] == "error"
+    assert "5 layers" in trials.loc[5, "error"]
+
+
+def test_diverged_trial_has_status_diverged(cluster: Any, tiny_bert: Path, tmp_path: Path) -> None:
+    spec_dict = sweep_spec(tiny_bert, "diverging")
+    spec_dict["search"] = {"train.lr": {"grid": [1e-3, 1e12]}}
+    spec_dict["distill"] = {"algorithm": "soft", "losses": {"soft": {"temperature": 1.0}}}
+    spec_dict["train"]["max_grad_norm"] = None
+    spec_dict["tune"].update({"searcher": {"grid": {}}, "num_samples": 1, "scheduler": {"fifo": {}}})
+    trials = run_sweep(spec_from_dict(spec_dict), out_dir=tmp_path / "out").trials
+    by_lr = trials.set_index("train.lr")
+    assert by_lr.loc[1e-3, "status"] == "ok"
+    assert by_lr.loc[1e12, "status"] in ("diverged", "ok")  # huge steps usually blow up
+    if by_lr.loc[1e12, "status"] == "diverged":
+        assert "loss became" in by_lr.loc[1e12, "error"]
+
+
+def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec_dict = sweep_spec(tiny_bert, "resumable", train={"epochs": 4})
+    spec_dict["tune"].update({"num_samples": 4, "max_concurrent": 1, "scheduler": {"fifo": {}}})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_dict))
+    out = tmp_path / "out"
+    address = cluster.address
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "kdray.cli", "sweep", str(spec_file), "--out", str(out),
+           "--address", address]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    trials_file = out / "trials.parquet"
+    deadline = time.time() + 300
+    # Ctrl-C once the first trial has finished and the second is under way
+    while time.time() < deadline:
+        if trials_file.exists() and len(pd.read_parquet(trials_file)) >= 1:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    before = pd.read_parquet(trials_file)
+    finished_before = set(before.loc[before["status"] == "ok", "trial_id"])
+    assert 1 <= len(finished_before) < 4
+    epochs_before = pd.read_parquet(out / "epochs.parquet")
+    done_epochs = {
+        tid: set(epochs_before.loc[epochs_before["trial_id"] == tid, "epoch"])
+        for tid in finished_before
+    }
+
+    spec = spec_from_dict(spec_dict)
+    outcome = run_sweep(spec, out_dir=out, resume=True)
+    trials, epochs = outcome.trials, outcome.epochs
+    assert len(trials) == 4, trials[["trial_id", "status"]]
+    assert trials["trial_id"].is_unique
+    assert set(trials["status"]) == {"ok"}
+    assert finished_before <= set(trials["trial_id"])
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert (epochs.groupby("trial_id")["epoch"].max() == 4).all()
+    for tid, seen in done_epochs.items():
+        assert set(epochs.loc[epochs["trial_id"] == tid, "epoch"]) == seen
+
+
+def test_ablation_runs_every_cell_once_per_seed_paired(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    from kdray.report import paired_comparison
+    from kdray.tune import run_ablation
+
+    spec_dict = tiny_spec_dict(tiny_bert, name="abl", train={"epochs": 2})
+    spec_dict["distill"] = {"algorithm": "soft"}
+    spec_dict["ablation"] = {
+        "axes": {"distill.algorithm": ["soft", "idal"]},
+        "seeds": [1, 2],
+        "baseline": {"distill.algorithm": "soft"},
+    }
+    spec_dict["tune"] = {"max_concurrent": 2, "resources": {"cpu": 1}, "max_failures": 0}
+    outcome = run_ablation(spec_from_dict(spec_dict), out_dir=tmp_path / "abl")
+    trials = outcome.trials
+    assert len(trials) == 4
+    assert set(trials["status"]) == {"ok"}
+    assert sorted(zip(trials["cell"], trials["seed"], strict=True)) == [
+        ("distill.algorithm=idal", 1),
+        ("distill.algorithm=idal", 2),
+        ("distill.algorithm=soft", 1),
+        ("distill.algorithm=soft", 2),
+    ]
+    # the seed is the run's seed: same data order and student initialisation across cells
+    assert (trials["train.seed"] == trials["seed"]).all()
+    assert (trials["distill.algorithm"] == trials["cell"].str.split("=").str[1]).all()
+    # diagnostics were measured for every run, and the CKA matrices were stored
+    assert trials["diag.agreement"].notna().all()
+    cka = pd.read_parquet(outcome.out_dir / "cka.parquet")
+    assert set(cka["trial_id"]) == set(trials["trial_id"])
+    comparison = paired_comparison(trials, {"distill.algorithm": "soft"}, "accuracy")
+    idal = comparison.set_index(comparison.columns[0]).loc["distill.algorithm=idal"]
+    assert idal["n_pairs"] == 2
+    # the teacher-output cache was built once, before the trials, into the storage
+    outputs = list((outcome.out_dir / "ray" / "abl-ablation-teacher-outputs").iterdir())
+    assert len([p for p in outputs if (p / "manifest.json").exists()]) == 1
