@@ -8,14 +8,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from kdray.spec import Spec, SpecError, load_spec
@@ -27,47 +19,23 @@ app = typer.Typer(
 )
 console = Console()
 
+
+def _progress() -> Any:
+    from kdray.live import RichProgress
+
+    return RichProgress(console)
+
+
+def _trials_table(spec: Spec) -> Any:
+    from kdray.live import LiveTrials
+
+    return LiveTrials(spec, console)
+
+
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a setting: key.path=value (repeatable)."),
 ]
-
-
-class RichProgress:
-    """A rich progress bar for the training loop's ProgressHook."""
-
-    def __init__(self) -> None:
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self._task: Any = None
-
-    def start(self, description: str, total: int) -> None:
-        if self._task is None:
-            self._progress.start()
-        else:
-            self._progress.remove_task(self._task)
-        self._task = self._progress.add_task(description, total=total, info="")
-
-    def advance(self, steps: int = 1, **fields: Any) -> None:
-        info = " ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
-        )
-        self._progress.update(self._task, advance=steps, info=info)
-
-    def log(self, message: str) -> None:
-        self._progress.console.print(message)
-
-    def finish(self, summary: str) -> None:
-        self._progress.update(self._task, info=summary)
-        self._progress.stop()
-        self._task = None
 
 
 def _load(spec_path: Path, overrides: list[str] | None) -> Spec:
@@ -100,7 +68,7 @@ def run(
         f"[bold]kdray run[/bold] {spec.name}: {spec.task}, {spec.distill.algorithm}, "
         f"teacher {spec.teacher.model} -> {spec.student.layers} layers, {spec.train.epochs} epochs"
     )
-    result = distill(spec, output_dir=out_dir, progress=RichProgress())
+    result = distill(spec, output_dir=out_dir, progress=_progress())
     trials, epochs = results.write_run(out_dir, spec, result)
     _print_run_summary(spec, result)
     console.print(f"tables: {trials} and {epochs}")
@@ -150,83 +118,9 @@ def teacher(
     from kdray.train import ensure_teacher
 
     spec = _load(spec_path, set_)
-    info = ensure_teacher(spec, progress=RichProgress())
+    info = ensure_teacher(spec, progress=_progress())
     shown = ", ".join(f"{k} {v:.4f}" for k, v in info.dev_metrics.items())
     console.print(f"teacher {info.id}: dev {shown}\n  {info.path}")
-
-
-def _live_table_callback(spec: Spec) -> Any:
-    """A Tune callback that keeps a rich table of the trials on screen while a sweep runs."""
-    from ray.tune import Callback
-    from rich.live import Live
-
-    class LiveTrials(Callback):
-        def __init__(self) -> None:
-            self.rows: dict[str, dict[str, Any]] = {}
-            self.live: Any = None
-
-        def __getstate__(self) -> dict[str, Any]:
-            # Ray pickles the run config (callbacks included) into the experiment state; the
-            # live display holds locks and a terminal, so it is recreated, never pickled.
-            return {"rows": self.rows, "live": None}
-
-        def _table(self) -> Table:
-            table = Table(title=f"sweep {spec.name}")
-            for column in ("trial", "status", "params", "epoch", "stage", "dev", "best"):
-                table.add_column(column)
-            for trial_id, row in sorted(self.rows.items()):
-                table.add_row(
-                    trial_id,
-                    *(
-                        str(row.get(c, ""))
-                        for c in ("status", "params", "epoch", "stage", "dev", "best")
-                    ),
-                )
-            return table
-
-        def _update(self, trial: Any, **fields: Any) -> None:
-            from kdray.tune import active_values
-
-            row = self.rows.setdefault(trial.trial_id, {})
-            params = active_values(spec, {k: v for k, v in trial.config.items()})
-            row["params"] = " ".join(
-                f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                for k, v in params.items()
-            )
-            row.update(fields)
-            if self.live is None:
-                self.live = Live(self._table(), console=console, refresh_per_second=2)
-                self.live.start()
-            self.live.update(self._table())
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trial, status="running")
-
-        def on_trial_result(
-            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-        ) -> None:
-            metric = next((k for k in result if k.startswith("dev.")), None)
-            best = result.get("objective")
-            self._update(
-                trial,
-                epoch=result.get("epoch", ""),
-                stage=result.get("stage_name", ""),
-                dev=f"{result[metric]:.4f}" if metric else "",
-                best="" if best is None or best != best else f"{best:.4f}",
-            )
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trial, status="done")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trial, status="error")
-
-        def on_experiment_end(self, trials: list, **info: Any) -> None:
-            if self.live is not None:
-                self.live.stop()
-                self.live = None
-
-    return LiveTrials()
 
 
 @app.command()
@@ -264,7 +158,7 @@ def sweep(
         storage=storage,
         out_dir=out,
         resume=resume,
-        callbacks=[_live_table_callback(spec)],
+        callbacks=[_trials_table(spec)],
     )
     trials = outcome.trials
     counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
@@ -327,7 +221,7 @@ def ablate(
         storage=storage,
         out_dir=out,
         resume=resume,
-        callbacks=[_live_table_callback(spec)],
+        callbacks=[_trials_table(spec)],
     )
     counts = outcome.trials["status"].value_counts().to_dict()
     console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))

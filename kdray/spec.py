@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kdray.schedule import StageSchedule, build_stages
+
 TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
 ALGORITHMS = ("none", "soft", "internal", "idal", "pid", "sid")
 LAYER_STRATEGIES = ("skip", "first", "last")
@@ -65,6 +67,8 @@ class TeacherSpec(_Strict):
     batch_size: int = Field(32, ge=1)
     seed: int = 42
     warmup: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
     cache: TeacherCacheSpec = TeacherCacheSpec()
 
 
@@ -280,6 +284,33 @@ class Spec(_Strict):
     search: dict[str, Distribution] = Field(default_factory=dict)
     tune: TuneSpec = TuneSpec()
     ablation: AblationSpec | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_as_text(cls, value: Any) -> Any:
+        # `--set name=2024` or `name: 1e5` in YAML is still a name, not a number
+        return (
+            str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        )
+
+    @model_validator(mode="after")
+    def _enough_epochs_for_stages(self) -> Spec:
+        """Catch a schedule that cannot run (too few epochs for its stages) at load time,
+        before any teacher is fine-tuned."""
+        stages = build_stages(self.distill.algorithm, self.student.layers)
+        st = self.distill.stages
+        try:
+            StageSchedule(
+                stages,
+                self.train.epochs,
+                advance=st.advance,
+                epochs_per_stage=st.epochs_per_stage,
+                patience=st.patience,
+                min_delta=st.min_delta,
+            )
+        except ValueError as error:
+            raise ValueError(f"train.epochs / distill.stages: {error}") from None
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The resolved run settings as flat dotted keys (search/tune/ablation left out)."""

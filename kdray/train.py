@@ -253,9 +253,8 @@ def teacher_settings(spec: Spec, data_fingerprint: str) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "seed": t.seed,
         "warmup": t.warmup,
-        # fine_tune_teacher reads these train.* settings too
-        "weight_decay": spec.train.weight_decay,
-        "max_grad_norm": spec.train.max_grad_norm,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
         "precision": spec.train.precision,
         "recipe": "kdray-finetune-v1",
     }
@@ -316,7 +315,7 @@ def fine_tune_teacher(
     model = models.load_classifier(t.model, prepared.task.num_labels).to(device)
     pad = prepared.tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(prepared.train) / t.batch_size)
-    optimizer = make_optimizer([model], t.lr, spec.train.weight_decay)
+    optimizer = make_optimizer([model], t.lr, t.weight_decay)
     scheduler = linear_schedule(optimizer, steps_per_epoch * t.epochs, t.warmup)
     dev_loader = make_loader(prepared.dev, spec.train.eval_batch_size, pad)
     main = prepared.task.main_metric
@@ -333,8 +332,8 @@ def fine_tune_teacher(
             loss = losses.hard_label_loss(logits.float(), batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if spec.train.max_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), spec.train.max_grad_norm)
+            if t.max_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             optimizer.step()
             scheduler.step()
             progress.advance(1, loss=float(loss.detach()))
@@ -578,10 +577,25 @@ def distill(
     A loss that turns NaN/inf ends the run with status ``diverged``; an exception inside the
     loop ends it with status ``failed`` and the error text, and the epochs so far are kept.
     """
-    started = time.perf_counter()
-    progress = progress or _NoProgress()
+    threads = torch.get_num_threads()
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
+    try:
+        return _distill(spec, report, resume_from, output_dir, progress, teacher_outputs)
+    finally:
+        torch.set_num_threads(threads)  # train.threads is this run's, not the process's
+
+
+def _distill(
+    spec: Spec,
+    report: ReportFn | None,
+    resume_from: str | Path | None,
+    output_dir: str | Path | None,
+    progress: ProgressHook | None,
+    teacher_outputs: Callable[[Prepared, nn.Module, torch.device], TeacherOutputs] | None,
+) -> RunResult:
+    started = time.perf_counter()
+    progress = progress or _NoProgress()
     device = pick_device(spec.train.device)
     # A bad tune.metric surfaces before a teacher is fine-tuned (which can take hours).
     metric, mode = selection_metric(spec), spec.tune.mode

@@ -312,13 +312,29 @@ class TableWriter:
         self.spec = spec
         self.out_dir = out_dir
         self.teacher = teacher
+        self._reset()
+
+    def _reset(self) -> None:
         self.epochs: dict[tuple[str, int], dict[str, Any]] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.rows: dict[str, dict[str, Any]] = {}
         self.cka: dict[str, list[dict[str, Any]]] = {}
-        self._load_existing()
+        self._loaded = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tuner.restore brings this writer back from the pickled run config: it must then
+        # read the tables as they are on disk, not carry rows from when it was pickled.
+        return {k: self.__dict__[k] for k in ("callback", "spec", "out_dir", "teacher")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     def _load_existing(self) -> None:
+        """Rows already written (a resumed sweep) are kept; new rows replace them by key."""
+        if self._loaded:
+            return
+        self._loaded = True
         trials_file = self.out_dir / results.TRIALS_FILE
         epochs_file = self.out_dir / results.EPOCHS_FILE
         if trials_file.exists():
@@ -334,6 +350,7 @@ class TableWriter:
                     self.epochs[(row["trial_id"], int(row["epoch"]))] = row
 
     def on_result(self, trial: Any, result: dict[str, Any]) -> None:
+        self._load_existing()
         self.last[trial.trial_id] = {**self.last.get(trial.trial_id, {}), **result}
         if isinstance(result.get("diag.cka_matrix"), str):
             matrix = results.cka_from_matrix(result["diag.cka_matrix"])
@@ -347,25 +364,23 @@ class TableWriter:
             }
 
     def on_end(self, trial: Any, error: str | None) -> None:
+        self._load_existing()
         self.rows[trial.trial_id] = self.trial_row(trial, error)
         self.write()
 
     def flush(self, trials: list) -> None:
         """At the end (or on Ctrl-C): every trial gets a row, finished or not."""
+        self._load_existing()
         for trial in trials:
-            if trial.trial_id not in self.rows or self.rows[trial.trial_id]["status"] in (
-                "running",
-                "pending",
-            ):
-                status = {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}
+            row = self.rows.get(trial.trial_id)
+            if row is None or row["status"] in ("running", "pending", "interrupted"):
                 error = _error_text(trial) if trial.status == "ERROR" else None
-                row = self.trial_row(trial, error)
-                if trial.status in status:
-                    row["status"] = status[trial.status]
-                self.rows[trial.trial_id] = row
+                self.rows[trial.trial_id] = self.trial_row(trial, error, ended=False)
         self.write()
 
-    def trial_row(self, trial: Any, error: str | None) -> dict[str, Any]:
+    def trial_row(self, trial: Any, error: str | None, ended: bool = True) -> dict[str, Any]:
+        """A trials-table row from what the trial reported. ``ended``: Tune says it is over
+        (finished, stopped by the scheduler or failed), rather than cut off by an interrupt."""
         spec, values = trial_spec(self.spec, trial.config)
         last = self.last.get(trial.trial_id, {})
         records = sorted(
@@ -395,14 +410,18 @@ class TableWriter:
             for k, v in last.items()
             if k.startswith("diag.") and k != "diag.cka_matrix"
         }
-        status = last.get("status", "ok")
+        status = last.get("status", "running")
+        done = records[-1]["epoch"] if records else 0
         if error is not None:
             status, result.error = "error", error
-        elif status == "running":
-            done = records[-1]["epoch"] if records else 0
-            status = "ok" if done >= spec.train.epochs else "pruned"
-        elif last.get("error"):
-            result.error = last["error"]
+        elif status not in ("running", "ok"):  # diverged or failed inside the run
+            result.error = last.get("error")
+        elif done >= spec.train.epochs:
+            status = "ok"
+        elif ended:
+            status = "pruned"  # stopped early by the scheduler
+        else:
+            status = "interrupted" if records else "pending"
         result.status = status
         extra = {f"param.{k}": v for k, v in values.items()}
         if "ablation" in trial.config:

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import REPO, tiny_spec_dict
 from kdray.spec import spec_from_dict
 from kdray.tune import (
     OBJECTIVE,
@@ -25,7 +26,6 @@ from kdray.tune import (
     make_scheduler,
     run_sweep,
 )
-from conftest import REPO, tiny_spec_dict
 
 ray = pytest.importorskip("ray")
 
@@ -121,7 +121,9 @@ def test_asha_never_prunes_a_staged_trial_for_being_staged(tiny_bert: Path) -> N
     assert action == "STOP"
 
 
-def test_sweep_writes_tables_with_conditional_params(cluster: Any, tiny_bert: Path, tmp_path: Path) -> None:
+def test_sweep_writes_tables_with_conditional_params(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
     spec = spec_from_dict(sweep_spec(tiny_bert, "sweep"))
     outcome = run_sweep(spec, out_dir=tmp_path / "out")
     trials, epochs = outcome.trials, outcome.epochs
@@ -151,31 +153,31 @@ def test_sweep_writes_tables_with_conditional_params(cluster: Any, tiny_bert: Pa
     assert outcome.best is not None
 
 
-def test_failing_trial_is_recorded_and_others_finish(cluster: Any, tiny_bert: Path, tmp_path: Path) -> None:
-    spec_dict = sweep_spec(tiny_bert, "failing")
-    # a 5-layer student cannot be built from the 4-layer tiny teacher: that trial raises
-    spec_dict["search"] = {"student.layers": {"grid": [2, 5]}}
+def test_failing_and_diverging_trials_are_recorded_and_others_finish(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec_dict = sweep_spec(tiny_bert, "faults")
+    # a 5-layer student cannot be built from the 4-layer tiny teacher: those trials raise;
+    # lr 1e30 without clipping blows the loss up: that trial diverges
+    spec_dict["search"] = {
+        "student.layers": {"grid": [2, 5]},
+        "train.lr": {"grid": [1e-3, 1e30]},
+    }
     spec_dict["distill"] = {"algorithm": "soft"}
-    spec_dict["tune"].update({"searcher": {"grid": {}}, "num_samples": 1, "scheduler": {"fifo": {}}})
-    spec = spec_from_dict(spec_dict)
-    trials = run_sweep(spec, out_dir=tmp_path / "out").trials.set_index("student.layers")
-    assert trials.loc[2, "status"] == "ok"
-    assert trials.loc[5, "status"] == "error"
-    assert "5 layers" in trials.loc[5, "error"]
-
-
-def test_diverged_trial_has_status_diverged(cluster: Any, tiny_bert: Path, tmp_path: Path) -> None:
-    spec_dict = sweep_spec(tiny_bert, "diverging")
-    spec_dict["search"] = {"train.lr": {"grid": [1e-3, 1e12]}}
-    spec_dict["distill"] = {"algorithm": "soft", "losses": {"soft": {"temperature": 1.0}}}
-    spec_dict["train"]["max_grad_norm"] = None
-    spec_dict["tune"].update({"searcher": {"grid": {}}, "num_samples": 1, "scheduler": {"fifo": {}}})
+    spec_dict["train"].update({"max_grad_norm": None, "warmup": 0.0})
+    spec_dict["tune"].update(
+        {"searcher": {"grid": {}}, "num_samples": 1, "scheduler": {"fifo": {}}}
+    )
     trials = run_sweep(spec_from_dict(spec_dict), out_dir=tmp_path / "out").trials
-    by_lr = trials.set_index("train.lr")
-    assert by_lr.loc[1e-3, "status"] == "ok"
-    assert by_lr.loc[1e12, "status"] in ("diverged", "ok")  # huge steps usually blow up
-    if by_lr.loc[1e12, "status"] == "diverged":
-        assert "loss became" in by_lr.loc[1e12, "error"]
+    assert len(trials) == 4
+    by = trials.set_index(["student.layers", "train.lr"])
+    assert by.loc[(2, 1e-3), "status"] == "ok"
+    assert by.loc[(2, 1e-3), "best.dev.accuracy"] >= 0
+    assert by.loc[(2, 1e30), "status"] == "diverged"
+    assert "loss became" in by.loc[(2, 1e30), "error"]
+    for lr in (1e-3, 1e30):
+        assert by.loc[(5, lr), "status"] == "error"
+        assert "5 layers" in by.loc[(5, lr), "error"]
 
 
 def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
@@ -188,9 +190,18 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
     out = tmp_path / "out"
     address = cluster.address
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "kdray.cli", "sweep", str(spec_file), "--out", str(out),
-           "--address", address]
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [
+        str(Path(sys.executable).parent / "kdray"),
+        "sweep",
+        str(spec_file),
+        "--out",
+        str(out),
+        "--address",
+        address,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     trials_file = out / "trials.parquet"
     deadline = time.time() + 300
     # Ctrl-C once the first trial has finished and the second is under way

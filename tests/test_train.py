@@ -1,0 +1,487 @@
+"""The training loop on a tiny BERT: gradients, every algorithm through the CLI, the teacher
+cache, exact repeatability, resuming, divergence, and one run on real RTE rows."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import FIXTURE_GLUE, SHARED_GLUE, tiny_spec_dict
+from kdray import data, losses, models, results, train
+from kdray.schedule import build_stages
+from kdray.spec import Spec, spec_from_dict
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TIMING_KEYS = {"train_seconds", "examples_per_s"}
+
+
+def _spec(model: Path, **sections: Any) -> Spec:
+    return spec_from_dict(tiny_spec_dict(model, **sections))
+
+
+def _comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+def _batch(tokenizer: Any) -> dict[str, torch.Tensor]:
+    examples = data.load_examples(data.get_task("rte"), "train", str(FIXTURE_GLUE))
+    split = data.tokenize(examples[:4], tokenizer, 32, None)
+    batch = data.collate([split[i] for i in range(len(split))], tokenizer.pad_token_id)
+    assert (batch["attention_mask"] == 0).any(), "the batch should contain padding"
+    return batch
+
+
+def test_gradients_reach_student_and_projections_never_teacher(tiny_bert: Path) -> None:
+    teacher_model = models.load_classifier(str(tiny_bert), 2)
+    torch.manual_seed(0)
+    student = models.build_student(
+        teacher_model, layers=2, init="random", init_layers="skip", num_labels=2, hidden_size=16
+    )
+    projections = models.Projections(16, teacher_model.config.hidden_size, 2)
+    assert projections.needed
+    teacher = train.LiveTeacher(teacher_model, torch.device("cpu"))
+    tokenizer = models.load_tokenizer(str(tiny_bert))
+    batch = _batch(tokenizer)
+    layer_map = models.resolve_layer_map("skip", 2, 4)
+    stage = build_stages("sid", 2, hard=True)[-1]  # everything on: soft, hard, layers 1-2
+    assert stage.soft and stage.hard and stage.internal_layers == (1, 2)
+
+    t_out = teacher(batch, tuple(layer_map))
+    assert not t_out.logits.requires_grad
+    assert set(t_out.attentions) == set(t_out.hidden) == {2, 4}
+    student.train()
+    s_out = student(**train.model_inputs(batch), output_attentions=True, output_hidden_states=True)
+    weights = {"soft": 1.0, "hard": 1.0, "attention": 1.0, "hidden": 1.0}
+    terms = train.stage_losses(
+        s_out, t_out, batch, stage, layer_map, weights, projections, 2.0, "all"
+    )
+    for name in ("soft", "hard", "attention", "hidden", "attention.L1", "hidden.L2", "total"):
+        assert name in terms and torch.isfinite(terms[name]), name
+    expected = terms["soft"] + terms["hard"] + terms["attention"] + terms["hidden"]
+    assert torch.allclose(terms["total"], expected)
+    terms["total"].backward()
+
+    for name, param in teacher_model.named_parameters():
+        assert not param.requires_grad, name
+        assert param.grad is None, name
+    assert not teacher_model.training
+    for name, param in student.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+    for name, param in projections.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_stage_losses_follow_the_stage_and_weights(tiny_bert: Path) -> None:
+    teacher_model = models.load_classifier(str(tiny_bert), 2)
+    student = models.build_student(
+        teacher_model, layers=2, init="teacher", init_layers="skip", num_labels=2
+    )
+    projections = models.Projections(32, 32, 2)
+    teacher = train.LiveTeacher(teacher_model, torch.device("cpu"))
+    batch = _batch(models.load_tokenizer(str(tiny_bert)))
+    s_out = student(**train.model_inputs(batch), output_attentions=True, output_hidden_states=True)
+    t_out = teacher(batch, (2, 4))
+    pid_layer2 = build_stages("pid", 2)[1]
+    weights = {"soft": 1.0, "hard": 0.0, "attention": 2.0, "hidden": 0.0}
+    terms = train.stage_losses(
+        s_out, t_out, batch, pid_layer2, [2, 4], weights, projections, 1.0, "all"
+    )
+    assert set(terms) == {"attention.L2", "attention", "total"}
+    assert torch.allclose(terms["total"], 2.0 * terms["attention.L2"])
+
+
+# ------------------------------------------------------------------------- CLI, every algorithm
+
+STAGES = {
+    "none": ["hard labels"] * 3,
+    "soft": ["soft labels"] * 3,
+    "internal": ["all"] * 3,
+    "idal": ["all"] * 3,
+    "pid": ["layer 1", "layer 2", "classifier"],
+    "sid": ["layer 1", "layers 1-2", "classifier"],
+}
+# Loss columns that must hold a value in each epoch (the rest must be absent or NaN).
+INTERNAL_12 = {"attention", "hidden", "attention.L1", "attention.L2", "hidden.L1", "hidden.L2"}
+LOSSES = {
+    "none": [{"hard"}] * 3,
+    "soft": [{"soft"}] * 3,
+    "internal": [{"hard"} | INTERNAL_12] * 3,
+    "idal": [{"soft"} | INTERNAL_12] * 3,
+    "pid": [
+        {"attention", "hidden", "attention.L1", "hidden.L1"},
+        {"attention", "hidden", "attention.L2", "hidden.L2"},
+        {"soft"},
+    ],
+    "sid": [
+        {"attention", "hidden", "attention.L1", "hidden.L1"},
+        INTERNAL_12,
+        {"soft"} | INTERNAL_12,
+    ],
+}
+ALL_TERMS = {"soft", "hard"} | INTERNAL_12
+
+
+@pytest.mark.parametrize("algorithm", list(STAGES))
+def test_cli_run_every_algorithm(algorithm: str, tiny_bert: Path, tmp_path: Path) -> None:
+    from kdray.cli import app
+
+    raw = tiny_spec_dict(tiny_bert, name=f"tiny-{algorithm}", train={"epochs": 5})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(spec_file),
+            "--set",
+            f"distill.algorithm={algorithm}",
+            "--set",
+            "train.epochs=3",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    trials, epochs = results.load(out)
+    assert len(trials) == 1
+    row = trials.iloc[0]
+    assert row["status"] == "ok", row["error"]
+    assert row["name"] == f"tiny-{algorithm}"
+    assert row["distill.algorithm"] == algorithm
+    assert row["train.epochs"] == 3
+    assert row["student.layers"] == 2
+    assert 0.0 <= row["best.dev.accuracy"] <= 1.0
+    assert 0.0 <= row["teacher.dev.accuracy"] <= 1.0
+    assert row["epochs_run"] == 3
+    assert row["best_epoch"] in (1, 2, 3)
+    assert (out / "student" / "config.json").is_file()
+
+    assert list(epochs["epoch"]) == [1, 2, 3]
+    assert list(epochs["stage_name"]) == STAGES[algorithm]
+    assert (epochs["trial_id"] == "run").all()
+    for (_, epoch), wanted in zip(epochs.iterrows(), LOSSES[algorithm], strict=True):
+        assert math.isfinite(epoch["loss.total"]) and epoch["loss.total"] >= 0
+        assert 0.0 <= epoch["dev.accuracy"] <= 1.0
+        for term in ALL_TERMS:
+            column = f"loss.{term}"
+            present = column in epochs.columns and not pd.isna(epoch[column])
+            assert present == (term in wanted), (algorithm, epoch["stage_name"], column)
+    # The best epoch is one where the classifier had been trained.
+    best = epochs[epochs["is_best"]]
+    assert len(best) == 1
+    assert best.iloc[0]["classifier_epochs"] > 0
+    assert best.iloc[0]["dev.accuracy"] == row["best.dev.accuracy"]
+
+
+def test_cli_teacher(tiny_bert: Path, tmp_path: Path) -> None:
+    from kdray.cli import app
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec_dict(tiny_bert)))
+    result = CliRunner().invoke(app, ["teacher", str(spec_file)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    info = train.ensure_teacher(_spec(tiny_bert))
+    assert f"teacher {info.id}" in result.output
+    assert "dev accuracy" in result.output
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / train.STATE_FILE, weights_only=False)["student"]
+
+
+def _changed(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+def test_pid_freeze_lower_keeps_frozen_parts_fixed(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_bert, distill={"algorithm": "pid", "stages": {"freeze_lower": True}})
+
+    def report(record: dict[str, Any], save) -> None:
+        save(tmp_path / f"epoch{record['epoch']}")
+
+    assert train.distill(spec, report=report).status == "ok"
+    e1, e2, e3 = (_state(tmp_path / f"epoch{i}") for i in (1, 2, 3))
+    # epoch 2 = stage "layer 2": embeddings and layer 1 frozen, layer 2 trains
+    assert not _changed(e1, e2, "bert.embeddings.")
+    assert not _changed(e1, e2, "bert.encoder.layer.0.")
+    assert _changed(e1, e2, "bert.encoder.layer.1.")
+    assert not _changed(e1, e2, "classifier.")  # no classifier loss in a layer stage
+    # epoch 3 = stage "classifier": the whole encoder frozen, the head trains
+    assert not _changed(e2, e3, "bert.embeddings.")
+    assert not _changed(e2, e3, "bert.encoder.")
+    assert _changed(e2, e3, "classifier.")
+
+
+def test_other_hidden_size_trains_projections(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(
+        tiny_bert,
+        student={"layers": 2, "init": "random", "init_layers": "skip", "hidden_size": 16},
+        distill={"algorithm": "idal"},
+    )
+    checkpoint = tmp_path / "ckpt"
+    first: dict[str, torch.Tensor] = {}
+
+    def report(record: dict[str, Any], save) -> None:
+        save(checkpoint)
+        state = torch.load(checkpoint / train.STATE_FILE, weights_only=False)["projections"]
+        if not first:
+            first.update({k: v.clone() for k, v in state.items()})
+        else:
+            assert any(not torch.equal(first[k], state[k]) for k in state)
+
+    result = train.distill(spec, report=report)
+    assert result.status == "ok", result.error
+    assert sorted(first) == ["maps.0.bias", "maps.0.weight", "maps.1.bias", "maps.1.weight"]
+    assert first["maps.0.weight"].shape == (32, 16)
+    assert all(math.isfinite(r["loss.hidden"]) for r in result.records)
+    assert result.student_params < result.teacher_params
+
+
+def test_cli_run_failing_spec_exits_nonzero(tiny_bert: Path, tmp_path: Path) -> None:
+    from kdray.cli import app
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec_dict(tiny_bert)))
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--set", "train.epochs=0"])
+    assert result.exit_code == 2
+    assert "train.epochs" in result.output
+
+
+# ------------------------------------------------------------------------------ teacher cache
+
+
+def test_teacher_cache_reuse(tiny_bert: Path, tmp_path: Path, monkeypatch) -> None:
+    spec = _spec(tiny_bert, data={"cache_dir": str(tmp_path / "cache")})
+    calls: list[str] = []
+    real = train.fine_tune_teacher
+
+    def counting(*args, **kwargs):
+        calls.append("train")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "fine_tune_teacher", counting)
+    first = train.ensure_teacher(spec)
+    assert calls == ["train"]
+    assert Path(first.path).parent == tmp_path / "cache" / "teachers"
+    assert (Path(first.path) / models.TEACHER_INFO_FILE).is_file()
+    assert "accuracy" in first.dev_metrics
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached teacher should have been reused")
+
+    monkeypatch.setattr(train, "fine_tune_teacher", refuse)
+    second = train.ensure_teacher(spec)
+    assert second.path == first.path
+    assert second.id == first.id
+    assert second.dev_metrics == first.dev_metrics
+    # Settings that do not touch the teacher reuse it too.
+    assert train.ensure_teacher(spec.with_values({"train.lr": 5e-4})).path == first.path
+
+    monkeypatch.setattr(train, "fine_tune_teacher", counting)
+    other = train.ensure_teacher(spec.with_values({"teacher.lr": 5e-4}))
+    assert calls == ["train", "train"]
+    assert other.path != first.path
+    assert other.id != first.id
+
+
+def test_teacher_key_covers_what_fine_tuning_uses(tiny_bert: Path) -> None:
+    task = data.get_task("rte")
+
+    def key(s: Spec) -> str:
+        train_ex = data.load_examples(task, "train", s.data.dir)[: s.train.max_train_examples]
+        dev_ex = data.load_examples(task, "dev", s.data.dir)
+        fingerprint = train._examples_fingerprint(train_ex, dev_ex)
+        return models.teacher_key(train.teacher_settings(s, fingerprint))
+
+    spec = _spec(tiny_bert)
+    base = key(spec)
+    assert base == key(_spec(tiny_bert))
+    # Student-only settings share the teacher.
+    student_only = (
+        {"train.lr": 5e-4},
+        {"distill.algorithm": "pid"},
+        {"student.layers": 1},
+        {"train.weight_decay": 0.0},
+        {"train.max_grad_norm": None},
+    )
+    for same in student_only:
+        assert key(spec.with_values(same)) == base, same
+    changes = [
+        {"teacher.lr": 5e-4},
+        {"teacher.epochs": 2},
+        {"teacher.seed": 3},
+        {"teacher.batch_size": 2},
+        {"teacher.warmup": 0.0},
+        {"data.max_seq_length": 16},
+        {"train.max_train_examples": 3},
+        {"teacher.weight_decay": 0.0},
+        {"teacher.max_grad_norm": None},
+    ]
+    keys = [key(spec.with_values(change)) for change in changes]
+    for change, changed in zip(changes, keys, strict=True):
+        assert changed != base, change
+    assert len(set(keys)) == len(keys)
+
+
+def test_bad_metric_is_reported_before_the_teacher(tiny_bert: Path, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("no teacher should be prepared for a spec that cannot run")
+
+    monkeypatch.setattr(train, "ensure_teacher", refuse)
+    monkeypatch.setattr(train, "fine_tune_teacher", refuse)
+    with pytest.raises(ValueError, match=r"tune.metric 'f1' is not a dev metric of rte"):
+        train.distill(_spec(tiny_bert, tune={"metric": "f1"}))
+
+
+# ------------------------------------------------------------------------------ repeatability
+
+
+def test_same_seed_same_run_other_seed_differs(tiny_bert: Path) -> None:
+    spec = _spec(tiny_bert)
+    a = train.distill(spec)
+    b = train.distill(spec)
+    assert a.status == b.status == "ok"
+    assert len(a.records) == 3
+    assert _comparable(a.records) == _comparable(b.records)
+    assert a.best_metrics == b.best_metrics and a.best_epoch == b.best_epoch
+
+    c = train.distill(spec.with_values({"train.seed": 2}))
+    assert c.status == "ok"
+    losses_a = [r["loss.total"] for r in a.records]
+    losses_c = [r["loss.total"] for r in c.records]
+    assert all(x != y for x, y in zip(losses_a, losses_c, strict=True))
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"distill": {"algorithm": "sid"}},
+        {"distill": {"algorithm": "pid", "stages": {"freeze_lower": True}}, "train": {"epochs": 4}},
+    ],
+    ids=["sid", "pid-frozen"],
+)
+def test_resume_reproduces_an_uninterrupted_run(
+    tiny_bert: Path, tmp_path: Path, sections: dict
+) -> None:
+    spec = _spec(tiny_bert, **sections)
+    checkpoint = tmp_path / "ckpt"
+    seen: list[int] = []
+
+    def report(record: dict[str, Any], save) -> None:
+        seen.append(record["epoch"])
+        if record["epoch"] == 1:
+            save(checkpoint)
+
+    full = train.distill(spec, report=report)
+    assert full.status == "ok"
+    assert seen == list(range(1, spec.train.epochs + 1))
+    assert (checkpoint / train.STATE_FILE).is_file()
+
+    resumed = train.distill(spec, resume_from=checkpoint)
+    assert resumed.status == "ok", resumed.error
+    assert _comparable(resumed.records) == _comparable(full.records)
+    # epoch 1 came from the checkpoint, not from training it again
+    assert resumed.records[0]["train_seconds"] == full.records[0]["train_seconds"]
+    assert resumed.best_metrics == full.best_metrics
+    assert resumed.best_epoch == full.best_epoch
+    assert resumed.final_metrics == full.final_metrics
+    assert resumed.epochs_run == full.epochs_run
+
+
+# ------------------------------------------------------------------------------ divergence
+
+
+@pytest.mark.parametrize("nan_from_call", [1, 3])
+def test_divergence_is_recorded_and_tables_written(
+    tiny_bert: Path, tmp_path: Path, monkeypatch, nan_from_call: int
+) -> None:
+    spec = _spec(tiny_bert, distill={"algorithm": "soft"})
+    real = losses.soft_label_loss
+    calls = {"n": 0}
+
+    def exploding(student_logits, teacher_logits, temperature=1.0):
+        calls["n"] += 1
+        value = real(student_logits, teacher_logits, temperature)
+        return value * float("nan") if calls["n"] >= nan_from_call else value
+
+    monkeypatch.setattr(losses, "soft_label_loss", exploding)
+    result = train.distill(spec, output_dir=tmp_path / "out")
+    assert result.status == "diverged"
+    assert "nan" in result.error
+    steps_per_epoch = math.ceil(5 / spec.train.batch_size)  # 5 fixture training rows
+    epochs_done = (nan_from_call - 1) // steps_per_epoch
+    assert result.epochs_run == len(result.records) == epochs_done
+    assert f"epoch {epochs_done + 1}" in result.error
+
+    trials_file, epochs_file = results.write_run(tmp_path / "out", spec, result)
+    assert trials_file.is_file() and epochs_file.is_file()
+    trials, epochs = results.load(tmp_path / "out")
+    assert list(trials["status"]) == ["diverged"]
+    assert "nan" in trials.iloc[0]["error"]
+    assert len(epochs) == epochs_done
+    if epochs_done:
+        assert list(epochs["epoch"]) == [1]
+        assert math.isfinite(epochs.iloc[0]["loss.soft"])
+
+
+def test_huge_learning_rate_diverges(tiny_bert: Path) -> None:
+    spec = _spec(
+        tiny_bert,
+        distill={"algorithm": "none"},
+        train={"lr": 1e30, "max_grad_norm": None, "warmup": 0.0},
+    )
+    result = train.distill(spec)
+    assert result.status == "diverged", (result.status, result.records)
+    assert result.error and "loss became" in result.error
+
+
+# ------------------------------------------------------------------------------ real RTE
+
+
+@pytest.mark.skipif(
+    not (SHARED_GLUE / "RTE" / "train.tsv").is_file(), reason="no shared GLUE RTE data"
+)
+def test_real_rte_rows(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(
+        tiny_bert,
+        data={"dir": str(SHARED_GLUE), "max_seq_length": 64},
+        teacher={"batch_size": 16},
+        train={"epochs": 3, "batch_size": 16, "max_train_examples": 64},
+    )
+    result = train.distill(spec, output_dir=tmp_path / "out")
+    assert result.status == "ok", result.error
+    assert [r["stage_name"] for r in result.records] == STAGES["sid"]
+    assert all(r["train_examples"] == 64 for r in result.records)
+    assert all(math.isfinite(r["loss.total"]) for r in result.records)
+    dev = data.load_examples(data.get_task("rte"), "dev", str(SHARED_GLUE))
+    assert len(dev) > 200
+    assert 0.0 <= result.best_metrics["accuracy"] <= 1.0
+    # an accuracy on the full dev set is a multiple of 1/len(dev)
+    assert result.best_metrics["accuracy"] * len(dev) == pytest.approx(
+        round(result.best_metrics["accuracy"] * len(dev)), abs=1e-6
+    )
+    assert result.teacher is not None and "accuracy" in result.teacher.dev_metrics
+    assert result.student_path and (Path(result.student_path) / "config.json").is_file()
+    trials, epochs = results.load(results.write_run(tmp_path / "out", spec, result)[0])
+    assert trials.iloc[0]["status"] == "ok"
+    assert len(epochs) == 3
