@@ -60,6 +60,8 @@ def run(
 ) -> None:
     """Run one distillation as the spec says and write its Parquet tables."""
     from kdray import results
+    from kdray.data import DataError
+    from kdray.models import ModelError
     from kdray.train import distill
 
     spec = _load(spec_path, set_)
@@ -68,7 +70,12 @@ def run(
         f"[bold]kdray run[/bold] {spec.name}: {spec.task}, {spec.distill.algorithm}, "
         f"teacher {spec.teacher.model} -> {spec.student.layers} layers, {spec.train.epochs} epochs"
     )
-    result = distill(spec, output_dir=out_dir, progress=_progress())
+    try:
+        result = distill(spec, output_dir=out_dir, progress=_progress())
+    except (DataError, ModelError, ValueError) as error:
+        # settings that cannot work (data, models, maps): say what, not a traceback
+        console.print(f"[red]{type(error).__name__}: {error}[/red]")
+        raise typer.Exit(2) from None
     trials, epochs = results.write_run(out_dir, spec, result)
     _print_run_summary(spec, result)
     console.print(f"tables: {trials} and {epochs}")
@@ -115,10 +122,16 @@ def teacher(
     set_: SetOption = None,
 ) -> None:
     """Fine-tune (or find in the cache) the spec's teacher and print its dev metrics."""
+    from kdray.data import DataError
+    from kdray.models import ModelError
     from kdray.train import ensure_teacher
 
     spec = _load(spec_path, set_)
-    info = ensure_teacher(spec, progress=_progress())
+    try:
+        info = ensure_teacher(spec, progress=_progress())
+    except (DataError, ModelError, ValueError) as error:
+        console.print(f"[red]{type(error).__name__}: {error}[/red]")
+        raise typer.Exit(2) from None
     shown = ", ".join(f"{k} {v:.4f}" for k, v in info.dev_metrics.items())
     console.print(f"teacher {info.id}: dev {shown}\n  {info.path}")
 
