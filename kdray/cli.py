@@ -20,6 +20,18 @@ app = typer.Typer(
 console = Console()
 
 
+def _show_kdray_log() -> None:
+    """kdray's own log lines (sweep phases, cache decisions) on the console."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    log = logging.getLogger("kdray")
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        log.addHandler(RichHandler(console=console, show_path=False))
+    log.setLevel(logging.INFO)
+
+
 def _progress() -> Any:
     from kdray.live import RichProgress
 
@@ -65,6 +77,7 @@ def run(
     from kdray.train import distill
 
     spec = _load(spec_path, set_)
+    _show_kdray_log()
     out_dir = _results_dir(spec, out)
     console.print(
         f"[bold]kdray run[/bold] {spec.name}: {spec.task}, {spec.distill.algorithm}, "
@@ -157,6 +170,7 @@ def sweep(
     from kdray.tune import run_sweep
 
     spec = _load(spec_path, set_)
+    _show_kdray_log()
     if not spec.search:
         console.print(f"[red]{spec_path}: no search block; use kdray run for a single run[/red]")
         raise typer.Exit(2)
@@ -213,6 +227,7 @@ def ablate(
     from kdray.tune import ablation_cells, run_ablation
 
     spec = _load(spec_path, set_)
+    _show_kdray_log()
     try:
         cells = ablation_cells(spec, from_sweep)
     except (ValueError, FileNotFoundError, SpecError) as error:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -31,6 +32,8 @@ from kdray import results
 from kdray.models import TeacherInfo
 from kdray.spec import Distribution, Spec
 from kdray.train import RunResult, distill, ensure_teacher, selection_metric
+
+logger = logging.getLogger("kdray")
 
 OBJECTIVE = "objective"  # best dev metric so far over classifier-trained epochs; NaN before
 RUNG_TIME = "kd_epoch"  # epochs in which the classifier was trained (ASHA's time axis)
@@ -690,7 +693,15 @@ def run_experiment(
     teacher_location = f"{store.rstrip('/')}/{name}-teacher"
     resources = spec.tune.resources
     task = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(_teacher_task)
+    logger.info("teacher: fine-tuning %s on %s, or reusing it", spec.teacher.model, spec.task)
+    started = time.time()
     teacher_meta = ray.get(task.remote(spec.model_dump(mode="json"), teacher_location))
+    logger.info(
+        "teacher %s ready in %.0fs: dev %s",
+        teacher_meta["id"],
+        time.time() - started,
+        ", ".join(f"{k} {v:.4f}" for k, v in teacher_meta["dev_metrics"].items()),
+    )
     teacher = TeacherInfo(
         path=teacher_location,
         id=teacher_meta["id"],
@@ -704,9 +715,12 @@ def run_experiment(
         # with a remote storage URI each node builds (and locks) its own local copy instead.
         outputs_root = f"{store.rstrip('/')}/{name}-teacher-outputs"
         build = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(_teacher_outputs_task)
+        logger.info("teacher outputs: caching them for %d layer set(s)", len(variants))
+        started = time.time()
         ray.get(
             build.remote(trial_base.model_dump(mode="json", by_alias=True), variants, outputs_root)
         )
+        logger.info("teacher outputs ready in %.0fs", time.time() - started)
         trial_base = trial_base.with_values({"teacher.cache.dir": outputs_root})
     spec_json = trial_base.model_dump(mode="json", by_alias=True)
     fn = tune.with_parameters(trainable or distill_trainable, spec_json=spec_json)
