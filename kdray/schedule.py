@@ -256,16 +256,22 @@ class StageSchedule:
         )
 
     # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable progress (plus the settings, to catch a mismatched resume)."""
+    def _settings(self) -> dict[str, Any]:
+        """How this schedule was built: a saved state only resumes into the same settings."""
         return {
-            "version": _STATE_VERSION,
             "stage_names": [s.name for s in self._stages],
             "total_epochs": self._total,
             "advance": self._advance,
             "epochs_per_stage": self._epochs_per_stage,
             "patience": self._patience,
             "min_delta": self._min_delta,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable progress (plus the settings, to catch a mismatched resume)."""
+        return {
+            "version": _STATE_VERSION,
+            **self._settings(),
             "epoch": self._epoch,
             "stage_index": self._stage_index,
             "stage_epochs": self._stage_epochs,
@@ -278,15 +284,7 @@ class StageSchedule:
         """Restore progress saved by ``state_dict``; the schedule must be built the same way."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported schedule state version {state.get('version')!r}")
-        expected = {
-            "stage_names": [s.name for s in self._stages],
-            "total_epochs": self._total,
-            "advance": self._advance,
-            "epochs_per_stage": self._epochs_per_stage,
-            "patience": self._patience,
-            "min_delta": self._min_delta,
-        }
-        for key, value in expected.items():
+        for key, value in self._settings().items():
             if state.get(key) != value:
                 raise ValueError(
                     f"schedule state does not match this schedule: {key} is {state.get(key)!r} "

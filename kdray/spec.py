@@ -297,17 +297,8 @@ class Spec(_Strict):
     def _enough_epochs_for_stages(self) -> Spec:
         """Catch a schedule that cannot run (too few epochs for its stages) at load time,
         before any teacher is fine-tuned."""
-        stages = build_stages(self.distill.algorithm, self.student.layers)
-        st = self.distill.stages
         try:
-            StageSchedule(
-                stages,
-                self.train.epochs,
-                advance=st.advance,
-                epochs_per_stage=st.epochs_per_stage,
-                patience=st.patience,
-                min_delta=st.min_delta,
-            )
+            stage_schedule(self)
         except ValueError as error:
             raise ValueError(f"train.epochs / distill.stages: {error}") from None
         return self
@@ -329,6 +320,25 @@ class Spec(_Strict):
         for key, value in values.items():
             _set_dotted(raw, key, value)
         return _validate(raw, source="<values>", check_search=False)
+
+
+def stage_schedule(spec: Spec) -> StageSchedule:
+    """The algorithm's stages spread over ``train.epochs`` as the spec's settings say."""
+    st = spec.distill.stages
+    stages = build_stages(
+        spec.distill.algorithm,
+        spec.student.layers,
+        hard=spec.distill.losses.hard.weight > 0,
+        freeze_lower=st.freeze_lower,
+    )
+    return StageSchedule(
+        stages,
+        spec.train.epochs,
+        advance=st.advance,
+        epochs_per_stage=st.epochs_per_stage,
+        patience=st.patience,
+        min_delta=st.min_delta,
+    )
 
 
 def _check_layer_list(value: LayerChoice) -> LayerChoice:

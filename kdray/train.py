@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from kdray import __version__, data, losses, models
-from kdray.schedule import Stage, StageSchedule, build_stages
-from kdray.spec import Spec
+from kdray.schedule import Stage, StageSchedule
+from kdray.spec import Spec, stage_schedule
 
 STATE_FILE = "state.pt"
 
@@ -459,24 +459,6 @@ def term_weights(spec: Spec) -> dict[str, float]:
     }
 
 
-def make_schedule(spec: Spec, n_layers: int) -> StageSchedule:
-    stages = build_stages(
-        spec.distill.algorithm,
-        n_layers,
-        hard=spec.distill.losses.hard.weight > 0,
-        freeze_lower=spec.distill.stages.freeze_lower,
-    )
-    st = spec.distill.stages
-    return StageSchedule(
-        stages,
-        spec.train.epochs,
-        advance=st.advance,
-        epochs_per_stage=st.epochs_per_stage,
-        patience=st.patience,
-        min_delta=st.min_delta,
-    )
-
-
 def _check_weights(schedule: StageSchedule, weights: dict[str, float]) -> None:
     for stage in schedule.stages:
         active = {
@@ -629,7 +611,7 @@ def _distill(
     teacher = make_teacher(prepared, teacher_model, device)
 
     weights = term_weights(spec)
-    schedule = make_schedule(spec, spec.student.layers)
+    schedule = stage_schedule(spec)
     _check_weights(schedule, weights)
     pad = prepared.tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(prepared.train) / spec.train.batch_size)
