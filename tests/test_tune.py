@@ -277,3 +277,54 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
     # the teacher-output cache was built once, before the trials, into the storage
     outputs = list((outcome.out_dir / "ray" / "abl-ablation-teacher-outputs").iterdir())
     assert len([p for p in outputs if (p / "manifest.json").exists()]) == 1
+
+
+def _dying_trainable(marker: Path) -> Any:
+    """A trial that kills its own worker process right after its epoch-2 checkpoint, once."""
+    import kdray.tune as kdray_tune
+
+    def trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
+        real = kdray_tune.distill
+
+        def distill_then_die(spec: Any, report: Any, **kwargs: Any) -> Any:
+            def report_then_die(record: dict[str, Any], save: Any) -> None:
+                report(record, save)
+                if record["epoch"] == 2 and not marker.exists():
+                    marker.touch()
+                    os._exit(1)  # the worker dies: no exception, no cleanup
+
+            return real(spec, report=report_then_die, **kwargs)
+
+        kdray_tune.distill = distill_then_die
+        try:
+            kdray_tune.distill_trainable(config, spec_json=spec_json)
+        finally:
+            kdray_tune.distill = real
+
+    return trainable
+
+
+def test_dead_worker_is_retried_from_its_checkpoint(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    spec_dict = sweep_spec(tiny_bert, "dying")
+    spec_dict["search"] = {"train.lr": {"grid": [1e-3]}}
+    spec_dict["distill"] = {"algorithm": "soft"}
+    spec_dict["tune"].update(
+        {"searcher": {"grid": {}}, "num_samples": 1, "scheduler": {"fifo": {}}, "max_failures": 1}
+    )
+    marker = tmp_path / "died-once"
+    outcome = run_sweep(
+        spec_from_dict(spec_dict),
+        out_dir=tmp_path / "out",
+        trainable=_dying_trainable(marker),
+    )
+    assert marker.exists()  # it did die
+    trial = outcome.trials.iloc[0]
+    assert trial["status"] == "ok"
+    assert trial["num_failures"] == 1
+    epochs = outcome.epochs
+    # epochs 1-2 before the crash, epoch 3 after the restore from the epoch-2 checkpoint
+    assert sorted(epochs["epoch"]) == [1, 2, 3]
+    assert trial["epochs_run"] == 3
