@@ -48,6 +48,13 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a setting: key.path=value (repeatable)."),
 ]
+AddressOption = Annotated[
+    str | None, typer.Option(help="Join an existing Ray cluster: auto or ray://host:port.")
+]
+StorageOption = Annotated[
+    str | None,
+    typer.Option(help="Ray storage: a path or URI such as s3://... (default <tables>/ray)."),
+]
 
 
 def _load(spec_path: Path, overrides: list[str] | None) -> Spec:
@@ -155,12 +162,8 @@ def sweep(
         Path, typer.Argument(help="A YAML spec with a search block.", metavar="SPEC")
     ],
     set_: SetOption = None,
-    address: Annotated[
-        str | None, typer.Option(help="Join a Ray cluster: auto or ray://host:port.")
-    ] = None,
-    storage: Annotated[
-        str | None, typer.Option(help="Ray storage: a path or URI (default results/<name>/ray).")
-    ] = None,
+    address: AddressOption = None,
+    storage: StorageOption = None,
     out: Annotated[
         Path | None, typer.Option(help="Tables folder (default results/<name>).")
     ] = None,
@@ -214,10 +217,8 @@ def ablate(
     seeds: Annotated[
         int | None, typer.Option(help="Use seeds 1..N instead of ablation.seeds.")
     ] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Join a Ray cluster: auto or ray://host:port.")
-    ] = None,
-    storage: Annotated[str | None, typer.Option(help="Ray storage: a path or URI.")] = None,
+    address: AddressOption = None,
+    storage: StorageOption = None,
     out: Annotated[
         Path | None, typer.Option(help="Tables folder (default results/<name>-ablation).")
     ] = None,
