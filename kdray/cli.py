@@ -286,7 +286,8 @@ def report(
     if format_ == "table":
         _print_report_tables(built)
     else:
-        console.print(built.render(format_), markup=False, highlight=False)
+        # plain text on stdout: markdown and CSV must not be wrapped to the terminal width
+        typer.echo(built.render(format_))
     if output is not None:
         built.save(output)
         console.print(f"saved {output}")

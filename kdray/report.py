@@ -194,7 +194,8 @@ def cell_summary(trials: pd.DataFrame, metrics: list[str] | None = None) -> pd.D
     order of first appearance. ``teacher.<m>`` is the mean teacher dev score and
     ``retention.<m> = 100 * <m>.mean / teacher.<m>``, the paper's way of stating how much of the
     teacher a student keeps. ``n`` counts the ok runs with a value of the first metric,
-    ``n_failed`` the runs of the cell that did not finish. Where the runs recorded
+    ``n_pruned`` the runs a scheduler stopped early and ``n_failed`` those that failed,
+    diverged or did not finish. Where the runs recorded
     representation diagnostics, the cell means of ``diag.cka.mean``, ``diag.attention_kl.mean``
     and ``diag.agreement`` are added, so "behaves more like the teacher" sits beside the score.
     """
@@ -219,7 +220,9 @@ def cell_summary(trials: pd.DataFrame, metrics: list[str] | None = None) -> pd.D
             record[f"{short}.ci95"] = _ci95(std, n)
             if i == 0:
                 record["n"] = n
-        record["n_failed"] = int(len(all_rows) - len(rows))
+        pruned = int((all_rows["status"] == "pruned").sum()) if "status" in all_rows else 0
+        record["n_pruned"] = pruned  # stopped early by the scheduler: partial, not failed
+        record["n_failed"] = int(len(all_rows) - len(rows)) - pruned
         for column in columns:
             short = _short(column)
             teacher_column = f"teacher.dev.{short}"
@@ -239,9 +242,9 @@ def cell_summary(trials: pd.DataFrame, metrics: list[str] | None = None) -> pd.D
         records.append(record)
     frame = pd.DataFrame.from_records(records)
     if frame.empty:
-        frame = pd.DataFrame(columns=[group, "n", "n_failed"])
+        frame = pd.DataFrame(columns=[group, "n", "n_pruned", "n_failed"])
     # Readable order: the group, n, then per metric, then teacher/retention, params last.
-    first = [group, "n", "n_failed"]
+    first = [group, "n", "n_pruned", "n_failed"]
     rest = [c for c in frame.columns if c not in first]
     return frame[first + rest].reset_index(drop=True)
 

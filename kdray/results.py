@@ -84,14 +84,23 @@ def epoch_rows(
     spec: Spec, records: Iterable[dict[str, Any]], *, trial_id: str = "run"
 ) -> list[dict[str, Any]]:
     return [
-        {"name": spec.name, "trial_id": trial_id, **without_diagnostics(record)}
+        {"name": spec.name, "trial_id": trial_id, **epoch_fields(record)}
         for record in records
     ]
 
 
-def without_diagnostics(record: dict[str, Any]) -> dict[str, Any]:
-    """Diagnostics describe the run, not an epoch: they go to trials/cka tables instead."""
-    return {k: v for k, v in record.items() if not k.startswith("diag.")}
+# Keys an epoch record carries that describe the run, not the epoch: they go to the trials
+# (and cka) tables instead of epochs.parquet.
+RUN_FIELDS = ("student_params", "teacher_params")
+
+
+def is_epoch_field(key: str) -> bool:
+    return key not in RUN_FIELDS and not key.startswith("diag.")
+
+
+def epoch_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """An epoch record with the run-level fields (sizes, diagnostics) left out."""
+    return {k: v for k, v in record.items() if is_epoch_field(k)}
 
 
 def cka_from_matrix(matrix_json: str) -> pd.DataFrame:

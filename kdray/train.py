@@ -738,6 +738,9 @@ def _distill(
                 "train_seconds": seconds,
                 "train_examples": n_examples,
                 "examples_per_s": n_examples / seconds if seconds > 0 else 0.0,
+                # run-level, carried so a sweep's trial row has them (not in epochs.parquet)
+                "student_params": result.student_params,
+                "teacher_params": result.teacher_params,
             }
             schedule.end_epoch(means.get("loss.total", 0.0))
             record["classifier_epochs"] = schedule.classifier_epochs

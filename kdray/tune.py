@@ -474,7 +474,7 @@ _RAY_KEYS = {
 
 
 def _epoch_column(key: str) -> bool:
-    return key not in _RAY_KEYS and not key.startswith(("config", "diag."))
+    return key not in _RAY_KEYS and not key.startswith("config") and results.is_epoch_field(key)
 
 
 def _int_or_none(value: Any) -> int | None:

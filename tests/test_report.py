@@ -77,6 +77,7 @@ def test_cell_summary_matches_hand_computed_values(ablation: pd.DataFrame) -> No
     assert sid["accuracy.std"] == pytest.approx(math.sqrt((0.04**2 + 0.01**2 + 0.05**2) / 2))
     assert soft["accuracy.ci95"] == pytest.approx(4.302652729911275 * 0.02 / math.sqrt(3))
     assert int(sid["n"]) == 3 and int(sid["n_failed"]) == 1 and int(soft["n_failed"]) == 0
+    assert int(sid["n_pruned"]) == 0
     assert soft["teacher.accuracy"] == pytest.approx(TEACHER)
     assert soft["retention.accuracy"] == pytest.approx(90.0)
     assert sid["retention.accuracy"] == pytest.approx(93.75)
@@ -85,7 +86,7 @@ def test_cell_summary_matches_hand_computed_values(ablation: pd.DataFrame) -> No
     assert soft["diag.cka.mean"] == pytest.approx(0.7)  # seeds 1, 2, 3
     assert sid["diag.agreement"] == pytest.approx(0.9)
     assert "diag.attention_kl.mean" not in summary.columns  # not recorded by these runs
-    assert list(summary.columns[:3]) == ["cell", "n", "n_failed"]
+    assert list(summary.columns[:4]) == ["cell", "n", "n_pruned", "n_failed"]
 
 
 def test_cell_summary_selected_metrics_and_grouping_by_algorithm(ablation: pd.DataFrame) -> None:
@@ -423,7 +424,7 @@ def test_build_report_on_an_ablation_folder(ablation: pd.DataFrame, tmp_path: Pa
     assert "](plots/cells.png)" in text and "](plots/cka.png)" in text
     assert "| distill.algorithm=sid |" in text
     assert "Cells\n=====" in report.render("table")
-    assert "# Cells\ncell,n,n_failed" in report.render("csv")
+    assert "# Cells\ncell,n,n_pruned,n_failed" in report.render("csv")
 
     explicit = R.build_report(results, baseline={"distill.algorithm": "sid"})
     assert explicit.baseline == SID and not explicit.plots
@@ -442,3 +443,14 @@ def test_build_report_on_a_sweep_folder(sweep: pd.DataFrame, tmp_path: Path) -> 
     assert "## Sweep: best trials" in text and "## Parameter importance (fANOVA)" in text
     with pytest.raises(FileNotFoundError):
         R.build_report(tmp_path / "missing")
+
+
+def test_pruned_runs_are_counted_apart_from_failed_ones() -> None:
+    trials = pd.DataFrame(
+        [
+            {"distill.algorithm": "soft", "status": s, "metric": "accuracy", "best.dev.accuracy": v}
+            for s, v in (("ok", 0.7), ("pruned", 0.6), ("pruned", 0.5), ("error", float("nan")))
+        ]
+    )
+    row = R.cell_summary(trials).iloc[0]
+    assert (int(row["n"]), int(row["n_pruned"]), int(row["n_failed"])) == (1, 2, 1)
