@@ -83,10 +83,7 @@ def trial_row(
 def epoch_rows(
     spec: Spec, records: Iterable[dict[str, Any]], *, trial_id: str = "run"
 ) -> list[dict[str, Any]]:
-    return [
-        {"name": spec.name, "trial_id": trial_id, **epoch_fields(record)}
-        for record in records
-    ]
+    return [{"name": spec.name, "trial_id": trial_id, **epoch_fields(record)} for record in records]
 
 
 # Keys an epoch record carries that describe the run, not the epoch: they go to the trials
