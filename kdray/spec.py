@@ -18,10 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdray.schedule import StageSchedule, build_stages
 
-TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
-ALGORITHMS = ("none", "soft", "internal", "idal", "pid", "sid")
-LAYER_STRATEGIES = ("skip", "first", "last")
-
 LayerChoice = Literal["skip", "first", "last"] | list[int]
 
 

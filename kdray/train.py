@@ -13,7 +13,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,9 +53,6 @@ class RunResult:
     error: str | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
     cka: Any = None  # long DataFrame: student_layer, teacher_layer, cka (best student, dev set)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 SaveFn = Callable[[str | Path], None]
@@ -202,15 +199,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class Prepared:
-    """Data, tokenizer and teacher for one spec: built once, shared by the run's epochs."""
+    """Data and tokenizer for one spec: read once, shared by the teacher and the run."""
 
     task: data.GlueTask
     tokenizer: Any
     train: data.TokenizedSplit
     dev: data.TokenizedSplit
     data_fingerprint: str
-    teacher_model: nn.Module | None = None
-    teacher: models.TeacherInfo | None = None
 
 
 def _examples_fingerprint(*splits: list[data.Example]) -> str:
@@ -581,8 +576,9 @@ def _distill(
     device = pick_device(spec.train.device)
     # A bad tune.metric surfaces before a teacher is fine-tuned (which can take hours).
     metric, mode = selection_metric(spec), spec.tune.mode
-    teacher_info = ensure_teacher(spec, progress=progress)
-    prepared = prepare_data(spec, teacher_info.path)
+    # Read and tokenise once: a fine-tuned teacher keeps its base model's tokenizer.
+    prepared = prepare_data(spec, spec.teacher.checkpoint or spec.teacher.model)
+    teacher_info = ensure_teacher(spec, prepared, progress=progress)
     task = prepared.task
     result = RunResult(status="ok", metric=metric, teacher=teacher_info)
 

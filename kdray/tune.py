@@ -37,7 +37,6 @@ logger = logging.getLogger("kdray")
 
 OBJECTIVE = "objective"  # best dev metric so far over classifier-trained epochs; NaN before
 RUNG_TIME = "kd_epoch"  # epochs in which the classifier was trained (ASHA's time axis)
-SPEC_KEY = "__spec__"
 
 # Ray on one machine: bind to loopback, no usage stats, no dashboard probing the network.
 LOCAL_RAY_ENV = {
@@ -218,24 +217,12 @@ def trial_spec(base: Spec, config: dict[str, Any]) -> tuple[Spec, dict[str, Any]
     return base.with_values(values), values
 
 
-def _summary(result: RunResult) -> dict[str, Any]:
-    """The run-so-far figures each report carries, so the last one describes the trial."""
-    out: dict[str, Any] = {
-        "status": result.status,
-        "best_epoch": result.best_epoch,
-        "student_params": result.student_params,
-        "teacher_params": result.teacher_params,
-    }
-    out.update({f"best.dev.{k}": v for k, v in result.best_metrics.items()})
-    return out
-
-
-def distill_trainable(config: dict[str, Any], spec_json: dict[str, Any] | None = None) -> None:
+def distill_trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     """One Ray Tune trial: resolve its spec, resume from a checkpoint if Ray gives one, run."""
     import ray
     from ray import tune
 
-    base = Spec.model_validate(spec_json if spec_json is not None else config[SPEC_KEY])
+    base = Spec.model_validate(spec_json)
     spec, _ = trial_spec(base, config)
     if spec.teacher.checkpoint:
         spec = spec.with_values(
@@ -267,21 +254,24 @@ def distill_trainable(config: dict[str, Any], spec_json: dict[str, Any] | None =
     result = distill(spec, report=report, resume_from=resume_dir)
     if resume_dir is not None:
         shutil.rmtree(resume_dir, ignore_errors=True)
-    final = {
-        **_summary(result),
-        "error": result.error,
-        "wall_time_trial": time.time() - started,
-        "examples_per_s_run": result.examples_per_s,
-        "node_id": node,
-        "final": True,
-    }
-    if result.teacher is not None:
-        final["teacher.id"] = result.teacher.id
     if result.status != "ok" or not result.records:
         # Diverged or raised inside the loop: record it and end the trial normally (a retry
         # would fail the same way); a lost worker is retried by Ray from the checkpoint.
-        final.update({OBJECTIVE: math.nan, RUNG_TIME: 0})
-        tune.report(final)
+        tune.report(
+            {
+                "status": result.status,
+                "error": result.error,
+                "best_epoch": result.best_epoch,
+                **{f"best.dev.{k}": v for k, v in result.best_metrics.items()},
+                "student_params": result.student_params,
+                "teacher_params": result.teacher_params,
+                "wall_time_trial": time.time() - started,
+                "node_id": node,
+                "final": True,
+                OBJECTIVE: math.nan,
+                RUNG_TIME: 0,
+            }
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,9 +594,10 @@ def fetch_teacher(location: str, spec: Spec) -> str:
     local = cache_root(spec.data.cache_dir) / "sweep-teachers" / Path(location).name
     if not (local / "teacher.json").exists():
         fs, path = pafs.FileSystem.from_uri(location)
-        tmp = Path(tempfile.mkdtemp(dir=local.parent if local.parent.exists() else None))
-        pafs.copy_files(path, str(tmp), source_filesystem=fs)
         local.parent.mkdir(parents=True, exist_ok=True)
+        # beside the target, so the final rename never crosses filesystems
+        tmp = Path(tempfile.mkdtemp(dir=local.parent))
+        pafs.copy_files(path, str(tmp), source_filesystem=fs)
         os.replace(tmp, local)
     return str(local)
 
