@@ -129,6 +129,7 @@ def trial_phases(timing: Any, path: Path) -> list[dict[str, float]]:
                 "launch_s": round(record["start"] - starts[i], 2),
                 "trainable_s": round(record["end"] - record["start"], 2),
                 "wind_down_s": round(ends[i] - record["end"], 2),
+                "worker_pid": record["pid"],
             }
         )
     return phases
@@ -350,6 +351,9 @@ def print_table(payload: dict[str, Any]) -> None:
         if phases:
             value = common.median([p[key] for p in phases])
             table.add_row(label + ", median", f"{value:.2f} s")
+    if phases:
+        workers = len({p["worker_pid"] for p in phases if "worker_pid" in p})
+        table.add_row("trial worker processes (reused across trials)", str(workers))
     _console().print(table)
 
 

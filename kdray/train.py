@@ -630,6 +630,8 @@ def _distill(
         schedule.load_state_dict(state["schedule"])
         result.records = state["records"]
         best_value, best_state = state["best_value"], state.get("best_state")
+        if state.get("best_is_current"):
+            best_state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
         result.best_epoch, result.best_metrics = state["best_epoch"], state["best_metrics"]
         result.final_metrics = state["final_metrics"]
         _set_rng_state(state["rng"])
@@ -637,6 +639,13 @@ def _distill(
     def save(folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # When the epoch just saved is the best one, the best weights are the student's own:
+        # store them once (a checkpoint is written and copied every epoch of every trial).
+        best_is_current = (
+            best_state is not None
+            and bool(result.records)
+            and result.records[-1]["epoch"] == result.best_epoch
+        )
         torch.save(
             {
                 "student": student.state_dict(),
@@ -647,7 +656,8 @@ def _distill(
                 "schedule": schedule.state_dict(),
                 "records": result.records,
                 "best_value": best_value,
-                "best_state": best_state,
+                "best_state": None if best_is_current else best_state,
+                "best_is_current": best_is_current,
                 "best_epoch": result.best_epoch,
                 "best_metrics": result.best_metrics,
                 "final_metrics": result.final_metrics,

@@ -485,3 +485,42 @@ def test_real_rte_rows(tiny_bert: Path, tmp_path: Path) -> None:
     trials, epochs = results.load(results.write_run(tmp_path / "out", spec, result)[0])
     assert trials.iloc[0]["status"] == "ok"
     assert len(epochs) == 3
+
+
+def test_resume_keeps_the_best_student_whether_or_not_the_checkpoint_epoch_was_best(
+    tiny_bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A checkpoint stores the best weights once: as the student's own when the saved epoch is
+    the best, separately otherwise. Either way a resumed run saves the same best student."""
+    from safetensors.torch import load_file
+
+    spec = _spec(
+        tiny_bert, distill={"algorithm": "soft"}, train={"epochs": 3, "diagnostics": False}
+    )
+    real_evaluate = train.evaluate
+
+    def scripted(accuracies: list[float]):
+        # dev accuracy per epoch fixed by the test: epoch 1 is the best, epoch 2 is not
+        def evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+            return {**real_evaluate(*args, **kwargs), "accuracy": accuracies.pop(0)}
+
+        return evaluate
+
+    def report(record: dict[str, Any], save) -> None:
+        save(tmp_path / f"ckpt-{record['epoch']}")
+
+    monkeypatch.setattr(train, "evaluate", scripted([0.7, 0.5, 0.6]))
+    full = train.distill(spec, report=report, output_dir=tmp_path / "full")
+    assert full.status == "ok" and full.best_epoch == 1
+    expected = load_file(tmp_path / "full" / "student" / "model.safetensors")
+    for epoch, is_best, later in ((1, True, [0.5, 0.6]), (2, False, [0.6])):
+        folder = tmp_path / f"ckpt-{epoch}"
+        state = torch.load(folder / train.STATE_FILE, weights_only=False)
+        assert state["best_is_current"] is is_best
+        assert (state["best_state"] is None) is is_best
+        monkeypatch.setattr(train, "evaluate", scripted(later))
+        resumed = train.distill(spec, resume_from=folder, output_dir=tmp_path / f"resumed-{epoch}")
+        assert resumed.status == "ok" and resumed.best_epoch == 1
+        got = load_file(tmp_path / f"resumed-{epoch}" / "student" / "model.safetensors")
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
