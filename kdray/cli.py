@@ -298,16 +298,27 @@ def report(
 def _print_report_tables(built: Any) -> None:
     import pandas as pd
 
+    # Piped or redirected output is not cut to 80 columns: the tables are wide.
+    out = console if console.is_terminal else Console(width=240)
     for heading, body in built.sections():
         if isinstance(body, pd.DataFrame):
             table = Table(title=heading)
             for column in body.columns:
                 table.add_column(str(column))
             for row in body.itertuples(index=False):
-                table.add_row(*(_fmt(v) for v in row))
-            console.print(table)
+                table.add_row(*(_short_cell(v) for v in row))
+            out.print(table)
         else:
-            console.print(f"[bold]{heading}[/bold]\n{body}")
+            out.print(f"[bold]{heading}[/bold]\n{body}")
+
+
+def _short_cell(value: Any) -> str:
+    """A one-axis cell name without its setting (``distill.algorithm=sid`` -> ``sid``)."""
+    text = _fmt(value)
+    key, sep, rest = text.partition("=")
+    if sep and "," not in rest and key.startswith(("distill.", "train.", "student.", "data.")):
+        return rest
+    return text
 
 
 def _fmt(value: Any) -> str:

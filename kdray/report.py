@@ -868,6 +868,138 @@ def render(df: pd.DataFrame, fmt: Fmt = "table") -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Findings: the paper's question answered in words, from the paired statistics
+
+# Algorithms that distil the teacher's internal representations (the paper's methods).
+INTERNAL_ALGORITHMS = ("internal", "idal", "pid", "sid")
+# Diagnostics compared with the baseline, and whether higher means closer to the teacher.
+DIAGNOSTICS = {"diag.cka.mean": True, "diag.attention_kl.mean": False, "diag.agreement": True}
+
+
+def _verdict(row: pd.Series, higher_is_better: bool, alpha: float) -> str:
+    """``better``/``worse`` only when the bootstrap CI excludes 0 and the Holm-adjusted
+    paired t-test agrees; with three seeds the bootstrap alone is too optimistic."""
+    if row["n_pairs"] < 2:
+        return "too few paired seeds"
+    significant = bool(row["p_ttest_holm"] < alpha)
+    if significant and row["ci_low"] > 0:
+        return "better" if higher_is_better else "worse"
+    if significant and row["ci_high"] < 0:
+        return "worse" if higher_is_better else "better"
+    return "no clear difference"
+
+
+def findings(
+    trials: pd.DataFrame,
+    baseline: str | dict[str, Any],
+    metric: str,
+    mode: str = "max",
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Per compared cell: the paired difference from the baseline of the metric and of each
+    recorded diagnostic, each with a verdict (``better``, ``worse``, ``no clear difference``)
+    that reads "closer to the teacher" for the diagnostics (higher CKA and agreement, lower
+    attention KL)."""
+    group = _group_column(trials)
+    frames = {metric: (paired_comparison(trials, baseline, metric), mode == "max")}
+    for column, higher in DIAGNOSTICS.items():
+        if (
+            column in trials.columns
+            and pd.to_numeric(trials[column], errors="coerce").notna().any()
+        ):
+            frames[column] = (paired_comparison(trials, baseline, column), higher)
+    records: list[dict[str, Any]] = []
+    main = frames[metric][0]
+    for i, key in enumerate(main[group]):
+        record: dict[str, Any] = {group: key, "n_pairs": int(main.loc[i, "n_pairs"])}
+        for name, (frame, higher) in frames.items():
+            row = frame.iloc[i]
+            short = _short(name) if name == metric else name.removeprefix("diag.")
+            record[f"{short}.diff"] = row["mean_diff"]
+            record[f"{short}.verdict"] = _verdict(row, higher, alpha)
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _algorithm_of(trials: pd.DataFrame, group: str, key: Any) -> str | None:
+    if "distill.algorithm" not in trials.columns:
+        return None
+    values = trials.loc[trials[group].map(_hashable) == key, "distill.algorithm"].dropna().unique()
+    return str(values[0]) if len(values) == 1 else None
+
+
+def findings_text(
+    trials: pd.DataFrame, table: pd.DataFrame, baseline: Any, metric: str, mode: str = "max"
+) -> str:
+    """The paper's two claims, checked against ``findings`` in plain sentences: internal
+    distillation beats soft labels on the dev metric, and it makes the student's inside (CKA,
+    attention KL) closer to the teacher's."""
+    group = _group_column(trials)
+    short = metric.removeprefix("best.dev.").removeprefix("dev.")
+    internal = [
+        i
+        for i, key in enumerate(table[group])
+        if _algorithm_of(trials, group, key) in INTERNAL_ALGORITHMS
+    ]
+    n_pairs = int(table["n_pairs"].max()) if len(table) else 0
+    lines = [
+        f"Verdicts use the paired comparison with `{baseline}` over {n_pairs} seeds: a cell is "
+        "better or worse only when the 95% bootstrap CI of the paired difference excludes 0 "
+        "and the Holm-adjusted paired t-test gives p < 0.05.",
+        "",
+    ]
+    if not internal:
+        lines.append(
+            "No cell uses an internal-distillation algorithm: the paper's claim is not "
+            "tested by this ablation."
+        )
+        return "\n".join(lines)
+    rows = table.iloc[internal]
+    verdicts = rows[f"{short}.verdict"]
+    sign = 1 if mode == "max" else -1
+    best = rows.loc[(sign * rows[f"{short}.diff"]).idxmax()]
+    better = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "better"]
+    worse = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "worse"]
+    if better:
+        claim = f"**held** for {', '.join(better)}"
+    elif worse and len(worse) == len(rows):
+        claim = "**did not hold**: every internal-distillation cell is worse"
+    else:
+        claim = "**did not hold** (no internal-distillation cell is better beyond seed noise)"
+    lines.append(
+        f"- Claim 1, internal distillation beats soft labels on dev {short}: {claim}. "
+        f"Largest mean difference: {best[group]} {best[f'{short}.diff']:+.4f}."
+        + (
+            f" Worse than `{baseline}`: {', '.join(worse)}."
+            if worse and not claim.startswith("**did not hold**: every")
+            else ""
+        )
+    )
+    inside = [c for c in ("cka.mean", "attention_kl.mean") if f"{c}.verdict" in table.columns]
+    if inside:
+        parts = []
+        for column in inside:
+            closer = int((rows[f"{column}.verdict"] == "better").sum())
+            mean_diff = float(rows[f"{column}.diff"].mean())
+            parts.append(
+                f"{column} closer to the teacher in {closer} of {len(rows)} cells "
+                f"(mean difference {mean_diff:+.4f})"
+            )
+        held = all((rows[f"{c}.verdict"] == "better").sum() > len(rows) / 2 for c in inside)
+        lines.append(
+            "- Claim 2, internal distillation makes the student's inside closer to the "
+            f"teacher's: {'**held**' if held else '**did not hold**'} ({'; '.join(parts)})."
+        )
+    if "agreement.verdict" in table.columns:
+        same = int((rows["agreement.verdict"] == "no clear difference").sum())
+        lines.append(
+            f"- Prediction agreement with the teacher: no clear difference from `{baseline}` "
+            f"in {same} of {len(rows)} internal-distillation cells."
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole report
 
 
@@ -890,6 +1022,8 @@ class Report:
     summary: pd.DataFrame
     comparison: pd.DataFrame | None = None
     baseline: Any = None
+    findings: pd.DataFrame | None = None
+    findings_text: str | None = None
     sweep: pd.DataFrame | None = None
     best: pd.DataFrame | None = None
     importance: pd.DataFrame | None = None
@@ -902,11 +1036,15 @@ class Report:
     def sections(self) -> list[tuple[str, str | pd.DataFrame]]:
         """``(heading, frame or prose)`` in document order: one source for every output format."""
         out: list[tuple[str, str | pd.DataFrame]] = []
+        if self.findings_text:
+            out.append(("Findings: the paper's claims at this scale", self.findings_text))
         out.append(("Teacher", self.teacher))
         title = "Cells" if self.group == "cell" else f"Per {self.group}"
         out.append((title, self.summary))
         if self.comparison is not None:
             out.append((f"Paired comparison vs baseline `{self.baseline}`", self.comparison))
+        if self.findings is not None and not self.findings.empty:
+            out.append(("Verdict per cell (metric and diagnostics vs baseline)", self.findings))
         if self.sweep is not None:
             out.append(("Sweep: best trials", self.sweep))
         if self.best is not None:
@@ -1044,6 +1182,11 @@ def build_report(
     if chosen is not None and (is_ablation or baseline is not None):
         report.baseline = _select_baseline(trials, chosen, group)
         report.comparison = paired_comparison(trials, report.baseline, metric)
+        if is_ablation and not report.comparison.empty:
+            report.findings = findings(trials, report.baseline, metric, mode=mode)
+            report.findings_text = findings_text(
+                trials, report.findings, report.baseline, metric, mode=mode
+            )
     elif is_ablation:
         report.notes.append("no baseline given and no unique soft-label cell: no paired comparison")
 

@@ -454,3 +454,113 @@ def test_pruned_runs_are_counted_apart_from_failed_ones() -> None:
     )
     row = R.cell_summary(trials).iloc[0]
     assert (int(row["n"]), int(row["n_pruned"]), int(row["n_failed"])) == (1, 2, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# findings
+
+
+def _claims_table(idal_gain: float) -> pd.DataFrame:
+    """soft, idal and none over 3 seeds; idal's insides are closer to the teacher (higher CKA,
+    lower attention KL), 'none' is clearly worse on accuracy."""
+    rows = []
+    noise = {1: 0.0, 2: 0.004, 3: -0.003}
+    for seed in (1, 2, 3):
+        base = 0.70 + seed / 100
+        rows.append(
+            _row("soft", seed, base, **{"diag.cka.mean": 0.6, "diag.attention_kl.mean": 0.5})
+        )
+        rows.append(
+            _row(
+                "idal",
+                seed,
+                base + idal_gain + noise[seed],
+                **{"diag.cka.mean": 0.8 + noise[seed], "diag.attention_kl.mean": 0.2},
+            )
+        )
+        rows.append(
+            _row("none", seed, base - 0.1 + noise[seed], **{"diag.cka.mean": 0.6 + noise[seed]})
+        )
+    return pd.DataFrame(rows)
+
+
+def test_findings_verdicts_follow_the_paired_statistics() -> None:
+    trials = _claims_table(idal_gain=0.05)
+    table = R.findings(trials, SOFT, "accuracy")
+    idal = table.set_index("cell").loc["distill.algorithm=idal"]
+    none = table.set_index("cell").loc["distill.algorithm=none"]
+    assert idal["accuracy.diff"] == pytest.approx(0.05 + (0.0 + 0.004 - 0.003) / 3)
+    assert idal["accuracy.verdict"] == "better"
+    assert none["accuracy.verdict"] == "worse"
+    # closer to the teacher: CKA up is better, attention KL down is better
+    assert idal["cka.mean.verdict"] == "better"
+    assert idal["attention_kl.mean.diff"] == pytest.approx(-0.3)
+    # the same difference for every seed: t is infinite, p = 0
+    assert idal["attention_kl.mean.verdict"] == "better"
+    assert none["cka.mean.verdict"] == "no clear difference"
+
+    text = R.findings_text(trials, table, SOFT, "accuracy")
+    assert "Claim 1" in text and "**held** for distill.algorithm=idal" in text
+    assert "cka.mean closer to the teacher in 1 of 1 cells" in text
+    claim2 = "Claim 2, internal distillation makes the student's inside closer to the teacher's"
+    assert f"{claim2}: **held**" in text
+
+
+def test_findings_say_when_the_claim_did_not_hold() -> None:
+    trials = _claims_table(idal_gain=0.0)
+    table = R.findings(trials, SOFT, "accuracy")
+    assert table.set_index("cell").loc["distill.algorithm=idal", "accuracy.verdict"] == (
+        "no clear difference"
+    )
+    text = R.findings_text(trials, table, SOFT, "accuracy")
+    assert "Claim 1, internal distillation beats soft labels on dev accuracy: **did not hold**" in (
+        text
+    )
+    # without any internal-distillation cell the claim is not tested at all
+    only_none = trials[trials["distill.algorithm"] != "idal"]
+    table = R.findings(only_none, SOFT, "accuracy")
+    assert "not tested" in R.findings_text(only_none, table, SOFT, "accuracy")
+
+
+def test_cli_report_prints_tables_and_writes_markdown_and_plots(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from kdray.cli import app
+
+    results = tmp_path / "results"
+    results.mkdir()
+    ablation.to_parquet(results / "trials.parquet", index=False)
+    _epochs(ablation).to_parquet(results / "epochs.parquet", index=False)
+    _cka_long(ablation).to_parquet(results / "cka.parquet", index=False)
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["report", str(results)])
+    assert shown.exit_code == 0, shown.output
+    assert "Findings: the paper's claims at this scale" in shown.output
+    assert "Paired comparison vs baseline" in shown.output
+    assert "│ sid " in shown.output  # one-axis cell names shown by their value
+
+    md = tmp_path / "out" / "REPORT.md"
+    made = runner.invoke(
+        app,
+        [
+            "report",
+            str(results),
+            "--format",
+            "markdown",
+            "--plots",
+            str(tmp_path / "out" / "p"),
+            "-o",
+            str(md),
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    assert "## Findings: the paper's claims at this scale" in md.read_text()
+    assert "| distill.algorithm=sid |" in made.output
+    for name in ("cells", "learning_curves", "cka"):
+        _assert_png(tmp_path / "out" / "p" / f"{name}.png")
+
+    missing = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no results" in missing.output
