@@ -135,6 +135,17 @@ def trial_phases(timing: Any, path: Path) -> list[dict[str, float]]:
     return phases
 
 
+def _sweep_epoch_sums(epochs: Any) -> dict[str, list[float]]:
+    """Per sweep trial, the summed ``train_seconds`` and ``checkpoint_seconds`` of its epochs:
+    is training itself slower inside a Ray worker, or is the time spent around it?"""
+    out: dict[str, list[float]] = {}
+    for column in ("train_seconds", "checkpoint_seconds"):
+        if column in epochs.columns:
+            sums = epochs.groupby("trial_id", sort=True)[column].sum()
+            out[column] = [round(float(v), 2) for v in sums]
+    return out
+
+
 def timing_callback() -> Any:
     """A Tune callback that notes when Tune starts and when each trial starts and ends."""
     from ray.tune import Callback
@@ -261,6 +272,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     overhead = (sweep_wall - teacher_phase - direct_wall) / n
     in_tune = [timing.ends[k] - timing.starts[k] for k in timing.starts if k in timing.ends]
     phases = trial_phases(timing, timing_file)
+    per_trial = _sweep_epoch_sums(result.epochs)
     payload: dict[str, Any] = {
         "benchmark": "bench_sweep",
         "machine": common.machine_info(),
@@ -290,6 +302,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "sweep_trial_seconds_driver_view": [round(x, 2) for x in in_tune],
         "sweep_trial_phases": phases,
         "sweep_trial_statuses": statuses,
+        "sweep_trial_train_seconds": per_trial.get("train_seconds", []),
+        "sweep_trial_checkpoint_seconds": per_trial.get("checkpoint_seconds", []),
         "direct_runs": direct,
         "direct_wall_seconds": round(direct_wall, 2),
         "trial_seconds_direct_mean": round(trial_time, 2),
@@ -351,6 +365,15 @@ def print_table(payload: dict[str, Any]) -> None:
         if phases:
             value = common.median([p[key] for p in phases])
             table.add_row(label + ", median", f"{value:.2f} s")
+    direct_train = common.median([d["train_seconds"] for d in payload["direct_runs"]])
+    for key, label in (
+        ("sweep_trial_train_seconds", "training steps per trial, sweep vs direct, median"),
+        ("sweep_trial_checkpoint_seconds", "checkpoint writes per trial, median"),
+    ):
+        values = payload.get(key) or []
+        if values:
+            extra = f" vs {direct_train:.2f} s" if key == "sweep_trial_train_seconds" else ""
+            table.add_row(label, f"{common.median(values):.2f} s{extra}")
     if phases:
         workers = len({p["worker_pid"] for p in phases if "worker_pid" in p})
         table.add_row("trial worker processes (reused across trials)", str(workers))

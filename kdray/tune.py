@@ -248,7 +248,10 @@ def distill_trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None
             "status": "running",
         }
         with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as folder:
+            saving = time.perf_counter()
             save(folder)
+            # what a resumable trial costs over a direct run, per epoch (Ray then copies it)
+            metrics["checkpoint_seconds"] = time.perf_counter() - saving
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     result = distill(spec, report=report, resume_from=resume_dir)

@@ -143,6 +143,7 @@ def test_sweep_writes_tables_with_conditional_params(
             row["param.distill.losses.soft.temperature"]
         )
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert (epochs["checkpoint_seconds"] > 0).all()  # every epoch of a trial is checkpointed
     per_trial = epochs.groupby("trial_id")["epoch"].max()
     for _, row in trials.iterrows():
         assert per_trial[row["trial_id"]] == row["epochs_run"]
