@@ -735,7 +735,8 @@ def plot_learning_curves(
 
 
 def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str = "algorithm") -> Path:
-    """PNG: one annotated CKA heatmap (student x teacher layer) per ``by`` value, side by side.
+    """PNG: one annotated CKA heatmap (student x teacher layer) per ``by`` value, in rows of
+    at most three panels.
 
     Runs of the same group are averaged; all panels share the 0..1 colour scale so they compare.
     """
@@ -749,8 +750,13 @@ def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str = "algorithm") ->
         raise ValueError("cka_long has no rows to plot")
     n_s = int(frame["student_layer"].max())
     n_t = int(frame["teacher_layer"].max())
-    fig = _figure(max(4.0, 0.55 * n_t + 1.6) * len(groups) + 1.0, max(3.0, 0.5 * n_s + 1.6))
-    axes = np.atleast_1d(fig.subplots(1, len(groups), squeeze=False)[0])
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig = _figure(max(4.0, 0.55 * n_t + 1.6) * cols + 1.0, (max(3.0, 0.5 * n_s + 1.6)) * rows + 0.4)
+    grid = fig.subplots(rows, cols, squeeze=False)
+    for ax in grid.ravel()[len(groups) :]:
+        ax.set_visible(False)
+    axes = grid.ravel()[: len(groups)]
     image = None
     for ax, key in zip(axes, groups, strict=True):
         mean = (
@@ -960,35 +966,50 @@ def findings_text(
     best = rows.loc[(sign * rows[f"{short}.diff"]).idxmax()]
     better = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "better"]
     worse = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "worse"]
+    diffs = sign * rows[f"{short}.diff"]
     if better:
         claim = f"**held** for {', '.join(better)}"
     elif worse and len(worse) == len(rows):
         claim = "**did not hold**: every internal-distillation cell is worse"
+    elif (diffs > 0).all():
+        claim = (
+            "**not confirmed**: every internal-distillation cell is ahead on average, "
+            "none beyond seed noise"
+        )
     else:
-        claim = "**did not hold** (no internal-distillation cell is better beyond seed noise)"
+        claim = (
+            "**did not hold**: no internal-distillation cell is better beyond seed noise, "
+            "and some are behind on average"
+        )
+    listed = ", ".join(
+        f"{key} {value:+.4f}" for key, value in zip(rows[group], rows[f"{short}.diff"], strict=True)
+    )
     lines.append(
         f"- Claim 1, internal distillation beats soft labels on dev {short}: {claim}. "
-        f"Largest mean difference: {best[group]} {best[f'{short}.diff']:+.4f}."
-        + (
-            f" Worse than `{baseline}`: {', '.join(worse)}."
-            if worse and not claim.startswith("**did not hold**: every")
-            else ""
-        )
+        f"Mean differences: {listed} (largest: {best[group]})."
+        + (f" Worse than `{baseline}`: {', '.join(worse)}." if worse and better else "")
     )
     inside = [c for c in ("cka.mean", "attention_kl.mean") if f"{c}.verdict" in table.columns]
     if inside:
-        parts = []
+        parts, majority = [], 0
         for column in inside:
             closer = int((rows[f"{column}.verdict"] == "better").sum())
+            majority += closer > len(rows) / 2
             mean_diff = float(rows[f"{column}.diff"].mean())
             parts.append(
-                f"{column} closer to the teacher in {closer} of {len(rows)} cells "
+                f"{column} significantly closer to the teacher in {closer} of {len(rows)} cells "
                 f"(mean difference {mean_diff:+.4f})"
             )
-        held = all((rows[f"{c}.verdict"] == "better").sum() > len(rows) / 2 for c in inside)
+        held = (
+            "**held**"
+            if majority == len(inside)
+            else "**partly held**"
+            if majority
+            else "**did not hold**"
+        )
         lines.append(
             "- Claim 2, internal distillation makes the student's inside closer to the "
-            f"teacher's: {'**held**' if held else '**did not hold**'} ({'; '.join(parts)})."
+            f"teacher's: {held} ({'; '.join(parts)})."
         )
     if "agreement.verdict" in table.columns:
         same = int((rows["agreement.verdict"] == "no clear difference").sum())
