@@ -309,6 +309,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "trial_seconds_direct_mean": round(trial_time, 2),
         "overhead_per_trial_seconds": round(overhead, 2),
         "overhead_percent_of_trial": round(100 * overhead / trial_time, 1),
+        # the goal's own terms: Ray's share of the sweep's wall time (without the teacher phase)
+        "overhead_percent_of_sweep_wall": round(100 * overhead / (trial_time + overhead), 1),
         "overhead_per_trial_with_ray_start_seconds": round(overhead + ray_ready / n, 2),
         "trials_per_hour_sweep": round(3600 * n / (sweep_wall - teacher_phase), 1),
         "trials_per_hour_direct": round(3600 / trial_time, 1),
@@ -350,6 +352,7 @@ def print_table(payload: dict[str, Any]) -> None:
         ("trial time (direct mean)", "trial_seconds_direct_mean", "s"),
         ("overhead per trial", "overhead_per_trial_seconds", "s"),
         ("overhead % of trial", "overhead_percent_of_trial", "%"),
+        ("overhead % of sweep wall", "overhead_percent_of_sweep_wall", "%"),
         ("overhead per trial incl. Ray start", "overhead_per_trial_with_ray_start_seconds", "s"),
         ("trials/hour, sweep", "trials_per_hour_sweep", ""),
         ("trials/hour, direct", "trials_per_hour_direct", ""),
@@ -388,8 +391,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fixed-seconds",
         type=float,
-        default=15.0,
-        help="part of a trial that is not training steps (set-up, dev eval, diagnostics)",
+        default=7.0,
+        help="part of a trial that is not training steps (set-up, dev eval, diagnostics: "
+        "about 6.5 s measured for 1.5k RTE rows)",
     )
     parser.add_argument("--epochs", type=int, default=2, help="epochs per trial (cache on)")
     parser.add_argument("--train-examples", type=int, help="rows per trial (skips the probe)")
