@@ -305,20 +305,21 @@ def _print_report_tables(built: Any) -> None:
             table = Table(title=heading)
             for column in body.columns:
                 table.add_column(str(column))
+            cells = [c in ("cell", "baseline") for c in body.columns]
             for row in body.itertuples(index=False):
-                table.add_row(*(_short_cell(v) for v in row))
+                table.add_row(
+                    *(_short_cell(v) if c else _fmt(v) for v, c in zip(row, cells, strict=True))
+                )
             out.print(table)
         else:
             out.print(f"[bold]{heading}[/bold]\n{body}")
 
 
 def _short_cell(value: Any) -> str:
-    """A one-axis cell name without its setting (``distill.algorithm=sid`` -> ``sid``)."""
+    """A one-axis ablation cell by its value (``distill.algorithm=sid`` -> ``sid``)."""
     text = _fmt(value)
-    key, sep, rest = text.partition("=")
-    if sep and "," not in rest and key.startswith(("distill.", "train.", "student.", "data.")):
-        return rest
-    return text
+    _, sep, rest = text.partition("=")
+    return rest if sep and "," not in text else text
 
 
 def _fmt(value: Any) -> str:

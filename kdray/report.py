@@ -907,20 +907,18 @@ def findings(
     that reads "closer to the teacher" for the diagnostics (higher CKA and agreement, lower
     attention KL)."""
     group = _group_column(trials)
-    frames = {metric: (paired_comparison(trials, baseline, metric), mode == "max")}
-    for column, higher in DIAGNOSTICS.items():
-        if (
-            column in trials.columns
-            and pd.to_numeric(trials[column], errors="coerce").notna().any()
-        ):
-            frames[column] = (paired_comparison(trials, baseline, column), higher)
+    column = _metric_column(trials, metric)
+    frames = {column: (paired_comparison(trials, baseline, column), mode == "max")}
+    for diag, higher in DIAGNOSTICS.items():
+        if diag in trials.columns and pd.to_numeric(trials[diag], errors="coerce").notna().any():
+            frames[diag] = (paired_comparison(trials, baseline, diag), higher)
+    by_cell = {name: (frame.set_index(group), higher) for name, (frame, higher) in frames.items()}
     records: list[dict[str, Any]] = []
-    main = frames[metric][0]
-    for i, key in enumerate(main[group]):
-        record: dict[str, Any] = {group: key, "n_pairs": int(main.loc[i, "n_pairs"])}
-        for name, (frame, higher) in frames.items():
-            row = frame.iloc[i]
-            short = _short(name) if name == metric else name.removeprefix("diag.")
+    for key, n_pairs in zip(frames[column][0][group], frames[column][0]["n_pairs"], strict=True):
+        record: dict[str, Any] = {group: key, "n_pairs": int(n_pairs)}
+        for name, (frame, higher) in by_cell.items():
+            row = frame.loc[key]
+            short = _short(name).removeprefix("diag.")
             record[f"{short}.diff"] = row["mean_diff"]
             record[f"{short}.verdict"] = _verdict(row, higher, alpha)
         records.append(record)
@@ -941,7 +939,7 @@ def findings_text(
     distillation beats soft labels on the dev metric, and it makes the student's inside (CKA,
     attention KL) closer to the teacher's."""
     group = _group_column(trials)
-    short = metric.removeprefix("best.dev.").removeprefix("dev.")
+    short = _short(_metric_column(trials, metric))  # the same key ``findings`` wrote
     internal = [
         i
         for i, key in enumerate(table[group])
@@ -962,11 +960,10 @@ def findings_text(
         return "\n".join(lines)
     rows = table.iloc[internal]
     verdicts = rows[f"{short}.verdict"]
-    sign = 1 if mode == "max" else -1
-    best = rows.loc[(sign * rows[f"{short}.diff"]).idxmax()]
+    diffs = (1 if mode == "max" else -1) * rows[f"{short}.diff"]  # > 0: ahead of the baseline
+    best = rows.loc[diffs.idxmax()]
     better = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "better"]
     worse = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "worse"]
-    diffs = sign * rows[f"{short}.diff"]
     if better:
         claim = f"**held** for {', '.join(better)}"
     elif worse and len(worse) == len(rows):

@@ -501,6 +501,11 @@ def test_findings_verdicts_follow_the_paired_statistics() -> None:
 
     text = R.findings_text(trials, table, SOFT, "accuracy")
     assert "Claim 1" in text and "**held** for distill.algorithm=idal" in text
+    # the metric may be named as the CLI and tables name it: the same findings either way
+    for name in ("dev.accuracy", "best.dev.accuracy"):
+        same = R.findings(trials, SOFT, name)
+        assert same.equals(table)
+        assert R.findings_text(trials, same, SOFT, name) == text
     assert "cka.mean significantly closer to the teacher in 1 of 1 cells" in text
     claim2 = "Claim 2, internal distillation makes the student's inside closer to the teacher's"
     assert f"{claim2}: **held**" in text
