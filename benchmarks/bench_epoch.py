@@ -75,9 +75,9 @@ class Context:
 def make_context(args: argparse.Namespace) -> Context:
     """Fine-tune (or reuse) the teacher, tokenise RTE, load the teacher model."""
     import torch
+    from kdray.train import ensure_teacher, prepare_data
 
     from kdray import models
-    from kdray.train import ensure_teacher, prepare_data
 
     torch.set_num_threads(common.THREADS)
     base = common.build_spec(teacher_epochs=args.teacher_epochs, temperature=args.temperature)
@@ -109,8 +109,9 @@ def make_context(args: argparse.Namespace) -> Context:
 
 def new_student(ctx: Context) -> tuple[Any, Any]:
     """A student (and [CLS] projections) initialised exactly as kdray.train.distill does."""
-    from kdray import models
     from kdray.train import seed_everything
+
+    from kdray import models
 
     spec = ctx.spec
     seed_everything(spec.train.seed)
@@ -308,7 +309,6 @@ class PlainVariant(Variant):
     def __init__(self, name: str, ctx: Context) -> None:
         super().__init__(name)
         import torch
-
         from kdray.train import linear_schedule
 
         self.ctx = ctx
@@ -383,11 +383,10 @@ class TextBrewerVariant(Variant):
     def __init__(self, name: str, ctx: Context) -> None:
         super().__init__(name)
         import torch
+        from kdray.train import linear_schedule, make_optimizer
         from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
         from textbrewer.losses import cos_loss
         from textbrewer.presets import register_new
-
-        from kdray.train import linear_schedule, make_optimizer
 
         def cos_cls(state_s: Any, state_t: Any, mask: Any = None) -> Any:
             return cos_loss(state_s, state_t, mask=None)

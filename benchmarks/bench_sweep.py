@@ -54,8 +54,9 @@ def probe_per_step(base: Any, info: Any, root: Path, steps: int) -> float:
 
 def build_direct_cache(spec: Any, info: Any) -> float:
     """Build the trial split's teacher-output cache for the direct runs; seconds taken."""
-    from kdray import models
     from kdray.train import cached_teacher_factory, pick_device, prepare_data
+
+    from kdray import models
 
     prepared = prepare_data(spec, info.path)
     teacher_model = models.load_classifier(info.path, prepared.task.num_labels)
@@ -179,9 +180,9 @@ def timing_callback() -> Any:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import torch
+    from kdray.train import ensure_teacher
 
     from kdray import tune
-    from kdray.train import ensure_teacher
 
     console = _console()
     started = time.perf_counter()

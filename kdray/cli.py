@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,15 +35,33 @@ def _show_kdray_log() -> None:
 
 
 def _progress() -> Any:
-    from kdray.live import RichProgress
+    from kdray.progress import RichProgress
 
     return RichProgress(console)
 
 
 def _trials_table(spec: Spec) -> Any:
-    from kdray.live import LiveTrials
+    from kdray.distill import selection_metric
+    from kdray.progress import TrialsTable
+    from kdray.sweep import LiveTrials
 
-    return LiveTrials(spec, console)
+    return LiveTrials(spec, TrialsTable(spec.name, selection_metric(spec), console))
+
+
+@contextlib.contextmanager
+def _settings_errors() -> Iterator[None]:
+    """Settings that cannot work (spec, data, models, maps, metric, nothing to resume) end the
+    command with their message and exit code 2, never a traceback."""
+    from kdray.data import DataError
+    from kdray.models import ModelError
+
+    try:
+        yield
+    except (SpecError, DataError, ModelError, ValueError, FileNotFoundError) as error:
+        name = type(error).__name__
+        shown = str(error) if isinstance(error, SpecError) else f"{name}: {error}"
+        console.print(f"[red]{shown}[/red]", highlight=False)
+        raise typer.Exit(2) from None
 
 
 SetOption = Annotated[
@@ -79,9 +99,7 @@ def run(
 ) -> None:
     """Run one distillation as the spec says and write its Parquet tables."""
     from kdray import results
-    from kdray.data import DataError
-    from kdray.models import ModelError
-    from kdray.train import distill
+    from kdray.distill import distill
 
     spec = _load(spec_path, set_)
     _show_kdray_log()
@@ -90,13 +108,10 @@ def run(
         f"[bold]kdray run[/bold] {spec.name}: {spec.task}, {spec.distill.algorithm}, "
         f"teacher {spec.teacher.model} -> {spec.student.layers} layers, {spec.train.epochs} epochs"
     )
-    try:
+    with _settings_errors():
         result = distill(spec, output_dir=out_dir, progress=_progress())
-    except (DataError, ModelError, ValueError) as error:
-        # settings that cannot work (data, models, maps): say what, not a traceback
-        console.print(f"[red]{type(error).__name__}: {error}[/red]")
-        raise typer.Exit(2) from None
     trials, epochs = results.write_run(out_dir, spec, result)
+    results.write_experiment(out_dir, spec, "run")
     _print_run_summary(spec, result)
     console.print(f"tables: {trials} and {epochs}")
     if result.status == "failed":
@@ -142,16 +157,11 @@ def teacher(
     set_: SetOption = None,
 ) -> None:
     """Fine-tune (or find in the cache) the spec's teacher and print its dev metrics."""
-    from kdray.data import DataError
-    from kdray.models import ModelError
-    from kdray.train import ensure_teacher
+    from kdray.teacher import ensure_teacher
 
     spec = _load(spec_path, set_)
-    try:
+    with _settings_errors():
         info = ensure_teacher(spec, progress=_progress())
-    except (DataError, ModelError, ValueError) as error:
-        console.print(f"[red]{type(error).__name__}: {error}[/red]")
-        raise typer.Exit(2) from None
     shown = ", ".join(f"{k} {v:.4f}" for k, v in info.dev_metrics.items())
     console.print(f"teacher {info.id}: dev {shown}\n  {info.path}")
 
@@ -170,7 +180,7 @@ def sweep(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep.")] = False,
 ) -> None:
     """A hyperparameter search: every Ray Tune trial is one distillation run."""
-    from kdray.tune import run_sweep
+    from kdray.sweep import run_sweep
 
     spec = _load(spec_path, set_)
     _show_kdray_log()
@@ -182,14 +192,15 @@ def sweep(
         f"{spec.tune.num_samples} trials, searcher {spec.tune.searcher.kind}, "
         f"scheduler {spec.tune.scheduler.kind}" + (" (resuming)" if resume else "")
     )
-    outcome = run_sweep(
-        spec,
-        address=address,
-        storage=storage,
-        out_dir=out,
-        resume=resume,
-        callbacks=[_trials_table(spec)],
-    )
+    with _settings_errors():
+        outcome = run_sweep(
+            spec,
+            address=address,
+            storage=storage,
+            out_dir=out,
+            resume=resume,
+            callbacks=[_trials_table(spec)],
+        )
     trials = outcome.trials
     counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
     console.print("trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
@@ -225,15 +236,13 @@ def ablate(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted ablation.")] = False,
 ) -> None:
     """Every cell of the ablation grid once per seed, paired by seed, as Ray Tune trials."""
-    from kdray.tune import ablation_cells, run_ablation
+    from kdray.plan import ablation_cells
+    from kdray.sweep import run_ablation
 
     spec = _load(spec_path, set_)
     _show_kdray_log()
-    try:
+    with _settings_errors():
         cells = ablation_cells(spec, from_sweep)
-    except (ValueError, FileNotFoundError, SpecError) as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
     seed_list = list(range(1, seeds + 1)) if seeds else None
     n_seeds = len(seed_list or (spec.ablation.seeds if spec.ablation else [1]))
     console.print(
@@ -242,16 +251,17 @@ def ablate(
     )
     for cell in cells:
         console.print(f"  {cell['cell']}  [dim]from {cell['source']}[/dim]")
-    outcome = run_ablation(
-        spec,
-        from_sweep=from_sweep,
-        seeds=seed_list,
-        address=address,
-        storage=storage,
-        out_dir=out,
-        resume=resume,
-        callbacks=[_trials_table(spec)],
-    )
+    with _settings_errors():
+        outcome = run_ablation(
+            spec,
+            from_sweep=from_sweep,
+            seeds=seed_list,
+            address=address,
+            storage=storage,
+            out_dir=out,
+            resume=resume,
+            callbacks=[_trials_table(spec)],
+        )
     counts = outcome.trials["status"].value_counts().to_dict()
     console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     console.print(f"tables: {outcome.out_dir}; summarise with: kdray report {outcome.out_dir}")

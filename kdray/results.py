@@ -11,11 +11,11 @@ half-written table, and the column set and types are fixed by the first write of
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -23,9 +23,13 @@ import pyarrow.parquet as pq
 
 from kdray import __version__
 from kdray.spec import Spec
-from kdray.train import RunResult
+from kdray.store import atomic_file, json_cell, write_text_atomic
+
+if TYPE_CHECKING:
+    from kdray.teacher import TeacherInfo
 
 TRIALS_FILE = "trials.parquet"
+EXPERIMENT_FILE = "experiment.json"  # what produced the folder: command and the full spec
 EPOCHS_FILE = "epochs.parquet"
 CKA_FILE = "cka.parquet"  # one row per run and (student layer, teacher layer): linear CKA
 
@@ -33,11 +37,68 @@ CKA_FILE = "cka.parquet"  # one row per run and (student layer, teacher layer): 
 ID_COLUMNS = ("name", "trial_id", "status", "error", "kdray_version", "spec_fingerprint")
 
 
-def _cell(value: Any) -> Any:
-    """Lists (explicit layer maps) become JSON text so a column keeps one type."""
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value)
-    return value
+@dataclass
+class RunResult:
+    """Everything one run produced; :func:`trial_row` and :func:`epoch_rows` turn it into rows."""
+
+    status: str  # ok | diverged | failed (sweeps add pruned, error, interrupted, pending)
+    metric: str  # the selection metric (a dev metric name)
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    best_epoch: int | None = None
+    epochs_run: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    wall_time: float = 0.0
+    examples_per_s: float = 0.0
+    teacher: TeacherInfo | None = None
+    student_params: int = 0
+    teacher_params: int = 0
+    student_path: str | None = None
+    error: str | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    cka: Any = None  # long DataFrame: student_layer, teacher_layer, cka (best student, dev set)
+
+    @classmethod
+    def from_records(
+        cls, records: list[dict[str, Any]], *, status: str, metric: str, **fields: Any
+    ) -> RunResult:
+        """A run's summary from its epoch records: the one place that derives best and final
+        metrics, speed, sizes and diagnostics (a run and a sweep's table writer both use it).
+
+        Every record carries the best so far (``best.dev.*``, ``best_epoch``), the run's sizes,
+        and the last one the diagnostics (``diag.*``) when they were measured.
+        """
+        last = records[-1] if records else {}
+        seconds = sum(float(r.get("train_seconds", 0.0)) for r in records)
+        examples = sum(int(r.get("train_examples", 0)) for r in records)
+        matrix = last.get("diag.cka_matrix")
+        result = cls(
+            status=status,
+            metric=metric,
+            best_metrics=_prefixed(last, "best.dev."),
+            final_metrics=_prefixed(last, "dev."),
+            best_epoch=_int_or_none(last.get("best_epoch")),
+            epochs_run=len(records),
+            records=records,
+            examples_per_s=examples / seconds if seconds > 0 else 0.0,
+            student_params=int(last.get("student_params") or 0),
+            teacher_params=int(last.get("teacher_params") or 0),
+            diagnostics={k: v for k, v in _prefixed(last, "diag.").items() if k != "cka_matrix"},
+            cka=cka_from_matrix(matrix) if isinstance(matrix, str) else None,
+        )
+        for name, value in fields.items():
+            setattr(result, name, value)
+        return result
+
+
+def _prefixed(record: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k.removeprefix(prefix): v for k, v in record.items() if k.startswith(prefix)}
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return int(value)
 
 
 def trial_row(
@@ -54,8 +115,9 @@ def trial_row(
     }
     for key, value in spec.flat().items():
         if key != "name":
-            row[key] = _cell(value)
+            row[key] = json_cell(value)
     row["metric"] = result.metric
+    row["mode"] = spec.tune.mode
     for prefix, metrics in (("best", result.best_metrics), ("final", result.final_metrics)):
         for name, value in metrics.items():
             row[f"{prefix}.dev.{name}"] = float(value)
@@ -75,8 +137,8 @@ def trial_row(
         for name, value in result.teacher.dev_metrics.items():
             row[f"teacher.dev.{name}"] = float(value)
     for key, value in (result.diagnostics or {}).items():
-        row[f"diag.{key}"] = _cell(value)
-    row.update({k: _cell(v) for k, v in (extra or {}).items()})
+        row[f"diag.{key}"] = json_cell(value)
+    row.update({k: json_cell(v) for k, v in (extra or {}).items()})
     return row
 
 
@@ -113,19 +175,15 @@ def cka_from_matrix(matrix_json: str) -> pd.DataFrame:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
-def write_table(rows: list[dict[str, Any]], path: str | Path) -> pd.DataFrame:
-    """Write rows as a Parquet table, keeping the schema a table at ``path`` already has.
+def write_table(
+    rows: list[dict[str, Any]], path: str | Path, *, replace: bool = False
+) -> pd.DataFrame:
+    """Write rows as a Parquet table, keeping the schema a table at ``path`` already has
+    (``replace``: ignore it, a new table).
 
     New rows may leave columns out (they become null); a column the existing schema does not
     have is added at the end, so a sweep's first trial fixes the order and types (a value
@@ -133,7 +191,7 @@ def write_table(rows: list[dict[str, Any]], path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     frame = pd.DataFrame(rows)
-    if path.exists():
+    if path.exists() and not replace:
         schema = pq.read_schema(path)
         known = [n for n in schema.names]
         extra = [c for c in frame.columns if c not in known]
@@ -165,32 +223,55 @@ def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def write_run(out_dir: str | Path, spec: Spec, result: RunResult) -> tuple[Path, Path]:
-    """A single ``kdray run``: a one-row trials table and its epochs table."""
+    """A single ``kdray run``: a one-row trials table and its epochs table, each replaced
+    atomically (an interrupt leaves the old table or the new one, never none)."""
     out = Path(out_dir)
     trials = out / TRIALS_FILE
     epochs = out / EPOCHS_FILE
-    if trials.exists():
-        trials.unlink()
-    if epochs.exists():
-        epochs.unlink()
-    write_table([trial_row(spec, result)], trials)
+    write_table([trial_row(spec, result)], trials, replace=True)
     rows = epoch_rows(spec, result.records)
     if rows:
-        write_table(rows, epochs)
+        write_table(rows, epochs, replace=True)
     else:  # a run that ended before its first epoch: an empty table, still readable
         _write_atomic(
             pa.table({"name": pa.array([], pa.string()), "epoch": pa.array([], pa.int64())}), epochs
         )
     cka_file = out / CKA_FILE
     if result.cka is not None:
-        write_table(cka_rows(spec.name, "run", result.cka), cka_file)
+        write_table(cka_rows(spec.name, "run", result.cka), cka_file, replace=True)
     elif cka_file.exists():
         cka_file.unlink()
     return trials, epochs
 
 
+def write_experiment(out_dir: str | Path, spec: Spec, command: str) -> Path:
+    """``experiment.json``: which command wrote the folder and the full spec it ran (the report
+    reads the ablation baseline and the metric's direction from it)."""
+    record = {
+        "command": command,
+        "name": spec.name,
+        "spec_fingerprint": spec.fingerprint(),
+        "kdray_version": __version__,
+        "spec": spec.model_dump(mode="json", by_alias=True),
+    }
+    return write_text_atomic(
+        Path(out_dir) / EXPERIMENT_FILE, json.dumps(record, indent=2, sort_keys=True)
+    )
+
+
 def cka_rows(name: str, trial_id: str, cka: pd.DataFrame) -> list[dict[str, Any]]:
     return [{"name": name, "trial_id": trial_id, **row} for row in cka.to_dict("records")]
+
+
+def load_tables(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """The rows of a folder's trials, epochs and cka tables (empty lists where one is missing),
+    for a writer that continues them."""
+    folder = Path(folder)
+    files = {"trials": TRIALS_FILE, "epochs": EPOCHS_FILE, "cka": CKA_FILE}
+    return {
+        name: pd.read_parquet(folder / file).to_dict("records") if (folder / file).exists() else []
+        for name, file in files.items()
+    }
 
 
 def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -1,9 +1,10 @@
-"""Each distillation algorithm as a schedule of stages, testable without a model.
+"""Stages and the schedule that walks through them, testable without a model.
 
-An algorithm is a list of ``Stage`` records saying which loss terms are on and which student
-parts are frozen; ``StageSchedule`` decides which stage each epoch belongs to. Both are pure
-Python so the progressive (PID) and stacked (SID) algorithms of Aguilar et al. (AAAI 2020) can be
-checked exhaustively in unit tests, and a checkpointed run can resume mid-schedule exactly.
+A ``Stage`` says which loss terms are on and which student parts are frozen (each algorithm's
+stages are built in :mod:`kdray.algorithms`); ``StageSchedule`` decides which stage each epoch
+belongs to. Both are pure Python so the progressive (PID) and stacked (SID) algorithms of
+Aguilar et al. (AAAI 2020) can be checked exhaustively in unit tests, and a checkpointed run can
+resume mid-schedule exactly.
 
 Student layers are numbered 1..L (1-based); 0 means the embeddings.
 """
@@ -14,9 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ADVANCE_MODES", "ALGORITHMS", "Stage", "StageSchedule", "build_stages"]
+__all__ = ["ADVANCE_MODES", "Stage", "StageSchedule"]
 
-ALGORITHMS: tuple[str, ...] = ("none", "soft", "internal", "idal", "pid", "sid")
 ADVANCE_MODES: tuple[str, ...] = ("epochs", "plateau")
 
 _STATE_VERSION = 1
@@ -41,56 +41,6 @@ class Stage:
         ignore earlier epochs).
         """
         return self.soft or self.hard
-
-
-def _layers_name(layers: tuple[int, ...]) -> str:
-    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
-
-
-def build_stages(
-    algorithm: str, num_layers: int, *, hard: bool = False, freeze_lower: bool = False
-) -> list[Stage]:
-    """The stages of ``algorithm`` for a student with ``num_layers`` encoder layers.
-
-    ``hard`` says whether the user gave the hard-label term a weight > 0; it is ignored by
-    ``none`` and ``internal``, which always use hard labels (they have no other signal for the
-    classifier). ``freeze_lower`` only affects ``pid``: in stage k the embeddings and layers
-    1..k-1 are frozen, and in the final "classifier" stage the embeddings and every layer are
-    frozen so only the pooler/classifier head trains. It has no effect on ``sid``, whose stacked
-    objective keeps the lower layers' losses on, so they must keep training.
-    """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; allowed values: {ALGORITHMS}")
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
-    all_layers = tuple(range(1, num_layers + 1))
-
-    if algorithm == "none":
-        return [Stage(0, "hard labels", (), soft=False, hard=True)]
-    if algorithm == "soft":
-        return [Stage(0, "soft labels", (), soft=True, hard=hard)]
-    if algorithm == "internal":
-        return [Stage(0, "all", all_layers, soft=False, hard=True)]
-    if algorithm == "idal":
-        return [Stage(0, "all", all_layers, soft=True, hard=hard)]
-
-    stages: list[Stage] = []
-    if algorithm == "pid":
-        for k in all_layers:
-            frozen = (0, *range(1, k)) if freeze_lower and k > 1 else ()
-            stages.append(Stage(k - 1, f"layer {k}", (k,), soft=False, hard=False, frozen=frozen))
-        final_frozen = (0, *all_layers) if freeze_lower else ()
-        stages.append(
-            Stage(num_layers, "classifier", (), soft=True, hard=hard, frozen=final_frozen)
-        )
-        return stages
-
-    # sid: the internal losses stack; the soft labels join in the final stage.
-    for k in all_layers:
-        layers = tuple(range(1, k + 1))
-        stages.append(Stage(k - 1, _layers_name(layers), layers, soft=False, hard=False))
-    stages.append(Stage(num_layers, "classifier", all_layers, soft=True, hard=hard))
-    return stages
 
 
 class StageSchedule:

@@ -7,8 +7,6 @@ strictly (unknown keys are errors) and every error names the dotted key path and
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdray.schedule import StageSchedule, build_stages
+from kdray import algorithms
+from kdray.schedule import StageSchedule
+from kdray.store import content_hash
 
 LayerChoice = Literal["skip", "first", "last"] | list[int]
 
@@ -121,7 +121,7 @@ class StagesSpec(_Strict):
 
 
 class DistillSpec(_Strict):
-    algorithm: Literal["none", "soft", "internal", "idal", "pid", "sid"] = "sid"
+    algorithm: Literal[algorithms.ALGORITHMS] = "sid"  # type: ignore[valid-type]
     layer_map: LayerChoice = "skip"
     losses: LossesSpec = LossesSpec()
     stages: StagesSpec = StagesSpec()
@@ -308,7 +308,7 @@ class Spec(_Strict):
         """A short content hash of the run settings (not the name), for caching and dedup."""
         flat = self.flat()
         flat.pop("name", None)
-        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+        return content_hash(flat, 16)
 
     def with_values(self, values: dict[str, Any]) -> Spec:
         """A copy with dotted-key values set (a sampled trial, a grid cell), validated again."""
@@ -321,7 +321,7 @@ class Spec(_Strict):
 def stage_schedule(spec: Spec) -> StageSchedule:
     """The algorithm's stages spread over ``train.epochs`` as the spec's settings say."""
     st = spec.distill.stages
-    stages = build_stages(
+    stages = algorithms.build_stages(
         spec.distill.algorithm,
         spec.student.layers,
         hard=spec.distill.losses.hard.weight > 0,
@@ -334,6 +334,19 @@ def stage_schedule(spec: Spec) -> StageSchedule:
         epochs_per_stage=st.epochs_per_stage,
         patience=st.patience,
         min_delta=st.min_delta,
+    )
+
+
+def term_weights(spec: Spec) -> dict[str, float]:
+    """The weight of each named loss term for the spec's algorithm (see
+    :func:`kdray.algorithms.term_weights`)."""
+    w = spec.distill.losses
+    return algorithms.term_weights(
+        spec.distill.algorithm,
+        soft=w.soft.weight,
+        hard=w.hard.weight,
+        attention=w.attention.weight,
+        hidden=w.hidden.weight,
     )
 
 

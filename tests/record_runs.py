@@ -224,7 +224,7 @@ def main() -> None:
     spec.loader.exec_module(tests_conftest)
     import torch
 
-    from kdray.train import distill
+    from kdray.distill import distill
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="kdray-record-") as tmp:

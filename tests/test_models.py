@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import make_tiny_bert
 from kdray import models
+from kdray import teacher as teacher_mod
 from kdray.models import ModelError, Projections, build_student, resolve_layer_map
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -286,11 +287,11 @@ def test_encoder_parts_numbering(teacher: nn.Module) -> None:
 
 def test_save_teacher_round_trip(teacher: nn.Module, tiny_bert: Path, tmp_path: Path) -> None:
     tokenizer = models.load_tokenizer(str(tiny_bert))
-    key = models.teacher_key({"a": 1, "b": [1, 2]})
-    assert key == models.teacher_key({"b": [1, 2], "a": 1})
-    assert key != models.teacher_key({"a": 2, "b": [1, 2]})
-    target = models.cached_teacher_dir(tmp_path, key)
-    info = models.save_teacher(
+    key = teacher_mod.teacher_key({"a": 1, "b": [1, 2]})
+    assert key == teacher_mod.teacher_key({"b": [1, 2], "a": 1})
+    assert key != teacher_mod.teacher_key({"a": 2, "b": [1, 2]})
+    target = teacher_mod.teacher_dir(tmp_path, key)
+    info = teacher_mod.save_teacher(
         teacher, tokenizer, target, {"id": key, "dev_metrics": {"accuracy": 0.5}, "settings": {}}
     )
     assert Path(info.path) == target.resolve()
@@ -298,12 +299,12 @@ def test_save_teacher_round_trip(teacher: nn.Module, tiny_bert: Path, tmp_path: 
     assert [p.name for p in target.parent.iterdir()] == [key]  # no temp folder left
     reloaded = models.load_classifier(info.path, 2)
     assert _same(reloaded, teacher)
-    assert models.TeacherInfo.read(tmp_path / "nothing") is None
+    assert teacher_mod.TeacherInfo.read(tmp_path / "nothing") is None
 
 
 def test_model_fingerprint_follows_the_files(tmp_path: Path) -> None:
     a = make_tiny_bert(tmp_path / "a", layers=1, seed=1)
     b = make_tiny_bert(tmp_path / "b", layers=1, seed=1)
     c = make_tiny_bert(tmp_path / "c", layers=1, seed=2)
-    assert models.model_fingerprint(str(a)) == models.model_fingerprint(str(b))
-    assert models.model_fingerprint(str(a)) != models.model_fingerprint(str(c))
+    assert teacher_mod.model_fingerprint(str(a)) == teacher_mod.model_fingerprint(str(b))
+    assert teacher_mod.model_fingerprint(str(a)) != teacher_mod.model_fingerprint(str(c))

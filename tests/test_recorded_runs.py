@@ -20,7 +20,7 @@ import pytest
 from record_runs import RECORDED, differences, run_recorded
 
 from conftest import make_tiny_bert
-from kdray.train import distill
+from kdray.distill import distill
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdray import models, results
+from kdray import results
+from kdray.results import RunResult
 from kdray.spec import spec_from_dict
-from kdray.train import RunResult
+from kdray.teacher import TeacherInfo
 
 
 def _files(folder: Path) -> list[str]:
@@ -101,7 +102,7 @@ def _run_result(records: list[dict], status: str = "ok") -> RunResult:
         epochs_run=len(records),
         records=records,
         wall_time=1.5,
-        teacher=models.TeacherInfo(path="/t", id="abc", dev_metrics={"accuracy": 0.8}),
+        teacher=TeacherInfo(path="/t", id="abc", dev_metrics={"accuracy": 0.8}),
         student_params=10,
         teacher_params=20,
         error=None if status == "ok" else "loss became nan",

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from kdray.schedule import ALGORITHMS, Stage, StageSchedule, build_stages
+from kdray.algorithms import ALGORITHMS, build_stages
+from kdray.schedule import Stage, StageSchedule
 
 
 def _summary(stages: list[Stage]) -> list[tuple]:

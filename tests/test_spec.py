@@ -257,7 +257,7 @@ def test_cli_reports_a_bad_override_cleanly(tmp_path: Path, monkeypatch) -> None
 
     path = _write(tmp_path, BASE)
     calls: list[object] = []
-    monkeypatch.setattr("kdray.train.distill", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("kdray.distill.distill", lambda *a, **k: calls.append(a))
     result = CliRunner().invoke(cli.app, ["run", str(path), "--set", "train.lrr=1e-4"])
     assert result.exit_code == 2, result.output
     assert "train.lrr" in result.output and "unknown key" in result.output
@@ -403,8 +403,8 @@ def test_search_errors_stop_the_cli_before_anything_runs(tmp_path: Path, monkeyp
     from kdray import cli
 
     called: list[str] = []
-    monkeypatch.setattr("kdray.train.distill", lambda *a, **k: called.append("distill"))
-    monkeypatch.setattr("kdray.train.ensure_teacher", lambda *a, **k: called.append("teacher"))
+    monkeypatch.setattr("kdray.distill.distill", lambda *a, **k: called.append("distill"))
+    monkeypatch.setattr("kdray.teacher.ensure_teacher", lambda *a, **k: called.append("teacher"))
     for search in (
         {"distill.algorithm": {"choice": ["sid", "bogus"]}},
         {"train.lr": {"uniform": [1e-3, 1e-5]}},

@@ -17,15 +17,9 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_spec_dict
+from kdray.plan import OBJECTIVE, RUNG_TIME, OptunaSpace, active_values
 from kdray.spec import spec_from_dict
-from kdray.tune import (
-    OBJECTIVE,
-    RUNG_TIME,
-    OptunaSpace,
-    active_values,
-    make_scheduler,
-    run_sweep,
-)
+from kdray.sweep import make_scheduler, run_sweep
 
 ray = pytest.importorskip("ray")
 
@@ -245,7 +239,7 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
     from kdray.report import paired_comparison
-    from kdray.tune import run_ablation
+    from kdray.sweep import run_ablation
 
     spec_dict = tiny_spec_dict(tiny_bert, name="abl", train={"epochs": 2})
     spec_dict["distill"] = {"algorithm": "soft"}
@@ -282,10 +276,10 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
 
 def _dying_trainable(marker: Path) -> Any:
     """A trial that kills its own worker process right after its epoch-2 checkpoint, once."""
-    import kdray.tune as kdray_tune
+    import kdray.sweep as kdray_sweep
 
     def trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
-        real = kdray_tune.distill
+        real = kdray_sweep.distill
 
         def distill_then_die(spec: Any, report: Any, **kwargs: Any) -> Any:
             def report_then_die(record: dict[str, Any], save: Any) -> None:
@@ -296,11 +290,11 @@ def _dying_trainable(marker: Path) -> Any:
 
             return real(spec, report=report_then_die, **kwargs)
 
-        kdray_tune.distill = distill_then_die
+        kdray_sweep.distill = distill_then_die
         try:
-            kdray_tune.distill_trainable(config, spec_json=spec_json)
+            kdray_sweep.distill_trainable(config, spec_json=spec_json)
         finally:
-            kdray_tune.distill = real
+            kdray_sweep.distill = real
 
     return trainable
 

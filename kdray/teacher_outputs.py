@@ -1,9 +1,14 @@
-"""Teacher-output cache: run the frozen teacher once over the training split, then reuse it.
+"""What the loss terms take from the teacher: live from its forward pass, or from a cache.
+
+:class:`TeacherBatch` is what a batch's loss terms need (logits, mapped layers' [CLS] vectors and
+attention probabilities); a ``TeacherOutputs`` callable gives it for a batch. :class:`LiveOutputs`
+runs the frozen teacher on every batch; :class:`CachedOutputs` serves the same values from the
+teacher-output cache.
 
 In a sweep the teacher is frozen and sees the same training examples in every epoch of every
 trial, so recomputing its forward pass each step (about a third of a step for MiniLM-L6 -> 3
 layers) is waste. :func:`build_cache` runs the teacher once and stores per example, unpadded and
-in float16, everything the loss terms take from it; :class:`CachedTeacher` serves it back as the
+in float16, everything the loss terms take from it; :class:`CachedOutputs` serves it back as the
 ``TeacherBatch`` of any shuffled batch, re-padded to that batch's width.
 
 A cache folder (content-addressed by :func:`cache_key`) holds standard safetensors files, which
@@ -23,30 +28,27 @@ Teacher layers are numbered from 1 as in the rest of kdray (hidden_states[l], at
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
 import struct
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import filelock
 import numpy as np
 import torch
 from torch import nn
 
-from kdray import data, models
-from kdray import train as _train  # module object only: train.py may import this module too
+from kdray import algorithms, data, engine
+from kdray.spec import Spec, term_weights
+from kdray.store import atomic_dir, cache_root, content_hash
 
 if TYPE_CHECKING:
-    from kdray.train import LiveTeacher, Prepared, TeacherBatch, TeacherOutputs
+    from kdray.teacher import TeacherInfo
 
 __all__ = [
     "ALL_PARTS",
@@ -55,13 +57,17 @@ __all__ = [
     "CacheBudgetError",
     "CacheError",
     "CacheManifest",
-    "CachedTeacher",
+    "CachedOutputs",
     "LayerNotCachedError",
+    "LiveOutputs",
+    "TeacherBatch",
+    "TeacherOutputs",
     "build_cache",
     "cache_key",
     "default_root",
     "estimate_bytes",
     "model_digest",
+    "outputs_factory",
     "split_fingerprint",
     "teacher_outputs_factory",
 ]
@@ -84,6 +90,62 @@ ATTENTION_FILE = "attention.safetensors"
 
 _ST_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
 _NP_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# What the loss terms need, and the live teacher
+
+
+@dataclass
+class TeacherBatch:
+    """What the loss terms need from the teacher for one batch.
+
+    logits [B, C]; hidden[layer] the [CLS] vector [B, D] at the output of teacher layer `layer`;
+    attentions[layer] the attention probabilities [B, H, Q, T] (Q = T, or 1 for [CLS] rows only).
+    """
+
+    logits: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class TeacherOutputs(Protocol):
+    """Gives the teacher's outputs for a batch, for the teacher layers named (1-based)."""
+
+    def __call__(self, batch: dict[str, torch.Tensor], layers: tuple[int, ...]) -> TeacherBatch: ...
+
+
+#: ``(prepared data, teacher model, device) -> TeacherOutputs``: how a run gets its outputs.
+OutputsFactory = Callable[[data.Prepared, nn.Module, torch.device], TeacherOutputs]
+
+
+class LiveOutputs:
+    """Runs the frozen teacher forward for every batch (no gradients, eval mode)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32") -> None:
+        self.model = model.to(device).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.device = device
+        self.precision = precision
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor], layers: tuple[int, ...]) -> TeacherBatch:
+        with engine.autocast(self.device, self.precision):
+            out = self.model(
+                **engine.model_inputs(batch),
+                output_attentions=bool(layers),
+                output_hidden_states=bool(layers),
+            )
+        result = TeacherBatch(logits=out.logits.float())
+        for layer in layers:
+            result.hidden[layer] = out.hidden_states[layer][:, 0].float()
+            result.attentions[layer] = out.attentions[layer - 1].float()
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
 
 
 class CacheError(RuntimeError):
@@ -147,7 +209,7 @@ def cache_key(
         "rows": rows,
         "what": list(_normalise_what(what)),
     }
-    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()
+    return content_hash(ingredients)
 
 
 def split_fingerprint(split: data.TokenizedSplit) -> str:
@@ -334,23 +396,6 @@ class CacheManifest:
 # Building
 
 
-@contextlib.contextmanager
-def _build_lock(target: Path) -> Iterator[None]:
-    """Concurrent trials of a sweep wait for one build instead of each running the teacher."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename still keeps the cache consistent
-        yield
-        return
-    lock_path = target.parent / f".{target.name}.lock"
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _use_eager_attention(model: nn.Module) -> None:
     """Attention probabilities only come out of the eager implementation."""
     impl = getattr(model.config, "_attn_implementation", None)
@@ -414,7 +459,8 @@ def build_cache(
         logger.debug("reusing teacher cache %s", target)
         return existing
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(target):
+    # concurrent trials of a sweep wait for one build instead of each running the teacher
+    with filelock.FileLock(str(target.parent / f".{target.name}.lock")):
         existing = CacheManifest.read(target)  # another process may have built it meanwhile
         if existing is not None and existing.key == key:
             return existing
@@ -433,6 +479,106 @@ def build_cache(
         )
 
 
+@dataclass
+class _Layout:
+    """Where each example's values go: sizes, which attention layers are stored, offsets."""
+
+    n: int
+    n_labels: int
+    hidden_size: int
+    n_heads: int
+    lengths: np.ndarray
+    offsets: np.ndarray
+    hidden_layers: tuple[int, ...]
+    attention_layers: tuple[int, ...]
+    live_layers: tuple[int, ...]
+    sizes: dict[str, int]
+
+
+def _layout(
+    config: Any,
+    split: data.TokenizedSplit,
+    layers: tuple[int, ...],
+    rows: str,
+    max_bytes: int,
+    what: tuple[str, ...],
+) -> _Layout:
+    """Decide what fits in ``max_bytes`` (logits and [CLS] vectors must; attentions as many
+    layers as fit, lowest first) and where every example's attention values start."""
+    n_teacher = int(config.num_hidden_layers)
+    if layers and layers[-1] > n_teacher:
+        raise ValueError(f"teacher layers {list(layers)}: the teacher has layers 1..{n_teacher}")
+    n_heads, hidden_size = int(config.num_attention_heads), int(config.hidden_size)
+    n_labels, n = int(config.num_labels), len(split)
+    lengths = np.asarray(split.lengths, dtype=np.int64)
+    hidden_layers = layers if "hidden" in what else ()
+    sizes = estimate_bytes(split, len(layers), n_heads, hidden_size, n_labels, rows)
+    fixed = sizes["logits"] + 8 * n + (sizes["hidden"] if hidden_layers else 0)
+    if fixed > max_bytes:
+        raise CacheBudgetError(
+            f"teacher cache: logits and [CLS] vectors alone need {_fmt_bytes(fixed)} but the "
+            f"budget is {_fmt_bytes(max_bytes)}"
+        )
+    attention_layers: tuple[int, ...] = ()
+    live_layers: tuple[int, ...] = ()
+    if "attentions" in what and layers:
+        attention_layers, live_layers = _plan_attention(layers, sizes, fixed, n, max_bytes)
+    if live_layers:
+        _warn_live(live_layers, attention_layers, sizes, fixed + 8 * (n + 1), max_bytes)
+    q_len = lengths if rows == "all" else np.ones_like(lengths)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(n_heads * q_len * lengths, out=offsets[1:])
+    return _Layout(
+        n, n_labels, hidden_size, n_heads, lengths, offsets, hidden_layers,
+        attention_layers, live_layers, sizes,
+    )  # fmt: skip
+
+
+def _warn_live(
+    live: tuple[int, ...], cached: tuple[int, ...], sizes: dict[str, int], fixed: int, budget: int
+) -> None:
+    needed = fixed + sizes["attentions"]
+    logger.warning(
+        "teacher cache: the attentions of teacher layers %s do not fit in the budget of %s "
+        "and are computed on the fly (a teacher forward on every batch that needs them); "
+        "cached: layers %s. Caching all layers needs %s (%s per layer's attentions): raise "
+        "teacher.cache.max_gb to at least %.3g to cache everything.",
+        list(live),
+        _fmt_bytes(budget),
+        list(cached) or "none",
+        _fmt_bytes(needed),
+        _fmt_bytes(sizes["attention_per_layer"]),
+        needed / 1e9,
+    )
+
+
+def _allocate(folder: Path, layout: _Layout, key: str, rows: str) -> dict[str, Any]:
+    """Create the (zero-filled) safetensors files and return their writable memmaps."""
+    meta = {"format": FORMAT, "key": key}
+    n = layout.n
+    out_logits = _create_safetensors(
+        folder / LOGITS_FILE,
+        {"lengths": (np.int64, (n,)), "logits": (np.float16, (n, layout.n_labels))},
+        meta,
+    )
+    out_logits["lengths"][:] = layout.lengths
+    out_hidden: dict[str, np.ndarray] = {}
+    if layout.hidden_layers:
+        out_hidden = _create_safetensors(
+            folder / HIDDEN_FILE,
+            {f"L{layer}": (np.float16, (n, layout.hidden_size)) for layer in layout.hidden_layers},
+            meta,
+        )
+    out_attn: dict[str, np.ndarray] = {}
+    if layout.attention_layers:
+        tensors = {"offsets": (np.int64, (n + 1,))}
+        size = int(layout.offsets[-1])
+        tensors |= {f"L{layer}": (np.float16, (size,)) for layer in layout.attention_layers}
+        out_attn = _create_safetensors(folder / ATTENTION_FILE, tensors, {**meta, "rows": rows})
+        out_attn["offsets"][:] = layout.offsets
+    return {"logits": out_logits, "hidden": out_hidden, "attn": out_attn}
+
+
 def _build(
     teacher_model: nn.Module,
     split: data.TokenizedSplit,
@@ -448,119 +594,50 @@ def _build(
     what: tuple[str, ...],
 ) -> CacheManifest:
     started = time.perf_counter()
-    config = teacher_model.config
-    n_teacher = int(config.num_hidden_layers)
-    if layers and layers[-1] > n_teacher:
-        raise ValueError(f"teacher layers {list(layers)}: the teacher has layers 1..{n_teacher}")
-    n_heads, hidden_size = int(config.num_attention_heads), int(config.hidden_size)
-    n_labels = int(config.num_labels)
-    n = len(split)
-    lengths = np.asarray(split.lengths, dtype=np.int64)
-    hidden_layers = layers if "hidden" in what else ()
-    sizes = estimate_bytes(split, len(layers), n_heads, hidden_size, n_labels, rows)
-    fixed = sizes["logits"] + 8 * n + (sizes["hidden"] if hidden_layers else 0)
-    if fixed > max_bytes:
-        raise CacheBudgetError(
-            f"teacher cache: logits and [CLS] vectors alone need {_fmt_bytes(fixed)} but the "
-            f"budget is {_fmt_bytes(max_bytes)}"
-        )
-    attention_layers: tuple[int, ...] = ()
-    live_layers: tuple[int, ...] = ()
-    if "attentions" in what and layers:
-        attention_layers, live_layers = _plan_attention(layers, sizes, fixed, n, max_bytes)
-    if live_layers:
-        needed = fixed + 8 * (n + 1) + sizes["attentions"]
-        logger.warning(
-            "teacher cache: the attentions of teacher layers %s do not fit in the budget of %s "
-            "and are computed on the fly (a teacher forward on every batch that needs them); "
-            "cached: layers %s. Caching all layers needs %s (%s per layer's attentions): raise "
-            "teacher.cache.max_gb to at least %.3g to cache everything.",
-            list(live_layers),
-            _fmt_bytes(max_bytes),
-            list(attention_layers) or "none",
-            _fmt_bytes(needed),
-            _fmt_bytes(sizes["attention_per_layer"]),
-            needed / 1e9,
-        )
-
-    q_len = lengths if rows == "all" else np.ones_like(lengths)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(n_heads * q_len * lengths, out=offsets[1:])
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        meta = {"format": FORMAT, "key": key}
-        out_logits = _create_safetensors(
-            tmp / LOGITS_FILE,
-            {"lengths": (np.int64, (n,)), "logits": (np.float16, (n, n_labels))},
-            meta,
-        )
-        out_logits["lengths"][:] = lengths
-        out_hidden: dict[str, np.ndarray] = {}
-        if hidden_layers:
-            out_hidden = _create_safetensors(
-                tmp / HIDDEN_FILE,
-                {f"L{layer}": (np.float16, (n, hidden_size)) for layer in hidden_layers},
-                meta,
-            )
-        out_attn: dict[str, np.ndarray] = {}
-        if attention_layers:
-            tensors = {"offsets": (np.int64, (n + 1,))}
-            tensors |= {
-                f"L{layer}": (np.float16, (int(offsets[-1]),)) for layer in attention_layers
-            }
-            out_attn = _create_safetensors(tmp / ATTENTION_FILE, tensors, {**meta, "rows": rows})
-            out_attn["offsets"][:] = offsets
-
+    layout = _layout(teacher_model.config, split, layers, rows, max_bytes, what)
+    with atomic_dir(target) as tmp:
+        out = _allocate(tmp, layout, key, rows)
         _run_teacher(
             teacher_model,
             split,
             pad_token_id,
-            lengths,
-            offsets,
+            layout,
             batch_size=batch_size,
             device=device,
             rows=rows,
-            hidden_layers=hidden_layers,
-            attention_layers=attention_layers,
-            out_logits=out_logits["logits"],
-            out_hidden=out_hidden,
-            out_attn=out_attn,
+            out_logits=out["logits"]["logits"],
+            out_hidden=out["hidden"],
+            out_attn=out["attn"],
         )
-        for arrays in (out_logits, out_hidden, out_attn):
+        for arrays in out.values():
             _flush(arrays)
         written = {
-            "logits": int(out_logits["logits"].nbytes),
-            "hidden": sum(int(a.nbytes) for a in out_hidden.values()),
-            "attentions": sum(int(a.nbytes) for k, a in out_attn.items() if k != "offsets"),
+            "logits": int(out["logits"]["logits"].nbytes),
+            "hidden": sum(int(a.nbytes) for a in out["hidden"].values()),
+            "attentions": sum(int(a.nbytes) for k, a in out["attn"].items() if k != "offsets"),
         }
-        del out_logits, out_hidden, out_attn
-
+        del out
         manifest = CacheManifest(
             key=key,
-            n_examples=n,
-            n_labels=n_labels,
-            hidden_size=hidden_size,
-            n_heads=n_heads,
+            n_examples=layout.n,
+            n_labels=layout.n_labels,
+            hidden_size=layout.hidden_size,
+            n_heads=layout.n_heads,
             layers=layers,
             rows=rows,
             what=what,
-            attention_layers=attention_layers,
-            live_layers=live_layers,
+            attention_layers=layout.attention_layers,
+            live_layers=layout.live_layers,
             bytes=written,
-            needed_bytes=sizes,
+            needed_bytes=layout.sizes,
             max_bytes=max_bytes,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             build_seconds=round(time.perf_counter() - started, 3),
         )
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
-        _install(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info(
         "teacher cache: %d examples, %s in %.1f s at %s",
-        n,
+        layout.n,
         _fmt_bytes(sum(manifest.bytes.values())),
         manifest.build_seconds,
         target,
@@ -574,19 +651,18 @@ def _run_teacher(
     model: nn.Module,
     split: data.TokenizedSplit,
     pad_token_id: int,
-    lengths: np.ndarray,
-    offsets: np.ndarray,
+    layout: _Layout,
     *,
     batch_size: int,
     device: torch.device,
     rows: str,
-    hidden_layers: tuple[int, ...],
-    attention_layers: tuple[int, ...],
     out_logits: np.ndarray,
     out_hidden: dict[str, np.ndarray],
     out_attn: dict[str, np.ndarray],
 ) -> None:
     """One eval-mode fp32 pass in length order (little padding); rows land at their index."""
+    lengths, offsets = layout.lengths, layout.offsets
+    hidden_layers, attention_layers = layout.hidden_layers, layout.attention_layers
     was_training = model.training
     model.to(device).eval()
     _use_eager_attention(model)
@@ -596,7 +672,7 @@ def _run_teacher(
             ids = order[start : start + batch_size]
             batch = data.collate([split[int(i)] for i in ids], pad_token_id)
             out = model(
-                **{k: v.to(device) for k, v in _train.model_inputs(batch).items()},
+                **{k: v.to(device) for k, v in engine.model_inputs(batch).items()},
                 output_hidden_states=bool(hidden_layers),
                 output_attentions=bool(attention_layers),
             )
@@ -616,24 +692,11 @@ def _run_teacher(
         model.train(was_training)
 
 
-def _install(tmp: Path, target: Path) -> None:
-    """Atomic swap: readers see the old complete cache or the new one, never a half-written one."""
-    old: Path | None = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Serving
 
 
-class CachedTeacher:
+class CachedOutputs:
     """``TeacherOutputs`` from a cache folder: gathers the batch's examples by ``batch["index"]``
     and re-pads them to the batch width (zeros in padding), as float32 on ``device``.
 
@@ -658,7 +721,7 @@ class CachedTeacher:
         self.device = torch.device(device)
         self.precision = precision
         self.teacher_model = teacher_model
-        self._live: LiveTeacher | None = None
+        self._live: LiveOutputs | None = None
         folder = Path(cache_dir)
         stored = _map_tensors(folder / LOGITS_FILE)
         self._lengths, self._logits = stored["lengths"], stored["logits"]
@@ -691,7 +754,7 @@ class CachedTeacher:
         if missing:
             return self._forward(batch, layers, missing)
         self.stats["cached"] += 1
-        result = _train.TeacherBatch(logits=self._tensor(self._logits[index]))
+        result = TeacherBatch(logits=self._tensor(self._logits[index]))
         width = int(batch["input_ids"].shape[1])
         for layer in layers:
             if layer in self._hidden:
@@ -744,21 +807,21 @@ class CachedTeacher:
                 f"teacher layers {list(missing)} are not in the teacher cache "
                 f"{self.manifest.path} (it holds attentions of layers "
                 f"{list(self.manifest.attention_layers)}, [CLS] vectors of layers "
-                f"{sorted(self._hidden)}); give CachedTeacher a teacher_model to compute them"
+                f"{sorted(self._hidden)}); give CachedOutputs a teacher_model to compute them"
             )
         if self._live is None:
-            self._live = _train.LiveTeacher(self.teacher_model, self.device, self.precision)
+            self._live = LiveOutputs(self.teacher_model, self.device, self.precision)
         self.stats["live"] += 1
         return self._live(batch, layers)
 
 
 # ---------------------------------------------------------------------------------------------
-# The factory train.distill takes
+# The factories distill() takes
 
 
 def default_root() -> Path:
     """Where caches go unless told otherwise: next to the tokenised data and teachers."""
-    return models.cache_root() / "teacher-outputs"
+    return cache_root() / "teacher-outputs"
 
 
 def teacher_outputs_factory(
@@ -773,16 +836,18 @@ def teacher_outputs_factory(
     root: str | Path | None = None,
     batch_size: int = 64,
     precision: str = "fp32",
-) -> Callable[[Prepared, nn.Module, torch.device], TeacherOutputs]:
-    """``(prepared, teacher_model, device) -> TeacherOutputs`` for ``train.distill``: builds or
+) -> OutputsFactory:
+    """``(prepared, teacher_model, device) -> TeacherOutputs`` for ``distill()``: builds or
     reuses the cache of ``prepared.train`` under ``root/<cache_key>`` and serves it.
 
     ``layers`` are the teacher layers the layer map uses; ``teacher_id`` should be a content id
     of the teacher (``TeacherInfo.id``), else the weights are hashed. When even the logits and
-    [CLS] vectors exceed ``max_bytes`` the factory warns and falls back to ``LiveTeacher``.
+    [CLS] vectors exceed ``max_bytes`` the factory warns and falls back to ``LiveOutputs``.
     """
 
-    def make(prepared: Prepared, teacher_model: nn.Module, device: torch.device) -> TeacherOutputs:
+    def make(
+        prepared: data.Prepared, teacher_model: nn.Module, device: torch.device
+    ) -> TeacherOutputs:
         split = prepared.train
         ident = teacher_id or "weights:" + model_digest(teacher_model)
         key = cache_key(ident, task, split_fingerprint(split), max_seq_length, layers, rows, what)
@@ -803,9 +868,56 @@ def teacher_outputs_factory(
             )
         except CacheBudgetError as error:
             logger.warning("%s: running the teacher live instead", error)
-            return _train.LiveTeacher(teacher_model, device, precision)
-        return CachedTeacher(
+            return LiveOutputs(teacher_model, device, precision)
+        return CachedOutputs(
             target / key, teacher_model=teacher_model, device=device, precision=precision
         )
 
     return make
+
+
+def cache_enabled(spec: Spec) -> bool:
+    """``teacher.cache.enabled``: auto caches whenever the teacher is used for more than one
+    epoch (building the cache costs about one epoch of teacher forwards)."""
+    setting = spec.teacher.cache.enabled
+    if setting in (False, "off"):
+        return False
+    if setting in (True, "on"):
+        return True
+    return spec.train.epochs > 1 and algorithms.get(spec.distill.algorithm).uses_teacher
+
+
+def cached_parts(spec: Spec) -> tuple[str, ...]:
+    """What a run's loss terms can ask of the cache: [CLS] vectors only when the hidden term
+    weighs something, attention maps only when the attention term does."""
+    weights = term_weights(spec)
+    parts = ["logits"]
+    if weights["hidden"] > 0:
+        parts.append("hidden")
+    if weights["attention"] > 0:
+        parts.append("attentions")
+    return tuple(parts)
+
+
+def outputs_factory(
+    spec: Spec,
+    layer_map: list[int],
+    teacher: TeacherInfo,
+    root: str | Path | None = None,
+) -> OutputsFactory:
+    """How a run of ``spec`` gets its teacher outputs: the cache of its mapped layers when
+    ``teacher.cache`` is on, else the live teacher."""
+    if not cache_enabled(spec):
+        precision = spec.train.precision
+        return lambda prepared, model, device: LiveOutputs(model, device, precision)
+    return teacher_outputs_factory(
+        task=spec.task,
+        max_seq_length=spec.data.max_seq_length,
+        layers=tuple(sorted(set(layer_map))),
+        rows=spec.distill.losses.attention.rows,
+        max_bytes=int(spec.teacher.cache.max_gb * 1e9),
+        teacher_id=teacher.id,
+        what=cached_parts(spec),
+        root=root or spec.teacher.cache.dir or cache_root(spec.data.cache_dir) / "teacher-outputs",
+        precision=spec.train.precision,
+    )

@@ -14,9 +14,11 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import FIXTURE_GLUE, SHARED_GLUE, tiny_spec_dict
-from kdray import data, losses, models, results, train
-from kdray.schedule import build_stages
+from kdray import data, engine, losses, models, results, teacher
+from kdray import distill as D
+from kdray.algorithms import build_stages
 from kdray.spec import Spec, spec_from_dict
+from kdray.teacher_outputs import LiveOutputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +52,7 @@ def test_gradients_reach_student_and_projections_never_teacher(tiny_bert: Path) 
     )
     projections = models.Projections(16, teacher_model.config.hidden_size, 2)
     assert projections.needed
-    teacher = train.LiveTeacher(teacher_model, torch.device("cpu"))
+    teacher = LiveOutputs(teacher_model, torch.device("cpu"))
     tokenizer = models.load_tokenizer(str(tiny_bert))
     batch = _batch(tokenizer)
     layer_map = models.resolve_layer_map("skip", 2, 4)
@@ -61,11 +63,9 @@ def test_gradients_reach_student_and_projections_never_teacher(tiny_bert: Path) 
     assert not t_out.logits.requires_grad
     assert set(t_out.attentions) == set(t_out.hidden) == {2, 4}
     student.train()
-    s_out = student(**train.model_inputs(batch), output_attentions=True, output_hidden_states=True)
+    s_out = student(**engine.model_inputs(batch), output_attentions=True, output_hidden_states=True)
     weights = {"soft": 1.0, "hard": 1.0, "attention": 1.0, "hidden": 1.0}
-    terms = train.stage_losses(
-        s_out, t_out, batch, stage, layer_map, weights, projections, 2.0, "all"
-    )
+    terms = D.stage_losses(s_out, t_out, batch, stage, layer_map, weights, projections, 2.0, "all")
     for name in ("soft", "hard", "attention", "hidden", "attention.L1", "hidden.L2", "total"):
         assert name in terms and torch.isfinite(terms[name]), name
     expected = terms["soft"] + terms["hard"] + terms["attention"] + terms["hidden"]
@@ -90,13 +90,13 @@ def test_stage_losses_follow_the_stage_and_weights(tiny_bert: Path) -> None:
         teacher_model, layers=2, init="teacher", init_layers="skip", num_labels=2
     )
     projections = models.Projections(32, 32, 2)
-    teacher = train.LiveTeacher(teacher_model, torch.device("cpu"))
+    teacher = LiveOutputs(teacher_model, torch.device("cpu"))
     batch = _batch(models.load_tokenizer(str(tiny_bert)))
-    s_out = student(**train.model_inputs(batch), output_attentions=True, output_hidden_states=True)
+    s_out = student(**engine.model_inputs(batch), output_attentions=True, output_hidden_states=True)
     t_out = teacher(batch, (2, 4))
     pid_layer2 = build_stages("pid", 2)[1]
     weights = {"soft": 1.0, "hard": 0.0, "attention": 2.0, "hidden": 0.0}
-    terms = train.stage_losses(
+    terms = D.stage_losses(
         s_out, t_out, batch, pid_layer2, [2, 4], weights, projections, 1.0, "all"
     )
     assert set(terms) == {"attention.L2", "attention", "total"}
@@ -195,13 +195,13 @@ def test_cli_teacher(tiny_bert: Path, tmp_path: Path) -> None:
     spec_file.write_text(yaml.safe_dump(tiny_spec_dict(tiny_bert)))
     result = CliRunner().invoke(app, ["teacher", str(spec_file)])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    info = train.ensure_teacher(_spec(tiny_bert))
+    info = teacher.ensure_teacher(_spec(tiny_bert))
     assert f"teacher {info.id}" in result.output
     assert "dev accuracy" in result.output
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / train.STATE_FILE, weights_only=False)["student"]
+    return torch.load(folder / D.STATE_FILE, weights_only=False)["student"]
 
 
 def _changed(before: dict, after: dict, prefix: str) -> bool:
@@ -216,7 +216,7 @@ def test_pid_freeze_lower_keeps_frozen_parts_fixed(tiny_bert: Path, tmp_path: Pa
     def report(record: dict[str, Any], save) -> None:
         save(tmp_path / f"epoch{record['epoch']}")
 
-    assert train.distill(spec, report=report).status == "ok"
+    assert D.distill(spec, report=report).status == "ok"
     e1, e2, e3 = (_state(tmp_path / f"epoch{i}") for i in (1, 2, 3))
     # epoch 2 = stage "layer 2": embeddings and layer 1 frozen, layer 2 trains
     assert not _changed(e1, e2, "bert.embeddings.")
@@ -240,13 +240,13 @@ def test_other_hidden_size_trains_projections(tiny_bert: Path, tmp_path: Path) -
 
     def report(record: dict[str, Any], save) -> None:
         save(checkpoint)
-        state = torch.load(checkpoint / train.STATE_FILE, weights_only=False)["projections"]
+        state = torch.load(checkpoint / D.STATE_FILE, weights_only=False)["projections"]
         if not first:
             first.update({k: v.clone() for k, v in state.items()})
         else:
             assert any(not torch.equal(first[k], state[k]) for k in state)
 
-    result = train.distill(spec, report=report)
+    result = D.distill(spec, report=report)
     assert result.status == "ok", result.error
     assert sorted(first) == ["maps.0.bias", "maps.0.weight", "maps.1.bias", "maps.1.weight"]
     assert first["maps.0.weight"].shape == (32, 16)
@@ -270,32 +270,32 @@ def test_cli_run_failing_spec_exits_nonzero(tiny_bert: Path, tmp_path: Path) -> 
 def test_teacher_cache_reuse(tiny_bert: Path, tmp_path: Path, monkeypatch) -> None:
     spec = _spec(tiny_bert, data={"cache_dir": str(tmp_path / "cache")})
     calls: list[str] = []
-    real = train.fine_tune_teacher
+    real = teacher.fine_tune_teacher
 
     def counting(*args, **kwargs):
         calls.append("train")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "fine_tune_teacher", counting)
-    first = train.ensure_teacher(spec)
+    monkeypatch.setattr(teacher, "fine_tune_teacher", counting)
+    first = teacher.ensure_teacher(spec)
     assert calls == ["train"]
     assert Path(first.path).parent == tmp_path / "cache" / "teachers"
-    assert (Path(first.path) / models.TEACHER_INFO_FILE).is_file()
+    assert (Path(first.path) / teacher.TEACHER_INFO_FILE).is_file()
     assert "accuracy" in first.dev_metrics
 
     def refuse(*args, **kwargs):
         raise AssertionError("the cached teacher should have been reused")
 
-    monkeypatch.setattr(train, "fine_tune_teacher", refuse)
-    second = train.ensure_teacher(spec)
+    monkeypatch.setattr(teacher, "fine_tune_teacher", refuse)
+    second = teacher.ensure_teacher(spec)
     assert second.path == first.path
     assert second.id == first.id
     assert second.dev_metrics == first.dev_metrics
     # Settings that do not touch the teacher reuse it too.
-    assert train.ensure_teacher(spec.with_values({"train.lr": 5e-4})).path == first.path
+    assert teacher.ensure_teacher(spec.with_values({"train.lr": 5e-4})).path == first.path
 
-    monkeypatch.setattr(train, "fine_tune_teacher", counting)
-    other = train.ensure_teacher(spec.with_values({"teacher.lr": 5e-4}))
+    monkeypatch.setattr(teacher, "fine_tune_teacher", counting)
+    other = teacher.ensure_teacher(spec.with_values({"teacher.lr": 5e-4}))
     assert calls == ["train", "train"]
     assert other.path != first.path
     assert other.id != first.id
@@ -307,8 +307,8 @@ def test_teacher_key_covers_what_fine_tuning_uses(tiny_bert: Path) -> None:
     def key(s: Spec) -> str:
         train_ex = data.load_examples(task, "train", s.data.dir)[: s.train.max_train_examples]
         dev_ex = data.load_examples(task, "dev", s.data.dir)
-        fingerprint = train._examples_fingerprint(train_ex, dev_ex)
-        return models.teacher_key(train.teacher_settings(s, fingerprint))
+        fingerprint = data.examples_fingerprint(train_ex, dev_ex)
+        return teacher.teacher_key(teacher.teacher_settings(s, fingerprint))
 
     spec = _spec(tiny_bert)
     base = key(spec)
@@ -344,10 +344,10 @@ def test_bad_metric_is_reported_before_the_teacher(tiny_bert: Path, monkeypatch)
     def refuse(*args, **kwargs):
         raise AssertionError("no teacher should be prepared for a spec that cannot run")
 
-    monkeypatch.setattr(train, "ensure_teacher", refuse)
-    monkeypatch.setattr(train, "fine_tune_teacher", refuse)
+    monkeypatch.setattr(D, "ensure_teacher", refuse)
+    monkeypatch.setattr(teacher, "fine_tune_teacher", refuse)
     with pytest.raises(ValueError, match=r"tune.metric 'f1' is not a dev metric of rte"):
-        train.distill(_spec(tiny_bert, tune={"metric": "f1"}))
+        D.distill(_spec(tiny_bert, tune={"metric": "f1"}))
 
 
 # ------------------------------------------------------------------------------ repeatability
@@ -355,14 +355,14 @@ def test_bad_metric_is_reported_before_the_teacher(tiny_bert: Path, monkeypatch)
 
 def test_same_seed_same_run_other_seed_differs(tiny_bert: Path) -> None:
     spec = _spec(tiny_bert)
-    a = train.distill(spec)
-    b = train.distill(spec)
+    a = D.distill(spec)
+    b = D.distill(spec)
     assert a.status == b.status == "ok"
     assert len(a.records) == 3
     assert _comparable(a.records) == _comparable(b.records)
     assert a.best_metrics == b.best_metrics and a.best_epoch == b.best_epoch
 
-    c = train.distill(spec.with_values({"train.seed": 2}))
+    c = D.distill(spec.with_values({"train.seed": 2}))
     assert c.status == "ok"
     losses_a = [r["loss.total"] for r in a.records]
     losses_c = [r["loss.total"] for r in c.records]
@@ -392,12 +392,12 @@ def test_resume_reproduces_an_uninterrupted_run(
         if record["epoch"] == 1:
             save(checkpoint)
 
-    full = train.distill(spec, report=report)
+    full = D.distill(spec, report=report)
     assert full.status == "ok"
     assert seen == list(range(1, spec.train.epochs + 1))
-    assert (checkpoint / train.STATE_FILE).is_file()
+    assert (checkpoint / D.STATE_FILE).is_file()
 
-    resumed = train.distill(spec, resume_from=checkpoint)
+    resumed = D.distill(spec, resume_from=checkpoint)
     assert resumed.status == "ok", resumed.error
     assert _comparable(resumed.records) == _comparable(full.records)
     # epoch 1 came from the checkpoint, not from training it again
@@ -425,7 +425,7 @@ def test_divergence_is_recorded_and_tables_written(
         return value * float("nan") if calls["n"] >= nan_from_call else value
 
     monkeypatch.setattr(losses, "soft_label_loss", exploding)
-    result = train.distill(spec, output_dir=tmp_path / "out")
+    result = D.distill(spec, output_dir=tmp_path / "out")
     assert result.status == "diverged"
     assert "nan" in result.error
     steps_per_epoch = math.ceil(5 / spec.train.batch_size)  # 5 fixture training rows
@@ -450,7 +450,7 @@ def test_huge_learning_rate_diverges(tiny_bert: Path) -> None:
         distill={"algorithm": "none"},
         train={"lr": 1e30, "max_grad_norm": None, "warmup": 0.0},
     )
-    result = train.distill(spec)
+    result = D.distill(spec)
     assert result.status == "diverged", (result.status, result.records)
     assert result.error and "loss became" in result.error
 
@@ -468,7 +468,7 @@ def test_real_rte_rows(tiny_bert: Path, tmp_path: Path) -> None:
         teacher={"batch_size": 16},
         train={"epochs": 3, "batch_size": 16, "max_train_examples": 64},
     )
-    result = train.distill(spec, output_dir=tmp_path / "out")
+    result = D.distill(spec, output_dir=tmp_path / "out")
     assert result.status == "ok", result.error
     assert [r["stage_name"] for r in result.records] == STAGES["sid"]
     assert all(r["train_examples"] == 64 for r in result.records)
@@ -497,7 +497,7 @@ def test_resume_keeps_the_best_student_whether_or_not_the_checkpoint_epoch_was_b
     spec = _spec(
         tiny_bert, distill={"algorithm": "soft"}, train={"epochs": 3, "diagnostics": False}
     )
-    real_evaluate = train.evaluate
+    real_evaluate = engine.evaluate
 
     def scripted(accuracies: list[float]):
         # dev accuracy per epoch fixed by the test: epoch 1 is the best, epoch 2 is not
@@ -509,17 +509,17 @@ def test_resume_keeps_the_best_student_whether_or_not_the_checkpoint_epoch_was_b
     def report(record: dict[str, Any], save) -> None:
         save(tmp_path / f"ckpt-{record['epoch']}")
 
-    monkeypatch.setattr(train, "evaluate", scripted([0.7, 0.5, 0.6]))
-    full = train.distill(spec, report=report, output_dir=tmp_path / "full")
+    monkeypatch.setattr(engine, "evaluate", scripted([0.7, 0.5, 0.6]))
+    full = D.distill(spec, report=report, output_dir=tmp_path / "full")
     assert full.status == "ok" and full.best_epoch == 1
     expected = load_file(tmp_path / "full" / "student" / "model.safetensors")
     for epoch, is_best, later in ((1, True, [0.5, 0.6]), (2, False, [0.6])):
         folder = tmp_path / f"ckpt-{epoch}"
-        state = torch.load(folder / train.STATE_FILE, weights_only=False)
+        state = torch.load(folder / D.STATE_FILE, weights_only=False)
         assert state["best_is_current"] is is_best
         assert (state["best_state"] is None) is is_best
-        monkeypatch.setattr(train, "evaluate", scripted(later))
-        resumed = train.distill(spec, resume_from=folder, output_dir=tmp_path / f"resumed-{epoch}")
+        monkeypatch.setattr(engine, "evaluate", scripted(later))
+        resumed = D.distill(spec, resume_from=folder, output_dir=tmp_path / f"resumed-{epoch}")
         assert resumed.status == "ok" and resumed.best_epoch == 1
         got = load_file(tmp_path / f"resumed-{epoch}" / "student" / "model.safetensors")
         assert got.keys() == expected.keys()

@@ -1,11 +1,11 @@
-"""What a person watches while kdray works: a progress bar for a run, a live trials table for a
-sweep. Module-level classes, so Ray pickles the sweep's callback by reference."""
+"""What a person watches while kdray works: a progress bar for a run, a live table of a sweep's
+trials. No Ray in here: the sweep's Tune callback (in :mod:`kdray.sweep`) feeds
+:class:`TrialsTable`, and the training loop talks to a :class:`ProgressHook`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from ray.tune import Callback
 from rich.console import Console
 from rich.live import Live
 from rich.progress import (
@@ -18,7 +18,23 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from kdray.spec import Spec
+
+class ProgressHook(Protocol):
+    """What a front end (the CLI's progress bar) is told while a run goes on."""
+
+    def start(self, description: str, total: int) -> None: ...
+    def advance(self, steps: int = 1, **fields: Any) -> None: ...
+    def log(self, message: str) -> None: ...
+    def finish(self, summary: str) -> None: ...
+
+
+class NoProgress:
+    """A ProgressHook that shows nothing (library calls, sweep trials)."""
+
+    def start(self, description: str, total: int) -> None: ...
+    def advance(self, steps: int = 1, **fields: Any) -> None: ...
+    def log(self, message: str) -> None: ...
+    def finish(self, summary: str) -> None: ...
 
 
 class RichProgress:
@@ -61,13 +77,22 @@ class RichProgress:
         self._task = None
 
 
-class LiveTrials(Callback):
-    """A Tune callback keeping a rich table of the trials on screen while a sweep runs."""
+def _short_params(values: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+        for k, v in values.items()
+    )
+
+
+class TrialsTable:
+    """A rich table of a sweep's trials kept on screen while it runs: status, the trial's
+    parameters, its epoch and stage, and the selection metric now and at its best."""
 
     COLUMNS = ("status", "params", "epoch", "stage", "dev", "best")
 
-    def __init__(self, spec: Spec, console: Console) -> None:
-        self.spec = spec
+    def __init__(self, title: str, metric: str, console: Console) -> None:
+        self.title = title
+        self.metric = metric
         self.console = console
         self.rows: dict[str, dict[str, Any]] = {}
         self.live: Live | None = None
@@ -75,14 +100,14 @@ class LiveTrials(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles the run config (callbacks included) into the experiment state; the
         # terminal and the live display hold locks, so they are left behind.
-        return {"spec": self.spec, "rows": self.rows}
+        return {"title": self.title, "metric": self.metric, "rows": self.rows}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["spec"], Console())  # type: ignore[misc]
+        self.__init__(state["title"], state["metric"], Console())  # type: ignore[misc]
         self.rows = state["rows"]
 
-    def _table(self) -> Table:
-        table = Table(title=f"{self.spec.name}: trials")
+    def table(self) -> Table:
+        table = Table(title=f"{self.title}: trials ({self.metric})")
         table.add_column("trial")
         for column in self.COLUMNS:
             table.add_column(column)
@@ -90,45 +115,30 @@ class LiveTrials(Callback):
             table.add_row(trial_id, *(str(row.get(c, "")) for c in self.COLUMNS))
         return table
 
-    def _update(self, trial: Any, **fields: Any) -> None:
-        from kdray.tune import trial_spec
-
-        row = self.rows.setdefault(trial.trial_id, {})
-        if "params" not in row:
-            _, values = trial_spec(self.spec, trial.config)
-            row["params"] = " ".join(
-                f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                for k, v in values.items()
-            )
+    def update(self, trial_id: str, params: dict[str, Any] | None = None, **fields: Any) -> None:
+        """Set a trial's fields (``params`` once, as the values it runs with) and redraw."""
+        row = self.rows.setdefault(trial_id, {})
+        if params is not None and "params" not in row:
+            row["params"] = _short_params(params)
         row.update(fields)
         if self.live is None:
-            self.live = Live(self._table(), console=self.console, refresh_per_second=2)
+            self.live = Live(self.table(), console=self.console, refresh_per_second=2)
             self.live.start()
-        self.live.update(self._table())
+        self.live.update(self.table())
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._update(trial, status="running")
-
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
-        metric = next((k for k in result if k.startswith("dev.")), None)
-        best = result.get("objective")
-        self._update(
-            trial,
+    def result(self, trial_id: str, result: dict[str, Any], objective: str) -> None:
+        """An epoch's report: the selection metric of that epoch and the best so far."""
+        value = result.get(f"dev.{self.metric}")
+        best = result.get(objective)
+        self.update(
+            trial_id,
             epoch=result.get("epoch", ""),
             stage=result.get("stage_name", ""),
-            dev=f"{result[metric]:.4f}" if metric else "",
+            dev="" if value is None else f"{value:.4f}",
             best="" if best is None or best != best else f"{best:.4f}",
         )
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._update(trial, status="done")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._update(trial, status="error")
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
+    def close(self) -> None:
         if self.live is not None:
             self.live.stop()
             self.live = None

@@ -17,8 +17,9 @@ from safetensors import safe_open
 from torch import nn
 
 from conftest import FIXTURE_GLUE, make_tiny_bert, tiny_spec_dict
-from kdray import data, models, train
-from kdray import teacher_cache as tc
+from kdray import data, engine, models
+from kdray import distill as D
+from kdray import teacher_outputs as tc
 from kdray.schedule import Stage
 from kdray.spec import Spec
 
@@ -107,7 +108,7 @@ def _build(
 
 
 def _batches(split: data.TokenizedSplit, seed: int = 7) -> Iterator[dict[str, torch.Tensor]]:
-    yield from train.make_loader(split, 8, 0, shuffle_seed=seed)
+    yield from engine.make_loader(split, 8, 0, shuffle_seed=seed)
 
 
 def _student(teacher: nn.Module) -> tuple[nn.Module, models.Projections]:
@@ -188,8 +189,8 @@ def test_cached_outputs_and_losses_match_live(
 ) -> None:
     manifest = _build(teacher, split, tmp_path / "cache", rows=rows, key=f"k-{rows}")
     assert manifest.attention_layers == TEACHER_LAYERS and manifest.live_layers == ()
-    cached = tc.CachedTeacher(tmp_path / "cache")  # no teacher model: everything from disk
-    live = train.LiveTeacher(teacher, CPU)
+    cached = tc.CachedOutputs(tmp_path / "cache")  # no teacher model: everything from disk
+    live = tc.LiveOutputs(teacher, CPU)
     student, projections = _student(teacher)
     stage = Stage(0, "all", (1, 2), soft=True, hard=True)
     weights = {"soft": 1.0, "hard": 1.0, "attention": 1.0, "hidden": 1.0}
@@ -220,11 +221,11 @@ def test_cached_outputs_and_losses_match_live(
 
         with torch.no_grad():
             s_out = student(
-                **train.model_inputs(batch), output_attentions=True, output_hidden_states=True
+                **engine.model_inputs(batch), output_attentions=True, output_hidden_states=True
             )
             args = (batch, stage, [2, 4], weights, projections, 2.0, rows)
-            live_terms = train.stage_losses(s_out, want, *args)
-            cached_terms = train.stage_losses(s_out, got, *args)
+            live_terms = D.stage_losses(s_out, want, *args)
+            cached_terms = D.stage_losses(s_out, got, *args)
         assert set(cached_terms) == set(live_terms) >= {
             "soft", "hard", "attention.L1", "attention.L2", "hidden.L1", "hidden.L2", "total"
         }  # fmt: skip
@@ -257,7 +258,7 @@ def test_files_are_standard_safetensors(
         # Example 5 unpadded equals the live teacher's run on that example alone.
         i = 5
         alone = data.collate([split[i]], 0)
-        want = train.LiveTeacher(teacher, CPU)(alone, (2,)).attentions[2][0]
+        want = tc.LiveOutputs(teacher, CPU)(alone, (2,)).attentions[2][0]
         got = flat[offsets[i] : offsets[i + 1]].reshape(4, lengths[i], lengths[i]).float()
         torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
     sizes = tc.estimate_bytes(split, 2, 4, 32, 2, "all")
@@ -298,7 +299,7 @@ def test_same_folder_with_another_key_is_rebuilt(
     manifest = _build(teacher, split, tmp_path / "cache", key="new")
     assert calls[0] == 6
     assert manifest.key == "new" and manifest.layers == TEACHER_LAYERS
-    assert tc.CachedTeacher(tmp_path / "cache").manifest.key == "new"
+    assert tc.CachedOutputs(tmp_path / "cache").manifest.key == "new"
 
 
 def test_factory_never_reuses_a_cache_for_other_settings(
@@ -328,7 +329,7 @@ def test_factory_never_reuses_a_cache_for_other_settings(
     for change in variants:
         before = calls[0]
         outputs = tc.teacher_outputs_factory(**{**base, **change})(prepared, teacher, CPU)
-        assert isinstance(outputs, tc.CachedTeacher)
+        assert isinstance(outputs, tc.CachedOutputs)
         assert calls[0] > before, f"{change} reused an existing cache"
         folders.append(Path(outputs.manifest.path))
         assert folders[-1].name == outputs.manifest.key
@@ -348,13 +349,13 @@ def test_batch_of_another_split_is_refused(
     teacher: nn.Module, tokenizer: Any, split: data.TokenizedSplit, tmp_path: Path
 ) -> None:
     _build(teacher, split, tmp_path / "cache")
-    cached = tc.CachedTeacher(tmp_path / "cache")
+    cached = tc.CachedOutputs(tmp_path / "cache")
     shorter = data.tokenize(_examples(), tokenizer, 16)
     batch = data.collate([shorter[i] for i in range(8)], 0)
     with pytest.raises(tc.CacheError, match="another split"):
         cached(batch, TEACHER_LAYERS)
     with pytest.raises(FileNotFoundError):
-        tc.CachedTeacher(tmp_path / "nothing-here")
+        tc.CachedOutputs(tmp_path / "nothing-here")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +384,8 @@ def test_budget_caches_lowest_layers_warns_and_stays_exact(
         assert sorted(f.keys()) == ["L2", "offsets"]
 
     calls = _count_calls(teacher)
-    live = train.LiveTeacher(teacher, CPU)
-    cached = tc.CachedTeacher(tmp_path / "cache", teacher_model=teacher, device=CPU)
+    live = tc.LiveOutputs(teacher, CPU)
+    cached = tc.CachedOutputs(tmp_path / "cache", teacher_model=teacher, device=CPU)
     student, projections = _student(teacher)
     weights = {"soft": 1.0, "hard": 0.0, "attention": 1.0, "hidden": 1.0}
     for stage, layers in (
@@ -399,17 +400,17 @@ def test_budget_caches_lowest_layers_warns_and_stays_exact(
             want = live(batch, layers)
             with torch.no_grad():
                 s_out = student(
-                    **train.model_inputs(batch), output_attentions=True, output_hidden_states=True
+                    **engine.model_inputs(batch), output_attentions=True, output_hidden_states=True
                 )
                 args = (batch, stage, [2, 4], weights, projections, 2.0, "all")
-                live_terms = train.stage_losses(s_out, want, *args)
-                cached_terms = train.stage_losses(s_out, got, *args)
+                live_terms = D.stage_losses(s_out, want, *args)
+                cached_terms = D.stage_losses(s_out, got, *args)
             assert set(cached_terms) == set(live_terms)
             for name, value in live_terms.items():
                 torch.testing.assert_close(cached_terms[name], value, rtol=RTOL, atol=ATOL)
     assert cached.stats == {"cached": 5, "live": 5}
 
-    without_teacher = tc.CachedTeacher(tmp_path / "cache")
+    without_teacher = tc.CachedOutputs(tmp_path / "cache")
     batch = next(_batches(split))
     assert set(without_teacher(batch, (2,)).attentions) == {2}
     with pytest.raises(KeyError, match=r"teacher layers \[4\] are not in the teacher cache"):
@@ -431,7 +432,7 @@ def test_budget_below_logits_and_hidden(
     )
     with caplog.at_level(logging.WARNING, logger="kdray"):
         outputs = make(SimpleNamespace(train=split, tokenizer=tokenizer), teacher, CPU)
-    assert isinstance(outputs, train.LiveTeacher)
+    assert isinstance(outputs, tc.LiveOutputs)
     assert "running the teacher live" in caplog.text
 
 
@@ -441,19 +442,19 @@ def test_what_without_attentions_stores_none(
     manifest = _build(teacher, split, tmp_path / "cache", what=("logits", "hidden"))
     assert manifest.attention_layers == () and manifest.live_layers == ()
     assert not (tmp_path / "cache" / tc.ATTENTION_FILE).exists()
-    out = tc.CachedTeacher(tmp_path / "cache")(next(_batches(split)), TEACHER_LAYERS)
+    out = tc.CachedOutputs(tmp_path / "cache")(next(_batches(split)), TEACHER_LAYERS)
     assert set(out.hidden) == set(TEACHER_LAYERS) and out.attentions == {}
 
 
 # ---------------------------------------------------------------------------------------------
-# Through train.distill
+# Through D.distill
 
 
 def test_distill_with_the_cache_factory_matches_live(teacher_dir: Path, tmp_path: Path) -> None:
     spec = Spec.model_validate(
         tiny_spec_dict(teacher_dir, train={"epochs": 3, "batch_size": 2, "seed": 1})
     )
-    live = train.distill(spec)
+    live = D.distill(spec)
     factory = tc.teacher_outputs_factory(
         task="rte",
         max_seq_length=32,
@@ -468,10 +469,10 @@ def test_distill_with_the_cache_factory_matches_live(teacher_dir: Path, tmp_path
         made.append(factory(*args))
         return made[-1]
 
-    cached = train.distill(spec, teacher_outputs=recording)
+    cached = D.distill(spec, teacher_outputs=recording)
     assert live.status == cached.status == "ok", (live.error, cached.error)
     (outputs,) = made
-    assert isinstance(outputs, tc.CachedTeacher)
+    assert isinstance(outputs, tc.CachedOutputs)
     assert outputs.stats["cached"] == 9 and outputs.stats["live"] == 0  # 3 epochs x 3 batches
     for want, got in zip(live.records, cached.records, strict=True):
         losses = [k for k in want if k.startswith("loss.")]

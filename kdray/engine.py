@@ -1,0 +1,263 @@
+"""The training engine: device, seeding, optimiser and LR schedule, loaders, evaluation and the
+one training step. Distillation, teacher fine-tuning and the benchmarks all train through
+:func:`train_step`, so mixed precision, gradient scaling, clipping and the divergence check are
+written once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from kdray import data
+
+__all__ = [
+    "DivergedError",
+    "Optimization",
+    "autocast",
+    "evaluate",
+    "linear_schedule",
+    "make_loader",
+    "make_optimization",
+    "make_optimizer",
+    "model_inputs",
+    "pick_device",
+    "predict",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "to_device",
+    "train_step",
+]
+
+
+class DivergedError(FloatingPointError):
+    """The loss of a step was NaN or infinite: the run cannot go on."""
+
+    def __init__(self, loss: float) -> None:
+        super().__init__(f"loss became {loss}")
+        self.loss = loss
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch (all devices) from one seed, as transformers seeds them."""
+    transformers.set_seed(seed % 2**32)
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """Mixed precision on accelerators; the CPU always runs fp32."""
+    if device.type == "cpu" or precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def make_optimizer(modules: list[nn.Module], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without decay on biases and LayerNorm weights, as in BERT fine-tuning."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, param in module.named_parameters():
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then linear decay to zero (the original BERT schedule)."""
+    warmup_steps = int(total_steps * warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Optimization:
+    """What a training step updates and a checkpoint saves: optimiser, LR schedule, gradient
+    scaler (active for fp16 on CUDA only) and the parameters whose gradient norm is clipped."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    clip: list[nn.Parameter]
+    max_grad_norm: float | None
+    device: torch.device
+    precision: str
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+
+def make_optimization(
+    modules: list[nn.Module],
+    *,
+    lr: float,
+    weight_decay: float,
+    warmup: float,
+    total_steps: int,
+    max_grad_norm: float | None,
+    device: torch.device,
+    precision: str,
+    clip: Iterable[nn.Parameter] | None = None,
+) -> Optimization:
+    """AdamW + linear warm-up/decay + a GradScaler for ``modules``; ``clip`` defaults to every
+    parameter the optimiser holds (in its group order)."""
+    optimizer = make_optimizer(modules, lr, weight_decay)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return Optimization(
+        optimizer=optimizer,
+        scheduler=linear_schedule(optimizer, total_steps, warmup),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        clip=list(clip) if clip is not None else params,
+        max_grad_norm=max_grad_norm,
+        device=device,
+        precision=precision,
+    )
+
+
+def train_step(
+    opt: Optimization,
+    forward: Callable[[], Any],
+    loss: Callable[[Any], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """One optimisation step: ``forward()`` under autocast, ``loss(output)`` in fp32 giving the
+    named terms and their weighted ``total``, then scaled backward, clipping, optimiser,
+    scaler and LR schedule. A non-finite total raises :class:`DivergedError` before any
+    parameter changes."""
+    with autocast(opt.device, opt.precision):
+        output = forward()
+    terms = loss(output)
+    total = terms["total"]
+    if not torch.isfinite(total):
+        raise DivergedError(float(total.detach()))
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scaler.scale(total).backward()
+    if opt.max_grad_norm:
+        opt.scaler.unscale_(opt.optimizer)
+        nn.utils.clip_grad_norm_(opt.clip, opt.max_grad_norm)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.scheduler.step()
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and evaluation
+
+
+def make_loader(
+    split: Dataset, batch_size: int, pad_id: int, *, shuffle_seed: int | None = None
+) -> DataLoader:
+    """Shuffling uses its own generator seeded per epoch, so a resumed run sees the same order."""
+    if shuffle_seed is None:
+        sampler: Any = SequentialSampler(split)
+    else:
+        sampler = RandomSampler(split, generator=torch.Generator().manual_seed(shuffle_seed))
+    return DataLoader(
+        split,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=lambda batch: data.collate(batch, pad_id),
+    )
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys a BERT forward takes (a batch also carries labels and example indices)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and gold labels over a whole split, in split order."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        logits.append(model(**model_inputs(batch)).logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+    model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(
+    model: nn.Module, loader: DataLoader, task: data.GlueTask, device: torch.device
+) -> dict[str, float]:
+    """The task's dev metrics of ``model`` over ``loader``."""
+    logits, labels = predict(model, loader, device)
+    return data.compute_metrics(task, logits.argmax(-1), labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random state, as plain data (a checkpoint loads with torch.load(weights_only=True))
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator's state as tensors, lists and numbers."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(py_state), gauss],
+        "numpy": [name, torch.from_numpy(np.asarray(keys).copy()), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

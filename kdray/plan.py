@@ -1,0 +1,243 @@
+"""Which trials an experiment runs, decided without Ray: the search space, the ablation cells,
+the spec each trial runs, and the best trial of a table.
+
+- The search space comes from the spec's ``search:`` block; Optuna samples it define-by-run
+  (:class:`OptunaSpace`), so a conditional parameter is only sampled where its ``when`` holds.
+- An ablation is every cell of its grid once per seed; with a sweep, each cell starts from the
+  best trial of its algorithm there.
+- A trial reports :data:`OBJECTIVE` (the best dev metric so far over epochs in which the
+  classifier was trained) at time :data:`RUNG_TIME` (the number of such epochs), so staged
+  algorithms (pid, sid) are compared with others only after the same classifier epochs.
+
+Pure Python and pandas: :mod:`kdray.sweep` hands these to Ray Tune.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kdray import results
+from kdray.spec import Distribution, Spec
+from kdray.store import json_cell
+
+OBJECTIVE = "objective"  # best dev metric so far over classifier-trained epochs; NaN before
+RUNG_TIME = "kd_epoch"  # epochs in which the classifier was trained (ASHA's time axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space
+
+
+def decode(dist: Distribution | None, value: Any) -> Any:
+    """A categorical value back from the JSON text it travelled as (explicit layer lists)."""
+    if dist is None:
+        return value
+    if dist.kind in ("choice", "grid") and isinstance(value, str):
+        if any(isinstance(v, (list, dict)) for v in dist.values):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                return value
+    return value
+
+
+def ordered(search: dict[str, Distribution]) -> list[str]:
+    """Parameters in an order where every condition's key is sampled before it is used."""
+    order: list[str] = []
+    pending = list(search)
+    while pending:
+        progressed = False
+        for key in list(pending):
+            deps = [k for k in (search[key].when or {}) if k in search and k not in order]
+            if not deps:
+                order.append(key)
+                pending.remove(key)
+                progressed = True
+        if not progressed:
+            raise ValueError(f"search: conditions form a cycle among {pending}")
+    return order
+
+
+def condition_holds(dist: Distribution, values: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether ``dist``'s ``when`` holds for the values sampled so far (else the spec's)."""
+    for key, allowed in (dist.when or {}).items():
+        current = values.get(key, base.get(key))
+        if current not in allowed and json_cell(current) not in [json_cell(a) for a in allowed]:
+            return False
+    return True
+
+
+def active_values(spec: Spec, sampled: dict[str, Any]) -> dict[str, Any]:
+    """The sampled values whose conditions hold, decoded; the rest keep the spec's value."""
+    base = spec.flat()
+    out: dict[str, Any] = {}
+    for key in ordered(spec.search):
+        if key not in sampled:
+            continue
+        dist = spec.search[key]
+        if condition_holds(dist, out, base):
+            out[key] = decode(dist, sampled[key])
+    return out
+
+
+class OptunaSpace:
+    """A define-by-run space: Optuna asks for a parameter only when its condition holds.
+
+    A module-level class, not a closure, so Ray can pickle the searcher into the experiment
+    checkpoint that ``Tuner.restore`` reads back.
+    """
+
+    def __init__(self, spec: Spec) -> None:
+        self.search = dict(spec.search)
+        self.base = spec.flat()
+        self.order = ordered(self.search)
+
+    def __call__(self, trial: Any) -> None:
+        chosen: dict[str, Any] = {}
+        for key in self.order:
+            dist = self.search[key]
+            if not condition_holds(dist, chosen, self.base):
+                continue
+            kind, values = dist.kind, dist.values
+            if kind in ("choice", "grid"):
+                encoded = trial.suggest_categorical(key, [json_cell(v) for v in values])
+                chosen[key] = decode(dist, encoded)
+            elif kind == "uniform":
+                chosen[key] = trial.suggest_float(key, values[0], values[1])
+            elif kind == "loguniform":
+                chosen[key] = trial.suggest_float(key, values[0], values[1], log=True)
+            else:
+                chosen[key] = trial.suggest_int(key, values[0], values[1])
+
+
+def trial_spec(base: Spec, config: dict[str, Any]) -> tuple[Spec, dict[str, Any]]:
+    """The spec one trial runs, and the parameter values that were active for it."""
+    if "ablation" in config:
+        trial = config["ablation"]
+        values = {**trial["values"], "train.seed": trial["seed"]}
+        return base.with_values(values), values
+    sampled = {k: v for k, v in config.items() if k in base.search}
+    values = active_values(base, sampled)
+    return base.with_values(values), values
+
+
+def max_epochs(spec: Spec) -> int:
+    """The most epochs a trial can run (the largest searched ``train.epochs``)."""
+    epochs = spec.search.get("train.epochs")
+    return int(max(epochs.values)) if epochs is not None else spec.train.epochs
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher-output caches an experiment needs
+
+
+def cache_variants(spec: Spec, extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every (layer_map, student.layers, attention rows) a trial of this experiment can run
+    with teacher-output caching on, from the search space, the ablation cells and the spec."""
+
+    def candidates(key: str) -> list[Any]:
+        values = [spec.flat()[key]]
+        dist = spec.search.get(key)
+        if dist is not None and dist.kind in ("choice", "grid"):
+            values += list(dist.values)
+        values += [cell[key] for cell in extra or [] if key in cell]
+        unique: list[Any] = []
+        for value in values:
+            if value not in unique:
+                unique.append(value)
+        return unique
+
+    if not any(
+        spec.with_values(cell).teacher.cache.enabled not in (False, "off") for cell in extra or [{}]
+    ):
+        return []
+    keys = ("distill.layer_map", "student.layers", "distill.losses.attention.rows")
+    return [
+        dict(zip(keys, combo, strict=True))
+        for combo in itertools.product(*(candidates(k) for k in keys))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablations: every cell of a grid once per seed, no pruning, paired by seed
+
+
+def cell_name(values: dict[str, Any]) -> str:
+    return ",".join(f"{k}={json_cell(v)}" for k, v in values.items())
+
+
+def ablation_cells(spec: Spec, from_sweep: str | Path | None = None) -> list[dict[str, Any]]:
+    """The grid of the ``ablation.axes``; each cell starts from the spec's settings or, with a
+    sweep, from the best trial of the same algorithm there (its sampled ``param.*`` values)."""
+    if spec.ablation is None or not spec.ablation.axes:
+        raise ValueError("the spec has no ablation.axes: nothing to ablate")
+    axes = spec.ablation.axes
+    sweep_trials = results.load(from_sweep)[0] if from_sweep else None
+    cells = []
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo, strict=True))
+        base: dict[str, Any] = {}
+        source = "spec"
+        if sweep_trials is not None:
+            best = _best_matching(sweep_trials, values, spec)
+            if best is not None:
+                source = f"sweep:{best['trial_id']}"
+                base = _sampled_settings(best, spec, exclude=set(axes))
+        cells.append({"cell": cell_name(values), "values": {**base, **values}, "source": source})
+    for cell in cells:
+        spec.with_values(cell["values"])  # every cell must be a valid spec before Ray starts
+    return cells
+
+
+def ablation_trials(
+    spec: Spec, from_sweep: str | Path | None = None, seeds: list[int] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(cells, trials)``: the cells and every cell x seed as one trial's config."""
+    cells = ablation_cells(spec, from_sweep)
+    run_seeds = seeds or (spec.ablation.seeds if spec.ablation else [spec.train.seed])
+    return cells, [{**cell, "seed": seed} for cell in cells for seed in run_seeds]
+
+
+def _sampled_settings(row: dict[str, Any], spec: Spec, exclude: set[str]) -> dict[str, Any]:
+    """A sweep trial's sampled ``param.*`` values as settings (null ones left out)."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        setting = key.removeprefix("param.")
+        if key.startswith("param.") and setting not in exclude and _present(value):
+            out[setting] = decode(spec.search.get(setting), value)
+    return out
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _best_matching(trials: pd.DataFrame, values: dict[str, Any], spec: Spec) -> dict | None:
+    """The best ok sweep trial with the cell's algorithm (the axis a sweep tunes per)."""
+    rows = trials[trials["status"] == "ok"]
+    algorithm = values.get("distill.algorithm")
+    if algorithm is not None and "distill.algorithm" in rows:
+        rows = rows[rows["distill.algorithm"] == algorithm]
+    return best_trial(rows, spec.tune.mode) if not rows.empty else None
+
+
+def best_trial(trials: pd.DataFrame, mode: str = "max") -> dict[str, Any] | None:
+    """The ok trial with the best value of its selection metric, as a row dict."""
+    ok = trials[trials["status"] == "ok"] if "status" in trials else trials
+    if ok.empty:
+        return None
+    metric = ok["metric"].iloc[0]
+    column = f"best.dev.{metric}"
+    if column not in ok:
+        return None
+    ok = ok.dropna(subset=[column])
+    if ok.empty:
+        return None
+    index = ok[column].idxmax() if mode == "max" else ok[column].idxmin()
+    return ok.loc[index].to_dict()

@@ -1,0 +1,636 @@
+"""Sweeps and ablations on Ray Tune: the only kdray module that imports Ray.
+
+Every trial is one :func:`kdray.distill.distill` run (:func:`distill_trainable`). Before the
+trials, one Ray task fine-tunes (or finds) the teacher and copies it into the sweep's storage, and
+another builds the teacher-output caches the trials will read. Ray Tune callbacks, module-level
+classes so Ray pickles them by reference, keep the Parquet tables (:class:`TableWriter`) and the
+live trials table (:class:`LiveTrials`) up to date; ``Tuner.restore`` resumes an interrupted
+experiment. What runs (search space, ablation cells, best trial) is decided in :mod:`kdray.plan`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune import Callback
+
+from kdray import plan, results
+from kdray.distill import distill, selection_metric
+from kdray.plan import OBJECTIVE, RUNG_TIME
+from kdray.progress import TrialsTable
+from kdray.spec import Spec
+from kdray.store import json_cell
+
+logger = logging.getLogger("kdray")
+
+# Ray on one machine: bind to loopback, no usage stats, no dashboard probing the network.
+LOCAL_RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to Ray: an existing cluster when ``address`` is given, else an embedded local
+    instance bound to 127.0.0.1 with no dashboard. Returns True when kdray started Ray."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(
+        address="local",  # a new instance, never whatever cluster happens to run here
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Searchers and schedulers
+
+
+def ray_space(spec: Spec) -> dict[str, Any]:
+    """The search space for Ray's own variant generator (searcher: grid): grid/choice keys are
+    crossed as a grid, ranges sampled; conditions are applied when the trial starts."""
+    space: dict[str, Any] = {}
+    for key, dist in spec.search.items():
+        values = dist.values
+        if dist.kind in ("choice", "grid"):
+            space[key] = tune.grid_search([json_cell(v) for v in values])
+        elif dist.kind == "uniform":
+            space[key] = tune.uniform(*values)
+        elif dist.kind == "loguniform":
+            space[key] = tune.loguniform(*values)
+        else:
+            space[key] = tune.randint(values[0], values[1] + 1)
+    return space
+
+
+def make_searcher(spec: Spec, metric: str = OBJECTIVE) -> Any:
+    """Optuna (TPE, random, CMA-ES, QMC) over the define-by-run space, or None for grid."""
+    if spec.tune.searcher.kind == "grid":
+        return None
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    opts = spec.tune.searcher.optuna
+    seed = opts.seed if opts is not None else None
+    kind = opts.sampler if opts is not None else "random"
+    if spec.tune.searcher.kind == "random":
+        kind = "random"
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
+    }
+    points = [
+        {k: json_cell(v) for k, v in point.items() if k in spec.search}
+        for point in spec.tune.points_to_evaluate
+    ]
+    searcher = OptunaSearch(
+        space=plan.OptunaSpace(spec),
+        metric=metric,
+        mode=spec.tune.mode,
+        sampler=samplers[kind](),
+        points_to_evaluate=points or None,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=spec.tune.max_concurrent)
+
+
+def make_scheduler(spec: Spec, metric: str = OBJECTIVE) -> Any:
+    """ASHA on classifier epochs (:data:`~kdray.plan.RUNG_TIME`), or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    asha = spec.tune.scheduler.asha
+    if asha is None:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=RUNG_TIME,
+        metric=metric,
+        mode=spec.tune.mode,
+        max_t=max(plan.max_epochs(spec), asha.grace_period),
+        grace_period=asha.grace_period,
+        reduction_factor=asha.reduction_factor,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable
+
+
+def distill_trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
+    """One Ray Tune trial: resolve its spec, resume from a checkpoint if Ray gives one, run."""
+    from kdray import teacher
+
+    base = Spec.model_validate(spec_json)
+    spec, _ = plan.trial_spec(base, config)
+    if spec.teacher.checkpoint:
+        spec = spec.with_values(
+            {"teacher.checkpoint": teacher.fetch(spec.teacher.checkpoint, spec)}
+        )
+    metric = selection_metric(spec)
+    node = ray.get_runtime_context().get_node_id()
+    started = time.time()
+
+    checkpoint = tune.get_checkpoint()
+    resume_dir: str | None = None
+    if checkpoint is not None:
+        resume_dir = tempfile.mkdtemp(prefix="kdray-resume-")
+        checkpoint.to_directory(resume_dir)
+
+    def report(record: dict[str, Any], save: Callable[[str | Path], None]) -> None:
+        # Each record carries the run's best so far (classifier-trained epochs only).
+        metrics = {
+            **record,
+            RUNG_TIME: record["classifier_epochs"],
+            OBJECTIVE: record.get(f"best.dev.{metric}", math.nan),
+            "node_id": node,
+            "status": "running",
+        }
+        with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as folder:
+            saving = time.perf_counter()
+            save(folder)
+            # what a resumable trial costs over a direct run, per epoch (Ray then copies it)
+            metrics["checkpoint_seconds"] = time.perf_counter() - saving
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    result = distill(spec, report=report, resume_from=resume_dir)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    if result.status != "ok" or not result.records:
+        # Diverged or raised inside the loop: record it and end the trial normally (a retry
+        # would fail the same way); a lost worker is retried by Ray from the checkpoint.
+        tune.report(
+            {
+                "status": result.status,
+                "error": result.error,
+                "wall_time_trial": time.time() - started,
+                "node_id": node,
+                "final": True,
+                OBJECTIVE: math.nan,
+                RUNG_TIME: 0,
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks: the tables and the live view
+
+_RAY_KEYS = {
+    "timestamp",
+    "checkpoint_dir_name",
+    "done",
+    "training_iteration",
+    "trial_id",
+    "date",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "hostname",
+    "node_ip",
+    "config",
+    "time_since_restore",
+    "iterations_since_restore",
+    "experiment_tag",
+    "should_checkpoint",
+    "status",
+    OBJECTIVE,
+    RUNG_TIME,
+    "node_id",
+}
+
+
+def _record_key(key: str) -> bool:
+    """A key of distill's epoch record (not one Ray or the trainable added)."""
+    return key not in _RAY_KEYS and not key.startswith("config")
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        return Path(path).read_text()[-4000:]
+    return "trial failed (no error file)"
+
+
+class TableWriter(Callback):
+    """Keeps trials.parquet, epochs.parquet and cka.parquet up to date as trials report and
+    finish; rows are keyed by trial id (and epoch), so a resumed sweep never duplicates them."""
+
+    def __init__(self, spec: Spec, out_dir: Path, teacher: Any) -> None:
+        self.spec = spec
+        self.out_dir = out_dir
+        self.teacher = teacher
+        self._reset()
+
+    def _reset(self) -> None:
+        self.records: dict[str, dict[int, dict[str, Any]]] = {}
+        self.last: dict[str, dict[str, Any]] = {}
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.cka: dict[str, list[dict[str, Any]]] = {}
+        self.epoch_rows: dict[tuple[str, int], dict[str, Any]] = {}
+        self._loaded = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tuner.restore brings this writer back from the pickled run config: it must then
+        # read the tables as they are on disk, not carry rows from when it was pickled.
+        return {k: self.__dict__[k] for k in ("spec", "out_dir", "teacher")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    # Tune's hooks
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any):
+        self._load_existing()
+        self.last[trial.trial_id] = {**self.last.get(trial.trial_id, {}), **result}
+        if "epoch" in result and not result.get("final"):
+            record = {k: v for k, v in result.items() if _record_key(k)}
+            self.records.setdefault(trial.trial_id, {})[int(result["epoch"])] = record
+            self.epoch_rows[(trial.trial_id, int(result["epoch"]))] = results.epoch_rows(
+                self.spec, [record], trial_id=trial.trial_id
+            )[0]
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
+        self._end(trial, error=None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
+        self._end(trial, error=_error_text(trial))
+
+    def on_experiment_end(self, trials: list, **_: Any) -> None:
+        """At the end (or on Ctrl-C): every trial gets a row, finished or not."""
+        self._load_existing()
+        for trial in trials:
+            row = self.rows.get(trial.trial_id)
+            if row is None or row["status"] in ("running", "pending", "interrupted"):
+                error = _error_text(trial) if trial.status == "ERROR" else None
+                self._set_row(trial, error, ended=False)
+        self.write()
+
+    # rows
+    def _load_existing(self) -> None:
+        """Rows already written (a resumed sweep) are kept; new rows replace them by key."""
+        if self._loaded:
+            return
+        self._loaded = True
+        existing = results.load_tables(self.out_dir)
+        for row in existing["trials"]:
+            self.rows[row["trial_id"]] = row
+        for row in existing["cka"]:
+            self.cka.setdefault(row["trial_id"], []).append(row)
+        for row in existing["epochs"]:
+            if "epoch" in row and row.get("trial_id") is not None:
+                tid, epoch = row["trial_id"], int(row["epoch"])
+                self.epoch_rows[(tid, epoch)] = row
+                record = {k: v for k, v in row.items() if k not in ("name", "trial_id")}
+                self.records.setdefault(tid, {})[epoch] = record
+
+    def _end(self, trial: Any, error: str | None) -> None:
+        self._load_existing()
+        self._set_row(trial, error, ended=True)
+        self.write()
+
+    def _set_row(self, trial: Any, error: str | None, ended: bool) -> None:
+        """A trials-table row from the trial's records. ``ended``: Tune says it is over
+        (finished, stopped by the scheduler or failed), rather than cut off by an interrupt."""
+        spec, values = plan.trial_spec(self.spec, trial.config)
+        last = self.last.get(trial.trial_id, {})
+        records = [r for _, r in sorted(self.records.get(trial.trial_id, {}).items())]
+        status = _trial_status(last, records, spec.train.epochs, error, ended)
+        result = results.RunResult.from_records(
+            records,
+            status=status,
+            metric=selection_metric(spec),
+            teacher=self.teacher,
+            error=error if error is not None else last.get("error"),
+            wall_time=float(last.get("wall_time_trial") or last.get("time_total_s") or 0.0),
+        )
+        if result.cka is not None:
+            self.cka[trial.trial_id] = results.cka_rows(self.spec.name, trial.trial_id, result.cka)
+        extra = {f"param.{k}": v for k, v in values.items()}
+        if "ablation" in trial.config:
+            ablation = trial.config["ablation"]
+            extra = {k: ablation[k] for k in ("cell", "seed", "source")}
+        extra["node_id"] = last.get("node_id")
+        extra["num_failures"] = getattr(trial, "num_failures", 0)
+        self.rows[trial.trial_id] = results.trial_row(
+            spec, result, trial_id=trial.trial_id, extra=extra
+        )
+
+    def write(self) -> None:
+        rows = sorted(self.rows.values(), key=lambda r: str(r["trial_id"]))
+        cka = [row for _, trial_rows in sorted(self.cka.items()) for row in trial_rows]
+        if cka:
+            results.write_table(cka, self.out_dir / results.CKA_FILE)
+        epochs = [row for _, row in sorted(self.epoch_rows.items(), key=lambda kv: kv[0])]
+        results.write_table(rows, self.out_dir / results.TRIALS_FILE)
+        if epochs:
+            results.write_table(epochs, self.out_dir / results.EPOCHS_FILE)
+
+
+def _trial_status(
+    last: dict[str, Any], records: list[dict], epochs: int, error: str | None, ended: bool
+) -> str:
+    """ok, pruned, diverged/failed (inside the run), error (the trial raised), or
+    interrupted/pending for a trial cut off before it ended or started."""
+    status = last.get("status", "running")
+    if error is not None:
+        return "error"
+    if status not in ("running", "ok"):
+        return status
+    done = records[-1]["epoch"] if records else 0
+    if done >= epochs:
+        return "ok"
+    if ended:
+        return "pruned"  # stopped early by the scheduler
+    return "interrupted" if records else "pending"
+
+
+class LiveTrials(Callback):
+    """Feeds Tune's trial events to a :class:`~kdray.progress.TrialsTable` on screen."""
+
+    def __init__(self, spec: Spec, table: TrialsTable) -> None:
+        self.spec = spec
+        self.table = table
+
+    def _params(self, trial: Any) -> dict[str, Any]:
+        return plan.trial_spec(self.spec, trial.config)[1]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
+        self.table.update(trial.trial_id, self._params(trial), status="running")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any):
+        self.table.update(trial.trial_id, self._params(trial))
+        self.table.result(trial.trial_id, result, OBJECTIVE)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
+        self.table.update(trial.trial_id, self._params(trial), status="done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
+        self.table.update(trial.trial_id, self._params(trial), status="error")
+
+    def on_experiment_end(self, trials: list, **_: Any) -> None:
+        self.table.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher and teacher outputs, once per experiment
+
+
+def _teacher_task(spec_json: dict[str, Any], target: str) -> dict[str, Any]:
+    """Runs as a Ray task: fine-tune (or reuse) the teacher and copy it into the storage."""
+    from kdray import teacher
+
+    spec = Spec.model_validate(spec_json)
+    info = teacher.ensure_teacher(spec)
+    teacher.publish(info, target)
+    return {"id": info.id, "dev_metrics": info.dev_metrics, "settings": info.settings}
+
+
+def _teacher_outputs_task(spec_json: dict[str, Any], variants: list[dict], root: str) -> int:
+    """Runs as a Ray task: build the teacher-output caches the trials will read."""
+    from kdray import data, engine, models
+    from kdray.teacher import ensure_teacher
+    from kdray.teacher_outputs import cache_enabled, outputs_factory
+
+    spec = Spec.model_validate(spec_json)
+    info = ensure_teacher(spec)
+    prepared = data.prepare(spec, info.path)
+    teacher_model = models.load_classifier(info.path, prepared.task.num_labels)
+    device = engine.pick_device(spec.train.device)
+    built = set()
+    for variant in variants:
+        try:
+            variant_spec = spec.with_values(variant)
+            layer_map = models.resolve_layer_map(
+                variant_spec.distill.layer_map,
+                variant_spec.student.layers,
+                models.num_layers(teacher_model),
+            )
+        except (ValueError, models.ModelError):
+            continue  # a combination no trial can run (its trial fails with the reason)
+        marker = (tuple(sorted(set(layer_map))), variant_spec.distill.losses.attention.rows)
+        if marker in built or not cache_enabled(variant_spec):
+            continue
+        outputs_factory(variant_spec, layer_map, info, root=root)(prepared, teacher_model, device)
+        built.add(marker)
+    return len(built)
+
+
+def _prepare_teacher(spec: Spec, store: str, name: str) -> tuple[Any, Spec]:
+    """The teacher fine-tuned (or found) once by a Ray task and copied into the storage; the
+    trials' base spec then points at that copy."""
+    from kdray.teacher import TeacherInfo
+
+    location = f"{store.rstrip('/')}/{name}-teacher"
+    resources = spec.tune.resources
+    task = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(_teacher_task)
+    logger.info("teacher: fine-tuning %s on %s, or reusing it", spec.teacher.model, spec.task)
+    started = time.time()
+    meta = ray.get(task.remote(spec.model_dump(mode="json"), location))
+    logger.info(
+        "teacher %s ready in %.0fs: dev %s",
+        meta["id"],
+        time.time() - started,
+        ", ".join(f"{k} {v:.4f}" for k, v in meta["dev_metrics"].items()),
+    )
+    info = TeacherInfo(location, meta["id"], meta["dev_metrics"], meta["settings"])
+    return info, spec.with_values({"teacher.checkpoint": location})
+
+
+def _prepare_outputs(base: Spec, cells: list[dict] | None, store: str, name: str) -> Spec:
+    """Teacher outputs for every layer set a trial can ask for, built once by one task; with a
+    remote storage URI each node builds (and locks) its own local copy instead."""
+    variants = plan.cache_variants(base, cells)
+    if not variants or "://" in store:
+        return base
+    root = f"{store.rstrip('/')}/{name}-teacher-outputs"
+    resources = base.tune.resources
+    build = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(_teacher_outputs_task)
+    logger.info("teacher outputs: caching them for %d layer set(s)", len(variants))
+    started = time.time()
+    ray.get(build.remote(base.model_dump(mode="json", by_alias=True), variants, root))
+    logger.info("teacher outputs ready in %.0fs", time.time() - started)
+    return base.with_values({"teacher.cache.dir": root})
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiments
+
+
+@dataclass
+class SweepResult:
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    out_dir: Path
+    storage: str
+    best: dict[str, Any] | None
+
+
+@dataclass
+class TrialPlan:
+    """Which trials an experiment runs: a searched space, or an explicit grid (ablations)."""
+
+    param_space: dict[str, Any]
+    searcher: Any
+    scheduler: Any
+    num_samples: int
+    max_concurrent: int | None
+
+
+def _sweep_plan(base: Spec) -> TrialPlan:
+    searcher = make_searcher(base)
+    return TrialPlan(
+        param_space=ray_space(base) if searcher is None else {},
+        searcher=searcher,
+        scheduler=make_scheduler(base),
+        num_samples=base.tune.num_samples,
+        # the Optuna searcher is wrapped in a ConcurrencyLimiter already
+        max_concurrent=base.tune.max_concurrent if searcher is None else None,
+    )
+
+
+def run_sweep(
+    spec: Spec,
+    *,
+    address: str | None = None,
+    storage: str | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: list[Any] | None = None,
+    trainable: Callable[..., None] | None = None,
+) -> SweepResult:
+    """Run (or resume) the spec's search as a Ray Tune experiment and write the tables."""
+    return run_experiment(
+        spec,
+        _sweep_plan,
+        name=spec.name,
+        command="sweep",
+        address=address,
+        storage=storage,
+        out_dir=out_dir,
+        resume=resume,
+        callbacks=callbacks,
+        trainable=trainable,
+    )
+
+
+def run_ablation(
+    spec: Spec,
+    *,
+    from_sweep: str | Path | None = None,
+    seeds: list[int] | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: list[Any] | None = None,
+) -> SweepResult:
+    """Every cell x seed as one Ray Tune trial (FIFO, nothing pruned)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    cells, trials = plan.ablation_trials(spec, from_sweep, seeds)
+
+    def grid(base: Spec) -> TrialPlan:
+        return TrialPlan(
+            param_space={"ablation": tune.grid_search(trials)},
+            searcher=None,
+            scheduler=FIFOScheduler(),
+            num_samples=1,
+            max_concurrent=base.tune.max_concurrent,
+        )
+
+    name = f"{spec.name}-ablation"
+    return run_experiment(
+        spec,
+        grid,
+        name=name,
+        command="ablate",
+        cells=[cell["values"] for cell in cells],
+        address=address,
+        storage=storage,
+        out_dir=out_dir or Path("results") / name,
+        resume=resume,
+        callbacks=callbacks,
+    )
+
+
+def run_experiment(
+    spec: Spec,
+    make_plan: Callable[[Spec], TrialPlan],
+    *,
+    name: str,
+    command: str,
+    cells: list[dict[str, Any]] | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: list[Any] | None = None,
+    trainable: Callable[..., None] | None = None,
+) -> SweepResult:
+    """Teacher first (one Ray task), then the trials as one resumable Tune experiment."""
+    out = Path(out_dir) if out_dir else Path("results") / name
+    store = storage or str((out / "ray").resolve())
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(address)
+    experiment = f"{store.rstrip('/')}/{name}"
+    if resume and not tune.Tuner.can_restore(experiment):
+        raise FileNotFoundError(f"nothing to resume at {experiment}")
+    results.write_experiment(out, spec, command)
+    teacher, base = _prepare_teacher(spec, store, name)
+    base = _prepare_outputs(base, cells, store, name)
+    fn = tune.with_parameters(
+        trainable or distill_trainable, spec_json=base.model_dump(mode="json", by_alias=True)
+    )
+    resources = spec.tune.resources
+    fn = tune.with_resources(fn, {"cpu": resources.cpu, "gpu": resources.gpu})
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=store,
+        callbacks=[TableWriter(base, out, teacher), *(callbacks or [])],
+        failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.tune.checkpoint_keep),
+        verbose=0,
+    )
+    if resume:
+        tuner = tune.Tuner.restore(
+            experiment, trainable=fn, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        chosen = make_plan(base)
+        tuner = tune.Tuner(
+            fn,
+            param_space=chosen.param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=chosen.searcher,
+                scheduler=chosen.scheduler,
+                num_samples=chosen.num_samples,
+                max_concurrent_trials=chosen.max_concurrent,
+                # A trial after the first runs in a worker that has torch, transformers and
+                # kdray imported already: seconds saved per trial (see benchmarks/README.md).
+                reuse_actors=True,
+            ),
+            run_config=run_config,
+        )
+    tuner.fit()
+    trials, epochs = results.load(out)
+    return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))

@@ -1,0 +1,286 @@
+"""The fine-tuned teacher: one home for finding, fine-tuning, storing and fetching it.
+
+A teacher is fine-tuned on the task once, through the same :func:`kdray.engine.train_step` as
+every student, keeping its best dev epoch, and stored as a folder (safetensors + tokenizer +
+``teacher.json``) in a content-addressed cache keyed by :func:`teacher_settings`; any later run
+with the same settings reuses it. A sweep copies it into its storage once (:func:`publish`) and
+each node fetches it from there under a file lock (:func:`fetch`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+import torch
+from torch import nn
+
+from kdray import __version__, data, engine, losses, models
+from kdray.progress import NoProgress, ProgressHook
+from kdray.spec import Spec
+from kdray.store import atomic_dir, cache_root, content_hash, file_digest
+
+TEACHER_INFO_FILE = "teacher.json"
+#: Part of every teacher key: bump it when fine-tuning changes what it produces.
+RECIPE = "kdray-finetune-v1"
+
+
+@dataclass
+class TeacherInfo:
+    """A fine-tuned teacher on disk and what is known about it."""
+
+    path: str
+    id: str
+    dev_metrics: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: str | Path) -> TeacherInfo | None:
+        """The teacher in folder ``path``, or None when it holds no ``teacher.json``."""
+        info_file = Path(path) / TEACHER_INFO_FILE
+        if not info_file.is_file():
+            return None
+        record = json.loads(info_file.read_text())
+        return cls(
+            path=str(Path(path).resolve()),
+            id=record["id"],
+            dev_metrics=record.get("dev_metrics", {}),
+            settings=record.get("settings", {}),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and folders
+
+
+def model_fingerprint(name: str) -> str:
+    """Content hash of a model's weights and config, so a cache key follows the files, not
+    the name (a re-downloaded or edited model gets a new key)."""
+    path = Path(models.resolve_model_path(name))
+    if not path.is_dir():
+        return f"hub:{name}"
+    parts = [
+        [item.name, file_digest(item)]
+        for item in sorted(path.iterdir())
+        if item.suffix in {".safetensors", ".bin", ".json", ".txt"} and item.is_file()
+    ]
+    return content_hash(parts)
+
+
+def teacher_settings(spec: Spec, data_fingerprint: str) -> dict[str, Any]:
+    """What determines a fine-tuned teacher: its cache key is a hash of exactly this."""
+    t = spec.teacher
+    return {
+        "model": t.model,
+        "model_fingerprint": model_fingerprint(t.model),
+        "task": spec.task,
+        "data": data_fingerprint,
+        "max_seq_length": spec.data.max_seq_length,
+        "epochs": t.epochs,
+        "lr": t.lr,
+        "batch_size": t.batch_size,
+        "seed": t.seed,
+        "warmup": t.warmup,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "precision": spec.train.precision,
+        "recipe": RECIPE,
+    }
+
+
+def teacher_key(settings: dict[str, Any]) -> str:
+    return content_hash(settings, 20)
+
+
+def teacher_dir(root: Path, key: str) -> Path:
+    """The cache folder of the fine-tuned teacher with key ``key``."""
+    return root / "teachers" / key
+
+
+def save_teacher(
+    model: nn.Module, tokenizer: Any, target: Path, info: dict[str, Any]
+) -> TeacherInfo:
+    """Write a teacher folder atomically: a crash never leaves a half-written cache entry."""
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TEACHER_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+    loaded = TeacherInfo.read(target)
+    assert loaded is not None
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding or fine-tuning
+
+
+def ensure_teacher(
+    spec: Spec, prepared: data.Prepared | None = None, progress: ProgressHook | None = None
+) -> TeacherInfo:
+    """The fine-tuned teacher for this spec: the given checkpoint, a cached one, or a new one."""
+    if spec.teacher.checkpoint:
+        return _checkpoint_teacher(spec, prepared)
+    if prepared is None:
+        prepared = data.prepare(spec, spec.teacher.model)
+    settings = teacher_settings(spec, prepared.data_fingerprint)
+    target = teacher_dir(cache_root(spec.data.cache_dir), teacher_key(settings))
+    cached = TeacherInfo.read(target)
+    if cached is not None:
+        return cached
+    return fine_tune_teacher(spec, prepared, settings, target, progress or NoProgress())
+
+
+def _checkpoint_teacher(spec: Spec, prepared: data.Prepared | None) -> TeacherInfo:
+    path = Path(spec.teacher.checkpoint or "").expanduser()
+    if not path.is_dir():
+        raise models.ModelError(f"teacher.checkpoint {str(path)!r} is not a folder")
+    info = TeacherInfo.read(path)
+    if info is not None:
+        return info
+    # A teacher fine-tuned elsewhere: measure it once so its dev score is known.
+    prepared = prepared or data.prepare(spec, str(path))
+    model = models.load_classifier(str(path), prepared.task.num_labels)
+    device = engine.pick_device(spec.train.device)
+    loader = engine.make_loader(
+        prepared.dev, spec.train.eval_batch_size, prepared.tokenizer.pad_token_id
+    )
+    metrics = engine.evaluate(model.to(device), loader, prepared.task, device)
+    return TeacherInfo(
+        path=str(path.resolve()),
+        id="ckpt-" + model_fingerprint(str(path))[:16],
+        dev_metrics=metrics,
+        settings={"checkpoint": str(path.resolve())},
+    )
+
+
+def fine_tune_teacher(
+    spec: Spec,
+    prepared: data.Prepared,
+    settings: dict[str, Any],
+    target: Path,
+    progress: ProgressHook,
+) -> TeacherInfo:
+    """Fine-tune ``teacher.model`` on the task with the ``teacher.*`` settings, keep the best
+    dev epoch and store it at ``target``."""
+    t = spec.teacher
+    device = engine.pick_device(spec.train.device)
+    engine.seed_everything(t.seed)
+    model = models.load_classifier(t.model, prepared.task.num_labels).to(device)
+    pad = prepared.tokenizer.pad_token_id
+    steps_per_epoch = math.ceil(len(prepared.train) / t.batch_size)
+    opt = engine.make_optimization(
+        [model],
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        warmup=t.warmup,
+        total_steps=steps_per_epoch * t.epochs,
+        max_grad_norm=t.max_grad_norm,
+        device=device,
+        precision=spec.train.precision,
+        clip=model.parameters(),
+    )
+    dev_loader = engine.make_loader(prepared.dev, spec.train.eval_batch_size, pad)
+    main = prepared.task.main_metric
+    best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
+    history = []
+    progress.start(f"teacher {spec.task}", steps_per_epoch * t.epochs)
+    for epoch in range(1, t.epochs + 1):
+        _teacher_epoch(model, opt, prepared, t.batch_size, t.seed * 1000 + epoch, progress, epoch)
+        metrics = engine.evaluate(model, dev_loader, prepared.task, device)
+        history.append({"epoch": epoch, **{f"dev.{k}": v for k, v in metrics.items()}})
+        progress.log(f"teacher epoch {epoch}: dev {main} {metrics[main]:.4f}")
+        if best is None or metrics[main] > best[0]:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = (metrics[main], epoch, state, metrics)
+    assert best is not None
+    model.load_state_dict(best[2])
+    info = {
+        "id": target.name,
+        "dev_metrics": best[3],
+        "best_epoch": best[1],
+        "history": history,
+        "settings": settings,
+        "kdray_version": __version__,
+    }
+    saved = save_teacher(model.cpu(), prepared.tokenizer, target, info)
+    progress.finish(f"teacher dev {main} {best[0]:.4f} (epoch {best[1]})")
+    return saved
+
+
+def _teacher_epoch(
+    model: nn.Module,
+    opt: engine.Optimization,
+    prepared: data.Prepared,
+    batch_size: int,
+    shuffle_seed: int,
+    progress: ProgressHook,
+    epoch: int,
+) -> None:
+    """One fine-tuning epoch on hard labels; a diverged loss is an error that says what to do."""
+    loader = engine.make_loader(
+        prepared.train, batch_size, prepared.tokenizer.pad_token_id, shuffle_seed=shuffle_seed
+    )
+    model.train()
+    for batch in loader:
+        batch = engine.to_device(batch, opt.device)
+        try:
+            terms = engine.train_step(
+                opt,
+                lambda b=batch: model(**engine.model_inputs(b)).logits,
+                lambda logits, b=batch: {
+                    "total": losses.hard_label_loss(logits.float(), b["labels"])
+                },
+            )
+        except engine.DivergedError as error:
+            raise ValueError(
+                f"teacher fine-tuning diverged in epoch {epoch}: {error}; lower teacher.lr"
+            ) from None
+        progress.advance(1, loss=float(terms["total"].detach()))
+
+
+# ---------------------------------------------------------------------------------------------
+# A sweep's copy of the teacher
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else Path(path).resolve().as_uri()
+
+
+def publish(info: TeacherInfo, location: str) -> None:
+    """Copy a teacher folder into a sweep's storage (a path or a pyarrow filesystem URI)."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(_as_uri(location))
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(info.path, path, destination_filesystem=fs)
+
+
+def fetch(location: str, spec: Spec) -> str:
+    """A local folder holding the sweep's teacher: the location itself when it is local, else a
+    copy downloaded once per node; concurrent trials on one node wait on a file lock instead
+    of racing on the final rename."""
+    if "://" not in location or location.startswith("file://"):
+        return location.removeprefix("file://")
+    import pyarrow.fs as pafs
+
+    local = cache_root(spec.data.cache_dir) / "sweep-teachers" / Path(location).name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(local.parent / f".{local.name}.lock")):
+        if not (local / TEACHER_INFO_FILE).exists():
+            fs, path = pafs.FileSystem.from_uri(location)
+            # beside the target, so the final rename never crosses filesystems
+            tmp = Path(tempfile.mkdtemp(dir=local.parent))
+            try:
+                pafs.copy_files(path, str(tmp), source_filesystem=fs)
+                if local.exists():
+                    shutil.rmtree(local)
+                tmp.rename(local)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return str(local)
