@@ -827,49 +827,51 @@ def _with_index(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index()
 
 
+def _formatted(frame: pd.DataFrame, cell: Any = _format) -> pd.DataFrame:
+    """Every cell as the text ``cell`` gives it (``_format``: NaN empty, floats to 4 decimals)."""
+    return frame.map(cell) if hasattr(frame, "map") else frame.applymap(cell)
+
+
 def _markdown(df: pd.DataFrame) -> str:
-    df = _with_index(df)
-    if df.columns.empty:
+    """A GitHub pipe table via ``DataFrame.to_markdown`` (tabulate) of the ``_format``ted cells.
+
+    Cells are formatted and escaped first: tabulate would print NaN as ``nan`` and a ``|`` inside
+    a cell (``a|b``) would split the column; numeric columns are right-aligned.
+    """
+    frame = _with_index(df)
+    if frame.columns.empty:
         return "_(no data)_"
-    header = [str(c).replace("|", "\\|") for c in df.columns]
     numeric = [
-        pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
-        for c in df.columns
+        pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+        for c in frame.columns
     ]
-    lines = ["| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join("---:" if num else ":---" for num in numeric) + "|")
-    for row in df.itertuples(index=False, name=None):
-        cells = [_format(v).replace("|", "\\|").replace("\n", " ") for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    text = _formatted(frame, lambda value: escape(_format(value)))
+    text.columns = [escape(str(c)) for c in frame.columns]
+    return text.to_markdown(
+        index=False,
+        disable_numparse=True,
+        colalign=["right" if num else "left" for num in numeric],
+    )
 
 
 def render(df: pd.DataFrame, fmt: Fmt = "table") -> str:
-    """A frame as text: ``markdown`` (GitHub pipe table), ``csv`` or ``table`` (plain text).
-
-    Markdown uses ``DataFrame.to_markdown`` when ``tabulate`` is installed and a small writer of
-    its own otherwise, so reports never need an extra dependency.
-    """
+    """A frame as text: ``markdown`` (GitHub pipe table), ``csv`` or ``table`` (plain text)."""
     if fmt == "csv":
         frame = _with_index(df)
         return frame.to_csv(index=False)
     if fmt == "markdown":
-        try:
-            import tabulate  # noqa: F401
-        except ImportError:
-            return _markdown(df)
-        frame = _with_index(df)
-        if frame.columns.empty:
-            return "_(no data)_"
-        return frame.to_markdown(index=False, floatfmt=".4g")
+        return _markdown(df)
     if fmt == "table":
         frame = _with_index(df)
         if frame.columns.empty:
             return "(no data)"
         if frame.empty:
             return "  ".join(map(str, frame.columns)) + "\n(no rows)"
-        text = frame.map(_format) if hasattr(frame, "map") else frame.applymap(_format)
-        return text.to_string(index=False)
+        return _formatted(frame).to_string(index=False)
     raise ValueError(f"fmt must be 'table', 'markdown' or 'csv', got {fmt!r}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from io import StringIO
 from pathlib import Path
 
@@ -373,11 +374,19 @@ def test_plots_are_written(ablation: pd.DataFrame, tmp_path: Path) -> None:
 # Rendering
 
 
+def _tidy(line: str) -> str:
+    """A pipe-table line without tabulate's column padding: ``| a | b |``, ``|:---|---:|``."""
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+    if cells and all(c and set(c) <= set(":-") for c in cells):
+        return "|" + "|".join(re.sub("-+", "---", c) for c in cells) + "|"
+    return "| " + " | ".join(cells) + " |"
+
+
 def test_render_markdown_csv_and_table() -> None:
     frame = pd.DataFrame(
         {"cell": ["a|b", "c"], "accuracy.mean": [0.71234, float("nan")], "n": [3, 2]}
     )
-    markdown = R.render(frame, "markdown").splitlines()
+    markdown = [_tidy(line) for line in R.render(frame, "markdown").splitlines()]
     assert markdown[0] == "| cell | accuracy.mean | n |"
     assert markdown[1] == "|:---|---:|---:|"
     assert markdown[2] == "| a\\|b | 0.7123 | 3 |"
@@ -387,7 +396,7 @@ def test_render_markdown_csv_and_table() -> None:
     table = R.render(frame, "table")
     assert "accuracy.mean" in table and "0.7123" in table and "a|b" in table
     indexed = R.render(frame.set_index("cell"), "markdown")
-    assert indexed.splitlines()[0] == "| cell | accuracy.mean | n |"
+    assert _tidy(indexed.splitlines()[0]) == "| cell | accuracy.mean | n |"
     with pytest.raises(ValueError, match="fmt"):
         R.render(frame, "html")  # type: ignore[arg-type]
 
@@ -571,3 +580,14 @@ def test_cli_report_prints_tables_and_writes_markdown_and_plots(
 
     missing = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no results" in missing.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Dependencies
+
+
+def test_markdown_tables_need_tabulate_so_it_is_a_declared_dependency() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert "tabulate" in {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0] for d in dependencies}
