@@ -302,18 +302,21 @@ def paired_comparison(
     metric: str,
     n_boot: int = 10000,
     seed: int = 0,
+    confidence: float = 0.95,
 ) -> pd.DataFrame:
     """Every cell against the baseline cell, paired by seed over the seeds both have.
 
     Per cell: ``n_pairs``, the two means over the paired seeds, ``mean_diff`` (cell minus
-    baseline), a 95% percentile-bootstrap CI of the mean difference (``n_boot`` resamples of the
-    paired differences; a fresh ``numpy`` Generator seeded with ``seed`` per cell, so a cell's CI
-    does not depend on which other cells exist), the paired t-test p (``p_ttest``) and its
-    Holm-adjusted value over the compared cells (``p_ttest_holm``), and the Wilcoxon signed-rank
-    p (``p_wilcoxon``; NaN with < 2 pairs or all differences 0). Several ok runs of one cell with
-    the same seed are averaged first. ``baseline`` is a cell name or ``{setting: value}``
-    selecting exactly one cell (e.g. ``{"distill.algorithm": "soft"}``).
+    baseline), a ``confidence`` (default 95%) percentile-bootstrap CI of the mean difference
+    (``scipy.stats.bootstrap``, ``n_boot`` resamples of the paired differences; a fresh ``numpy``
+    Generator seeded with ``seed`` per cell, so a cell's CI does not depend on which other cells
+    exist), the paired t-test p (``p_ttest``) and its Holm-adjusted value over the compared cells
+    (``p_ttest_holm``), and the Wilcoxon signed-rank p (``p_wilcoxon``; NaN with < 2 pairs or all
+    differences 0). Several ok runs of one cell with the same seed are averaged first.
+    ``baseline`` is a cell name or ``{setting: value}`` selecting exactly one cell (e.g.
+    ``{"distill.algorithm": "soft"}``).
     """
+    _check_confidence(confidence)
     group = _group_column(trials)
     seed_column = _seed_column(trials)
     column = _metric_column(trials, metric)
@@ -346,7 +349,7 @@ def paired_comparison(
             "baseline_mean": float(b.mean()) if n else float("nan"),
             "mean_diff": float(diff.mean()) if n else float("nan"),
         }
-        record["ci_low"], record["ci_high"] = _bootstrap_ci(diff, n_boot, seed)
+        record["ci_low"], record["ci_high"] = _bootstrap_ci(diff, n_boot, seed, confidence)
         record["p_ttest"] = _ttest_p(a, b)
         record["p_wilcoxon"] = _wilcoxon_p(diff)
         records.append(record)
@@ -370,15 +373,35 @@ def paired_comparison(
     return frame[columns]
 
 
-def _bootstrap_ci(diff: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    """95% percentile-bootstrap CI of the mean of the paired differences."""
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence!r}")
+
+
+def _bootstrap_ci(
+    diff: np.ndarray, n_boot: int, seed: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap CI of the mean of the paired differences (``scipy.stats.bootstrap``).
+
+    A single difference (which scipy refuses: it needs two observations) or differences that are
+    all equal have a bootstrap distribution of one value: the CI is that value, exactly. No
+    difference gives NaN.
+    """
     if diff.size == 0 or n_boot < 1:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
-    means = diff[idx].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+    if diff.size < 2 or np.all(diff == diff[0]):
+        value = float(diff[0])
+        return value, value
+    result = stats.bootstrap(
+        (diff,),
+        np.mean,
+        n_resamples=n_boot,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def _ttest_p(a: np.ndarray, b: np.ndarray) -> float:

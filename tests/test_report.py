@@ -583,6 +583,44 @@ def test_cli_report_prints_tables_and_writes_markdown_and_plots(
 
 
 # ---------------------------------------------------------------------------------------------
+# the bootstrap CI (scipy.stats.bootstrap)
+
+
+def _two_cells(base: list[float], new: list[float]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"cell": cell, "seed": seed, "status": "ok", "best.dev.accuracy": value}
+            for cell, values in (("base", base), ("new", new))
+            for seed, value in enumerate(values, start=1)
+        ]
+    )
+
+
+def test_bootstrap_ci_of_two_paired_differences_spans_from_the_smaller_to_the_larger() -> None:
+    # differences 0.01 and 0.03: resampled means are 0.01, 0.02, 0.03 with probabilities
+    # 1/4, 1/2, 1/4, so the 2.5th and 97.5th percentiles are 0.01 and 0.03, and the 30th and
+    # 70th (a 40% CI) are both 0.02
+    trials = _two_cells([0.70, 0.70], [0.71, 0.73])
+    row = R.paired_comparison(trials, "base", "accuracy").iloc[0]
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.01), pytest.approx(0.03))
+    row = R.paired_comparison(trials, "base", "accuracy", confidence=0.4).iloc[0]
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.02), pytest.approx(0.02))
+    # the same numbers as scipy's percentile bootstrap with the same seeded Generator
+    diff = np.array([0.01, 0.02, 0.06])
+    expected = stats.bootstrap(
+        (diff,), np.mean, n_resamples=500, method="percentile", rng=np.random.default_rng(3)
+    ).confidence_interval
+    assert R._bootstrap_ci(diff, 500, 3) == pytest.approx((expected.low, expected.high))
+
+
+def test_bootstrap_ci_of_equal_differences_is_that_difference() -> None:
+    trials = _two_cells([0.70, 0.71, 0.72], [0.72, 0.73, 0.74])
+    row = R.paired_comparison(trials, "base", "accuracy").iloc[0]
+    assert row["ci_low"] == pytest.approx(0.02) and row["ci_high"] == pytest.approx(0.02)
+    assert R._bootstrap_ci(np.empty(0), 100, 0) == pytest.approx((math.nan,) * 2, nan_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Dependencies
 
 
