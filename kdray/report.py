@@ -33,6 +33,7 @@ __all__ = [
     "best_per",
     "build_report",
     "cell_summary",
+    "cka_means",
     "learning_curves",
     "load_results",
     "paired_comparison",
@@ -757,17 +758,65 @@ def plot_learning_curves(
     return _save(fig, path)
 
 
-def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str = "algorithm") -> Path:
-    """PNG: one annotated CKA heatmap (student x teacher layer) per ``by`` value, in rows of
-    at most three panels.
+_CKA_VALUES = ("student_layer", "teacher_layer", "cka")
+# What a CKA panel is per when ``by`` is not given: the first of these the table has.
+_CKA_GROUPS = ("cell", "distill.algorithm", "algorithm")
+_ALL_RUNS = "runs"
+
+
+def cka_means(cka_long: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    """Mean linear CKA per group, student layer and teacher layer: what ``plot_cka`` draws.
+
+    ``cka_long`` is ``cka.parquet`` (``name, trial_id, student_layer, teacher_layer, cka``)
+    joined with the trials' ``cell`` or ``distill.algorithm``, as ``Report.cka`` is. ``by=None``
+    groups by ``cell``, else ``distill.algorithm``, else ``algorithm``, else puts every run in
+    one group ``runs = "all runs"``; a ``by`` that is not a column is an error rather than one
+    silent all-runs panel. Columns: ``<by>, student_layer, teacher_layer, cka, n`` (n: runs).
+    """
+    missing = [c for c in _CKA_VALUES if c not in cka_long.columns]
+    if missing:
+        raise ValueError(
+            f"cka_long needs columns {list(_CKA_VALUES)}, has {list(cka_long.columns)}: "
+            f"{missing} missing"
+        )
+    if by is None:
+        by = next((c for c in _CKA_GROUPS if c in cka_long.columns), None)
+    if by is None:
+        by = _ALL_RUNS
+        frame = cka_long.assign(**{by: "all runs"})
+    elif by not in cka_long.columns:
+        allowed = [c for c in cka_long.columns if c not in _CKA_VALUES]
+        raise ValueError(
+            f"cannot group CKA by {by!r}: not a column of cka_long; use one of "
+            f"{allowed or 'none'}, or by=None for the cell or algorithm column"
+        )
+    else:
+        frame = cka_long
+    frame = frame.assign(
+        **{by: frame[by].map(_hashable), "cka": pd.to_numeric(frame["cka"], errors="coerce")}
+    )
+    order = {key: i for i, key in enumerate(_ordered_groups(frame, by))}
+    means = (
+        frame.groupby([by, "student_layer", "teacher_layer"], sort=False)["cka"]
+        .agg(cka="mean", n="count")
+        .reset_index()
+    )
+    means = means.sort_values(
+        [by, "student_layer", "teacher_layer"],
+        key=lambda c: c.map(order) if c.name == by else c,
+        kind="stable",
+    )
+    return means.reset_index(drop=True)
+
+
+def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str | None = None) -> Path:
+    """PNG: one annotated CKA heatmap (student x teacher layer) per group of ``cka_means``
+    (``by=None``: per cell, else per algorithm), in rows of at most three panels.
 
     Runs of the same group are averaged; all panels share the 0..1 colour scale so they compare.
     """
-    needed = {"student_layer", "teacher_layer", "cka"}
-    if not needed <= set(cka_long.columns):
-        raise ValueError(f"cka_long needs columns {sorted(needed)}, got {list(cka_long.columns)}")
-    frame = cka_long if by in cka_long.columns else cka_long.assign(**{by: "all runs"})
-    frame = frame.assign(**{by: frame[by].map(_hashable)})
+    frame = cka_means(cka_long, by)
+    by = str(frame.columns[0])
     groups = _ordered_groups(frame, by)
     if not groups:
         raise ValueError("cka_long has no rows to plot")
@@ -784,8 +833,7 @@ def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str = "algorithm") ->
     for ax, key in zip(axes, groups, strict=True):
         mean = (
             frame[frame[by] == key]
-            .groupby(["student_layer", "teacher_layer"])["cka"]
-            .mean()
+            .set_index(["student_layer", "teacher_layer"])["cka"]
             .unstack("teacher_layer")
             .reindex(index=range(1, n_s + 1), columns=range(1, n_t + 1))
         )

@@ -621,6 +621,47 @@ def test_bootstrap_ci_of_equal_differences_is_that_difference() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# CKA heatmaps on the real tables
+
+
+def _results(frame: pd.DataFrame, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(folder / "trials.parquet", index=False)
+    return folder
+
+
+def test_plot_cka_groups_the_real_cka_table_by_cell_by_default(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    results = _results(ablation, tmp_path / "results")
+    # cka.parquet as kdray.results writes it; layer pair (1, 1) scores 0.1 * seed
+    rows = [
+        {"name": t["name"], "trial_id": t["trial_id"], "student_layer": s, "teacher_layer": u}
+        | {"cka": 0.1 * t["seed"] if (s, u) == (1, 1) else 0.5}
+        for _, t in ablation[ablation["status"] == "ok"].iterrows()
+        for s in (1, 2)
+        for u in (1, 2)
+    ]
+    pd.DataFrame(rows).to_parquet(results / "cka.parquet", index=False)
+    cka = R.build_report(results).cka
+    means = R.cka_means(cka)
+    assert list(means.columns) == ["cell", "student_layer", "teacher_layer", "cka", "n"]
+    assert list(dict.fromkeys(means["cell"])) == [SOFT, SID, PID]
+    first = means[(means["student_layer"] == 1) & (means["teacher_layer"] == 1)].set_index("cell")
+    assert first.loc[SOFT, "cka"] == pytest.approx((0.1 + 0.2 + 0.3) / 3)
+    assert first.loc[PID, "cka"] == pytest.approx((0.1 + 0.2 + 0.4) / 3)
+    assert int(first.loc[SID, "n"]) == 3  # the failed sid run has no CKA
+    _assert_png(R.plot_cka(cka, tmp_path / "cka.png"))
+    algorithms = ablation[["trial_id", "distill.algorithm"]]
+    by_algorithm = R.cka_means(cka.drop(columns=["cell"]).merge(algorithms, on="trial_id"))
+    assert list(dict.fromkeys(by_algorithm["distill.algorithm"])) == ["soft", "sid", "pid"]
+    with pytest.raises(ValueError, match=r"cannot group CKA by 'algorithm'.*'cell'"):
+        R.plot_cka(cka, tmp_path / "never.png", by="algorithm")
+    alone = R.cka_means(cka.drop(columns=["cell"]))
+    assert set(alone["runs"]) == {"all runs"} and int(alone["n"].iloc[0]) == 9
+
+
+# ---------------------------------------------------------------------------------------------
 # Dependencies
 
 
