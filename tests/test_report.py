@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from io import StringIO
 from pathlib import Path
 
@@ -583,6 +587,147 @@ def test_cli_report_prints_tables_and_writes_markdown_and_plots(
 
 
 # ---------------------------------------------------------------------------------------------
+# experiment.json: the spec's baseline and metric direction
+
+
+def _write_experiment(
+    folder: Path,
+    baseline: dict[str, object] | None = None,
+    mode: str = "max",
+    metric: str | None = None,
+) -> None:
+    """experiment.json as the runners write it: {"spec": spec.model_dump(mode="json")}."""
+    ablation = None if baseline is None else {"axes": {}, "seeds": [1, 2, 3], "baseline": baseline}
+    spec = {"name": "ablation", "task": "rte", "tune": {"metric": metric, "mode": mode}}
+    (folder / "experiment.json").write_text(json.dumps({"spec": {**spec, "ablation": ablation}}))
+
+
+def _results(frame: pd.DataFrame, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(folder / "trials.parquet", index=False)
+    return folder
+
+
+def test_read_experiment_is_none_without_the_file_and_names_the_file_when_it_is_broken(
+    tmp_path: Path,
+) -> None:
+    assert R.read_experiment(tmp_path) is None
+    _write_experiment(tmp_path, None)
+    assert R.read_experiment(tmp_path / "missing") is None  # never the parent folder's file
+    _write_experiment(tmp_path, {"distill.algorithm": "sid"}, mode="min")
+    (tmp_path / "trials.parquet").touch()
+    experiment = R.read_experiment(tmp_path / "trials.parquet")  # a file in the folder works too
+    assert experiment is not None
+    assert experiment["spec"]["ablation"]["baseline"] == {"distill.algorithm": "sid"}
+    assert experiment["spec"]["tune"]["mode"] == "min"
+    (tmp_path / "experiment.json").write_text('{"spec": {"name": ')
+    with pytest.raises(ValueError, match=r"experiment\.json is not valid JSON"):
+        R.read_experiment(tmp_path)
+    (tmp_path / "experiment.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        R.read_experiment(tmp_path)
+
+
+def test_report_uses_the_spec_baseline_when_no_baseline_is_given(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    results = _results(ablation, tmp_path / "results")
+    _write_experiment(results, {"distill.algorithm": "sid"})
+    report = R.build_report(results)
+    assert report.baseline == SID and "experiment.json ablation.baseline" in report.baseline_source
+    comparison = report.comparison.set_index("cell")
+    assert list(comparison.index) == [SOFT, PID]
+    # soft - sid per seed 1, 2, 3: 0.70 - 0.71, 0.72 - 0.74, 0.74 - 0.80
+    assert comparison.loc[SOFT, "mean_diff"] == pytest.approx((-0.01 - 0.02 - 0.06) / 3)
+    assert f"- baseline: `{SID}` (from experiment.json" in report.to_markdown()
+    # an explicit baseline still wins over the spec's
+    assert R.build_report(results, baseline=SOFT).baseline == SOFT
+
+
+def test_report_falls_back_to_the_soft_cell_when_the_spec_baseline_selects_no_cell(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    results = _results(ablation, tmp_path / "results")
+    _write_experiment(results, {"distill.algorithm": "idal"})  # no idal cell in this ablation
+    report = R.build_report(results)
+    assert report.baseline == SOFT and report.baseline_source.startswith("the default")
+    assert any("ablation.baseline is not used" in note for note in report.notes)
+    _write_experiment(results, None)  # a sweep spec: "ablation": null
+    assert R.build_report(results).baseline == SOFT
+
+
+def test_report_takes_the_mode_from_the_argument_then_the_mode_column_then_the_spec(
+    sweep: pd.DataFrame, tmp_path: Path
+) -> None:
+    accuracies = sorted(sweep["best.dev.accuracy"].dropna())
+    plain = _results(sweep, tmp_path / "plain")
+    report = R.build_report(plain)
+    assert (report.mode, report.mode_source) == ("max", "the default")
+    assert report.sweep["accuracy"].iloc[0] == accuracies[-1]
+
+    _write_experiment(plain, None, mode="min")
+    report = R.build_report(plain)
+    assert (report.mode, report.mode_source) == ("min", "experiment.json tune.mode")
+    assert report.sweep["accuracy"].iloc[0] == accuracies[0]  # lowest first
+
+    column = _results(sweep.assign(mode="max"), tmp_path / "column")
+    _write_experiment(column, None, mode="min")
+    report = R.build_report(column)  # the column beats experiment.json
+    assert (report.mode, report.mode_source) == ("max", "the trials' mode column")
+    assert "mode" not in R.setting_columns(sweep.assign(mode="max"))  # not a swept setting
+    report = R.build_report(column, mode="min")  # the argument beats both
+    assert (report.mode, report.mode_source) == ("min", "the mode argument")
+    assert report.sweep["accuracy"].iloc[0] == accuracies[0]
+
+    mixed = _results(sweep.assign(mode=["max", "min"] * 20), tmp_path / "mixed")
+    with pytest.raises(ValueError, match="give the mode explicitly"):
+        R.build_report(mixed)
+    with pytest.raises(ValueError, match="mode must be 'max' or 'min'"):
+        R.build_report(plain, mode="up")
+
+
+def test_report_uses_the_spec_metric_when_the_trials_do_not_record_one(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    results = _results(ablation.drop(columns=["metric"]), tmp_path / "results")
+    assert R.build_report(results).metric == "accuracy"  # the first best.dev.<metric> column
+    _write_experiment(results, {"distill.algorithm": "soft"}, metric="f1")
+    report = R.build_report(results)
+    assert report.metric == "f1"
+    sid = report.comparison.set_index("cell").loc[SID]
+    assert sid["mean_diff"] == pytest.approx(0.03)  # f1 = accuracy - 0.1 in every run
+
+
+# ---------------------------------------------------------------------------------------------
+# alpha
+
+
+def test_verdicts_and_printed_thresholds_use_the_alpha_given(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    # Holm over sid (p 0.18847) and pid (p 1 - 2 atan(0.5) / pi = 0.70483): 0.37694 and 0.70483.
+    # All three sid differences are > 0, so any bootstrap CI of their mean is above 0.
+    strict = R.findings(ablation, SOFT, "accuracy").set_index("cell")
+    assert strict.loc[SID, "accuracy.verdict"] == "no clear difference"
+    loose = R.findings(ablation, SOFT, "accuracy", alpha=0.4).set_index("cell")
+    assert loose.loc[SID, "accuracy.verdict"] == "better"  # 0.37694 < 0.4
+    assert loose.loc[PID, "accuracy.verdict"] == "no clear difference"  # 0.70483 >= 0.4
+
+    text = R.findings_text(ablation, loose.reset_index(), SOFT, "accuracy", alpha=0.4)
+    assert "alpha = 0.4" in text and "p < 0.4" in text and "60% bootstrap CI" in text
+    assert "0.05" not in text and "95%" not in text
+
+    results = _results(ablation, tmp_path / "results")
+    markdown = R.build_report(results, alpha=0.01).to_markdown()
+    assert "- alpha: 0.01 (verdicts need Holm-adjusted p < 0.01 and a 99% bootstrap CI" in markdown
+    assert "p < 0.01." in markdown and "(99% bootstrap CI)" in markdown
+    assert "99% percentile bootstrap" in markdown
+    assert "p < 0.05" not in markdown and "95%" not in markdown
+    with pytest.raises(ValueError, match="alpha must be between 0 and 1"):
+        R.build_report(results, alpha=5)
+
+
+# ---------------------------------------------------------------------------------------------
 # the bootstrap CI (scipy.stats.bootstrap)
 
 
@@ -624,12 +769,6 @@ def test_bootstrap_ci_of_equal_differences_is_that_difference() -> None:
 # CKA heatmaps on the real tables
 
 
-def _results(frame: pd.DataFrame, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(folder / "trials.parquet", index=False)
-    return folder
-
-
 def test_plot_cka_groups_the_real_cka_table_by_cell_by_default(
     ablation: pd.DataFrame, tmp_path: Path
 ) -> None:
@@ -662,7 +801,75 @@ def test_plot_cka_groups_the_real_cka_table_by_cell_by_default(
 
 
 # ---------------------------------------------------------------------------------------------
+# Folders the report cannot use: clear errors, not tracebacks
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t.assign(status="failed"),
+            r"no run finished ok \(10 failed\).*first error: boom",
+        ),
+        (lambda t: t.drop(columns=["cell", "distill.algorithm"]), "neither a 'cell' nor"),
+        (lambda t: t.drop(columns=["best.dev.accuracy"]), "no column for metric 'accuracy'"),
+    ],
+    ids=["only-failed-runs", "no-group-column", "metric-column-missing"],
+)
+def test_report_on_an_unusable_folder_raises_a_value_error_saying_what_is_missing(
+    ablation: pd.DataFrame, tmp_path: Path, change: object, message: str
+) -> None:
+    results = _results(change(ablation), tmp_path / "results")  # type: ignore[operator]
+    with pytest.raises(ValueError, match=message):
+        R.build_report(results)
+
+
+def test_cli_report_exits_2_with_the_reason_when_every_run_failed(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from kdray.cli import app
+
+    results = _results(ablation.assign(status="error"), tmp_path / "results")
+    shown = CliRunner().invoke(app, ["report", str(results)])
+    output = " ".join(shown.output.split())  # rich wraps long lines
+    assert shown.exit_code == 2 and "no run finished ok (10 error)" in output
+    assert "Traceback" not in output
+    assert shown.exception is None or isinstance(shown.exception, SystemExit)
+
+
+def test_findings_say_not_tested_when_the_baseline_cell_has_no_ok_run(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    failed_soft = ablation.assign(
+        status=np.where(ablation["distill.algorithm"] == "soft", "failed", ablation["status"])
+    )
+    report = R.build_report(_results(failed_soft, tmp_path / "results"))
+    assert report.baseline == SOFT
+    assert list(report.comparison["n_pairs"]) == [0, 0]
+    assert "**not tested**: no internal-distillation cell has an ok run" in report.findings_text
+
+
+# ---------------------------------------------------------------------------------------------
 # Dependencies
+
+
+def test_report_imports_no_kdray_module_but_the_torch_free_results() -> None:
+    source = Path(R.__file__).read_text(encoding="utf-8")
+    modules = set()
+    for node in ast.walk(ast.parse(source)):  # top-level and lazy (in-function) imports alike
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+    assert {m for m in modules if m.split(".")[0] == "kdray"} <= {"kdray.results"}
+    assert not {"torch", "transformers", "ray"} & {m.split(".")[0] for m in modules}
+    check = "import sys, kdray.report; assert 'torch' not in sys.modules, 'torch imported'"
+    root = str(Path(R.__file__).resolve().parents[1])  # this checkout's kdray, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
 
 
 def test_markdown_tables_need_tabulate_so_it_is_a_declared_dependency() -> None:
