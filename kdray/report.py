@@ -33,6 +33,7 @@ __all__ = [
     "best_per",
     "build_report",
     "cell_summary",
+    "cka_means",
     "learning_curves",
     "load_results",
     "paired_comparison",
@@ -40,12 +41,18 @@ __all__ = [
     "plot_cells",
     "plot_cka",
     "plot_learning_curves",
+    "read_experiment",
     "render",
     "sweep_summary",
 ]
 
 CKA_FILE = "cka.parquet"
+# Written by the runners next to trials.parquet: {"spec": <the full spec as JSON>, ...}.
+EXPERIMENT_FILE = "experiment.json"
 OK = "ok"
+MODES = ("max", "min")
+DEFAULT_MODE = "max"
+DEFAULT_ALPHA = 0.05
 
 # Columns of a trials row that are neither settings nor metrics (see kdray.results.trial_row).
 _NOT_SETTINGS = {
@@ -56,6 +63,7 @@ _NOT_SETTINGS = {
     "kdray_version",
     "spec_fingerprint",
     "metric",
+    "mode",
     "best_epoch",
     "epochs_run",
     "wall_time",
@@ -91,6 +99,51 @@ def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return load(path)
 
 
+def _folder(path: str | Path) -> Path:
+    """A results folder, given the folder or a file in it (as ``kdray.results.load`` accepts).
+
+    A path that does not exist stays itself, so nothing is read from its parent folder."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def read_experiment(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's ``experiment.json`` as a dict (its ``spec`` is the run's full spec), or None.
+
+    Older results folders have no such file: the report then falls back to what the trials table
+    records and to its own defaults, so a missing file is not an error. A file that is there but
+    unreadable is, because the settings it would have given (baseline, metric direction) would
+    otherwise be silently replaced by defaults.
+    """
+    path = _folder(folder) / EXPERIMENT_FILE
+    if not path.is_file():
+        return None
+    try:
+        experiment = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); repair or delete it to report without it"
+        ) from None
+    if not isinstance(experiment, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object with a 'spec' key, got {type(experiment).__name__}"
+        )
+    spec = experiment.get("spec")
+    if spec is not None and not isinstance(spec, dict):
+        raise ValueError(f"{path}: 'spec' must be a JSON object, got {type(spec).__name__}")
+    return experiment
+
+
+def _spec_value(experiment: dict[str, Any] | None, *keys: str) -> Any:
+    """``experiment["spec"][k1][k2]...`` or None where any level is missing or null."""
+    value: Any = (experiment or {}).get("spec")
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
 def _ok(trials: pd.DataFrame) -> pd.DataFrame:
     """Rows of runs that finished; failed and diverged runs carry no comparable metric."""
     if "status" not in trials.columns:
@@ -104,7 +157,10 @@ def _group_column(trials: pd.DataFrame) -> str:
         return "cell"
     if "distill.algorithm" in trials.columns:
         return "distill.algorithm"
-    raise ValueError("trials have neither a 'cell' nor a 'distill.algorithm' column to group by")
+    raise ValueError(
+        "trials have neither a 'cell' nor a 'distill.algorithm' column to group runs by; "
+        "write the table with kdray.results (which records both) or add one of them"
+    )
 
 
 def _seed_column(trials: pd.DataFrame) -> str:
@@ -135,8 +191,9 @@ def _metric_column(trials: pd.DataFrame, metric: str) -> str:
     name = metric.removeprefix("dev.")
     column = f"best.dev.{name}"
     if column not in trials.columns:
+        present = ", ".join(_metric_names(trials)) or "none"
         raise ValueError(
-            f"no column for metric {metric!r}; metrics present: {', '.join(_metric_names(trials))}"
+            f"no column for metric {metric!r} (looked for {column!r}); metrics present: {present}"
         )
     return column
 
@@ -302,18 +359,21 @@ def paired_comparison(
     metric: str,
     n_boot: int = 10000,
     seed: int = 0,
+    confidence: float = 0.95,
 ) -> pd.DataFrame:
     """Every cell against the baseline cell, paired by seed over the seeds both have.
 
     Per cell: ``n_pairs``, the two means over the paired seeds, ``mean_diff`` (cell minus
-    baseline), a 95% percentile-bootstrap CI of the mean difference (``n_boot`` resamples of the
-    paired differences; a fresh ``numpy`` Generator seeded with ``seed`` per cell, so a cell's CI
-    does not depend on which other cells exist), the paired t-test p (``p_ttest``) and its
-    Holm-adjusted value over the compared cells (``p_ttest_holm``), and the Wilcoxon signed-rank
-    p (``p_wilcoxon``; NaN with < 2 pairs or all differences 0). Several ok runs of one cell with
-    the same seed are averaged first. ``baseline`` is a cell name or ``{setting: value}``
-    selecting exactly one cell (e.g. ``{"distill.algorithm": "soft"}``).
+    baseline), a ``confidence`` (default 95%) percentile-bootstrap CI of the mean difference
+    (``scipy.stats.bootstrap``, ``n_boot`` resamples of the paired differences; a fresh ``numpy``
+    Generator seeded with ``seed`` per cell, so a cell's CI does not depend on which other cells
+    exist), the paired t-test p (``p_ttest``) and its Holm-adjusted value over the compared cells
+    (``p_ttest_holm``), and the Wilcoxon signed-rank p (``p_wilcoxon``; NaN with < 2 pairs or all
+    differences 0). Several ok runs of one cell with the same seed are averaged first.
+    ``baseline`` is a cell name or ``{setting: value}`` selecting exactly one cell (e.g.
+    ``{"distill.algorithm": "soft"}``).
     """
+    _check_confidence(confidence)
     group = _group_column(trials)
     seed_column = _seed_column(trials)
     column = _metric_column(trials, metric)
@@ -346,7 +406,7 @@ def paired_comparison(
             "baseline_mean": float(b.mean()) if n else float("nan"),
             "mean_diff": float(diff.mean()) if n else float("nan"),
         }
-        record["ci_low"], record["ci_high"] = _bootstrap_ci(diff, n_boot, seed)
+        record["ci_low"], record["ci_high"] = _bootstrap_ci(diff, n_boot, seed, confidence)
         record["p_ttest"] = _ttest_p(a, b)
         record["p_wilcoxon"] = _wilcoxon_p(diff)
         records.append(record)
@@ -370,15 +430,35 @@ def paired_comparison(
     return frame[columns]
 
 
-def _bootstrap_ci(diff: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    """95% percentile-bootstrap CI of the mean of the paired differences."""
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence!r}")
+
+
+def _bootstrap_ci(
+    diff: np.ndarray, n_boot: int, seed: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap CI of the mean of the paired differences (``scipy.stats.bootstrap``).
+
+    A single difference (which scipy refuses: it needs two observations) or differences that are
+    all equal have a bootstrap distribution of one value: the CI is that value, exactly. No
+    difference gives NaN.
+    """
     if diff.size == 0 or n_boot < 1:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
-    means = diff[idx].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+    if diff.size < 2 or np.all(diff == diff[0]):
+        value = float(diff[0])
+        return value, value
+    result = stats.bootstrap(
+        (diff,),
+        np.mean,
+        n_resamples=n_boot,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def _ttest_p(a: np.ndarray, b: np.ndarray) -> float:
@@ -734,17 +814,65 @@ def plot_learning_curves(
     return _save(fig, path)
 
 
-def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str = "algorithm") -> Path:
-    """PNG: one annotated CKA heatmap (student x teacher layer) per ``by`` value, in rows of
-    at most three panels.
+_CKA_VALUES = ("student_layer", "teacher_layer", "cka")
+# What a CKA panel is per when ``by`` is not given: the first of these the table has.
+_CKA_GROUPS = ("cell", "distill.algorithm", "algorithm")
+_ALL_RUNS = "runs"
+
+
+def cka_means(cka_long: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    """Mean linear CKA per group, student layer and teacher layer: what ``plot_cka`` draws.
+
+    ``cka_long`` is ``cka.parquet`` (``name, trial_id, student_layer, teacher_layer, cka``)
+    joined with the trials' ``cell`` or ``distill.algorithm``, as ``Report.cka`` is. ``by=None``
+    groups by ``cell``, else ``distill.algorithm``, else ``algorithm``, else puts every run in
+    one group ``runs = "all runs"``; a ``by`` that is not a column is an error rather than one
+    silent all-runs panel. Columns: ``<by>, student_layer, teacher_layer, cka, n`` (n: runs).
+    """
+    missing = [c for c in _CKA_VALUES if c not in cka_long.columns]
+    if missing:
+        raise ValueError(
+            f"cka_long needs columns {list(_CKA_VALUES)}, has {list(cka_long.columns)}: "
+            f"{missing} missing"
+        )
+    if by is None:
+        by = next((c for c in _CKA_GROUPS if c in cka_long.columns), None)
+    if by is None:
+        by = _ALL_RUNS
+        frame = cka_long.assign(**{by: "all runs"})
+    elif by not in cka_long.columns:
+        allowed = [c for c in cka_long.columns if c not in _CKA_VALUES]
+        raise ValueError(
+            f"cannot group CKA by {by!r}: not a column of cka_long; use one of "
+            f"{allowed or 'none'}, or by=None for the cell or algorithm column"
+        )
+    else:
+        frame = cka_long
+    frame = frame.assign(
+        **{by: frame[by].map(_hashable), "cka": pd.to_numeric(frame["cka"], errors="coerce")}
+    )
+    order = {key: i for i, key in enumerate(_ordered_groups(frame, by))}
+    means = (
+        frame.groupby([by, "student_layer", "teacher_layer"], sort=False)["cka"]
+        .agg(cka="mean", n="count")
+        .reset_index()
+    )
+    means = means.sort_values(
+        [by, "student_layer", "teacher_layer"],
+        key=lambda c: c.map(order) if c.name == by else c,
+        kind="stable",
+    )
+    return means.reset_index(drop=True)
+
+
+def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str | None = None) -> Path:
+    """PNG: one annotated CKA heatmap (student x teacher layer) per group of ``cka_means``
+    (``by=None``: per cell, else per algorithm), in rows of at most three panels.
 
     Runs of the same group are averaged; all panels share the 0..1 colour scale so they compare.
     """
-    needed = {"student_layer", "teacher_layer", "cka"}
-    if not needed <= set(cka_long.columns):
-        raise ValueError(f"cka_long needs columns {sorted(needed)}, got {list(cka_long.columns)}")
-    frame = cka_long if by in cka_long.columns else cka_long.assign(**{by: "all runs"})
-    frame = frame.assign(**{by: frame[by].map(_hashable)})
+    frame = cka_means(cka_long, by)
+    by = str(frame.columns[0])
     groups = _ordered_groups(frame, by)
     if not groups:
         raise ValueError("cka_long has no rows to plot")
@@ -761,8 +889,7 @@ def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str = "algorithm") ->
     for ax, key in zip(axes, groups, strict=True):
         mean = (
             frame[frame[by] == key]
-            .groupby(["student_layer", "teacher_layer"])["cka"]
-            .mean()
+            .set_index(["student_layer", "teacher_layer"])["cka"]
             .unstack("teacher_layer")
             .reindex(index=range(1, n_s + 1), columns=range(1, n_t + 1))
         )
@@ -827,49 +954,51 @@ def _with_index(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index()
 
 
+def _formatted(frame: pd.DataFrame, cell: Any = _format) -> pd.DataFrame:
+    """Every cell as the text ``cell`` gives it (``_format``: NaN empty, floats to 4 decimals)."""
+    return frame.map(cell) if hasattr(frame, "map") else frame.applymap(cell)
+
+
 def _markdown(df: pd.DataFrame) -> str:
-    df = _with_index(df)
-    if df.columns.empty:
+    """A GitHub pipe table via ``DataFrame.to_markdown`` (tabulate) of the ``_format``ted cells.
+
+    Cells are formatted and escaped first: tabulate would print NaN as ``nan`` and a ``|`` inside
+    a cell (``a|b``) would split the column; numeric columns are right-aligned.
+    """
+    frame = _with_index(df)
+    if frame.columns.empty:
         return "_(no data)_"
-    header = [str(c).replace("|", "\\|") for c in df.columns]
     numeric = [
-        pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
-        for c in df.columns
+        pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+        for c in frame.columns
     ]
-    lines = ["| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join("---:" if num else ":---" for num in numeric) + "|")
-    for row in df.itertuples(index=False, name=None):
-        cells = [_format(v).replace("|", "\\|").replace("\n", " ") for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    text = _formatted(frame, lambda value: escape(_format(value)))
+    text.columns = [escape(str(c)) for c in frame.columns]
+    return text.to_markdown(
+        index=False,
+        disable_numparse=True,
+        colalign=["right" if num else "left" for num in numeric],
+    )
 
 
 def render(df: pd.DataFrame, fmt: Fmt = "table") -> str:
-    """A frame as text: ``markdown`` (GitHub pipe table), ``csv`` or ``table`` (plain text).
-
-    Markdown uses ``DataFrame.to_markdown`` when ``tabulate`` is installed and a small writer of
-    its own otherwise, so reports never need an extra dependency.
-    """
+    """A frame as text: ``markdown`` (GitHub pipe table), ``csv`` or ``table`` (plain text)."""
     if fmt == "csv":
         frame = _with_index(df)
         return frame.to_csv(index=False)
     if fmt == "markdown":
-        try:
-            import tabulate  # noqa: F401
-        except ImportError:
-            return _markdown(df)
-        frame = _with_index(df)
-        if frame.columns.empty:
-            return "_(no data)_"
-        return frame.to_markdown(index=False, floatfmt=".4g")
+        return _markdown(df)
     if fmt == "table":
         frame = _with_index(df)
         if frame.columns.empty:
             return "(no data)"
         if frame.empty:
             return "  ".join(map(str, frame.columns)) + "\n(no rows)"
-        text = frame.map(_format) if hasattr(frame, "map") else frame.applymap(_format)
-        return text.to_string(index=False)
+        return _formatted(frame).to_string(index=False)
     raise ValueError(f"fmt must be 'table', 'markdown' or 'csv', got {fmt!r}")
 
 
@@ -882,9 +1011,20 @@ INTERNAL_ALGORITHMS = ("internal", "idal", "pid", "sid")
 DIAGNOSTICS = {"diag.cka.mean": True, "diag.attention_kl.mean": False, "diag.agreement": True}
 
 
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be between 0 and 1 (e.g. 0.05), got {alpha!r}")
+
+
+def _percent(fraction: float) -> str:
+    """``0.95`` -> ``95%``, ``0.975`` -> ``97.5%``: a CI level as the report prints it."""
+    return f"{round(100 * fraction, 6):g}%"
+
+
 def _verdict(row: pd.Series, higher_is_better: bool, alpha: float) -> str:
-    """``better``/``worse`` only when the bootstrap CI excludes 0 and the Holm-adjusted
-    paired t-test agrees; with three seeds the bootstrap alone is too optimistic."""
+    """``better``/``worse`` only when the (1 - alpha) bootstrap CI excludes 0 and the
+    Holm-adjusted paired t-test agrees (p < alpha); with three seeds the bootstrap alone is too
+    optimistic."""
     if row["n_pairs"] < 2:
         return "too few paired seeds"
     significant = bool(row["p_ttest_holm"] < alpha)
@@ -900,18 +1040,25 @@ def findings(
     baseline: str | dict[str, Any],
     metric: str,
     mode: str = "max",
-    alpha: float = 0.05,
+    alpha: float = DEFAULT_ALPHA,
 ) -> pd.DataFrame:
     """Per compared cell: the paired difference from the baseline of the metric and of each
     recorded diagnostic, each with a verdict (``better``, ``worse``, ``no clear difference``)
     that reads "closer to the teacher" for the diagnostics (higher CKA and agreement, lower
-    attention KL)."""
+    attention KL). A verdict needs Holm-adjusted p < ``alpha`` and a ``1 - alpha`` bootstrap CI
+    that excludes 0."""
+    _check_alpha(alpha)
+    _ascending(mode)
     group = _group_column(trials)
     column = _metric_column(trials, metric)
-    frames = {column: (paired_comparison(trials, baseline, column), mode == "max")}
+
+    def compare(name: str) -> pd.DataFrame:
+        return paired_comparison(trials, baseline, name, confidence=1.0 - alpha)
+
+    frames = {column: (compare(column), mode == "max")}
     for diag, higher in DIAGNOSTICS.items():
         if diag in trials.columns and pd.to_numeric(trials[diag], errors="coerce").notna().any():
-            frames[diag] = (paired_comparison(trials, baseline, diag), higher)
+            frames[diag] = (compare(diag), higher)
     by_cell = {name: (frame.set_index(group), higher) for name, (frame, higher) in frames.items()}
     records: list[dict[str, Any]] = []
     for key, n_pairs in zip(frames[column][0][group], frames[column][0]["n_pairs"], strict=True):
@@ -933,11 +1080,18 @@ def _algorithm_of(trials: pd.DataFrame, group: str, key: Any) -> str | None:
 
 
 def findings_text(
-    trials: pd.DataFrame, table: pd.DataFrame, baseline: Any, metric: str, mode: str = "max"
+    trials: pd.DataFrame,
+    table: pd.DataFrame,
+    baseline: Any,
+    metric: str,
+    mode: str = "max",
+    alpha: float = DEFAULT_ALPHA,
 ) -> str:
     """The paper's two claims, checked against ``findings`` in plain sentences: internal
     distillation beats soft labels on the dev metric, and it makes the student's inside (CKA,
-    attention KL) closer to the teacher's."""
+    attention KL) closer to the teacher's. ``alpha`` must be the one ``findings`` used: the
+    text states the thresholds the verdicts were made with."""
+    _check_alpha(alpha)
     group = _group_column(trials)
     short = _short(_metric_column(trials, metric))  # the same key ``findings`` wrote
     internal = [
@@ -947,9 +1101,10 @@ def findings_text(
     ]
     n_pairs = int(table["n_pairs"].max()) if len(table) else 0
     lines = [
-        f"Verdicts use the paired comparison with `{baseline}` over {n_pairs} seeds: a cell is "
-        "better or worse only when the 95% bootstrap CI of the paired difference excludes 0 "
-        "and the Holm-adjusted paired t-test gives p < 0.05.",
+        f"Verdicts use the paired comparison with `{baseline}` over {n_pairs} seeds at "
+        f"alpha = {alpha:g}: a cell is better or worse only when the {_percent(1.0 - alpha)} "
+        "bootstrap CI of the paired difference excludes 0 and the Holm-adjusted paired t-test "
+        f"gives p < {alpha:g}.",
         "",
     ]
     if not internal:
@@ -961,6 +1116,12 @@ def findings_text(
     rows = table.iloc[internal]
     verdicts = rows[f"{short}.verdict"]
     diffs = (1 if mode == "max" else -1) * rows[f"{short}.diff"]  # > 0: ahead of the baseline
+    if diffs.isna().all():
+        lines.append(
+            f"- Claim 1, internal distillation beats soft labels on dev {short}: **not tested**: "
+            f"no internal-distillation cell has an ok run with a seed that `{baseline}` also has."
+        )
+        return "\n".join(lines)
     best = rows.loc[diffs.idxmax()]
     better = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "better"]
     worse = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "worse"]
@@ -1050,6 +1211,10 @@ class Report:
     plots: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     fmt: Fmt = "markdown"
+    alpha: float = DEFAULT_ALPHA  # verdicts: Holm p < alpha; comparison CIs at 1 - alpha
+    mode_source: str = "the default"  # where ``mode`` came from (argument, trials, experiment.json)
+    baseline_source: str | None = None  # where ``baseline`` came from, None without one
+    experiment: dict[str, Any] | None = None  # experiment.json, when the folder has one
 
     def sections(self) -> list[tuple[str, str | pd.DataFrame]]:
         """``(heading, frame or prose)`` in document order: one source for every output format."""
@@ -1060,7 +1225,13 @@ class Report:
         title = "Cells" if self.group == "cell" else f"Per {self.group}"
         out.append((title, self.summary))
         if self.comparison is not None:
-            out.append((f"Paired comparison vs baseline `{self.baseline}`", self.comparison))
+            level = _percent(1.0 - self.alpha)
+            out.append(
+                (
+                    f"Paired comparison vs baseline `{self.baseline}` ({level} bootstrap CI)",
+                    self.comparison,
+                )
+            )
         if self.findings is not None and not self.findings.empty:
             out.append(("Verdict per cell (metric and diagnostics vs baseline)", self.findings))
         if self.sweep is not None:
@@ -1079,8 +1250,12 @@ class Report:
             "",
             f"- results: `{self.results_dir}`",
             f"- kind: {self.kind}; {self.n_ok} of {self.n_trials} runs ok",
-            f"- metric: best dev {self.metric} ({self.mode})",
+            f"- metric: best dev {self.metric} ({self.mode}; from {self.mode_source})",
+            f"- alpha: {self.alpha:g} (verdicts need Holm-adjusted p < {self.alpha:g} and a "
+            f"{_percent(1.0 - self.alpha)} bootstrap CI of the paired difference excluding 0)",
         ]
+        if self.baseline is not None:
+            lines.append(f"- baseline: `{self.baseline}` (from {self.baseline_source})")
         lines += [f"- note: {note}" for note in self.notes]
         for heading, body in self.sections():
             lines += ["", f"## {heading}", ""]
@@ -1091,8 +1266,9 @@ class Report:
         if self.comparison is not None:
             lines += [
                 "",
-                "mean_diff = cell minus baseline over the seeds both have; CI: 95% percentile "
-                "bootstrap of the mean paired difference; p_ttest_holm: Holm-adjusted over cells.",
+                "mean_diff = cell minus baseline over the seeds both have; CI: "
+                f"{_percent(1.0 - self.alpha)} percentile bootstrap of the mean paired "
+                "difference; p_ttest_holm: Holm-adjusted over cells.",
             ]
         if self.plots:
             lines += ["", "## Plots", ""]
@@ -1157,32 +1333,130 @@ def _default_baseline(trials: pd.DataFrame, group: str) -> Any:
         return None
 
 
+def _report_mode(
+    trials: pd.DataFrame, mode: str | None, experiment: dict[str, Any] | None
+) -> tuple[str, str]:
+    """``(mode, where it came from)``: the argument, else the trials' ``mode`` column, else
+    experiment.json's ``tune.mode``, else ``max``. A wrong direction silently inverts every
+    "best" and every verdict, so unknown or conflicting values are errors, not guesses."""
+    if mode is not None:
+        source = "the mode argument"
+    elif "mode" in trials.columns and trials["mode"].notna().any():
+        values = list(dict.fromkeys(trials["mode"].dropna().astype(str)))
+        if len(values) > 1:
+            raise ValueError(
+                f"the trials' mode column holds {values}: runs of different directions in one "
+                "folder; give the mode explicitly (max or min)"
+            )
+        mode, source = values[0], "the trials' mode column"
+    elif _spec_value(experiment, "tune", "mode") is not None:
+        mode, source = str(_spec_value(experiment, "tune", "mode")), f"{EXPERIMENT_FILE} tune.mode"
+    else:
+        mode, source = DEFAULT_MODE, "the default"
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r} (from {source})")
+    return mode, source
+
+
+def _report_metric(trials: pd.DataFrame, experiment: dict[str, Any] | None) -> str:
+    """The trials' ``metric`` column, else experiment.json's ``tune.metric``, else the first
+    ``best.dev.<metric>`` column; checked to have a column, so a gap is a clear error here."""
+    recorded = "metric" in trials.columns and trials["metric"].notna().any()
+    configured = _spec_value(experiment, "tune", "metric")
+    metric = main_metric(trials) if recorded or not configured else str(configured)
+    _metric_column(trials, metric)
+    return metric
+
+
+def _nothing_ok(results_dir: Path, trials: pd.DataFrame) -> str:
+    """Why there is nothing to report: the status counts and the first recorded error."""
+    counts = trials["status"].astype(str).value_counts(dropna=False)
+    statuses = ", ".join(f"{n} {status}" for status, n in counts.items())
+    message = f"{results_dir}: no run finished ok ({statuses}), so there is nothing to compare"
+    if "error" in trials.columns and trials["error"].notna().any():
+        first = str(trials["error"].dropna().iloc[0]).strip().splitlines()
+        message += f"; first error: {first[-1] if first else '?'}"
+    return message + ". Fix the failing runs and run them again."
+
+
+def _choose_baseline(
+    trials: pd.DataFrame,
+    group: str,
+    baseline: str | dict[str, Any] | None,
+    experiment: dict[str, Any] | None,
+    notes: list[str],
+) -> tuple[Any, str | None]:
+    """``(baseline cell, where it came from)``: the argument, else experiment.json's
+    ``ablation.baseline``, else the unique soft-label cell, else ``(None, None)``.
+
+    An explicit baseline that selects no single cell is an error; the spec's is a note and the
+    default is tried, since every ablation spec has one (``{"distill.algorithm": "soft"}``
+    unless set), also for ablations whose cells share one algorithm.
+    """
+    if baseline is not None:
+        return _select_baseline(trials, baseline, group), "the baseline argument"
+    configured = _spec_value(experiment, "ablation", "baseline")
+    if configured:
+        try:
+            return (
+                _select_baseline(trials, configured, group),
+                f"{EXPERIMENT_FILE} ablation.baseline {json.dumps(configured)}",
+            )
+        except ValueError as error:
+            notes.append(f"the spec's ablation.baseline is not used: {error}")
+    found = _default_baseline(trials, group)
+    return found, ("the default: the one soft-label cell" if found is not None else None)
+
+
+def _join_cka(cka: pd.DataFrame, trials: pd.DataFrame, group: str, path: Path) -> pd.DataFrame:
+    """CKA rows with the group of their run; runs not in the trials table are dropped."""
+    keys = [k for k in ("name", "trial_id") if k in cka.columns and k in trials.columns]
+    if "trial_id" not in keys:
+        raise ValueError(
+            f"{path} and the trials table must both have a 'trial_id' column to be joined; "
+            f"{path.name} has {list(cka.columns)}. Rewrite it with kdray.results or remove it"
+        )
+    info = trials[keys + [group]].drop_duplicates(keys)
+    return cka.merge(info, on=keys, how="inner")
+
+
 def build_report(
     results_dir: str | Path,
     *,
     baseline: str | dict[str, Any] | None = None,
     plots_dir: str | Path | None = None,
     fmt: Fmt = "markdown",
-    mode: str = "max",
+    mode: str | None = None,
     top: int = 10,
+    alpha: float = DEFAULT_ALPHA,
 ) -> Report:
     """Read a results folder and compute every table (and, with ``plots_dir``, every plot).
 
     An ablation (trials with a ``cell`` column) gets per-cell statistics and a paired comparison
-    against ``baseline`` (default: the one cell whose runs all use ``distill.algorithm: soft``, if
-    any). A sweep gets the best trials, the best trial per algorithm and fANOVA importance of the
+    against ``baseline``: the argument, else the spec's ``ablation.baseline`` from
+    ``experiment.json``, else the one cell whose runs all use ``distill.algorithm: soft``, if
+    any. A sweep gets the best trials, the best trial per algorithm and fANOVA importance of the
     varying settings. ``cka.parquet`` (``trial_id, student_layer, teacher_layer, cka``), when
-    present, is joined to the trials for the CKA heatmaps. ``mode`` is the metric's direction,
-    which the trials table does not record.
+    present, is joined to the trials for the CKA heatmaps. ``mode`` is the metric's direction:
+    the argument, else the trials' ``mode`` column, else the spec's ``tune.mode``, else ``max``.
+    ``alpha`` is the significance level of the verdicts (and ``1 - alpha`` the level of the
+    comparison's bootstrap CIs). Tables the report cannot use (no ok run, no metric or group
+    column) raise ``ValueError`` saying what is missing.
     """
+    _check_alpha(alpha)
     results_dir = Path(results_dir)
     trials, epochs = load_results(results_dir)
+    folder = _folder(results_dir)
+    experiment = read_experiment(folder)
     if trials.empty:
         raise ValueError(f"{results_dir}: the trials table has no rows")
-    metric = main_metric(trials)
-    is_ablation = "cell" in trials.columns
-    group = _group_column(trials)
     ok = _ok(trials)
+    if ok.empty:
+        raise ValueError(_nothing_ok(results_dir, trials))
+    group = _group_column(trials)
+    metric = _report_metric(trials, experiment)
+    mode, mode_source = _report_mode(trials, mode, experiment)
+    is_ablation = "cell" in trials.columns
     report = Report(
         results_dir=results_dir,
         kind="ablation" if is_ablation else "sweep",
@@ -1194,19 +1468,28 @@ def build_report(
         teacher=teacher_table(ok),
         summary=cell_summary(trials),
         fmt=fmt,
+        alpha=alpha,
+        mode_source=mode_source,
+        experiment=experiment,
     )
 
-    chosen = baseline if baseline is not None else (_default_baseline(trials, group))
-    if chosen is not None and (is_ablation or baseline is not None):
-        report.baseline = _select_baseline(trials, chosen, group)
-        report.comparison = paired_comparison(trials, report.baseline, metric)
-        if is_ablation and not report.comparison.empty:
-            report.findings = findings(trials, report.baseline, metric, mode=mode)
-            report.findings_text = findings_text(
-                trials, report.findings, report.baseline, metric, mode=mode
+    if is_ablation or baseline is not None:
+        chosen, source = _choose_baseline(trials, group, baseline, experiment, report.notes)
+        if chosen is not None:
+            report.baseline, report.baseline_source = chosen, source
+            report.comparison = paired_comparison(
+                trials, report.baseline, metric, confidence=1.0 - alpha
             )
-    elif is_ablation:
-        report.notes.append("no baseline given and no unique soft-label cell: no paired comparison")
+            if is_ablation and not report.comparison.empty:
+                report.findings = findings(trials, report.baseline, metric, mode=mode, alpha=alpha)
+                report.findings_text = findings_text(
+                    trials, report.findings, report.baseline, metric, mode=mode, alpha=alpha
+                )
+        else:
+            report.notes.append(
+                "no baseline given, none in the spec and no unique soft-label cell: "
+                "no paired comparison"
+            )
 
     if not is_ablation:
         report.sweep = sweep_summary(trials, metric, mode=mode, top=top)
@@ -1216,17 +1499,13 @@ def build_report(
 
     if not epochs.empty:
         report.curves = learning_curves(epochs, trials, metric)
-    cka_file = results_dir / CKA_FILE
+    cka_file = folder / CKA_FILE
     if cka_file.exists():
-        cka = pd.read_parquet(cka_file)
-        keys = [k for k in ("name", "trial_id") if k in cka.columns and k in trials.columns]
-        info = trials[keys + [group]].drop_duplicates(keys)
-        report.cka = cka.merge(info, on=keys, how="inner")
+        report.cka = _join_cka(pd.read_parquet(cka_file), trials, group, cka_file)
 
     if plots_dir is not None:
         plots = Path(plots_dir)
-        if len(ok):
-            report.plots["cells"] = plot_cells(trials, metric, plots / "cells.png")
+        report.plots["cells"] = plot_cells(trials, metric, plots / "cells.png")
         if report.curves is not None and not report.curves.empty:
             report.plots["learning_curves"] = plot_learning_curves(
                 epochs, trials, metric, plots / "learning_curves.png"

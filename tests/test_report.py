@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from io import StringIO
 from pathlib import Path
 
@@ -373,11 +378,19 @@ def test_plots_are_written(ablation: pd.DataFrame, tmp_path: Path) -> None:
 # Rendering
 
 
+def _tidy(line: str) -> str:
+    """A pipe-table line without tabulate's column padding: ``| a | b |``, ``|:---|---:|``."""
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+    if cells and all(c and set(c) <= set(":-") for c in cells):
+        return "|" + "|".join(re.sub("-+", "---", c) for c in cells) + "|"
+    return "| " + " | ".join(cells) + " |"
+
+
 def test_render_markdown_csv_and_table() -> None:
     frame = pd.DataFrame(
         {"cell": ["a|b", "c"], "accuracy.mean": [0.71234, float("nan")], "n": [3, 2]}
     )
-    markdown = R.render(frame, "markdown").splitlines()
+    markdown = [_tidy(line) for line in R.render(frame, "markdown").splitlines()]
     assert markdown[0] == "| cell | accuracy.mean | n |"
     assert markdown[1] == "|:---|---:|---:|"
     assert markdown[2] == "| a\\|b | 0.7123 | 3 |"
@@ -387,7 +400,7 @@ def test_render_markdown_csv_and_table() -> None:
     table = R.render(frame, "table")
     assert "accuracy.mean" in table and "0.7123" in table and "a|b" in table
     indexed = R.render(frame.set_index("cell"), "markdown")
-    assert indexed.splitlines()[0] == "| cell | accuracy.mean | n |"
+    assert _tidy(indexed.splitlines()[0]) == "| cell | accuracy.mean | n |"
     with pytest.raises(ValueError, match="fmt"):
         R.render(frame, "html")  # type: ignore[arg-type]
 
@@ -571,3 +584,296 @@ def test_cli_report_prints_tables_and_writes_markdown_and_plots(
 
     missing = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no results" in missing.output
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment.json: the spec's baseline and metric direction
+
+
+def _write_experiment(
+    folder: Path,
+    baseline: dict[str, object] | None = None,
+    mode: str = "max",
+    metric: str | None = None,
+) -> None:
+    """experiment.json as the runners write it: {"spec": spec.model_dump(mode="json")}."""
+    ablation = None if baseline is None else {"axes": {}, "seeds": [1, 2, 3], "baseline": baseline}
+    spec = {"name": "ablation", "task": "rte", "tune": {"metric": metric, "mode": mode}}
+    (folder / "experiment.json").write_text(json.dumps({"spec": {**spec, "ablation": ablation}}))
+
+
+def _results(frame: pd.DataFrame, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(folder / "trials.parquet", index=False)
+    return folder
+
+
+def test_read_experiment_is_none_without_the_file_and_names_the_file_when_it_is_broken(
+    tmp_path: Path,
+) -> None:
+    assert R.read_experiment(tmp_path) is None
+    _write_experiment(tmp_path, None)
+    assert R.read_experiment(tmp_path / "missing") is None  # never the parent folder's file
+    _write_experiment(tmp_path, {"distill.algorithm": "sid"}, mode="min")
+    (tmp_path / "trials.parquet").touch()
+    experiment = R.read_experiment(tmp_path / "trials.parquet")  # a file in the folder works too
+    assert experiment is not None
+    assert experiment["spec"]["ablation"]["baseline"] == {"distill.algorithm": "sid"}
+    assert experiment["spec"]["tune"]["mode"] == "min"
+    (tmp_path / "experiment.json").write_text('{"spec": {"name": ')
+    with pytest.raises(ValueError, match=r"experiment\.json is not valid JSON"):
+        R.read_experiment(tmp_path)
+    (tmp_path / "experiment.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        R.read_experiment(tmp_path)
+
+
+def test_report_uses_the_spec_baseline_when_no_baseline_is_given(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    results = _results(ablation, tmp_path / "results")
+    _write_experiment(results, {"distill.algorithm": "sid"})
+    report = R.build_report(results)
+    assert report.baseline == SID and "experiment.json ablation.baseline" in report.baseline_source
+    comparison = report.comparison.set_index("cell")
+    assert list(comparison.index) == [SOFT, PID]
+    # soft - sid per seed 1, 2, 3: 0.70 - 0.71, 0.72 - 0.74, 0.74 - 0.80
+    assert comparison.loc[SOFT, "mean_diff"] == pytest.approx((-0.01 - 0.02 - 0.06) / 3)
+    assert f"- baseline: `{SID}` (from experiment.json" in report.to_markdown()
+    # an explicit baseline still wins over the spec's
+    assert R.build_report(results, baseline=SOFT).baseline == SOFT
+
+
+def test_report_falls_back_to_the_soft_cell_when_the_spec_baseline_selects_no_cell(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    results = _results(ablation, tmp_path / "results")
+    _write_experiment(results, {"distill.algorithm": "idal"})  # no idal cell in this ablation
+    report = R.build_report(results)
+    assert report.baseline == SOFT and report.baseline_source.startswith("the default")
+    assert any("ablation.baseline is not used" in note for note in report.notes)
+    _write_experiment(results, None)  # a sweep spec: "ablation": null
+    assert R.build_report(results).baseline == SOFT
+
+
+def test_report_takes_the_mode_from_the_argument_then_the_mode_column_then_the_spec(
+    sweep: pd.DataFrame, tmp_path: Path
+) -> None:
+    accuracies = sorted(sweep["best.dev.accuracy"].dropna())
+    plain = _results(sweep, tmp_path / "plain")
+    report = R.build_report(plain)
+    assert (report.mode, report.mode_source) == ("max", "the default")
+    assert report.sweep["accuracy"].iloc[0] == accuracies[-1]
+
+    _write_experiment(plain, None, mode="min")
+    report = R.build_report(plain)
+    assert (report.mode, report.mode_source) == ("min", "experiment.json tune.mode")
+    assert report.sweep["accuracy"].iloc[0] == accuracies[0]  # lowest first
+
+    column = _results(sweep.assign(mode="max"), tmp_path / "column")
+    _write_experiment(column, None, mode="min")
+    report = R.build_report(column)  # the column beats experiment.json
+    assert (report.mode, report.mode_source) == ("max", "the trials' mode column")
+    assert "mode" not in R.setting_columns(sweep.assign(mode="max"))  # not a swept setting
+    report = R.build_report(column, mode="min")  # the argument beats both
+    assert (report.mode, report.mode_source) == ("min", "the mode argument")
+    assert report.sweep["accuracy"].iloc[0] == accuracies[0]
+
+    mixed = _results(sweep.assign(mode=["max", "min"] * 20), tmp_path / "mixed")
+    with pytest.raises(ValueError, match="give the mode explicitly"):
+        R.build_report(mixed)
+    with pytest.raises(ValueError, match="mode must be 'max' or 'min'"):
+        R.build_report(plain, mode="up")
+
+
+def test_report_uses_the_spec_metric_when_the_trials_do_not_record_one(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    results = _results(ablation.drop(columns=["metric"]), tmp_path / "results")
+    assert R.build_report(results).metric == "accuracy"  # the first best.dev.<metric> column
+    _write_experiment(results, {"distill.algorithm": "soft"}, metric="f1")
+    report = R.build_report(results)
+    assert report.metric == "f1"
+    sid = report.comparison.set_index("cell").loc[SID]
+    assert sid["mean_diff"] == pytest.approx(0.03)  # f1 = accuracy - 0.1 in every run
+
+
+# ---------------------------------------------------------------------------------------------
+# alpha
+
+
+def test_verdicts_and_printed_thresholds_use_the_alpha_given(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    # Holm over sid (p 0.18847) and pid (p 1 - 2 atan(0.5) / pi = 0.70483): 0.37694 and 0.70483.
+    # All three sid differences are > 0, so any bootstrap CI of their mean is above 0.
+    strict = R.findings(ablation, SOFT, "accuracy").set_index("cell")
+    assert strict.loc[SID, "accuracy.verdict"] == "no clear difference"
+    loose = R.findings(ablation, SOFT, "accuracy", alpha=0.4).set_index("cell")
+    assert loose.loc[SID, "accuracy.verdict"] == "better"  # 0.37694 < 0.4
+    assert loose.loc[PID, "accuracy.verdict"] == "no clear difference"  # 0.70483 >= 0.4
+
+    text = R.findings_text(ablation, loose.reset_index(), SOFT, "accuracy", alpha=0.4)
+    assert "alpha = 0.4" in text and "p < 0.4" in text and "60% bootstrap CI" in text
+    assert "0.05" not in text and "95%" not in text
+
+    results = _results(ablation, tmp_path / "results")
+    markdown = R.build_report(results, alpha=0.01).to_markdown()
+    assert "- alpha: 0.01 (verdicts need Holm-adjusted p < 0.01 and a 99% bootstrap CI" in markdown
+    assert "p < 0.01." in markdown and "(99% bootstrap CI)" in markdown
+    assert "99% percentile bootstrap" in markdown
+    assert "p < 0.05" not in markdown and "95%" not in markdown
+    with pytest.raises(ValueError, match="alpha must be between 0 and 1"):
+        R.build_report(results, alpha=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the bootstrap CI (scipy.stats.bootstrap)
+
+
+def _two_cells(base: list[float], new: list[float]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"cell": cell, "seed": seed, "status": "ok", "best.dev.accuracy": value}
+            for cell, values in (("base", base), ("new", new))
+            for seed, value in enumerate(values, start=1)
+        ]
+    )
+
+
+def test_bootstrap_ci_of_two_paired_differences_spans_from_the_smaller_to_the_larger() -> None:
+    # differences 0.01 and 0.03: resampled means are 0.01, 0.02, 0.03 with probabilities
+    # 1/4, 1/2, 1/4, so the 2.5th and 97.5th percentiles are 0.01 and 0.03, and the 30th and
+    # 70th (a 40% CI) are both 0.02
+    trials = _two_cells([0.70, 0.70], [0.71, 0.73])
+    row = R.paired_comparison(trials, "base", "accuracy").iloc[0]
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.01), pytest.approx(0.03))
+    row = R.paired_comparison(trials, "base", "accuracy", confidence=0.4).iloc[0]
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.02), pytest.approx(0.02))
+    # the same numbers as scipy's percentile bootstrap with the same seeded Generator
+    diff = np.array([0.01, 0.02, 0.06])
+    expected = stats.bootstrap(
+        (diff,), np.mean, n_resamples=500, method="percentile", rng=np.random.default_rng(3)
+    ).confidence_interval
+    assert R._bootstrap_ci(diff, 500, 3) == pytest.approx((expected.low, expected.high))
+
+
+def test_bootstrap_ci_of_equal_differences_is_that_difference() -> None:
+    trials = _two_cells([0.70, 0.71, 0.72], [0.72, 0.73, 0.74])
+    row = R.paired_comparison(trials, "base", "accuracy").iloc[0]
+    assert row["ci_low"] == pytest.approx(0.02) and row["ci_high"] == pytest.approx(0.02)
+    assert R._bootstrap_ci(np.empty(0), 100, 0) == pytest.approx((math.nan,) * 2, nan_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CKA heatmaps on the real tables
+
+
+def test_plot_cka_groups_the_real_cka_table_by_cell_by_default(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    results = _results(ablation, tmp_path / "results")
+    # cka.parquet as kdray.results writes it; layer pair (1, 1) scores 0.1 * seed
+    rows = [
+        {"name": t["name"], "trial_id": t["trial_id"], "student_layer": s, "teacher_layer": u}
+        | {"cka": 0.1 * t["seed"] if (s, u) == (1, 1) else 0.5}
+        for _, t in ablation[ablation["status"] == "ok"].iterrows()
+        for s in (1, 2)
+        for u in (1, 2)
+    ]
+    pd.DataFrame(rows).to_parquet(results / "cka.parquet", index=False)
+    cka = R.build_report(results).cka
+    means = R.cka_means(cka)
+    assert list(means.columns) == ["cell", "student_layer", "teacher_layer", "cka", "n"]
+    assert list(dict.fromkeys(means["cell"])) == [SOFT, SID, PID]
+    first = means[(means["student_layer"] == 1) & (means["teacher_layer"] == 1)].set_index("cell")
+    assert first.loc[SOFT, "cka"] == pytest.approx((0.1 + 0.2 + 0.3) / 3)
+    assert first.loc[PID, "cka"] == pytest.approx((0.1 + 0.2 + 0.4) / 3)
+    assert int(first.loc[SID, "n"]) == 3  # the failed sid run has no CKA
+    _assert_png(R.plot_cka(cka, tmp_path / "cka.png"))
+    algorithms = ablation[["trial_id", "distill.algorithm"]]
+    by_algorithm = R.cka_means(cka.drop(columns=["cell"]).merge(algorithms, on="trial_id"))
+    assert list(dict.fromkeys(by_algorithm["distill.algorithm"])) == ["soft", "sid", "pid"]
+    with pytest.raises(ValueError, match=r"cannot group CKA by 'algorithm'.*'cell'"):
+        R.plot_cka(cka, tmp_path / "never.png", by="algorithm")
+    alone = R.cka_means(cka.drop(columns=["cell"]))
+    assert set(alone["runs"]) == {"all runs"} and int(alone["n"].iloc[0]) == 9
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders the report cannot use: clear errors, not tracebacks
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t.assign(status="failed"),
+            r"no run finished ok \(10 failed\).*first error: boom",
+        ),
+        (lambda t: t.drop(columns=["cell", "distill.algorithm"]), "neither a 'cell' nor"),
+        (lambda t: t.drop(columns=["best.dev.accuracy"]), "no column for metric 'accuracy'"),
+    ],
+    ids=["only-failed-runs", "no-group-column", "metric-column-missing"],
+)
+def test_report_on_an_unusable_folder_raises_a_value_error_saying_what_is_missing(
+    ablation: pd.DataFrame, tmp_path: Path, change: object, message: str
+) -> None:
+    results = _results(change(ablation), tmp_path / "results")  # type: ignore[operator]
+    with pytest.raises(ValueError, match=message):
+        R.build_report(results)
+
+
+def test_cli_report_exits_2_with_the_reason_when_every_run_failed(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from kdray.cli import app
+
+    results = _results(ablation.assign(status="error"), tmp_path / "results")
+    shown = CliRunner().invoke(app, ["report", str(results)])
+    output = " ".join(shown.output.split())  # rich wraps long lines
+    assert shown.exit_code == 2 and "no run finished ok (10 error)" in output
+    assert "Traceback" not in output
+    assert shown.exception is None or isinstance(shown.exception, SystemExit)
+
+
+def test_findings_say_not_tested_when_the_baseline_cell_has_no_ok_run(
+    ablation: pd.DataFrame, tmp_path: Path
+) -> None:
+    failed_soft = ablation.assign(
+        status=np.where(ablation["distill.algorithm"] == "soft", "failed", ablation["status"])
+    )
+    report = R.build_report(_results(failed_soft, tmp_path / "results"))
+    assert report.baseline == SOFT
+    assert list(report.comparison["n_pairs"]) == [0, 0]
+    assert "**not tested**: no internal-distillation cell has an ok run" in report.findings_text
+
+
+# ---------------------------------------------------------------------------------------------
+# Dependencies
+
+
+def test_report_imports_no_kdray_module_but_the_torch_free_results() -> None:
+    source = Path(R.__file__).read_text(encoding="utf-8")
+    modules = set()
+    for node in ast.walk(ast.parse(source)):  # top-level and lazy (in-function) imports alike
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+        elif isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+    assert {m for m in modules if m.split(".")[0] == "kdray"} <= {"kdray.results"}
+    assert not {"torch", "transformers", "ray"} & {m.split(".")[0] for m in modules}
+    check = "import sys, kdray.report; assert 'torch' not in sys.modules, 'torch imported'"
+    root = str(Path(R.__file__).resolve().parents[1])  # this checkout's kdray, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+
+
+def test_markdown_tables_need_tabulate_so_it_is_a_declared_dependency() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert "tabulate" in {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0] for d in dependencies}
