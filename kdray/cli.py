@@ -273,12 +273,19 @@ def report(
     format_: Annotated[str, typer.Option("--format", help="table | markdown | csv")] = "table",
     plots: Annotated[Path | None, typer.Option(help="Write PNG plots into this folder.")] = None,
     baseline: Annotated[
-        str | None, typer.Option(help="Baseline cell (default: the soft-label cell).")
+        str | None,
+        typer.Option(help="Baseline cell (default: the spec's ablation.baseline, else soft)."),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Also save to a file.")
     ] = None,
-    mode: Annotated[str, typer.Option(help="max or min: the metric's direction.")] = "max",
+    mode: Annotated[
+        str | None,
+        typer.Option(help="max or min: the metric's direction (default: the spec's tune.mode)."),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(help="Significance level of the tests and (1 - alpha) CIs.")
+    ] = 0.05,
 ) -> None:
     """Summarise a sweep or an ablation: statistics, paired comparisons, importance, plots."""
     from kdray.report import build_report
@@ -286,13 +293,13 @@ def report(
     if format_ not in ("table", "markdown", "csv"):
         console.print("[red]--format must be table, markdown or csv[/red]")
         raise typer.Exit(2)
-    try:
+    if not 0 < alpha < 1:
+        console.print("[red]--alpha must be between 0 and 1 (e.g. 0.05)[/red]")
+        raise typer.Exit(2)
+    with _settings_errors():
         built = build_report(
-            results_dir, baseline=baseline, plots_dir=plots, fmt=format_, mode=mode
+            results_dir, baseline=baseline, plots_dir=plots, fmt=format_, mode=mode, alpha=alpha
         )
-    except (FileNotFoundError, ValueError) as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
     if format_ == "table":
         _print_report_tables(built)
     else:

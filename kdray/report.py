@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from kdray.algorithms import INTERNAL
+
 __all__ = [
     "Report",
     "best_per",
@@ -1006,7 +1008,7 @@ def render(df: pd.DataFrame, fmt: Fmt = "table") -> str:
 # Findings: the paper's question answered in words, from the paired statistics
 
 # Algorithms that distil the teacher's internal representations (the paper's methods).
-INTERNAL_ALGORITHMS = ("internal", "idal", "pid", "sid")
+INTERNAL_ALGORITHMS = INTERNAL  # kdray.algorithms: the algorithms that distil internals
 # Diagnostics compared with the baseline, and whether higher means closer to the teacher.
 DIAGNOSTICS = {"diag.cka.mean": True, "diag.attention_kl.mean": False, "diag.agreement": True}
 
