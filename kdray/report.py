@@ -1081,6 +1081,63 @@ def _algorithm_of(trials: pd.DataFrame, group: str, key: Any) -> str | None:
     return str(values[0]) if len(values) == 1 else None
 
 
+def _claim_one(rows: pd.DataFrame, group: str, short: str, diffs: pd.Series, baseline: Any) -> str:
+    """Claim 1 in words: do the internal-distillation cells beat the baseline on the metric."""
+    verdicts = rows[f"{short}.verdict"]
+    best = rows.loc[diffs.idxmax()]
+    better = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "better"]
+    worse = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "worse"]
+    if better:
+        claim = f"**held** for {', '.join(better)}"
+    elif worse and len(worse) == len(rows):
+        claim = "**did not hold**: every internal-distillation cell is worse"
+    elif (diffs > 0).all():
+        claim = (
+            "**not confirmed**: every internal-distillation cell is ahead on average, "
+            "none beyond seed noise"
+        )
+    else:
+        claim = (
+            "**did not hold**: no internal-distillation cell is better beyond seed noise, "
+            "and some are behind on average"
+        )
+    listed = ", ".join(
+        f"{key} {value:+.4f}" for key, value in zip(rows[group], rows[f"{short}.diff"], strict=True)
+    )
+    return (
+        f"- Claim 1, internal distillation beats soft labels on dev {short}: {claim}. "
+        f"Mean differences: {listed} (largest: {best[group]})."
+        + (f" Worse than `{baseline}`: {', '.join(worse)}." if worse and better else "")
+    )
+
+
+def _claim_two(table: pd.DataFrame, rows: pd.DataFrame) -> str | None:
+    """Claim 2 in words: is the student's inside (CKA, attention KL) closer to the teacher's."""
+    inside = [c for c in ("cka.mean", "attention_kl.mean") if f"{c}.verdict" in table.columns]
+    if not inside:
+        return None
+    parts, majority = [], 0
+    for column in inside:
+        closer = int((rows[f"{column}.verdict"] == "better").sum())
+        majority += closer > len(rows) / 2
+        mean_diff = float(rows[f"{column}.diff"].mean())
+        parts.append(
+            f"{column} significantly closer to the teacher in {closer} of {len(rows)} cells "
+            f"(mean difference {mean_diff:+.4f})"
+        )
+    held = (
+        "**held**"
+        if majority == len(inside)
+        else "**partly held**"
+        if majority
+        else "**did not hold**"
+    )
+    return (
+        "- Claim 2, internal distillation makes the student's inside closer to the "
+        f"teacher's: {held} ({'; '.join(parts)})."
+    )
+
+
 def findings_text(
     trials: pd.DataFrame,
     table: pd.DataFrame,
@@ -1116,7 +1173,6 @@ def findings_text(
         )
         return "\n".join(lines)
     rows = table.iloc[internal]
-    verdicts = rows[f"{short}.verdict"]
     diffs = (1 if mode == "max" else -1) * rows[f"{short}.diff"]  # > 0: ahead of the baseline
     if diffs.isna().all():
         lines.append(
@@ -1124,53 +1180,10 @@ def findings_text(
             f"no internal-distillation cell has an ok run with a seed that `{baseline}` also has."
         )
         return "\n".join(lines)
-    best = rows.loc[diffs.idxmax()]
-    better = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "better"]
-    worse = [str(k) for k, v in zip(rows[group], verdicts, strict=True) if v == "worse"]
-    if better:
-        claim = f"**held** for {', '.join(better)}"
-    elif worse and len(worse) == len(rows):
-        claim = "**did not hold**: every internal-distillation cell is worse"
-    elif (diffs > 0).all():
-        claim = (
-            "**not confirmed**: every internal-distillation cell is ahead on average, "
-            "none beyond seed noise"
-        )
-    else:
-        claim = (
-            "**did not hold**: no internal-distillation cell is better beyond seed noise, "
-            "and some are behind on average"
-        )
-    listed = ", ".join(
-        f"{key} {value:+.4f}" for key, value in zip(rows[group], rows[f"{short}.diff"], strict=True)
-    )
-    lines.append(
-        f"- Claim 1, internal distillation beats soft labels on dev {short}: {claim}. "
-        f"Mean differences: {listed} (largest: {best[group]})."
-        + (f" Worse than `{baseline}`: {', '.join(worse)}." if worse and better else "")
-    )
-    inside = [c for c in ("cka.mean", "attention_kl.mean") if f"{c}.verdict" in table.columns]
-    if inside:
-        parts, majority = [], 0
-        for column in inside:
-            closer = int((rows[f"{column}.verdict"] == "better").sum())
-            majority += closer > len(rows) / 2
-            mean_diff = float(rows[f"{column}.diff"].mean())
-            parts.append(
-                f"{column} significantly closer to the teacher in {closer} of {len(rows)} cells "
-                f"(mean difference {mean_diff:+.4f})"
-            )
-        held = (
-            "**held**"
-            if majority == len(inside)
-            else "**partly held**"
-            if majority
-            else "**did not hold**"
-        )
-        lines.append(
-            "- Claim 2, internal distillation makes the student's inside closer to the "
-            f"teacher's: {held} ({'; '.join(parts)})."
-        )
+    lines.append(_claim_one(rows, group, short, diffs, baseline))
+    claim_two = _claim_two(table, rows)
+    if claim_two:
+        lines.append(claim_two)
     if "agreement.verdict" in table.columns:
         same = int((rows["agreement.verdict"] == "no clear difference").sum())
         lines.append(
@@ -1422,6 +1435,47 @@ def _join_cka(cka: pd.DataFrame, trials: pd.DataFrame, group: str, path: Path) -
     return cka.merge(info, on=keys, how="inner")
 
 
+def _compare_with_baseline(
+    report: Report, trials: pd.DataFrame, baseline: str | dict[str, Any] | None
+) -> None:
+    """The paired comparison with the chosen baseline and, for an ablation, the findings."""
+    group = report.group
+    chosen, source = _choose_baseline(trials, group, baseline, report.experiment, report.notes)
+    if chosen is not None:
+        report.baseline, report.baseline_source = chosen, source
+        report.comparison = paired_comparison(
+            trials, report.baseline, report.metric, confidence=1.0 - report.alpha
+        )
+        if report.kind == "ablation" and not report.comparison.empty:
+            report.findings = findings(
+                trials, report.baseline, report.metric, mode=report.mode, alpha=report.alpha
+            )
+            report.findings_text = findings_text(
+                trials,
+                report.findings,
+                report.baseline,
+                report.metric,
+                mode=report.mode,
+                alpha=report.alpha,
+            )
+    else:
+        report.notes.append(
+            "no baseline given, none in the spec and no unique soft-label cell: "
+            "no paired comparison"
+        )
+
+
+def _plot(report: Report, trials: pd.DataFrame, epochs: pd.DataFrame, plots: Path) -> None:
+    """The report's PNGs: the metric by cell, learning curves and CKA heatmaps."""
+    report.plots["cells"] = plot_cells(trials, report.metric, plots / "cells.png")
+    if report.curves is not None and not report.curves.empty:
+        report.plots["learning_curves"] = plot_learning_curves(
+            epochs, trials, report.metric, plots / "learning_curves.png"
+        )
+    if report.cka is not None and not report.cka.empty:
+        report.plots["cka"] = plot_cka(report.cka, plots / "cka.png", by=report.group)
+
+
 def build_report(
     results_dir: str | Path,
     *,
@@ -1476,23 +1530,7 @@ def build_report(
     )
 
     if is_ablation or baseline is not None:
-        chosen, source = _choose_baseline(trials, group, baseline, experiment, report.notes)
-        if chosen is not None:
-            report.baseline, report.baseline_source = chosen, source
-            report.comparison = paired_comparison(
-                trials, report.baseline, metric, confidence=1.0 - alpha
-            )
-            if is_ablation and not report.comparison.empty:
-                report.findings = findings(trials, report.baseline, metric, mode=mode, alpha=alpha)
-                report.findings_text = findings_text(
-                    trials, report.findings, report.baseline, metric, mode=mode, alpha=alpha
-                )
-        else:
-            report.notes.append(
-                "no baseline given, none in the spec and no unique soft-label cell: "
-                "no paired comparison"
-            )
-
+        _compare_with_baseline(report, trials, baseline)
     if not is_ablation:
         report.sweep = sweep_summary(trials, metric, mode=mode, top=top)
         if "distill.algorithm" in trials.columns:
@@ -1506,12 +1544,5 @@ def build_report(
         report.cka = _join_cka(pd.read_parquet(cka_file), trials, group, cka_file)
 
     if plots_dir is not None:
-        plots = Path(plots_dir)
-        report.plots["cells"] = plot_cells(trials, metric, plots / "cells.png")
-        if report.curves is not None and not report.curves.empty:
-            report.plots["learning_curves"] = plot_learning_curves(
-                epochs, trials, metric, plots / "learning_curves.png"
-            )
-        if report.cka is not None and not report.cka.empty:
-            report.plots["cka"] = plot_cka(report.cka, plots / "cka.png", by=group)
+        _plot(report, trials, epochs, Path(plots_dir))
     return report

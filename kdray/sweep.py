@@ -588,6 +588,7 @@ def run_experiment(
     trainable: Callable[..., None] | None = None,
 ) -> SweepResult:
     """Teacher first (one Ray task), then the trials as one resumable Tune experiment."""
+    selection_metric(spec)  # a metric the task does not have fails before Ray starts
     out = Path(out_dir) if out_dir else Path("results") / name
     store = storage or str((out / "ray").resolve())
     out.mkdir(parents=True, exist_ok=True)

@@ -855,7 +855,7 @@ def test_findings_say_not_tested_when_the_baseline_cell_has_no_ok_run(
 # Dependencies
 
 
-def test_report_imports_no_kdray_module_but_the_torch_free_results() -> None:
+def test_report_imports_no_kdray_module_but_the_torch_free_results_and_registry() -> None:
     source = Path(R.__file__).read_text(encoding="utf-8")
     modules = set()
     for node in ast.walk(ast.parse(source)):  # top-level and lazy (in-function) imports alike
@@ -863,7 +863,10 @@ def test_report_imports_no_kdray_module_but_the_torch_free_results() -> None:
             modules.add(node.module)
         elif isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
-    assert {m for m in modules if m.split(".")[0] == "kdray"} <= {"kdray.results"}
+    assert {m for m in modules if m.split(".")[0] == "kdray"} <= {
+        "kdray.results",
+        "kdray.algorithms",
+    }
     assert not {"torch", "transformers", "ray"} & {m.split(".")[0] for m in modules}
     check = "import sys, kdray.report; assert 'torch' not in sys.modules, 'torch imported'"
     root = str(Path(R.__file__).resolve().parents[1])  # this checkout's kdray, not an installed one

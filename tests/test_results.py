@@ -160,3 +160,44 @@ def test_run_without_epochs_still_readable(tmp_path: Path) -> None:
 def test_load_without_tables(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="trials.parquet"):
         results.load(tmp_path)
+
+
+def test_the_trials_row_records_the_metrics_direction(tmp_path: Path) -> None:
+    spec = spec_from_dict({"name": "r", "task": "rte", "tune": {"mode": "min"}})
+    records = [{"epoch": 1, "stage": 0, "stage_name": "all", "loss.soft": 0.1}]
+    results.write_run(tmp_path, spec, _run_result(records))
+    trials, _ = results.load(tmp_path)
+    assert trials.iloc[0]["metric"] == "accuracy" and trials.iloc[0]["mode"] == "min"
+
+
+def test_a_run_result_is_derived_from_its_records_in_one_place() -> None:
+    records = [
+        {"epoch": 1, "dev.accuracy": 0.6, "best.dev.accuracy": 0.6, "best_epoch": 1,
+         "train_seconds": 2.0, "train_examples": 10, "student_params": 5, "teacher_params": 9},
+        {"epoch": 2, "dev.accuracy": 0.5, "best.dev.accuracy": 0.6, "best_epoch": 1,
+         "train_seconds": 3.0, "train_examples": 10, "student_params": 5, "teacher_params": 9,
+         "diag.agreement": 0.8, "diag.cka_matrix": "[[0.5, 0.25]]"},
+    ]  # fmt: skip
+    result = RunResult.from_records(records, status="ok", metric="accuracy", wall_time=7.0)
+    assert result.best_metrics == {"accuracy": 0.6} and result.best_epoch == 1
+    assert result.final_metrics == {"accuracy": 0.5} and result.epochs_run == 2
+    assert result.examples_per_s == 20 / 5.0  # all examples over all training seconds
+    assert (result.student_params, result.teacher_params, result.wall_time) == (5, 9, 7.0)
+    assert result.diagnostics == {"agreement": 0.8}
+    assert result.cka.to_dict("records") == [
+        {"student_layer": 1, "teacher_layer": 1, "cka": 0.5},
+        {"student_layer": 1, "teacher_layer": 2, "cka": 0.25},
+    ]
+
+
+def test_a_second_run_replaces_the_tables_without_deleting_them_first(
+    tmp_path: Path, monkeypatch
+) -> None:
+    spec = spec_from_dict({"name": "r", "task": "rte"})
+    records = [{"epoch": 1, "stage": 0, "stage_name": "all", "loss.soft": 0.1}]
+    results.write_run(tmp_path, spec, _run_result(records))
+    monkeypatch.setattr(
+        Path, "unlink", lambda *a, **k: pytest.fail("a table was deleted before its successor")
+    )
+    results.write_run(tmp_path, spec, _run_result(records + records))
+    assert len(results.load(tmp_path)[1]) == 2

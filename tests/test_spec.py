@@ -496,3 +496,23 @@ def test_too_few_epochs_for_the_stages_is_caught_at_load(tmp_path: Path) -> None
     with pytest.raises(SpecError, match=r"train\.epochs.*7 stages"):
         load_spec(path, ["distill.algorithm=sid", "student.layers=6"])
     assert load_spec(path, ["distill.algorithm=soft"]).train.epochs == 5
+
+
+def test_sweep_and_ablate_report_settings_errors_without_a_traceback(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from kdray import cli
+
+    monkeypatch.setattr("kdray.sweep.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    raw = {
+        **BASE,
+        "search": {"train.lr": {"choice": [1e-5, 2e-5]}},
+        "tune": {"metric": "f1"},  # RTE has accuracy only
+        "ablation": {"axes": {"distill.algorithm": ["soft", "sid"]}},
+    }
+    path = _write(tmp_path, raw)
+    for command in ("sweep", "ablate"):
+        result = CliRunner().invoke(cli.app, [command, str(path), "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2, result.output
+        assert "tune.metric 'f1' is not a dev metric of rte" in result.output
+        assert "Traceback" not in result.output

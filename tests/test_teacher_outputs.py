@@ -479,3 +479,31 @@ def test_distill_with_the_cache_factory_matches_live(teacher_dir: Path, tmp_path
         assert "loss.attention.L2" in losses or "loss.attention.L1" in losses
         for name in losses:
             assert got[name] == pytest.approx(want[name], rel=RTOL, abs=ATOL), name
+
+
+def test_the_cache_holds_only_what_the_weighted_terms_use(teacher_dir: Path) -> None:
+    base = tiny_spec_dict(teacher_dir)
+    spec = Spec.model_validate(base)
+    assert tc.cached_parts(spec) == ("logits", "hidden", "attentions")
+    no_attention = spec.with_values({"distill.losses.attention.weight": 0.0})
+    assert tc.cached_parts(no_attention) == ("logits", "hidden")
+    no_hidden = spec.with_values({"distill.losses.hidden.weight": 0.0})
+    assert tc.cached_parts(no_hidden) == ("logits", "attentions")
+
+
+def test_a_run_without_the_attention_term_caches_no_attention_maps(
+    teacher_dir: Path, tmp_path: Path
+) -> None:
+    spec = Spec.model_validate(
+        tiny_spec_dict(
+            teacher_dir,
+            distill={"algorithm": "idal", "losses": {"attention": {"weight": 0.0}}},
+            teacher={"cache": {"enabled": "on", "dir": str(tmp_path / "outputs")}},
+            train={"epochs": 2, "diagnostics": False},
+        )
+    )
+    assert D.distill(spec).status == "ok"
+    (folder,) = [p for p in (tmp_path / "outputs").iterdir() if not p.name.startswith(".")]
+    manifest = tc.CacheManifest.read(folder)
+    assert manifest is not None and "attentions" not in manifest.what
+    assert not (folder / tc.ATTENTION_FILE).exists() and (folder / tc.HIDDEN_FILE).exists()

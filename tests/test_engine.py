@@ -1,0 +1,115 @@
+"""The one training step and its pieces, on models small enough to compute by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_spec_dict
+from kdray import engine, teacher
+from kdray.spec import spec_from_dict
+
+CPU = torch.device("cpu")
+
+
+def _scalar_model() -> nn.Module:
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    return model
+
+
+def _opt(model: nn.Module, **kw: Any) -> engine.Optimization:
+    settings = {"lr": 0.1, "weight_decay": 0.0, "warmup": 0.0, "total_steps": 10}
+    settings.update(kw)
+    return engine.make_optimization(
+        [model], max_grad_norm=settings.pop("max_grad_norm", None), device=CPU,
+        precision="fp32", **settings,
+    )  # fmt: skip
+
+
+def _squared_error(model: nn.Module, x: float, target: float) -> Any:
+    inputs = torch.tensor([[x]])
+    return (
+        lambda: model(inputs),
+        lambda out: {"total": ((out - target) ** 2).sum()},
+    )
+
+
+def test_a_step_moves_a_weight_by_the_learning_rate_against_its_gradient() -> None:
+    model = _scalar_model()
+    opt = _opt(model)
+    terms = engine.train_step(opt, *_squared_error(model, 2.0, 0.0))
+    # loss (w x - t)^2 = 4 at w = 1; AdamW's first step is lr * g / (|g| + eps) = 0.1
+    assert float(terms["total"].detach()) == pytest.approx(4.0)
+    assert float(model.weight) == pytest.approx(0.9, abs=1e-6)
+    # the schedule advanced: 10 steps, no warm-up -> factor 9/10 after one step
+    assert opt.lr == pytest.approx(0.09)
+
+
+def test_a_non_finite_loss_raises_before_any_parameter_changes() -> None:
+    model = _scalar_model()
+    opt = _opt(model)
+    with pytest.raises(engine.DivergedError, match="loss became nan"):
+        engine.train_step(opt, *_squared_error(model, float("nan"), 0.0))
+    assert float(model.weight) == 1.0 and opt.lr == pytest.approx(0.1)
+
+
+def test_gradients_are_clipped_to_max_grad_norm_before_the_update() -> None:
+    model = _scalar_model()
+    opt = _opt(model, max_grad_norm=0.5)
+    seen: list[float] = []
+    real_step = opt.optimizer.step
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(float(model.weight.grad))
+        return real_step(*args, **kwargs)
+
+    opt.optimizer.step = spy  # type: ignore[method-assign]
+    engine.train_step(opt, *_squared_error(model, 2.0, 0.0))
+    assert seen == [pytest.approx(0.5)]  # the raw gradient 8 clipped to norm 0.5
+
+
+def test_warm_up_rises_linearly_then_decays_to_zero() -> None:
+    model = _scalar_model()
+    opt = _opt(model, warmup=0.4, total_steps=5)  # 2 warm-up steps
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.lr)
+        opt.optimizer.step()
+        opt.scheduler.step()
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 2 / 3 * 0.1, 1 / 3 * 0.1])
+
+
+def test_the_teacher_is_fine_tuned_through_the_engine_step_with_a_scaler_for_fp16(
+    tiny_bert: Path, tmp_path: Path, monkeypatch, one_thread: None
+) -> None:
+    raw = tiny_spec_dict(tiny_bert, data={"cache_dir": str(tmp_path)})
+    raw["train"]["precision"] = "fp16"
+    spec = spec_from_dict(raw)
+    scalers: list[bool] = []
+    real = engine.train_step
+
+    def recording(opt: engine.Optimization, *args: Any) -> Any:
+        scalers.append(opt.scaler.is_enabled())
+        return real(opt, *args)
+
+    monkeypatch.setattr(engine, "train_step", recording)
+    info = teacher.ensure_teacher(spec)
+    assert "accuracy" in info.dev_metrics
+    assert scalers and all(scalers)  # every fine-tuning step went through it, scaled
+
+
+def test_a_diverging_teacher_is_a_settings_error_that_names_the_fix(
+    tiny_bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    spec = spec_from_dict(tiny_spec_dict(tiny_bert, data={"cache_dir": str(tmp_path)}))
+    monkeypatch.setattr(
+        "kdray.losses.hard_label_loss", lambda logits, labels: torch.tensor(float("inf"))
+    )
+    with pytest.raises(ValueError, match=r"teacher fine-tuning diverged in epoch 1.*teacher.lr"):
+        teacher.ensure_teacher(spec)

@@ -1,0 +1,114 @@
+"""The shape of the package: one room per idea, checked from the source.
+
+No import cycles between kdray modules (lazy imports inside functions count), Ray imported by one
+module only, the tables and the report usable without torch, and no function so long that it
+holds several jobs.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = REPO / "kdray"
+MAX_FUNCTION_LINES = 80
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {
+        path.stem: ast.parse(path.read_text(), filename=str(path))
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.stem != "__init__"
+    }
+
+
+def _imported(tree: ast.Module) -> set[str]:
+    """Every module name imported anywhere in ``tree`` (top level or inside a function)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            if node.module == "kdray":
+                names.update(f"kdray.{alias.name}" for alias in node.names)
+    return names
+
+
+def _kdray_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        deps = {n.split(".")[1] for n in _imported(tree) if n.startswith("kdray.")}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def test_kdray_modules_import_each_other_without_a_cycle() -> None:
+    graph = _kdray_graph()
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(node: str, path: list[str]) -> None:
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            cycle = path[path.index(node) :] + [node]
+            pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            visit(dep, [*path, node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_only_the_sweep_module_imports_ray() -> None:
+    users = sorted(
+        name
+        for name, tree in _modules().items()
+        if any(n == "ray" or n.startswith("ray.") for n in _imported(tree))
+    )
+    assert users == ["sweep"]
+
+
+def test_results_and_report_load_without_torch() -> None:
+    code = "import sys, kdray.results, kdray.report, kdray.plan; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_importing_kdray_models_leaves_transformers_logging_alone() -> None:
+    code = (
+        "from transformers.utils import logging as l; before = l.get_verbosity(); "
+        "bars = l.is_progress_bar_enabled(); import kdray.models, kdray.distill; "
+        "print(l.get_verbosity() == before and l.is_progress_bar_enabled() == bars)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.strip() == "True"
+
+
+def test_no_function_in_kdray_is_longer_than_about_80_lines() -> None:
+    long = []
+    for name, tree in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {length} lines")
+    assert long == []
+
+
+def test_the_layout_check_sees_a_cycle_and_a_lazy_import(tmp_path: Path) -> None:
+    tree = ast.parse("def f():\n    from kdray import sweep\n    import kdray.plan\n")
+    assert {"kdray.sweep", "kdray.plan", "kdray"} <= _imported(tree)
