@@ -1,3 +1,21 @@
 """kdray: knowledge distillation from internal representations, swept and ablated at scale."""
 
+import os
+
 __version__ = "0.1.0"
+
+
+def _passive_openmp() -> None:
+    """OpenMP threads that wait sleep instead of spinning, unless the user chose a policy.
+
+    On a laptop or a shared server other work takes cores: spinning OpenMP threads then steal
+    the very cores torch's other threads need and a step slows several-fold (see
+    ``benchmarks/bench_busy.py``). OpenMP reads the setting when torch loads, so it only takes
+    effect when kdray is imported first (the CLI, Ray workers). ``KDRAY_OMP_WAIT_POLICY=unset``
+    leaves OpenMP's own default (used by the benchmark to compare).
+    """
+    if os.environ.get("KDRAY_OMP_WAIT_POLICY") != "unset":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+_passive_openmp()

@@ -112,3 +112,19 @@ def test_no_function_in_kdray_is_longer_than_about_80_lines() -> None:
 def test_the_layout_check_sees_a_cycle_and_a_lazy_import(tmp_path: Path) -> None:
     tree = ast.parse("def f():\n    from kdray import sweep\n    import kdray.plan\n")
     assert {"kdray.sweep", "kdray.plan", "kdray"} <= _imported(tree)
+
+
+def test_kdray_makes_openmp_threads_wait_passively_unless_told_otherwise() -> None:
+    code = "import os, kdray; print(os.environ.get('OMP_WAIT_POLICY'))"
+
+    def policy(**env: str) -> str:
+        base = {k: v for k, v in __import__("os").environ.items() if "OMP_WAIT" not in k}
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+            env={**base, **env}, check=True,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+    assert policy() == "PASSIVE"
+    assert policy(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the user's choice stands
+    assert policy(KDRAY_OMP_WAIT_POLICY="unset") == "None"
