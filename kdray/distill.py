@@ -379,6 +379,7 @@ def _train_epoch(
         t.batch_size,
         run.prepared.tokenizer.pad_token_id,
         shuffle_seed=t.seed * 1000 + epoch,
+        group_by_length=t.group_by_length,
     )
     sums: dict[str, float] = {}
     n_batches = n_examples = 0

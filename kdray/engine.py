@@ -15,12 +15,14 @@ import numpy as np
 import torch
 import transformers
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from kdray import data
 
 __all__ = [
     "DivergedError",
+    "LengthGroupedBatches",
     "Optimization",
     "autocast",
     "evaluate",
@@ -185,20 +187,54 @@ def train_step(
 # Data and evaluation
 
 
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Batches of examples of similar length, in an order shuffled by ``seed``.
+
+    transformers' length grouping (examples shuffled, cut into mega-batches of up to 50
+    batches, each sorted by length) makes the batches; their order is then shuffled too, so
+    long and short batches alternate at random instead of running longest-first within each
+    mega-batch. Same seed, same batches in the same order: paired seeds stay paired.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+
+    def batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        order = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def __iter__(self) -> Any:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+
 def make_loader(
-    split: Dataset, batch_size: int, pad_id: int, *, shuffle_seed: int | None = None
+    split: Dataset,
+    batch_size: int,
+    pad_id: int,
+    *,
+    shuffle_seed: int | None = None,
+    group_by_length: bool = False,
 ) -> DataLoader:
-    """Shuffling uses its own generator seeded per epoch, so a resumed run sees the same order."""
+    """A split's batches, padded per batch. Shuffling uses its own generator seeded per epoch,
+    so a resumed run sees the same order; ``group_by_length`` (with a seed) batches examples
+    of similar length together (:class:`LengthGroupedBatches`)."""
+    collate = lambda batch: data.collate(batch, pad_id)  # noqa: E731
+    if group_by_length and shuffle_seed is not None:
+        lengths = getattr(split, "lengths", None)
+        if lengths is None:
+            raise ValueError("train.group_by_length needs a split that knows its lengths")
+        batches = LengthGroupedBatches(lengths, batch_size, shuffle_seed)
+        return DataLoader(split, batch_sampler=batches, collate_fn=collate)
     if shuffle_seed is None:
         sampler: Any = SequentialSampler(split)
     else:
         sampler = RandomSampler(split, generator=torch.Generator().manual_seed(shuffle_seed))
-    return DataLoader(
-        split,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=lambda batch: data.collate(batch, pad_id),
-    )
+    return DataLoader(split, batch_size=batch_size, sampler=sampler, collate_fn=collate)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

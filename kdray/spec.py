@@ -151,6 +151,11 @@ class TrainSpec(_Strict):
     max_train_examples: int | None = Field(
         None, ge=1, description="Use only the first N training examples (smoke runs)."
     )
+    group_by_length: bool = Field(
+        False,
+        description="Batches of similar lengths (less padding), their order shuffled by the "
+        "seed, as the Hugging Face Trainer's option of that name.",
+    )
 
     @field_validator("device")
     @classmethod

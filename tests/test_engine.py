@@ -46,7 +46,7 @@ def test_a_step_moves_a_weight_by_the_learning_rate_against_its_gradient() -> No
     terms = engine.train_step(opt, *_squared_error(model, 2.0, 0.0))
     # loss (w x - t)^2 = 4 at w = 1; AdamW's first step is lr * g / (|g| + eps) = 0.1
     assert float(terms["total"].detach()) == pytest.approx(4.0)
-    assert float(model.weight) == pytest.approx(0.9, abs=1e-6)
+    assert float(model.weight.detach()) == pytest.approx(0.9, abs=1e-6)
     # the schedule advanced: 10 steps, no warm-up -> factor 9/10 after one step
     assert opt.lr == pytest.approx(0.09)
 
@@ -56,7 +56,7 @@ def test_a_non_finite_loss_raises_before_any_parameter_changes() -> None:
     opt = _opt(model)
     with pytest.raises(engine.DivergedError, match="loss became nan"):
         engine.train_step(opt, *_squared_error(model, float("nan"), 0.0))
-    assert float(model.weight) == 1.0 and opt.lr == pytest.approx(0.1)
+    assert float(model.weight.detach()) == 1.0 and opt.lr == pytest.approx(0.1)
 
 
 def test_gradients_are_clipped_to_max_grad_norm_before_the_update() -> None:
@@ -113,3 +113,40 @@ def test_a_diverging_teacher_is_a_settings_error_that_names_the_fix(
     )
     with pytest.raises(ValueError, match=r"teacher fine-tuning diverged in epoch 1.*teacher.lr"):
         teacher.ensure_teacher(spec)
+
+
+def _padded_tokens(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouped_batches_cover_every_example_once_with_less_padding() -> None:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 65, (1000,), generator=generator).tolist()
+    grouped = engine.LengthGroupedBatches(lengths, 32, seed=7).batches()
+    flat = sorted(i for b in grouped for i in b)
+    assert flat == list(range(1000))
+    assert sorted(len(b) for b in grouped) == [8] + [32] * 31  # one partial batch of 1000 % 32
+    random_order = torch.randperm(1000, generator=torch.Generator().manual_seed(7)).tolist()
+    shuffled = [random_order[i : i + 32] for i in range(0, 1000, 32)]
+    # similar lengths in a batch: far fewer padded tokens than random batches
+    assert _padded_tokens(grouped, lengths) < 0.8 * _padded_tokens(shuffled, lengths)
+
+
+def test_length_grouping_is_reproducible_per_seed_and_shuffles_the_batch_order() -> None:
+    lengths = [(i * 37) % 60 + 3 for i in range(640)]
+    first = engine.LengthGroupedBatches(lengths, 32, seed=3).batches()
+    assert first == engine.LengthGroupedBatches(lengths, 32, seed=3).batches()
+    assert first != engine.LengthGroupedBatches(lengths, 32, seed=4).batches()
+    longest = [max(lengths[i] for i in b) for b in first]
+    assert longest != sorted(longest, reverse=True) and longest != sorted(longest)
+
+
+def test_a_length_grouped_loader_yields_the_sampler_batches(tiny_bert: Path) -> None:
+    from kdray import data, models
+
+    tokenizer = models.load_tokenizer(str(tiny_bert))
+    texts = [data.Example(text_a="word " * n, text_b=None, label=n % 2) for n in range(1, 40)]
+    split = data.tokenize(texts, tokenizer, 64)
+    loader = engine.make_loader(split, 8, 0, shuffle_seed=5, group_by_length=True)
+    batches = [batch["index"].tolist() for batch in loader]
+    assert batches == engine.LengthGroupedBatches(split.lengths, 8, seed=5).batches()
