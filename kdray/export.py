@@ -1,0 +1,526 @@
+"""The student outside kdray: a Hugging Face folder with a model card, and GLUE predictions.
+
+:func:`export_student` turns a ``kdray run`` results folder into a folder anyone can load with
+``from_pretrained`` or ``pipeline("text-classification")``: safetensors weights, a config that
+names the task's labels, the tokenizer, a model card that says how the student was made and how
+good it is, and the spec that reproduces it. :func:`predict_glue` writes a model's predictions in
+the layout the GLUE server takes (or scores them on dev first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from kdray import __version__, algorithms, data, engine, models, results, store
+from kdray.spec import Spec, SpecError, spec_from_dict, stage_schedule, term_weights
+
+__all__ = [
+    "CARD_FILE",
+    "SPEC_FILE",
+    "ExportError",
+    "Prediction",
+    "RunFolder",
+    "export_student",
+    "model_card",
+    "open_run",
+    "predict_glue",
+]
+
+SPEC_FILE = "kdray-spec.yaml"  # beside an exported model: the spec that reproduces it
+CARD_FILE = "README.md"
+STUDENT_DIR = "student"  # where kdray run keeps the best student in its results folder
+DEFAULT_MAX_SEQ_LENGTH = 128  # a bare model folder without a kdray spec
+
+
+class ExportError(ValueError):
+    """A results or model folder that cannot be exported or predicted with; the message names
+    the folder and what to do instead."""
+
+
+# ---------------------------------------------------------------------------------------------
+# A kdray run's results folder
+
+
+@dataclass
+class RunFolder:
+    """A ``kdray run`` results folder: its one trials row, the spec it ran, its student."""
+
+    path: Path
+    row: dict[str, Any]
+    spec: Spec
+    spec_dict: dict[str, Any]
+    student: Path
+    cka: pd.DataFrame | None = None
+
+
+def open_run(folder: str | Path, *, trial: str | None = None, best: bool = False) -> RunFolder:
+    """Read a ``kdray run`` folder; ``trial``/``best`` pick its trial (a run folder has one,
+    ``run``, which is also its best).
+
+    Sweep and ablation folders keep their tables but not their trials' students yet, so they
+    are refused with what to do instead.
+    """
+    path = Path(folder)
+    trials_file, experiment_file = path / results.TRIALS_FILE, path / results.EXPERIMENT_FILE
+    if not trials_file.is_file():
+        raise ExportError(
+            f"{path}: no {results.TRIALS_FILE}; give a results folder written by kdray run "
+            "(results/<name>)"
+        )
+    if not experiment_file.is_file():
+        raise ExportError(
+            f"{path}: no {results.EXPERIMENT_FILE} (the command and spec that wrote the folder); "
+            "re-run the spec with kdray run to get a folder that can be exported"
+        )
+    experiment = json.loads(experiment_file.read_text())
+    trials = pd.read_parquet(trials_file)
+    command = experiment.get("command", "run")
+    if command != "run" or len(trials) != 1:
+        raise ExportError(
+            f"{path} holds a {command} with {len(trials)} trials: kdray does not keep the "
+            f"students of {command} trials beside the tables yet. Re-run the trial you want "
+            f"with kdray run (its settings are its row in {trials_file}, e.g. --set key=value "
+            "for each param.* column) and export that folder"
+        )
+    row = trials.iloc[0].to_dict()
+    if trial is not None and trial != row["trial_id"]:
+        raise ExportError(
+            f"{path}: no trial {trial!r}; a kdray run folder has one trial, {row['trial_id']!r} "
+            "(leave out --trial, or use --best)"
+        )
+    try:
+        spec = spec_from_dict(experiment["spec"], source=str(experiment_file))
+    except (SpecError, KeyError) as error:
+        raise ExportError(
+            f"{experiment_file}: its spec no longer loads with kdray {__version__} ({error}); "
+            "re-run it with the kdray version that wrote it"
+        ) from error
+    student = path / STUDENT_DIR
+    if not (student / "config.json").is_file():
+        raise ExportError(
+            f"{student}: no saved student (no config.json). The run ended with status "
+            f"{row.get('status')!r}; a student is saved when train.save_student is true and an "
+            "epoch trained the classifier. Re-run with kdray run and export again"
+        )
+    cka_file = path / results.CKA_FILE
+    cka = pd.read_parquet(cka_file) if cka_file.is_file() else None
+    return RunFolder(path, row, spec, experiment["spec"], student, cka)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def export_student(
+    results_dir: str | Path, to: str | Path, *, trial: str | None = None, best: bool = False
+) -> Path:
+    """Write the run's best student as a Hugging Face folder at ``to`` (replaced atomically:
+    a reader sees the old export or the new one, never half of one)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = open_run(results_dir, trial=trial, best=best)
+    target = Path(to)
+    _check_target(target, run)
+    task = data.get_task(run.spec.task)
+    with models.quiet_loading():
+        model = AutoModelForSequenceClassification.from_pretrained(run.student)
+        tokenizer = AutoTokenizer.from_pretrained(run.student)
+    _check_labels(model.config.num_labels, task, run.student)
+    model.config.id2label = dict(enumerate(task.labels))
+    model.config.label2id = {name: i for i, name in enumerate(task.labels)}
+    model.config.problem_type = "single_label_classification"
+    model.config.finetuning_task = task.name
+    # kdray trains students without attention-probability dropout (see
+    # models.disable_attention_dropout); whoever fine-tunes the export gets the usual default.
+    if getattr(model.config, "attention_probs_dropout_prob", None) == 0.0:
+        default = type(model.config)().attention_probs_dropout_prob
+        model.config.attention_probs_dropout_prob = default
+    with store.atomic_dir(target) as tmp, models.quiet_loading():
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SPEC_FILE).write_text(yaml.safe_dump(run.spec_dict, sort_keys=False))
+        (tmp / CARD_FILE).write_text(model_card(run))
+    return target
+
+
+def _check_target(target: Path, run: RunFolder) -> None:
+    """Never replace the results folder (or a folder holding it) or someone else's folder."""
+    resolved = target.resolve()
+    for protected in (run.path.resolve(), run.student.resolve()):
+        if resolved == protected or resolved in protected.parents:
+            raise ExportError(f"--to {target} would replace {protected}; export into a new folder")
+    if resolved.is_file() or (
+        resolved.is_dir() and any(resolved.iterdir()) and not (resolved / SPEC_FILE).is_file()
+    ):
+        raise ExportError(
+            f"--to {target} exists and is not an earlier kdray export (no {SPEC_FILE}); "
+            "export into a new or empty folder"
+        )
+
+
+def _check_labels(num_labels: int, task: data.GlueTask, where: Path) -> None:
+    if num_labels != task.num_labels:
+        raise ExportError(
+            f"{where}: the model has {num_labels} labels but {task.name} has "
+            f"{task.num_labels} ({', '.join(task.labels)}); use a model trained on {task.name}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card
+
+
+def _num(value: Any) -> float | None:
+    """A table cell as a float, None when missing or NaN."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    number = _num(value)
+    return "n/a" if number is None else f"{number:.{digits}f}"
+
+
+def _percent(value: Any) -> str:
+    number = _num(value)
+    return "n/a" if number is None else f"{100 * number:.1f} %"
+
+
+def retention(student: Any, teacher: Any) -> float | None:
+    """The student's score as % of the teacher's (None when the teacher's is not positive)."""
+    s, t = _num(student), _num(teacher)
+    return None if s is None or t is None or t <= 0 else 100.0 * s / t
+
+
+def _layer_map(run: RunFolder) -> str:
+    """The spec's layer map, with the teacher layers it resolves to when the run's CKA table
+    tells how many layers the teacher has."""
+    spec = run.spec
+    shown = json.dumps(spec.distill.layer_map)
+    if run.cka is None or run.cka.empty:
+        return shown
+    n_teacher = int(run.cka["teacher_layer"].max())
+    try:
+        mapped = models.resolve_layer_map(spec.distill.layer_map, spec.student.layers, n_teacher)
+    except models.ModelError:
+        return shown
+    pairs = ", ".join(f"{i}->{t}" for i, t in enumerate(mapped, start=1))
+    return f"{shown}: student->teacher layers {pairs} (teacher has {n_teacher} layers)"
+
+
+def _recipe_rows(run: RunFolder) -> list[tuple[str, str]]:
+    spec = run.spec
+    d, t = spec.distill, spec.train
+    weights = term_weights(spec)
+    schedule = stage_schedule(spec)
+    plan = schedule.plan()
+    stages = ", ".join(
+        f"{s.name} ({plan[i]} ep)" if plan else s.name for i, s in enumerate(schedule.stages)
+    )
+    st = d.stages
+    return [
+        ("algorithm", f"`{d.algorithm}`: {algorithms.get(d.algorithm).summary}"),
+        (
+            "student",
+            f"{spec.student.layers} layers, init {spec.student.init} "
+            f"(init_layers {json.dumps(spec.student.init_layers)})",
+        ),
+        ("layer map", _layer_map(run)),
+        ("loss weights", ", ".join(f"{k} {v:g}" for k, v in weights.items())),
+        ("soft-label temperature", f"{d.losses.soft.temperature:g}"),
+        ("attention rows", d.losses.attention.rows),
+        ("stages", stages),
+        (
+            "stage settings",
+            f"advance {st.advance}, epochs_per_stage {json.dumps(st.epochs_per_stage)}, "
+            f"patience {st.patience}, min_delta {st.min_delta:g}, "
+            f"freeze_lower {json.dumps(st.freeze_lower)}",
+        ),
+        (
+            "training",
+            f"{t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, warmup {t.warmup:g}, "
+            f"weight decay {t.weight_decay:g}, max_grad_norm {t.max_grad_norm}, {t.precision}",
+        ),
+        ("max_seq_length", str(spec.data.max_seq_length)),
+        ("seed", str(t.seed)),
+        ("spec fingerprint", f"`{run.row.get('spec_fingerprint')}`"),
+    ]
+
+
+def _metric_table(run: RunFolder, task: data.GlueTask) -> list[str]:
+    row = run.row
+    lines = ["| metric | student | teacher | retention |", "| --- | --- | --- | --- |"]
+    for name in task.metrics:
+        student, teacher = row.get(f"best.dev.{name}"), row.get(f"teacher.dev.{name}")
+        kept = retention(student, teacher)
+        shown = "n/a" if kept is None else f"{kept:.1f} %"
+        lines.append(f"| {name} | {_fmt(student)} | {_fmt(teacher)} | {shown} |")
+    return lines
+
+
+def _cka_section(row: dict[str, Any]) -> list[str]:
+    """The diag.* columns: CKA and attention KL per mapped layer, agreement with the teacher."""
+    layers = sorted(
+        int(k.removeprefix("diag.cka.L"))
+        for k, v in row.items()
+        if k.startswith("diag.cka.L") and _num(v) is not None
+    )
+    if not layers:
+        return ["Not measured for this run (`train.diagnostics: false`)."]
+    lines = [
+        "Linear CKA between the student's and the teacher's [CLS] vectors on the dev set, and the "
+        "attention KL(teacher || student), for each mapped layer:",
+        "",
+        "| student layer | CKA | attention KL |",
+        "| --- | --- | --- |",
+    ]
+    for i in layers:
+        lines.append(
+            f"| {i} | {_fmt(row.get(f'diag.cka.L{i}'))} | "
+            f"{_fmt(row.get(f'diag.attention_kl.L{i}'))} |"
+        )
+    lines += [
+        f"| mean | {_fmt(row.get('diag.cka.mean'))} | {_fmt(row.get('diag.attention_kl.mean'))} |",
+        "",
+        f"The student predicts the teacher's label on {_percent(row.get('diag.agreement'))} of "
+        "the dev examples.",
+    ]
+    return lines
+
+
+def _front_matter(task: data.GlueTask) -> list[str]:
+    """The Hugging Face hub's metadata block (pipeline, tags, dataset, metrics)."""
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "language": ["en"],
+        "tags": ["kdray", "knowledge-distillation", "bert", "glue", task.name],
+        "datasets": ["nyu-mll/glue"],
+        "metrics": list(task.metrics),
+    }
+    return ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---"]
+
+
+def _use_and_reproduce(run: RunFolder, task: data.GlueTask, teacher_model: str) -> list[str]:
+    spec, version = run.spec, run.row.get("kdray_version") or __version__
+    example = (
+        '{"text": "first sentence", "text_pair": "second sentence"}'
+        if task.is_pair
+        else '"a sentence"'
+    )
+    return [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        'classify = pipeline("text-classification", model="path/to/this/folder")',
+        f"classify({example})",
+        "```",
+        "",
+        "## Reproduce",
+        "",
+        f"`{SPEC_FILE}` in this folder is the full spec of the run. With kdray {version} "
+        "installed and GLUE in the download_glue_data.py layout:",
+        "",
+        "```bash",
+        f"kdray run {SPEC_FILE} --out results/{spec.name}",
+        f"kdray export results/{spec.name} --to {spec.name}-student",
+        "```",
+        "",
+        f"The spec names the teacher `{teacher_model}` and the GLUE folder `{spec.data.dir}` "
+        "as they were where the run ran (a null folder means `$KDRAY_GLUE_DIR`); point them "
+        "elsewhere with `--set teacher.model=...` and `--set data.dir=...`.",
+        "",
+    ]
+
+
+def model_card(run: RunFolder) -> str:
+    """The exported folder's README.md: what the student is, how it was made, how good it is,
+    and how to make it again."""
+    spec, row = run.spec, run.row
+    task = data.get_task(spec.task)
+    labels = ", ".join(f"{i} `{name}`" for i, name in enumerate(task.labels))
+    teacher_metrics = ", ".join(f"{m} {_fmt(row.get(f'teacher.dev.{m}'))}" for m in task.metrics)
+    teacher_model = spec.teacher.checkpoint or spec.teacher.model
+    lines = [
+        *_front_matter(task),
+        "",
+        f"# {spec.name}: a {spec.student.layers}-layer student for GLUE {task.local_dir}",
+        "",
+        f"Distilled with kdray {row.get('kdray_version') or __version__} "
+        f"(algorithm `{spec.distill.algorithm}`) from the teacher `{teacher_model}`; "
+        f"exported with kdray {__version__}.",
+        "",
+        "## Task",
+        "",
+        f"GLUE {task.local_dir} ({'sentence pairs' if task.is_pair else 'single sentences'}), "
+        f"labels {labels}; inputs truncated to {spec.data.max_seq_length} tokens.",
+        "",
+        "## Teacher",
+        "",
+        f"`{teacher_model}`, fine-tuned by kdray (teacher id `{row.get('teacher.id')}`): "
+        f"dev {teacher_metrics}.",
+        "",
+        "## Recipe",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        *(f"| {k} | {v} |" for k, v in _recipe_rows(run)),
+        "",
+        "## Dev results",
+        "",
+        f"Best epoch {row.get('best_epoch')} of {row.get('epochs_run')} "
+        f"(selected by dev {row.get('metric')}); retention is the student's score as % of the "
+        "teacher's.",
+        "",
+        *_metric_table(run, task),
+        "",
+        "## Inside the student",
+        "",
+        *_cka_section(row),
+        "",
+        *_use_and_reproduce(run, task, teacher_model),
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# GLUE predictions
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict_glue` wrote: one file per (MNLI: two) split, and dev metrics."""
+
+    task: data.GlueTask
+    split: str
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)  # split -> file
+    rows: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # dev splits only
+
+
+@dataclass
+class _Source:
+    """Where the model, its task and its length come from."""
+
+    model_dir: Path
+    task: data.GlueTask
+    max_seq_length: int
+    data_dir: str | None
+    default_out: Path
+
+
+def _source(path: Path, task: str | None, max_seq_length: int | None, split: str) -> _Source:
+    """A results folder (task and length from its spec), an exported folder (from its
+    kdray-spec.yaml) or a bare model folder (``--task`` needed)."""
+    if (path / results.TRIALS_FILE).is_file():
+        run = open_run(path)
+        spec: Spec | None = run.spec
+        model_dir, out = run.student, path / f"glue-{split}"
+    elif (path / "config.json").is_file():
+        spec_file = path / SPEC_FILE
+        spec = None
+        if spec_file.is_file():
+            try:
+                spec = spec_from_dict(yaml.safe_load(spec_file.read_text()), str(spec_file))
+            except SpecError as error:
+                raise ExportError(f"{spec_file}: {error}") from error
+        model_dir, out = path, Path(f"glue-{split}")
+    else:
+        raise ExportError(
+            f"{path}: neither a kdray results folder ({results.TRIALS_FILE}) nor a model folder "
+            "(config.json)"
+        )
+    if spec is None and task is None:
+        raise ExportError(
+            f"{path}: a model folder without {SPEC_FILE} does not say its task; give --task "
+            f"({', '.join(data.TASKS)})"
+        )
+    if spec is not None and task is not None and data.get_task(task).name != spec.task:
+        raise ExportError(
+            f"{path} was distilled for {spec.task}, not {task}; leave out --task or use a model "
+            f"trained on {task}"
+        )
+    length = max_seq_length or (spec.data.max_seq_length if spec else DEFAULT_MAX_SEQ_LENGTH)
+    glue_task = data.get_task(spec.task if spec else task)  # type: ignore[arg-type]
+    return _Source(model_dir, glue_task, length, spec.data.dir if spec else None, out)
+
+
+def predict_glue(
+    source: str | Path,
+    split: str,
+    *,
+    out: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    task: str | None = None,
+    max_seq_length: int | None = None,
+    batch_size: int = 128,
+    device: str = "auto",
+) -> Prediction:
+    """Predict every example of the task's ``test`` (or ``dev``) files and write them as the
+    GLUE server takes them: ``<Task>.tsv`` with ``index<TAB>prediction`` and the label values
+    of the task's own files (``entailment``/``not_entailment``, ``0``/``1``). On dev the
+    metrics are computed and written to ``metrics.json`` too, to check before submitting."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    if split not in ("test", "dev"):
+        raise ExportError(f"--split must be test or dev, got {split!r}")
+    src = _source(Path(source), task, max_seq_length, split)
+    t = src.task
+    with models.quiet_loading():
+        _check_labels(AutoConfig.from_pretrained(src.model_dir).num_labels, t, src.model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(src.model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(src.model_dir)
+    glue_dir = data_dir or src.data_dir or os.environ.get(data.GLUE_DIR_ENV) or None
+    result = Prediction(t, split, Path(out) if out else src.default_out)
+    splits = t.test_splits if split == "test" else t.dev_splits
+    run_device = engine.pick_device(device)
+    model.to(run_device)
+
+    def predict(examples: list[data.Example]) -> np.ndarray:
+        tokens = data.tokenize(examples, tokenizer, src.max_seq_length)
+        loader = engine.make_loader(tokens, batch_size, tokenizer.pad_token_id or 0)
+        logits, _ = engine.predict(model, loader, run_device)
+        return logits.argmax(-1)
+
+    for name in splits:
+        if split == "test":
+            if glue_dir is None:
+                raise ExportError(
+                    "the GLUE test files are read from a local folder in the download_glue_data.py "
+                    f"layout: give --data-dir (or set ${data.GLUE_DIR_ENV})"
+                )
+            test = data.read_test(t, glue_dir, name)
+            ids, preds = test.ids, predict(test.examples)
+        else:
+            examples = data.load_examples(t, name, glue_dir)
+            ids, preds = [str(i) for i in range(len(examples))], predict(examples)
+            gold = [ex.label for ex in examples]
+            result.metrics[name] = data.compute_metrics(t, preds, gold)
+        result.files[name] = _write_predictions(
+            result.out_dir / t.submission_file(name), ids, [t.file_label_values[p] for p in preds]
+        )
+        result.rows[name] = len(ids)
+    if result.metrics:
+        store.write_text_atomic(
+            result.out_dir / "metrics.json", json.dumps(result.metrics, indent=2, sort_keys=True)
+        )
+    return result
+
+
+def _write_predictions(path: Path, ids: list[str], labels: list[str]) -> Path:
+    lines = ["index\tprediction", *(f"{i}\t{label}" for i, label in zip(ids, labels, strict=True))]
+    return store.write_text_atomic(path, "\n".join(lines) + "\n")
