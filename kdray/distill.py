@@ -215,10 +215,21 @@ class Run:
         """Continue from a checkpoint :meth:`save` wrote. Only tensors and plain data are read
         (``weights_only=True``): a checkpoint that holds anything else is refused, unrun."""
         path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            raise ValueError(f"cannot resume from {path}: no such file")
         try:
             state = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as error:  # noqa: BLE001 - unpickling refused or file unreadable
-            raise ValueError(f"cannot resume from {path}: {error}") from None
+            raise ValueError(
+                f"cannot resume from {path}: not a kdray checkpoint (truncated, corrupted, or "
+                f"holding objects other than tensors and plain data, which kdray never "
+                f"unpickles: {_load_reason(error)}); start the run again without resuming"
+            ) from None
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"cannot resume from {path}: not a kdray checkpoint (it holds a "
+                f"{type(state).__name__}, not a dict); start the run again without resuming"
+            )
         if state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"{path} is a checkpoint of format {state.get('version')!r}, this kdray reads "
@@ -234,6 +245,18 @@ class Run:
             self.best_state = _cpu_copy(self.student)
         self.best_epoch, self.best_metrics = state["best_epoch"], state["best_metrics"]
         engine.set_rng_state(state["rng"])
+
+
+def _load_reason(error: Exception, limit: int = 120) -> str:
+    """The gist of a ``torch.load`` failure in one short line. Torch's own text is long and
+    suggests ``weights_only=False``, which is exactly what must never be done here."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    line = next((part.strip() for part in text.splitlines() if part.strip()), type(error).__name__)
+    line = line.split(". ", 1)[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:

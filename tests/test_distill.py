@@ -408,6 +408,60 @@ def test_resume_reproduces_an_uninterrupted_run(
     assert resumed.epochs_run == full.epochs_run
 
 
+class _TouchOnUnpickle:
+    """Unpickled with ``weights_only=False``, this creates ``marker``: a stand-in for any code a
+    hostile checkpoint could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_bert, distill={"algorithm": "soft"}, train={"epochs": 1})
+    folder, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    folder.mkdir()
+    hostile = {"version": D.STATE_VERSION, "records": _TouchOnUnpickle(marker)}
+    torch.save(hostile, folder / D.STATE_FILE)
+
+    with pytest.raises(ValueError) as caught:
+        D.distill(spec, resume_from=folder)
+    message = str(caught.value)
+    assert str(folder / D.STATE_FILE) in message
+    assert "not a kdray checkpoint" in message and "without resuming" in message
+    assert "weights_only" not in message  # torch's advice to load unsafely is not passed on
+    assert len(message) < 400
+    assert not marker.exists()
+    # the payload is live: an unsafe load would have run it
+    torch.load(folder / D.STATE_FILE, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage", "a list"])
+def test_an_unreadable_checkpoint_is_a_clean_error(
+    tiny_bert: Path, tmp_path: Path, content: str
+) -> None:
+    spec = _spec(tiny_bert, distill={"algorithm": "soft"}, train={"epochs": 1})
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = folder / D.STATE_FILE
+    torch.save({"version": D.STATE_VERSION, "student": torch.zeros(1000)}, path)
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[:500])
+    elif content == "garbage":
+        path.write_bytes(b"\x80\x02garbage" * 10)
+    else:
+        torch.save([1, 2, 3], path)
+
+    with pytest.raises(ValueError, match="not a kdray checkpoint") as caught:
+        D.distill(spec, resume_from=folder)
+    assert str(path) in str(caught.value)
+    assert "without resuming" in str(caught.value)
+    assert len(str(caught.value)) < 400
+
+
 # ------------------------------------------------------------------------------ divergence
 
 
