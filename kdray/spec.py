@@ -271,6 +271,13 @@ class TrainSpec(_Strict):
     max_train_examples: int | None = Field(
         None, ge=1, description="Use only the first N training examples (smoke runs)."
     )
+    divergence_factor: float | None = Field(
+        100.0,
+        ge=1,
+        le=MAX_WEIGHT,
+        description="A run whose epoch mean total loss exceeds this many times the first "
+        "epoch's of the same stage ends as diverged; null: only NaN/inf losses count.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -504,6 +504,97 @@ def test_a_learning_rate_that_can_only_blow_up_is_refused_at_load(tiny_bert: Pat
         _spec(tiny_bert, train={"lr": 1e30})
 
 
+def _record(epoch: int, stage: int, loss: float) -> dict[str, Any]:
+    return {"epoch": epoch, "stage": stage, "stage_name": f"s{stage}", "loss.total": loss}
+
+
+def test_an_epoch_loss_over_factor_times_the_first_is_a_blow_up() -> None:
+    records = [_record(1, 0, 0.5), _record(2, 0, 0.4)]
+    assert D._loss_blown_up(records, 100.0) is None
+    # 100 x 0.5 = 50: exactly 50 is not over it, 50.5 is
+    assert D._loss_blown_up([*records, _record(3, 0, 50.0)], 100.0) is None
+    why = D._loss_blown_up([*records, _record(3, 0, 50.5)], 100.0)
+    assert why is not None
+    assert "epoch 3 mean total loss 50.5 is over 100 x 0.5" in why
+    assert "epoch 1" in why and "train.divergence_factor=100" in why
+    assert D._loss_blown_up([*records, _record(3, 0, 1e9)], None) is None
+
+
+def test_a_blow_up_is_measured_within_a_stage() -> None:
+    # stage 0 (one layer's internal loss) starts at 0.01; stage 1 adds terms and starts at 2.0:
+    # 2.0 is 200 x 0.01 but the first epoch of its own stage
+    records = [_record(1, 0, 0.01), _record(2, 1, 2.0), _record(3, 1, 150.0)]
+    assert D._loss_blown_up(records[:2], 100.0) is None
+    assert D._loss_blown_up(records, 100.0) is None  # 150 < 100 x 2.0
+    why = D._loss_blown_up([*records[:2], _record(3, 1, 201.0)], 100.0)
+    assert why is not None and "over 100 x 2, the mean total loss of epoch 2" in why
+
+
+def _scripted_soft_loss(monkeypatch, per_epoch: list[float], steps_per_epoch: int) -> None:
+    """soft_label_loss returns per_epoch[e] in every step of epoch e (with a graph to the
+    student's logits, zero gradient), so each epoch's mean total loss is known exactly."""
+    calls = {"n": 0}
+
+    def scripted(student_logits, teacher_logits, temperature=1.0):
+        value = per_epoch[calls["n"] // steps_per_epoch]
+        calls["n"] += 1
+        return student_logits.sum() * 0.0 + value
+
+    monkeypatch.setattr(losses, "soft_label_loss", scripted)
+
+
+def test_a_loss_that_grows_past_the_divergence_factor_ends_the_run(
+    tiny_bert: Path, monkeypatch
+) -> None:
+    spec = _spec(
+        tiny_bert,
+        distill={"algorithm": "soft"},
+        train={"epochs": 3, "divergence_factor": 100.0, "diagnostics": False},
+    )
+    steps = math.ceil(5 / spec.train.batch_size)  # 5 fixture training rows, batches of 4: 2
+    _scripted_soft_loss(monkeypatch, [0.5, 60.0, 0.1], steps)
+    result = D.distill(spec)
+    assert result.status == "diverged"
+    # epoch 2's record is kept: 60 > 100 x 0.5
+    assert [r["epoch"] for r in result.records] == [1, 2]
+    assert [r["loss.total"] for r in result.records] == pytest.approx([0.5, 60.0])
+    assert "epoch 2 mean total loss 60 is over 100 x 0.5" in result.error
+    assert "train.divergence_factor=100" in result.error
+
+
+def test_no_divergence_factor_only_nan_or_inf_counts(tiny_bert: Path, monkeypatch) -> None:
+    spec = _spec(
+        tiny_bert,
+        distill={"algorithm": "soft"},
+        train={"epochs": 3, "divergence_factor": None, "diagnostics": False},
+    )
+    _scripted_soft_loss(monkeypatch, [0.5, 60.0, 1e6], math.ceil(5 / spec.train.batch_size))
+    result = D.distill(spec)
+    assert result.status == "ok", result.error
+    assert [r["loss.total"] for r in result.records] == pytest.approx([0.5, 60.0, 1e6])
+
+
+def test_the_largest_learning_rate_blows_the_loss_up(tiny_bert: Path) -> None:
+    """lr 10 without clipping or warm-up: the hard-label loss of the tiny run goes from about
+    0.3 in epoch 1 to about 90 in epoch 2 (recorded on CPU), over 100 x its start."""
+    spec = _spec(
+        tiny_bert,
+        distill={"algorithm": "none"},
+        train={"lr": 10.0, "max_grad_norm": None, "warmup": 0.0, "diagnostics": False},
+    )
+    result = D.distill(spec)
+    assert result.status == "diverged", (result.status, result.records)
+    assert len(result.records) == 2
+    first, second = (r["loss.total"] for r in result.records)
+    assert second > 100 * first
+    assert "epoch 2 mean total loss" in result.error
+
+
+def test_a_divergence_factor_below_one_is_refused(tiny_bert: Path) -> None:
+    with pytest.raises(SpecError, match=r"allowed: 1 <= divergence_factor <= 1000000"):
+        _spec(tiny_bert, train={"divergence_factor": 0.5})
+
+
 # ------------------------------------------------------------------------------ real RTE
 
 
