@@ -215,10 +215,21 @@ class Run:
         """Continue from a checkpoint :meth:`save` wrote. Only tensors and plain data are read
         (``weights_only=True``): a checkpoint that holds anything else is refused, unrun."""
         path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            raise ValueError(f"cannot resume from {path}: no such file")
         try:
             state = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as error:  # noqa: BLE001 - unpickling refused or file unreadable
-            raise ValueError(f"cannot resume from {path}: {error}") from None
+            raise ValueError(
+                f"cannot resume from {path}: not a kdray checkpoint (truncated, corrupted, or "
+                f"holding objects other than tensors and plain data, which kdray never "
+                f"unpickles: {_load_reason(error)}); start the run again without resuming"
+            ) from None
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"cannot resume from {path}: not a kdray checkpoint (it holds a "
+                f"{type(state).__name__}, not a dict); start the run again without resuming"
+            )
         if state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"{path} is a checkpoint of format {state.get('version')!r}, this kdray reads "
@@ -234,6 +245,18 @@ class Run:
             self.best_state = _cpu_copy(self.student)
         self.best_epoch, self.best_metrics = state["best_epoch"], state["best_metrics"]
         engine.set_rng_state(state["rng"])
+
+
+def _load_reason(error: Exception, limit: int = 120) -> str:
+    """The gist of a ``torch.load`` failure in one short line. Torch's own text is long and
+    suggests ``weights_only=False``, which is exactly what must never be done here."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    line = next((part.strip() for part in text.splitlines() if part.strip()), type(error).__name__)
+    line = line.split(". ", 1)[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -315,7 +338,9 @@ def distill(
     ``report(record, save)`` is called after every epoch with the epoch's record and a function
     that writes a resumable checkpoint into a folder; ``resume_from`` is such a folder.
     ``output_dir``, when given and ``train.save_student`` is on, receives the best student.
-    A loss that turns NaN/inf ends the run with status ``diverged``; an exception inside the
+    A loss that turns NaN/inf, or an epoch mean total loss over ``train.divergence_factor``
+    times the first epoch's of its stage (that epoch's record kept), ends the run with status
+    ``diverged``; an exception inside the
     loop ends it with status ``failed`` and the error text, and the epochs so far are kept.
     ``teacher_outputs`` replaces how the run gets its teacher outputs (tests, benchmarks).
     """
@@ -352,9 +377,31 @@ def _train(run: Run, report: ReportFn | None, progress: ProgressHook) -> tuple[s
             progress.log(_epoch_line(record, run.metric))
             if report is not None:
                 report(copy.deepcopy(record), run.save)
+            blown_up = _loss_blown_up(run.records, spec.train.divergence_factor)
+            if blown_up:
+                return "diverged", blown_up
     except Exception as error:  # noqa: BLE001 - a failed run is recorded, never lost
         return "failed", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=8)}"
     return "ok", None
+
+
+def _loss_blown_up(records: list[dict[str, Any]], factor: float | None) -> str | None:
+    """Why the last epoch counts as diverged, or None: its mean total loss is over ``factor``
+    times that of the first epoch of the same stage. Per stage, because a staged algorithm's
+    total changes meaning between stages (layer 1 only, then more layers, then soft labels)."""
+    if factor is None or not records:
+        return None
+    last = records[-1]
+    first = next(r for r in records if r["stage"] == last["stage"])
+    loss, reference = last.get("loss.total"), first.get("loss.total")
+    if loss is None or reference is None or reference <= 0 or loss <= factor * reference:
+        return None
+    return (
+        f"loss blew up: epoch {last['epoch']} mean total loss {loss:.4g} is over "
+        f"{factor:g} x {reference:.4g}, the mean total loss of epoch {first['epoch']} "
+        f"(first epoch of stage {last['stage_name']}); train.divergence_factor={factor:g} "
+        "(raise it, or null to count only NaN/inf losses)"
+    )
 
 
 class _EpochDiverged(Exception):

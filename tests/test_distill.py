@@ -17,7 +17,7 @@ from conftest import FIXTURE_GLUE, SHARED_GLUE, tiny_spec_dict
 from kdray import data, engine, losses, models, results, teacher
 from kdray import distill as D
 from kdray.algorithms import build_stages
-from kdray.spec import Spec, spec_from_dict
+from kdray.spec import Spec, SpecError, spec_from_dict
 from kdray.teacher_outputs import LiveOutputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -408,6 +408,60 @@ def test_resume_reproduces_an_uninterrupted_run(
     assert resumed.epochs_run == full.epochs_run
 
 
+class _TouchOnUnpickle:
+    """Unpickled with ``weights_only=False``, this creates ``marker``: a stand-in for any code a
+    hostile checkpoint could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_bert, distill={"algorithm": "soft"}, train={"epochs": 1})
+    folder, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    folder.mkdir()
+    hostile = {"version": D.STATE_VERSION, "records": _TouchOnUnpickle(marker)}
+    torch.save(hostile, folder / D.STATE_FILE)
+
+    with pytest.raises(ValueError) as caught:
+        D.distill(spec, resume_from=folder)
+    message = str(caught.value)
+    assert str(folder / D.STATE_FILE) in message
+    assert "not a kdray checkpoint" in message and "without resuming" in message
+    assert "weights_only" not in message  # torch's advice to load unsafely is not passed on
+    assert len(message) < 400
+    assert not marker.exists()
+    # the payload is live: an unsafe load would have run it
+    torch.load(folder / D.STATE_FILE, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage", "a list"])
+def test_an_unreadable_checkpoint_is_a_clean_error(
+    tiny_bert: Path, tmp_path: Path, content: str
+) -> None:
+    spec = _spec(tiny_bert, distill={"algorithm": "soft"}, train={"epochs": 1})
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = folder / D.STATE_FILE
+    torch.save({"version": D.STATE_VERSION, "student": torch.zeros(1000)}, path)
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[:500])
+    elif content == "garbage":
+        path.write_bytes(b"\x80\x02garbage" * 10)
+    else:
+        torch.save([1, 2, 3], path)
+
+    with pytest.raises(ValueError, match="not a kdray checkpoint") as caught:
+        D.distill(spec, resume_from=folder)
+    assert str(path) in str(caught.value)
+    assert "without resuming" in str(caught.value)
+    assert len(str(caught.value)) < 400
+
+
 # ------------------------------------------------------------------------------ divergence
 
 
@@ -444,15 +498,101 @@ def test_divergence_is_recorded_and_tables_written(
         assert math.isfinite(epochs.iloc[0]["loss.soft"])
 
 
-def test_huge_learning_rate_diverges(tiny_bert: Path) -> None:
+def test_a_learning_rate_that_can_only_blow_up_is_refused_at_load(tiny_bert: Path) -> None:
+    """lr 1e30 used to be the way to make a run diverge; now it never starts."""
+    with pytest.raises(SpecError, match=r"train\.lr: .*allowed: 0 < lr <= 10"):
+        _spec(tiny_bert, train={"lr": 1e30})
+
+
+def _record(epoch: int, stage: int, loss: float) -> dict[str, Any]:
+    return {"epoch": epoch, "stage": stage, "stage_name": f"s{stage}", "loss.total": loss}
+
+
+def test_an_epoch_loss_over_factor_times_the_first_is_a_blow_up() -> None:
+    records = [_record(1, 0, 0.5), _record(2, 0, 0.4)]
+    assert D._loss_blown_up(records, 100.0) is None
+    # 100 x 0.5 = 50: exactly 50 is not over it, 50.5 is
+    assert D._loss_blown_up([*records, _record(3, 0, 50.0)], 100.0) is None
+    why = D._loss_blown_up([*records, _record(3, 0, 50.5)], 100.0)
+    assert why is not None
+    assert "epoch 3 mean total loss 50.5 is over 100 x 0.5" in why
+    assert "epoch 1" in why and "train.divergence_factor=100" in why
+    assert D._loss_blown_up([*records, _record(3, 0, 1e9)], None) is None
+
+
+def test_a_blow_up_is_measured_within_a_stage() -> None:
+    # stage 0 (one layer's internal loss) starts at 0.01; stage 1 adds terms and starts at 2.0:
+    # 2.0 is 200 x 0.01 but the first epoch of its own stage
+    records = [_record(1, 0, 0.01), _record(2, 1, 2.0), _record(3, 1, 150.0)]
+    assert D._loss_blown_up(records[:2], 100.0) is None
+    assert D._loss_blown_up(records, 100.0) is None  # 150 < 100 x 2.0
+    why = D._loss_blown_up([*records[:2], _record(3, 1, 201.0)], 100.0)
+    assert why is not None and "over 100 x 2, the mean total loss of epoch 2" in why
+
+
+def _scripted_soft_loss(monkeypatch, per_epoch: list[float], steps_per_epoch: int) -> None:
+    """soft_label_loss returns per_epoch[e] in every step of epoch e (with a graph to the
+    student's logits, zero gradient), so each epoch's mean total loss is known exactly."""
+    calls = {"n": 0}
+
+    def scripted(student_logits, teacher_logits, temperature=1.0):
+        value = per_epoch[calls["n"] // steps_per_epoch]
+        calls["n"] += 1
+        return student_logits.sum() * 0.0 + value
+
+    monkeypatch.setattr(losses, "soft_label_loss", scripted)
+
+
+def test_a_loss_that_grows_past_the_divergence_factor_ends_the_run(
+    tiny_bert: Path, monkeypatch
+) -> None:
+    spec = _spec(
+        tiny_bert,
+        distill={"algorithm": "soft"},
+        train={"epochs": 3, "divergence_factor": 100.0, "diagnostics": False},
+    )
+    steps = math.ceil(5 / spec.train.batch_size)  # 5 fixture training rows, batches of 4: 2
+    _scripted_soft_loss(monkeypatch, [0.5, 60.0, 0.1], steps)
+    result = D.distill(spec)
+    assert result.status == "diverged"
+    # epoch 2's record is kept: 60 > 100 x 0.5
+    assert [r["epoch"] for r in result.records] == [1, 2]
+    assert [r["loss.total"] for r in result.records] == pytest.approx([0.5, 60.0])
+    assert "epoch 2 mean total loss 60 is over 100 x 0.5" in result.error
+    assert "train.divergence_factor=100" in result.error
+
+
+def test_no_divergence_factor_only_nan_or_inf_counts(tiny_bert: Path, monkeypatch) -> None:
+    spec = _spec(
+        tiny_bert,
+        distill={"algorithm": "soft"},
+        train={"epochs": 3, "divergence_factor": None, "diagnostics": False},
+    )
+    _scripted_soft_loss(monkeypatch, [0.5, 60.0, 1e6], math.ceil(5 / spec.train.batch_size))
+    result = D.distill(spec)
+    assert result.status == "ok", result.error
+    assert [r["loss.total"] for r in result.records] == pytest.approx([0.5, 60.0, 1e6])
+
+
+def test_the_largest_learning_rate_blows_the_loss_up(tiny_bert: Path) -> None:
+    """lr 10 without clipping or warm-up: the hard-label loss of the tiny run goes from about
+    0.3 in epoch 1 to about 90 in epoch 2 (recorded on CPU), over 100 x its start."""
     spec = _spec(
         tiny_bert,
         distill={"algorithm": "none"},
-        train={"lr": 1e30, "max_grad_norm": None, "warmup": 0.0},
+        train={"lr": 10.0, "max_grad_norm": None, "warmup": 0.0, "diagnostics": False},
     )
     result = D.distill(spec)
     assert result.status == "diverged", (result.status, result.records)
-    assert result.error and "loss became" in result.error
+    assert len(result.records) == 2
+    first, second = (r["loss.total"] for r in result.records)
+    assert second > 100 * first
+    assert "epoch 2 mean total loss" in result.error
+
+
+def test_a_divergence_factor_below_one_is_refused(tiny_bert: Path) -> None:
+    with pytest.raises(SpecError, match=r"allowed: 1 <= divergence_factor <= 1000000"):
+        _spec(tiny_bert, train={"divergence_factor": 0.5})
 
 
 # ------------------------------------------------------------------------------ real RTE

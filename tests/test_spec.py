@@ -314,6 +314,154 @@ def test_not_valid_yaml(tmp_path: Path) -> None:
         load_spec(_write(tmp_path, "name: [t\ntask: rte\n"))
 
 
+# ------------------------------------------------------------------------------ hostile YAML
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: t\ntask: rte\nname: u\n", "line 3: name is given twice (first on line 1)"),
+        (
+            "name: t\ntask: rte\ntrain:\n  lr: 1.0e-4\n  epochs: 3\n  lr: 1.0e-3\n",
+            "line 6: train.lr is given twice (first on line 4)",
+        ),
+        (
+            "name: t\ntask: rte\ntrain: {lr: 1.0e-4, lr: 2.0e-4}\n",
+            "line 3: train.lr is given twice (first on line 3)",
+        ),
+        (
+            "name: t\ntask: rte\nsearch:\n  train.lr: {choice: [1]}\n  train.lr: {choice: [2]}\n",
+            "line 5: search.train.lr is given twice (first on line 4)",
+        ),
+        (
+            "name: t\ntask: rte\ntune: {searcher: {optuna: {seed: 1, seed: 2}}}\n",
+            "line 3: tune.searcher.optuna.seed is given twice",
+        ),
+        # 1 and 1.0 are the same key once read
+        ("name: t\ntask: rte\nablation: {axes: {1: [a], 1.0: [b]}}\n", "axes.1.0 is given twice"),
+    ],
+    ids=["top", "nested", "flow", "search", "deep", "same-value"],
+)
+def test_a_key_given_twice_is_refused_with_file_key_and_lines(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message and "keep one" in message
+
+
+def test_a_merge_key_may_be_overridden_explicitly(tmp_path: Path) -> None:
+    text = "name: t\ntask: rte\ntrain:\n  <<: {lr: 1.0e-4, epochs: 7}\n  lr: 2.0e-4\n"
+    spec = load_spec(_write(tmp_path, text))
+    assert spec.train.lr == 2.0e-4 and spec.train.epochs == 7
+
+
+def test_a_key_given_twice_in_an_override_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="given twice"):
+        load_spec(_write(tmp_path, BASE), ["tune.searcher={optuna: {}, optuna: {}}"])
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    # 7 levels of 10 aliases: 10^7 values once expanded, 70 nodes as written
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for level in range(1, 7):
+        refs = ", ".join([f"*a{level - 1}"] * 10)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    path = _write(tmp_path, "\n".join(["name: t", "task: rte", *lines]) + "\n")
+    with pytest.raises(SpecError, match=r"line 7: the document expands to more than 100000"):
+        load_spec(path)
+
+
+def test_an_alias_inside_itself_and_deep_nesting_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="line 3: a YAML alias refers to itself"):
+        load_spec(_write(tmp_path, "name: t\ntask: rte\nsearch: &a {x: *a}\n"))
+    deep = "name: t\ntask: rte\nx: " + "[" * 3000 + "]" * 3000 + "\n"
+    with pytest.raises(SpecError, match="nested too deeply"):
+        load_spec(_write(tmp_path, deep, "deep.yaml"))
+
+
+def test_errors_stay_short_whatever_the_input() -> None:
+    message = _error({**BASE, "train": {"device": "x" * 5000}, "k" * 3000: 1})
+    assert "(got 'xxx" in message and "x" * 80 not in message and "x..." in message
+    assert "k" * 77 + "...: unknown key" in message and "k" * 78 not in message
+    assert len(message) < 800
+
+    many = _error({**BASE, "train": {f"k{i}": 1 for i in range(100)}})
+    lines = many.splitlines()
+    assert len(lines) == 1 + 20 + 1
+    assert lines[-1] == "  ... and 80 more"
+
+    bad_choices = _error(
+        {**BASE, "search": {"train.lr": {"choice": [-float(i) for i in range(1, 50)]}}}
+    )
+    assert bad_choices.splitlines()[-1] == "  ... and 29 more"
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "allowed"),
+    [
+        ({"train": {"epochs": 10001}}, "train.epochs", "1 <= epochs <= 10000"),
+        ({"train": {"batch_size": 65537}}, "train.batch_size", "1 <= batch_size <= 65536"),
+        (
+            {"train": {"eval_batch_size": 10**6}},
+            "train.eval_batch_size",
+            "1 <= eval_batch_size <= 65536",
+        ),
+        ({"train": {"lr": 11.0}}, "train.lr", "0 < lr <= 10"),
+        ({"train": {"seed": -1}}, "train.seed", "0 <= seed <= 4294967295"),
+        ({"teacher": {"epochs": 1001}}, "teacher.epochs", "1 <= epochs <= 1000"),
+        ({"teacher": {"batch_size": 70000}}, "teacher.batch_size", "1 <= batch_size <= 65536"),
+        ({"teacher": {"lr": 100.0}}, "teacher.lr", "0 < lr <= 10"),
+        ({"tune": {"num_samples": 100001}}, "tune.num_samples", "1 <= num_samples <= 100000"),
+        (
+            {"distill": {"losses": {"soft": {"temperature": 1001.0}}}},
+            "distill.losses.soft.temperature",
+            "0 < temperature <= 1000",
+        ),
+        (
+            {"distill": {"losses": {"attention": {"weight": 2e6}}}},
+            "distill.losses.attention.weight",
+            "0 <= weight <= 1000000",
+        ),
+        (
+            {"distill": {"losses": {"hard": {"weight": 1e7}}}},
+            "distill.losses.hard.weight",
+            "0 <= weight <= 1000000",
+        ),
+        ({"ablation": {"seeds": [1, 2**32]}}, "ablation.seeds.1", "0 <= seeds <= 4294967295"),
+    ],
+)
+def test_numbers_out_of_their_sane_range_name_key_and_range(
+    raw: dict, path: str, allowed: str
+) -> None:
+    message = _error({**BASE, **raw})
+    line = next(ln.strip() for ln in message.splitlines() if ln.strip().startswith(path + ":"))
+    assert f"allowed: {allowed}" in line, message
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_nan_and_inf_are_never_a_setting(tmp_path: Path, value: str) -> None:
+    path = _write(tmp_path, BASE)
+    with pytest.raises(SpecError, match=r"stages\.min_delta: Input should be a finite number"):
+        load_spec(path, [f"distill.stages.min_delta={value}"])
+
+
+def test_the_largest_allowed_values_load() -> None:
+    spec = spec_from_dict(
+        {
+            **BASE,
+            "train": {"epochs": 10000, "batch_size": 65536, "lr": 10.0},
+            "teacher": {"epochs": 1000},
+            "tune": {"num_samples": 100000},
+            "distill": {"losses": {"soft": {"temperature": 1000.0, "weight": 1e6}}},
+        }
+    )
+    assert spec.train.epochs == 10000 and spec.distill.losses.soft.weight == 1e6
+
+
 # ------------------------------------------------------------------------------ search block
 
 
