@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 STATE_FILE = "state.pt"
+STUDENT_DIR = "student"  # the best student of a finished run, in its output or checkpoint folder
 #: Bumped when the checkpoint's content changes; a checkpoint of another version is refused.
 STATE_VERSION = 2
 
@@ -210,6 +211,20 @@ class Run:
             "rng": engine.rng_state(),
         }
         torch.save(state, folder / STATE_FILE)
+        if self.schedule.finished:
+            # the last checkpoint of a finished run carries its best student, so a sweep keeps
+            # it beside its tables even when the scheduler stops the trial right after
+            self.save_student(folder / STUDENT_DIR)
+
+    def save_student(self, target: str | Path) -> Path | None:
+        """The best student (safetensors, config, tokenizer) as a Hugging Face folder, or None
+        when ``train.save_student`` is off or no epoch trained the classifier."""
+        if not self.spec.train.save_student or self.best_state is None:
+            return None
+        target = Path(target)
+        self.student.save_pretrained(target, state_dict=self.best_state, safe_serialization=True)
+        self.prepared.tokenizer.save_pretrained(target)
+        return target
 
     def restore(self, folder: str | Path) -> None:
         """Continue from a checkpoint :meth:`save` wrote. Only tensors and plain data are read
@@ -536,12 +551,9 @@ def _finish(
         student_params=models.count_parameters(run.student),
         teacher_params=models.count_parameters(run.teacher_model),
     )
-    if output_dir is not None and run.spec.train.save_student and run.best_state is not None:
-        target = Path(output_dir) / "student"
-        run.student.load_state_dict(run.best_state)
-        run.student.cpu().save_pretrained(target, safe_serialization=True)
-        run.prepared.tokenizer.save_pretrained(target)
-        result.student_path = str(target)
+    if output_dir is not None:
+        saved = run.save_student(Path(output_dir) / STUDENT_DIR)
+        result.student_path = None if saved is None else str(saved)
     progress.finish(
         f"{result.status}: best dev {run.metric} "
         f"{result.best_metrics.get(run.metric, float('nan')):.4f} at epoch {result.best_epoch}"

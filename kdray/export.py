@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from kdray import __version__, algorithms, data, engine, models, results, store
+from kdray import __version__, algorithms, data, engine, models, plan, results, store
 from kdray.spec import Spec, SpecError, spec_from_dict, stage_schedule, term_weights
 
 __all__ = [
@@ -63,11 +63,10 @@ class RunFolder:
 
 
 def open_run(folder: str | Path, *, trial: str | None = None, best: bool = False) -> RunFolder:
-    """Read a ``kdray run`` folder; ``trial``/``best`` pick its trial (a run folder has one,
-    ``run``, which is also its best).
-
-    Sweep and ablation folders keep their tables but not their trials' students yet, so they
-    are refused with what to do instead.
+    """Read a results folder and pick one trial: ``trial`` by id, else the best ok trial by the
+    spec's metric and mode (a ``kdray run`` folder has one trial, ``run``). A sweep's or an
+    ablation's trial is the experiment's spec with the trial's settings from its row, and its
+    student the one kept beside the tables (``students/<trial_id>``).
     """
     path = Path(folder)
     trials_file, experiment_file = path / results.TRIALS_FILE, path / results.EXPERIMENT_FILE
@@ -83,28 +82,18 @@ def open_run(folder: str | Path, *, trial: str | None = None, best: bool = False
         )
     experiment = json.loads(experiment_file.read_text())
     trials = pd.read_parquet(trials_file)
-    command = experiment.get("command", "run")
-    if command != "run" or len(trials) != 1:
-        raise ExportError(
-            f"{path} holds a {command} with {len(trials)} trials: kdray does not keep the "
-            f"students of {command} trials beside the tables yet. Re-run the trial you want "
-            f"with kdray run (its settings are its row in {trials_file}, e.g. --set key=value "
-            "for each param.* column) and export that folder"
-        )
-    row = trials.iloc[0].to_dict()
-    if trial is not None and trial != row["trial_id"]:
-        raise ExportError(
-            f"{path}: no trial {trial!r}; a kdray run folder has one trial, {row['trial_id']!r} "
-            "(leave out --trial, or use --best)"
-        )
     try:
-        spec = spec_from_dict(experiment["spec"], source=str(experiment_file))
+        base = spec_from_dict(experiment["spec"], source=str(experiment_file))
     except (SpecError, KeyError) as error:
         raise ExportError(
             f"{experiment_file}: its spec no longer loads with kdray {__version__} ({error}); "
             "re-run it with the kdray version that wrote it"
         ) from error
+    row = _pick_trial(path, trials, trial, base.tune.mode)
+    spec = base.with_values(_row_settings(row, base)) if len(trials) > 1 else base
     student = path / STUDENT_DIR
+    if experiment.get("command", "run") != "run":
+        student = Path(row.get("student_path") or path / results.STUDENTS_DIR / row["trial_id"])
     if not (student / "config.json").is_file():
         raise ExportError(
             f"{student}: no saved student (no config.json). The run ended with status "
@@ -113,7 +102,42 @@ def open_run(folder: str | Path, *, trial: str | None = None, best: bool = False
         )
     cka_file = path / results.CKA_FILE
     cka = pd.read_parquet(cka_file) if cka_file.is_file() else None
-    return RunFolder(path, row, spec, experiment["spec"], student, cka)
+    if cka is not None and "trial_id" in cka.columns:
+        cka = cka[cka["trial_id"] == row["trial_id"]]
+    spec_dict = spec.model_dump(mode="json", by_alias=True)
+    return RunFolder(path, row, spec, spec_dict, student, cka)
+
+
+def _pick_trial(path: Path, trials: pd.DataFrame, trial: str | None, mode: str) -> dict:
+    """The trial named by ``trial``, else the best ok one."""
+    if trial is not None:
+        chosen = trials[trials["trial_id"] == trial]
+        if chosen.empty:
+            shown = ", ".join(map(str, trials["trial_id"].head(10)))
+            raise ExportError(f"{path}: no trial {trial!r} (trials: {shown}); or use --best")
+        return chosen.iloc[0].to_dict()
+    best = plan.best_trial(trials, mode)
+    if best is None:
+        counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
+        raise ExportError(f"{path}: no trial finished ok ({counts}): nothing to export")
+    return best
+
+
+def _row_settings(row: dict[str, Any], base: Spec) -> dict[str, Any]:
+    """A trial's resolved settings from its row (explicit layer lists are JSON text there)."""
+    values: dict[str, Any] = {}
+    for key, default in base.flat().items():
+        if key == "name" or key not in row or _missing(row[key]):
+            continue
+        value = row[key]
+        if isinstance(value, str) and isinstance(default, list | str) and value.startswith("["):
+            value = json.loads(value)
+        values[key] = value.item() if hasattr(value, "item") else value
+    return values
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +385,8 @@ def model_card(run: RunFolder) -> str:
         "",
         f"Distilled with kdray {row.get('kdray_version') or __version__} "
         f"(algorithm `{spec.distill.algorithm}`) from the teacher `{teacher_model}`; "
-        f"exported with kdray {__version__}.",
+        f"exported with kdray {__version__}. Trial `{row.get('trial_id')}` of "
+        f"`{run.path}`.",
         "",
         "## Task",
         "",

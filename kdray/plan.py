@@ -236,7 +236,7 @@ def best_trial(trials: pd.DataFrame, mode: str = "max") -> dict[str, Any] | None
     column = f"best.dev.{metric}"
     if column not in ok:
         return None
-    ok = ok.dropna(subset=[column])
+    ok = ok.dropna(subset=[column]).reset_index(drop=True)  # labels may repeat (concatenated)
     if ok.empty:
         return None
     index = ok[column].idxmax() if mode == "max" else ok[column].idxmin()

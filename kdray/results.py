@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from kdray.teacher import TeacherInfo
 
 TRIALS_FILE = "trials.parquet"
+STUDENTS_DIR = "students"  # sweeps and ablations: students/<trial_id>/, each trial's best
 EXPERIMENT_FILE = "experiment.json"  # what produced the folder: command and the full spec
 EPOCHS_FILE = "epochs.parquet"
 CKA_FILE = "cka.parquet"  # one row per run and (student layer, teacher layer): linear CKA

@@ -392,6 +392,11 @@ class TuneSpec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     max_failures: int = Field(2, ge=0, le=1000)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    keep_checkpoints: bool = Field(
+        False,
+        description="Keep finished trials' Ray checkpoints (resume state, hundreds of MB each); "
+        "by default a finished trial keeps only its best student beside the tables.",
+    )
     checkpoint_keep: int = Field(2, ge=1, le=1000)
 
 

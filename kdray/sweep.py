@@ -27,11 +27,11 @@ from ray import tune
 from ray.tune import Callback
 
 from kdray import plan, results
-from kdray.distill import distill, selection_metric
+from kdray.distill import STUDENT_DIR, distill, selection_metric
 from kdray.plan import OBJECTIVE, RUNG_TIME
 from kdray.progress import TrialsTable
 from kdray.spec import Spec
-from kdray.store import json_cell
+from kdray.store import atomic_dir, json_cell
 
 logger = logging.getLogger("kdray")
 
@@ -138,18 +138,43 @@ def make_scheduler(spec: Spec, metric: str = OBJECTIVE) -> Any:
 
 
 def distill_trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
-    """One Ray Tune trial: resolve its spec, resume from a checkpoint if Ray gives one, run."""
+    """One Ray Tune trial: resolve its spec, resume from a checkpoint if Ray gives one, run.
+
+    Retry policy: settings that cannot work (an impossible layer map, a bad metric, missing
+    data: a ``ValueError`` or ``FileNotFoundError`` before the first epoch) are recorded once
+    as ``error``, since a retry would fail the same way; only a lost worker (killed, out of
+    memory, node gone) is retried by Ray from the trial's last checkpoint.
+    """
+    node = ray.get_runtime_context().get_node_id()
+    started = time.time()
+    try:
+        _run_trial(config, spec_json, node, started)
+    except (ValueError, FileNotFoundError) as error:
+        tune.report(_final_report("error", f"{type(error).__name__}: {error}", node, started))
+
+
+def _final_report(status: str, error: str | None, node: str, started: float) -> dict[str, Any]:
+    """What a trial that ends without a last epoch to report tells the table writer."""
+    return {
+        "status": status,
+        "error": error,
+        "wall_time_trial": time.time() - started,
+        "node_id": node,
+        "final": True,
+        OBJECTIVE: math.nan,
+        RUNG_TIME: 0,
+    }
+
+
+def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, started: float):
     from kdray import teacher
 
     base = Spec.model_validate(spec_json)
     spec, _ = plan.trial_spec(base, config)
     if spec.teacher.checkpoint:
-        spec = spec.with_values(
-            {"teacher.checkpoint": teacher.fetch(spec.teacher.checkpoint, spec)}
-        )
+        local = teacher.fetch(spec.teacher.checkpoint, spec)
+        spec = spec.with_values({"teacher.checkpoint": local})
     metric = selection_metric(spec)
-    node = ray.get_runtime_context().get_node_id()
-    started = time.time()
 
     checkpoint = tune.get_checkpoint()
     resume_dir: str | None = None
@@ -179,17 +204,7 @@ def distill_trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None
     if result.status != "ok" or not result.records:
         # Diverged or raised inside the loop: record it and end the trial normally (a retry
         # would fail the same way); a lost worker is retried by Ray from the checkpoint.
-        tune.report(
-            {
-                "status": result.status,
-                "error": result.error,
-                "wall_time_trial": time.time() - started,
-                "node_id": node,
-                "final": True,
-                OBJECTIVE: math.nan,
-                RUNG_TIME: 0,
-            }
-        )
+        tune.report(_final_report(result.status, result.error, node, started))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +321,27 @@ class TableWriter(Callback):
     def _end(self, trial: Any, error: str | None) -> None:
         self._load_existing()
         self._set_row(trial, error, ended=True)
+        if error is None:  # finished for good (an errored trial may be resumed: keep its state)
+            self._keep_student(trial)
+            if not self.spec.tune.keep_checkpoints:
+                _drop_checkpoints(trial)
         self.write()
+
+    def _keep_student(self, trial: Any) -> None:
+        """Copy the best student of a finished trial (in its last checkpoint) beside the tables,
+        so export works after the Ray storage is cleaned."""
+        checkpoint = trial.checkpoint
+        if checkpoint is None or self.rows[trial.trial_id]["status"] != "ok":
+            return
+        import pyarrow.fs as pafs
+
+        source = f"{checkpoint.path}/{STUDENT_DIR}"
+        if checkpoint.filesystem.get_file_info(source).type != pafs.FileType.Directory:
+            return
+        target = self.out_dir / results.STUDENTS_DIR / trial.trial_id
+        with atomic_dir(target) as tmp:
+            pafs.copy_files(source, str(tmp), source_filesystem=checkpoint.filesystem)
+        self.rows[trial.trial_id]["student_path"] = str(target)
 
     def _set_row(self, trial: Any, error: str | None, ended: bool) -> None:
         """A trials-table row from the trial's records. ``ended``: Tune says it is over
@@ -344,6 +379,21 @@ class TableWriter(Callback):
         results.write_table(rows, self.out_dir / results.TRIALS_FILE)
         if epochs:
             results.write_table(epochs, self.out_dir / results.EPOCHS_FILE)
+
+
+def _drop_checkpoints(trial: Any) -> None:
+    """Delete a finished trial's resume state from the storage (hundreds of MB a trial); its
+    best student was copied beside the tables first."""
+    checkpoint = trial.checkpoint
+    if checkpoint is None:
+        return
+    import pyarrow.fs as pafs
+
+    fs = checkpoint.filesystem
+    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            fs.delete_dir(info.path)
 
 
 def _trial_status(

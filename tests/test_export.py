@@ -204,22 +204,31 @@ def test_export_refuses_to_replace_the_results_folder_or_an_unrelated_folder(
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
-def test_export_of_an_unknown_trial_names_the_one_there(run_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(
-        ExportError, match="no trial 'abc'; a kdray run folder has one trial, 'run'"
-    ):
+def test_export_of_an_unknown_trial_names_the_ones_there(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"no trial 'abc' \(trials: run\); or use --best"):
         export_student(run_dir, tmp_path / "hf", trial="abc")
 
 
-def test_export_of_a_sweep_folder_says_students_are_not_kept(run_dir: Path, tmp_path: Path) -> None:
+def test_a_sweep_folder_exports_its_best_trial_from_the_students_kept_beside_it(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    trials = pd.read_parquet(run_dir / results.TRIALS_FILE)
-    pd.concat([trials, trials.assign(trial_id="b")]).to_parquet(sweep / results.TRIALS_FILE)
+    trials = pd.read_parquet(run_dir / results.TRIALS_FILE).assign(student_path=None)
+    better = trials.assign(trial_id="b")
+    better["best.dev.accuracy"] = trials["best.dev.accuracy"] + 0.1
+    pd.concat([trials, better]).to_parquet(sweep / results.TRIALS_FILE)
     record = json.loads((run_dir / results.EXPERIMENT_FILE).read_text())
     (sweep / results.EXPERIMENT_FILE).write_text(json.dumps({**record, "command": "sweep"}))
-    with pytest.raises(ExportError, match="does not keep the students of sweep trials"):
-        export_student(sweep, tmp_path / "hf")
+    with pytest.raises(ExportError, match="no saved student"):
+        export_student(sweep, tmp_path / "none")  # trial b's student is not there yet
+    shutil.copytree(run_dir / "student", sweep / results.STUDENTS_DIR / "b")
+    exported = export_student(sweep, tmp_path / "hf")
+    assert "Trial `b`" in (exported / "README.md").read_text()
+    with pytest.raises(ExportError, match="no saved student"):
+        export_student(sweep, tmp_path / "hf-run", trial="run")
 
 
 def test_export_of_a_run_without_a_student_says_why(run_dir: Path, tmp_path: Path) -> None:

@@ -146,6 +146,18 @@ def test_sweep_writes_tables_with_conditional_params(
     # the sweep fine-tuned the teacher once and every trial used it
     assert trials["teacher.id"].nunique() == 1
     assert outcome.best is not None
+    # every finished trial keeps its best student beside the tables and no resume state
+    for _, row in trials[trials["status"] == "ok"].iterrows():
+        student = tmp_path / "out" / "students" / row["trial_id"]
+        assert row["student_path"] == str(student)
+        assert (student / "model.safetensors").is_file() and (student / "config.json").is_file()
+    assert not list((tmp_path / "out" / "ray").glob("sweep/*/checkpoint_*"))
+    # so the sweep's best student exports without Ray's checkpoints
+    from kdray.export import export_student
+
+    exported = export_student(tmp_path / "out", tmp_path / "best", best=True)
+    assert (exported / "README.md").is_file()
+    assert outcome.best["trial_id"] in (exported / "README.md").read_text()
 
 
 def test_failing_and_diverging_trials_are_recorded_and_others_finish(
@@ -162,7 +174,7 @@ def test_failing_and_diverging_trials_are_recorded_and_others_finish(
     spec_dict["distill"] = {"algorithm": "none"}
     spec_dict["train"].update({"max_grad_norm": None, "warmup": 0.0})
     spec_dict["tune"].update(
-        {"searcher": {"grid": {}}, "num_samples": 1, "scheduler": {"fifo": {}}}
+        {"searcher": {"grid": {}}, "num_samples": 1, "scheduler": {"fifo": {}}, "max_failures": 2}
     )
     trials = run_sweep(spec_from_dict(spec_dict), out_dir=tmp_path / "out").trials
     assert len(trials) == 4
@@ -174,6 +186,8 @@ def test_failing_and_diverging_trials_are_recorded_and_others_finish(
     for lr in (1e-3, 10.0):
         assert by.loc[(5, lr), "status"] == "error"
         assert "5 layers" in by.loc[(5, lr), "error"]
+        # a settings error is recorded once: retries are for lost workers only
+        assert by.loc[(5, lr), "num_failures"] == 0
 
 
 def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
