@@ -649,6 +649,7 @@ def test_resume_keeps_the_best_student_whether_or_not_the_checkpoint_epoch_was_b
     def report(record: dict[str, Any], save) -> None:
         save(tmp_path / f"ckpt-{record['epoch']}")
 
+    teacher.ensure_teacher(spec)  # fine-tuned before dev accuracy is scripted (it evaluates too)
     monkeypatch.setattr(engine, "evaluate", scripted([0.7, 0.5, 0.6]))
     full = D.distill(spec, report=report, output_dir=tmp_path / "full")
     assert full.status == "ok" and full.best_epoch == 1
