@@ -155,15 +155,45 @@ def _print_run_summary(spec: Spec, result: Any) -> None:
 def teacher(
     spec_path: Annotated[Path, typer.Argument(help="A YAML spec.", metavar="SPEC")],
     set_: SetOption = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check every file of the teacher against the sha256 in its teacher.json "
+            "(without it: the sizes) and exit 1, fine-tuning nothing, if one differs.",
+        ),
+    ] = False,
 ) -> None:
-    """Fine-tune (or find in the cache) the spec's teacher and print its dev metrics."""
-    from kdray.teacher import ensure_teacher
+    """Fine-tune (or find in the cache) the spec's teacher and print its dev metrics.
+
+    A cached teacher whose files have other sizes than recorded is fine-tuned again."""
+    from rich.markup import escape
+
+    from kdray.teacher import TeacherDamagedError, ensure_teacher
 
     spec = _load(spec_path, set_)
+    _show_kdray_log()
     with _settings_errors():
-        info = ensure_teacher(spec, progress=_progress())
+        try:
+            info = ensure_teacher(
+                spec, progress=_progress(), verify="full" if verify else "sizes", repair=not verify
+            )
+        except TeacherDamagedError as error:
+            console.print(f"[red]damaged teacher:[/red] {escape(str(error))}", soft_wrap=True)
+            raise typer.Exit(1) from None
     shown = ", ".join(f"{k} {v:.4f}" for k, v in info.dev_metrics.items())
-    console.print(f"teacher {info.id}: dev {shown}\n  {info.path}")
+    console.print(f"teacher {info.id}: dev {shown}\n  {escape(info.path)}", soft_wrap=True)
+    if not verify:
+        return
+    if info.files is None:
+        console.print(
+            f"[yellow]not verified:[/yellow] {escape(info.path)} records no file sizes or "
+            "checksums (a teacher.json from an older kdray, or a folder kdray did not write); "
+            "delete a cached one to have it fine-tuned again with them",
+            soft_wrap=True,
+        )
+    else:
+        console.print(f"verified: {len(info.files)} files match the sha256 in teacher.json")
 
 
 @app.command()

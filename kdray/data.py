@@ -699,7 +699,9 @@ def _run_tokenizer(
 
 
 def _read_cache(path: Path, key: str, n: int) -> TokenizedSplit | None:
-    """Load a cached split; return None (recompute) if the file is unreadable or not ours."""
+    """Load a cached split; return None (recompute) if the file is unreadable, not ours, or its
+    arrays no longer match the checksum written with them (Arrow itself checks no values, so a
+    flipped byte in the token ids would otherwise be read back silently)."""
     import pyarrow as pa
 
     try:
@@ -709,6 +711,13 @@ def _read_cache(path: Path, key: str, n: int) -> TokenizedSplit | None:
         if meta.get(b"kdray_cache_key", b"").decode() != key or table.num_rows != n:
             logger.warning("ignoring tokenization cache %s: key or size mismatch", path)
             return None
+        if meta.get(b"kdray_checksum", b"").decode() != _table_checksum(table):
+            logger.warning(
+                "ignoring tokenization cache %s: its arrays do not match their checksum "
+                "(corrupted, or written by an older kdray); tokenizing again",
+                path,
+            )
+            return None
         return TokenizedSplit(
             input_ids=table.column("input_ids").to_pylist(),
             token_type_ids=table.column("token_type_ids").to_pylist(),
@@ -717,6 +726,21 @@ def _read_cache(path: Path, key: str, n: int) -> TokenizedSplit | None:
     except (OSError, KeyError, ValueError, pa.ArrowException) as e:
         logger.warning("ignoring unreadable tokenization cache %s: %s", path, e)
         return None
+
+
+def _table_checksum(table: Any) -> str:
+    """sha256 of the cached columns' values and row lengths, independent of Arrow's buffer
+    layout (padding, chunking), so the writer and the reader compute it the same way."""
+    digest = hashlib.sha256()
+    for name in ("input_ids", "token_type_ids"):
+        column = table.column(name).combine_chunks()
+        lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        digest.update(lengths.tobytes())
+        digest.update(values.tobytes())
+    labels = table.column("labels").to_numpy().astype(np.int64)
+    digest.update(labels.tobytes())
+    return digest.hexdigest()
 
 
 def _write_cache(path: Path, key: str, split: TokenizedSplit) -> None:
@@ -729,7 +753,14 @@ def _write_cache(path: Path, key: str, split: TokenizedSplit) -> None:
             "token_type_ids": pa.array(split.token_type_ids, type=pa.list_(pa.int8())),
             "labels": pa.array(split.labels, type=pa.int64()),
         }
-    ).replace_schema_metadata({"kdray_cache_key": key, "kdray_format": _CACHE_FORMAT})
+    )
+    table = table.replace_schema_metadata(
+        {
+            "kdray_cache_key": key,
+            "kdray_format": _CACHE_FORMAT,
+            "kdray_checksum": _table_checksum(table),
+        }
+    )
     with atomic_file(path) as tmp, tmp.open("wb") as f, pa.ipc.new_file(f, table.schema) as w:
         w.write_table(table)
 

@@ -166,6 +166,11 @@ class TeacherCacheSpec(_Strict):
     enabled: Literal["auto", "on", "off"] | bool = "auto"
     max_gb: float = Field(4.0, gt=0, le=1e6)
     dir: str | None = Field(None, description="Default: <cache_dir>/teacher-outputs.")
+    verify: Literal["sizes", "full"] = Field(
+        "sizes",
+        description="How a cache found on disk is checked before reuse: file sizes and headers "
+        "(cheap), or full: their sha256 too (reads every byte; catches same-size corruption).",
+    )
 
 
 class TeacherSpec(_Strict):

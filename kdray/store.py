@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,38 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_records(folder: str | Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes": n, "sha256": hex}}`` of files in ``folder``, for a manifest to carry
+    so a reader can tell a truncated or corrupted cache file from a good one."""
+    folder = Path(folder)
+    return {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
+        for name in sorted(names)
+    }
+
+
+def file_problems(
+    folder: str | Path, records: dict[str, dict[str, Any]], *, full: bool = False
+) -> list[str]:
+    """What is wrong with the files ``records`` describes: missing, another size (truncated
+    or overwritten) and, with ``full``, another sha256 (same-size corruption). Sizes cost a
+    stat per file; ``full`` reads every byte. Empty when all match."""
+    folder = Path(folder)
+    problems = []
+    for name, record in sorted(records.items()):
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{path} is missing")
+            continue
+        if size != record["bytes"]:
+            problems.append(f"{path} has {size} bytes, not the {record['bytes']} recorded")
+        elif full and file_digest(path) != record["sha256"]:
+            problems.append(f"{path} does not match its recorded sha256 (corrupted)")
+    return problems
 
 
 def json_cell(value: Any) -> Any:

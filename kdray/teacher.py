@@ -5,17 +5,23 @@ every student, keeping its best dev epoch, and stored as a folder (safetensors +
 ``teacher.json``) in a content-addressed cache keyed by :func:`teacher_settings`; any later run
 with the same settings reuses it. A sweep copies it into its storage once (:func:`publish`) and
 each node fetches it from there under a file lock (:func:`fetch`).
+
+``teacher.json`` records the size and sha256 of every file beside it, so a truncated or corrupted
+teacher is never used under the id and dev metrics of the one that was saved: every read checks
+the sizes (a stat per file), ``verify="full"`` the checksums too. A damaged cache entry is
+fine-tuned again; a damaged ``teacher.checkpoint`` is an error naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import filelock
 import torch
@@ -24,11 +30,34 @@ from torch import nn
 from kdray import __version__, data, engine, losses, models
 from kdray.progress import NoProgress, ProgressHook
 from kdray.spec import Spec
-from kdray.store import atomic_dir, cache_root, content_hash, file_digest
+from kdray.store import (
+    atomic_dir,
+    cache_root,
+    content_hash,
+    file_digest,
+    file_problems,
+    file_records,
+)
 
 TEACHER_INFO_FILE = "teacher.json"
 #: Part of every teacher key: bump it when fine-tuning changes what it produces.
 RECIPE = "kdray-finetune-v1"
+#: How much of a teacher folder a read checks: nothing, file sizes, or sizes and sha256.
+Verify = Literal["none", "sizes", "full"]
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherDamagedError(models.ModelError):
+    """A teacher folder whose ``teacher.json`` is unreadable or whose files differ from it."""
+
+    def __init__(self, message: str, path: Path, problems: list[str]) -> None:
+        super().__init__(message, path, problems)  # all in args: it pickles (Ray) intact
+        self.path = path
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass
@@ -39,20 +68,43 @@ class TeacherInfo:
     id: str
     dev_metrics: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: {name: {"bytes", "sha256"}} of every file saved with it; None: an older teacher.json
+    #: that records none, so nothing can be checked.
+    files: dict[str, dict[str, Any]] | None = None
 
     @classmethod
-    def read(cls, path: str | Path) -> TeacherInfo | None:
-        """The teacher in folder ``path``, or None when it holds no ``teacher.json``."""
-        info_file = Path(path) / TEACHER_INFO_FILE
+    def read(cls, path: str | Path, verify: Verify = "sizes") -> TeacherInfo | None:
+        """The teacher in folder ``path``, or None when it holds no ``teacher.json``.
+
+        Raises :class:`TeacherDamagedError` when ``teacher.json`` cannot be read or (unless
+        ``verify`` is "none") a file it records is missing or has another size, or (with
+        "full") another sha256.
+        """
+        folder = Path(path)
+        info_file = folder / TEACHER_INFO_FILE
         if not info_file.is_file():
             return None
-        record = json.loads(info_file.read_text())
-        return cls(
-            path=str(Path(path).resolve()),
-            id=record["id"],
-            dev_metrics=record.get("dev_metrics", {}),
-            settings=record.get("settings", {}),
-        )
+        try:
+            record = json.loads(info_file.read_text())
+            info = cls(
+                path=str(folder.resolve()),
+                id=record["id"],
+                dev_metrics=record.get("dev_metrics", {}),
+                settings=record.get("settings", {}),
+                files=record.get("files"),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            problems = [f"{info_file} cannot be read ({type(error).__name__}: {error})"]
+            raise TeacherDamagedError(_damage_message(folder, problems), folder, problems) from None
+        if verify != "none" and info.files is not None:
+            problems = file_problems(folder, info.files, full=verify == "full")
+            if problems:
+                raise TeacherDamagedError(_damage_message(folder, problems), folder, problems)
+        return info
+
+
+def _damage_message(folder: Path, problems: list[str]) -> str:
+    return f"the teacher in {folder} is damaged: {'; '.join(problems)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,11 +158,14 @@ def teacher_dir(root: Path, key: str) -> Path:
 def save_teacher(
     model: nn.Module, tokenizer: Any, target: Path, info: dict[str, Any]
 ) -> TeacherInfo:
-    """Write a teacher folder atomically: a crash never leaves a half-written cache entry."""
+    """Write a teacher folder atomically: a crash never leaves a half-written cache entry.
+    ``teacher.json`` gets the size and sha256 of every other file, taken before the rename."""
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / TEACHER_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        names = [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
+        record = {**info, "files": file_records(tmp, names)}
+        (tmp / TEACHER_INFO_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     loaded = TeacherInfo.read(target)
     assert loaded is not None
     return loaded
@@ -121,26 +176,56 @@ def save_teacher(
 
 
 def ensure_teacher(
-    spec: Spec, prepared: data.Prepared | None = None, progress: ProgressHook | None = None
+    spec: Spec,
+    prepared: data.Prepared | None = None,
+    progress: ProgressHook | None = None,
+    *,
+    verify: Verify = "sizes",
+    repair: bool = True,
 ) -> TeacherInfo:
-    """The fine-tuned teacher for this spec: the given checkpoint, a cached one, or a new one."""
+    """The fine-tuned teacher for this spec: the given checkpoint, a cached one, or a new one.
+
+    A cached teacher is checked as ``verify`` says before it is reused; a damaged one is
+    fine-tuned again with a warning (with ``repair=False``: a :class:`TeacherDamagedError`).
+    """
     if spec.teacher.checkpoint:
-        return _checkpoint_teacher(spec, prepared)
+        return _checkpoint_teacher(spec, prepared, verify)
     if prepared is None:
         prepared = data.prepare(spec, spec.teacher.model)
     settings = teacher_settings(spec, prepared.data_fingerprint)
     target = teacher_dir(cache_root(spec.data.cache_dir), teacher_key(settings))
-    cached = TeacherInfo.read(target)
+    try:
+        cached = TeacherInfo.read(target, verify)
+    except TeacherDamagedError as error:
+        if not repair:
+            raise TeacherDamagedError(
+                f"{error}. Delete {target} and run `kdray teacher` again to fine-tune it anew",
+                error.path,
+                error.problems,
+            ) from None
+        # save_teacher replaces the damaged folder in one rename once the new teacher is ready
+        logger.warning("%s; fine-tuning it again", error)
+        cached = None
     if cached is not None:
         return cached
     return fine_tune_teacher(spec, prepared, settings, target, progress or NoProgress())
 
 
-def _checkpoint_teacher(spec: Spec, prepared: data.Prepared | None) -> TeacherInfo:
+def _checkpoint_teacher(
+    spec: Spec, prepared: data.Prepared | None, verify: Verify = "sizes"
+) -> TeacherInfo:
     path = Path(spec.teacher.checkpoint or "").expanduser()
     if not path.is_dir():
         raise models.ModelError(f"teacher.checkpoint {str(path)!r} is not a folder")
-    info = TeacherInfo.read(path)
+    try:
+        info = TeacherInfo.read(path, verify)
+    except TeacherDamagedError as error:
+        raise TeacherDamagedError(
+            f"teacher.checkpoint: {error}. Copy the teacher folder again from where it was "
+            "fine-tuned, or point teacher.checkpoint at an intact one",
+            error.path,
+            error.problems,
+        ) from None
     if info is not None:
         return info
     # A teacher fine-tuned elsewhere: measure it once so its dev score is known.
@@ -272,7 +357,7 @@ def fetch(location: str, spec: Spec) -> str:
     local = cache_root(spec.data.cache_dir) / "sweep-teachers" / Path(location).name
     local.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(local.parent / f".{local.name}.lock")):
-        if not (local / TEACHER_INFO_FILE).exists():
+        if not _intact(local):
             fs, path = pafs.FileSystem.from_uri(location)
             # beside the target, so the final rename never crosses filesystems
             tmp = Path(tempfile.mkdtemp(dir=local.parent))
@@ -284,3 +369,13 @@ def fetch(location: str, spec: Spec) -> str:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return str(local)
+
+
+def _intact(folder: Path) -> bool:
+    """Whether ``folder`` holds a teacher whose files have the sizes its teacher.json records
+    (a copy cut short by a crash or a full disk is fetched again)."""
+    try:
+        return TeacherInfo.read(folder, "sizes") is not None
+    except TeacherDamagedError as error:
+        logger.warning("%s; fetching it again", error)
+        return False

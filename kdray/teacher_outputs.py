@@ -15,7 +15,8 @@ A cache folder (content-addressed by :func:`cache_key`) holds standard safetenso
 ``safetensors.safe_open`` reads; kdray writes them streaming and reads them through ``np.memmap``
 so neither side ever holds the attention buffer (gigabytes for a large split) in memory::
 
-    manifest.json          CacheManifest: key, what is cached, which layers' attentions, sizes
+    manifest.json          CacheManifest: key, what is cached, which layers' attentions, sizes,
+                           and the byte size and sha256 of every other file (``checksums``)
     logits.safetensors     "lengths" I64 [N] real tokens per example, "logits" F16 [N, C]
     hidden.safetensors     "L<l>" F16 [N, D]: [CLS] vector at the output of teacher layer l
     attention.safetensors  "offsets" I64 [N + 1], "L<l>" F16 flat buffer per cached layer l;
@@ -24,6 +25,12 @@ so neither side ever holds the attention buffer (gigabytes for a large split) in
                            rows="all", 1 for rows="cls", the [CLS] query row only)
 
 Teacher layers are numbered from 1 as in the rest of kdray (hidden_states[l], attentions[l - 1]).
+
+A cache is trusted only as far as it checks out: every reuse compares the files' sizes with the
+manifest and opens their headers (``verify="sizes"``, a stat and a small read per file);
+``verify="full"`` (``teacher.cache.verify: full``) also compares sha256 sums, which catches
+same-size corruption at the cost of reading every byte. A damaged cache is rebuilt with a warning
+that names the file; :class:`CachedOutputs` refuses one with a :class:`CacheError` naming it.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import filelock
 import numpy as np
@@ -45,7 +52,7 @@ from torch import nn
 
 from kdray import algorithms, data, engine
 from kdray.spec import Spec, term_weights
-from kdray.store import atomic_dir, cache_root, content_hash
+from kdray.store import atomic_dir, cache_root, content_hash, file_problems, file_records
 
 if TYPE_CHECKING:
     from kdray.teacher import TeacherInfo
@@ -87,6 +94,9 @@ MANIFEST_FILE = "manifest.json"
 LOGITS_FILE = "logits.safetensors"
 HIDDEN_FILE = "hidden.safetensors"
 ATTENTION_FILE = "attention.safetensors"
+
+#: How much of a cache folder is checked before it is used: sizes and headers, or sha256 too.
+Verify = Literal["none", "sizes", "full"]
 
 _ST_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
 _NP_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}
@@ -307,23 +317,28 @@ def _create_safetensors(
 
 
 def _map_tensors(path: Path, *, writable: bool = False) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a safetensors file (nothing is read until it is indexed)."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    start = 8 + length
-    arrays: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        dtype = _NP_DTYPES[info["dtype"]]
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = info["data_offsets"]
-        if end == begin:
-            arrays[name] = np.zeros(shape, dtype=dtype)
-            continue
-        arrays[name] = np.memmap(
-            path, dtype=dtype, mode="r+" if writable else "r", offset=start + begin, shape=shape
-        )
+    """Memory-map every tensor of a safetensors file (nothing is read until it is indexed).
+    A file that cannot be (a cut header, data shorter than the header says) is a
+    :class:`CacheError` naming it, not a struct, JSON or mmap traceback."""
+    try:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        start = 8 + length
+        arrays: dict[str, np.ndarray] = {}
+        for name, info in header.items():
+            dtype = _NP_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = info["data_offsets"]
+            if end == begin:
+                arrays[name] = np.zeros(shape, dtype=dtype)
+                continue
+            mode = "r+" if writable else "r"
+            offset = start + begin
+            arrays[name] = np.memmap(path, dtype=dtype, mode=mode, offset=offset, shape=shape)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as error:
+        raise CacheError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
     return arrays
 
 
@@ -359,6 +374,7 @@ class CacheManifest:
     created: str = ""
     build_seconds: float = 0.0
     format: str = FORMAT
+    checksums: dict[str, dict[str, Any]] = field(default_factory=dict)  # {file: {bytes, sha256}}
     path: str = ""  # the folder it was read from (not stored)
 
     def files(self) -> list[str]:
@@ -375,21 +391,56 @@ class CacheManifest:
         return json.dumps(record, indent=2, sort_keys=True)
 
     @classmethod
-    def read(cls, folder: str | Path) -> CacheManifest | None:
-        """The manifest of a complete cache of this format, or None (then it is rebuilt)."""
+    def read(cls, folder: str | Path, verify: Verify = "sizes") -> CacheManifest | None:
+        """The manifest of a complete, intact cache of this format, or None (then it is rebuilt;
+        a damaged one with a warning that names the file and what is wrong)."""
+        manifest, problem = cls.inspect(folder, verify)
+        if problem is not None:
+            logger.warning("%s: rebuilding it", problem)
+        return manifest
+
+    @classmethod
+    def inspect(
+        cls, folder: str | Path, verify: Verify = "sizes"
+    ) -> tuple[CacheManifest | None, str | None]:
+        """``(manifest, None)`` for a usable cache; ``(None, what is wrong)`` for a damaged one
+        (unreadable manifest, a file missing, resized, with a broken header or, with
+        ``verify="full"``, another sha256); ``(None, None)`` for no cache, another format, or
+        one from an older kdray that records no checksums (all quietly rebuilt)."""
         folder = Path(folder)
+        manifest_file = folder / MANIFEST_FILE
+        if not manifest_file.is_file():
+            return None, None
         try:
-            record = json.loads((folder / MANIFEST_FILE).read_text())
+            record = json.loads(manifest_file.read_text())
             if record.get("format") != FORMAT:
-                return None
+                return None, None
             for name in ("layers", "what", "attention_layers", "live_layers"):
                 record[name] = tuple(record[name])
             manifest = cls(**record, path=str(folder))
-        except (OSError, ValueError, TypeError, KeyError):
-            return None
-        if not all((folder / name).is_file() for name in manifest.files()):
-            return None
-        return manifest
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            return None, f"teacher cache {folder}: {manifest_file} cannot be read ({error})"
+        if not manifest.checksums:
+            logger.info("teacher cache %s records no checksums (older kdray): rebuilding", folder)
+            return None, None
+        if verify == "none":
+            return manifest, None
+        names = [name for name in manifest.files() if name != MANIFEST_FILE]
+        problems = [
+            f"{folder / name} has no checksum in {MANIFEST_FILE}"
+            for name in names
+            if name not in manifest.checksums
+        ]
+        records = {name: manifest.checksums[name] for name in names if name in manifest.checksums}
+        problems += file_problems(folder, records, full=verify == "full")
+        for name in records if not problems else ():
+            try:
+                _map_tensors(folder / name)
+            except CacheError as error:
+                problems.append(str(error))
+        if problems:
+            return None, f"teacher cache {folder} is damaged: {'; '.join(problems)}"
+        return manifest, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,9 +489,11 @@ def build_cache(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     what: tuple[str, ...] = ALL_PARTS,
+    verify: Verify = "sizes",
 ) -> CacheManifest:
     """Run the teacher once over ``split`` and store its outputs in ``target_dir``, or reuse the
-    folder if it already holds a complete cache with this ``key``.
+    folder if it already holds a complete cache with this ``key`` that passes ``verify``
+    (a damaged one is rebuilt with a warning naming the file).
 
     ``max_bytes`` bounds the stored data. Logits and [CLS] vectors must fit (else
     :class:`CacheBudgetError`); of the attentions, as many layers as fit are stored, lowest
@@ -454,14 +507,19 @@ def build_cache(
     _check_rows(rows)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    existing = CacheManifest.read(target)
+    existing, problem = CacheManifest.inspect(target, verify)
     if existing is not None and existing.key == key:
         logger.debug("reusing teacher cache %s", target)
         return existing
     target.parent.mkdir(parents=True, exist_ok=True)
     # concurrent trials of a sweep wait for one build instead of each running the teacher
     with filelock.FileLock(str(target.parent / f".{target.name}.lock")):
-        existing = CacheManifest.read(target)  # another process may have built it meanwhile
+        if problem is not None:  # another process may have rebuilt it meanwhile
+            existing, problem = CacheManifest.inspect(target, verify)
+            if problem is not None:
+                logger.warning("%s: rebuilding it", problem)
+        else:
+            existing = CacheManifest.read(target, "sizes")
         if existing is not None and existing.key == key:
             return existing
         return _build(
@@ -611,6 +669,7 @@ def _build(
         )
         for arrays in out.values():
             _flush(arrays)
+        checksums = file_records(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
         written = {
             "logits": int(out["logits"]["logits"].nbytes),
             "hidden": sum(int(a.nbytes) for a in out["hidden"].values()),
@@ -633,6 +692,7 @@ def _build(
             max_bytes=max_bytes,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             build_seconds=round(time.perf_counter() - started, 3),
+            checksums=checksums,
         )
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
     logger.info(
@@ -713,8 +773,11 @@ class CachedOutputs:
         teacher_model: nn.Module | None = None,
         device: torch.device | str = "cpu",
         precision: str = "fp32",
+        verify: Verify = "sizes",
     ) -> None:
-        manifest = CacheManifest.read(cache_dir)
+        manifest, problem = CacheManifest.inspect(cache_dir, verify)
+        if problem is not None:
+            raise CacheError(f"{problem}; delete {cache_dir} to have it rebuilt")
         if manifest is None:
             raise FileNotFoundError(f"no complete teacher cache ({FORMAT}) in {cache_dir}")
         self.manifest = manifest
@@ -722,7 +785,16 @@ class CachedOutputs:
         self.precision = precision
         self.teacher_model = teacher_model
         self._live: LiveOutputs | None = None
-        folder = Path(cache_dir)
+        try:
+            self._map(Path(cache_dir))
+        except (CacheError, KeyError) as error:
+            raise CacheError(
+                f"teacher cache {cache_dir} is damaged: {error}; delete it to have it rebuilt"
+            ) from None
+        self.stats = {"cached": 0, "live": 0}
+
+    def _map(self, folder: Path) -> None:
+        manifest = self.manifest
         stored = _map_tensors(folder / LOGITS_FILE)
         self._lengths, self._logits = stored["lengths"], stored["logits"]
         self._hidden: dict[int, np.ndarray] = {}
@@ -734,7 +806,6 @@ class CachedOutputs:
             stored = _map_tensors(folder / ATTENTION_FILE)
             self._offsets = np.asarray(stored.pop("offsets"))
             self._attn = {int(k[1:]): v for k, v in stored.items()}
-        self.stats = {"cached": 0, "live": 0}
 
     def uncached(self, layers: tuple[int, ...]) -> tuple[int, ...]:
         """Requested layers the cache cannot serve (they need a teacher forward)."""
@@ -836,6 +907,7 @@ def teacher_outputs_factory(
     root: str | Path | None = None,
     batch_size: int = 64,
     precision: str = "fp32",
+    verify: Verify = "sizes",
 ) -> OutputsFactory:
     """``(prepared, teacher_model, device) -> TeacherOutputs`` for ``distill()``: builds or
     reuses the cache of ``prepared.train`` under ``root/<cache_key>`` and serves it.
@@ -843,6 +915,7 @@ def teacher_outputs_factory(
     ``layers`` are the teacher layers the layer map uses; ``teacher_id`` should be a content id
     of the teacher (``TeacherInfo.id``), else the weights are hashed. When even the logits and
     [CLS] vectors exceed ``max_bytes`` the factory warns and falls back to ``LiveOutputs``.
+    ``verify`` is how a cache found on disk is checked before reuse (``build_cache``).
     """
 
     def make(
@@ -865,6 +938,7 @@ def teacher_outputs_factory(
                 batch_size=batch_size,
                 device=device,
                 what=what,
+                verify=verify,
             )
         except CacheBudgetError as error:
             logger.warning("%s: running the teacher live instead", error)
@@ -920,4 +994,5 @@ def outputs_factory(
         what=cached_parts(spec),
         root=root or spec.teacher.cache.dir or cache_root(spec.data.cache_dir) / "teacher-outputs",
         precision=spec.train.precision,
+        verify=spec.teacher.cache.verify,
     )

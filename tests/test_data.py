@@ -731,15 +731,49 @@ def test_tokenize_cache_key_changes_with_vocab(tokenizer: Any, tmp_path: Path) -
 
 def test_corrupt_cache_is_recomputed(tokenizer: Any, tmp_path: Path) -> None:
     examples = [Example("hello there", "general kenobi", 1)]
-    first = tokenize(examples, tokenizer, 16, cache_dir=tmp_path)
+    # The same tokenizer class throughout: the class name is part of the cache key.
+    first = tokenize(examples, CountingTokenizer(tokenizer), 16, cache_dir=tmp_path)
     (path,) = tmp_path.glob("*.arrow")
     path.write_bytes(b"not an arrow file")
     counting = CountingTokenizer(tokenizer)
     again = tokenize(examples, counting, 16, cache_dir=tmp_path)
-    assert counting.calls > 0
+    assert counting.calls > 0 and list(tmp_path.glob("*.arrow")) == [path]
     assert again.input_ids == first.input_ids
     # ...and the rewritten file is valid again.
     tokenize(examples, CountingTokenizer(tokenizer, fail=True), 16, cache_dir=tmp_path)
+
+
+def test_truncated_cache_file_is_tokenized_again(tokenizer: Any, tmp_path: Path) -> None:
+    examples = read_local("rte", FIXTURES, "dev")
+    first = tokenize(examples, CountingTokenizer(tokenizer), 32, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.arrow")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    counting = CountingTokenizer(tokenizer)
+    again = tokenize(examples, counting, 32, cache_dir=tmp_path)
+    assert counting.calls > 0 and list(tmp_path.glob("*.arrow")) == [path]
+    assert again.input_ids == first.input_ids and again.labels == first.labels
+    tokenize(examples, CountingTokenizer(tokenizer, fail=True), 32, cache_dir=tmp_path)
+
+
+def test_same_size_corruption_of_the_token_ids_is_caught_by_the_checksum(
+    tokenizer: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    examples = read_local("rte", FIXTURES, "dev")
+    first = tokenize(examples, CountingTokenizer(tokenizer), 32, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.arrow")
+    raw = bytearray(path.read_bytes())
+    # The second example's token ids as Arrow stores them (int32), somewhere in the middle.
+    where = raw.find(np.asarray(first.input_ids[1], dtype=np.int32).tobytes())
+    assert 0 < where < len(raw) // 2 + len(raw) // 4
+    raw[where + 8] ^= 0x01  # its third token id: an odd id becomes even, or the reverse
+    path.write_bytes(bytes(raw))
+    counting = CountingTokenizer(tokenizer)
+    with caplog.at_level(logging.WARNING, logger="kdray.data"):
+        again = tokenize(examples, counting, 32, cache_dir=tmp_path)
+    assert counting.calls > 0 and list(tmp_path.glob("*.arrow")) == [path]
+    assert again.input_ids == first.input_ids
+    assert "do not match their checksum" in caplog.text and str(path) in caplog.text
+    tokenize(examples, CountingTokenizer(tokenizer, fail=True), 32, cache_dir=tmp_path)
 
 
 def test_tokenized_split_items() -> None:

@@ -4,6 +4,8 @@ same loss values on shuffled batches, never reused for other settings, never ove
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -507,3 +509,144 @@ def test_a_run_without_the_attention_term_caches_no_attention_maps(
     manifest = tc.CacheManifest.read(folder)
     assert manifest is not None and "attentions" not in manifest.what
     assert not (folder / tc.ATTENTION_FILE).exists() and (folder / tc.HIDDEN_FILE).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged caches: sizes always, sha256 on demand
+
+
+def _flip_data_byte(path: Path) -> None:
+    """Flip one byte in the middle of a safetensors file's data (past its header): the file keeps
+    its size and still parses, so only a checksum can tell."""
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    middle = (data_start + len(raw)) // 2
+    raw[middle] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_the_manifest_records_the_size_and_sha256_of_every_data_file(
+    teacher: nn.Module, split: data.TokenizedSplit, tmp_path: Path
+) -> None:
+    folder = tmp_path / "cache"
+    manifest = _build(teacher, split, folder)
+    names = [tc.LOGITS_FILE, tc.HIDDEN_FILE, tc.ATTENTION_FILE]
+    assert sorted(manifest.checksums) == sorted(names)
+    for name in names:
+        raw = (folder / name).read_bytes()
+        assert manifest.checksums[name] == {
+            "bytes": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+        }
+    assert tc.CacheManifest.read(folder, "full") == manifest
+
+
+def test_a_truncated_cache_file_is_rebuilt_with_a_warning_naming_it(
+    teacher: nn.Module,
+    split: data.TokenizedSplit,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls = _count_calls(teacher)
+    folder = tmp_path / "cache"
+    _build(teacher, split, folder)
+    attention = folder / tc.ATTENTION_FILE
+    size = attention.stat().st_size
+    attention.write_bytes(attention.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="kdray"):
+        manifest = _build(teacher, split, folder)
+    assert calls[0] == 6  # built twice, 3 batches each
+    assert f"{attention} has 1000 bytes, not the {size} recorded" in caplog.text
+    assert "rebuilding it" in caplog.text
+    assert (
+        attention.stat().st_size == size and manifest.checksums[tc.ATTENTION_FILE]["bytes"] == size
+    )
+
+
+def test_same_size_corruption_is_reused_by_the_size_check_and_rebuilt_by_the_full_one(
+    teacher: nn.Module,
+    split: data.TokenizedSplit,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls = _count_calls(teacher)
+    folder = tmp_path / "cache"
+    first = _build(teacher, split, folder)
+    hidden = folder / tc.HIDDEN_FILE
+    _flip_data_byte(hidden)
+    _build(teacher, split, folder, verify="sizes")
+    assert calls[0] == 3  # a stat and a header cannot see it
+    assert tc.CachedOutputs(folder).manifest.key == first.key
+    with pytest.raises(tc.CacheError, match=f"{hidden} does not match its recorded sha256"):
+        tc.CachedOutputs(folder, verify="full")
+    with caplog.at_level(logging.WARNING, logger="kdray"):
+        rebuilt = _build(teacher, split, folder, verify="full")
+    assert calls[0] == 6
+    assert f"{hidden} does not match its recorded sha256 (corrupted)" in caplog.text
+    assert rebuilt.checksums == first.checksums  # the same values as before the damage
+
+
+def test_a_same_size_broken_header_is_rebuilt_not_a_traceback(
+    teacher: nn.Module, split: data.TokenizedSplit, tmp_path: Path
+) -> None:
+    calls = _count_calls(teacher)
+    folder = tmp_path / "cache"
+    _build(teacher, split, folder)
+    logits = folder / tc.LOGITS_FILE
+    raw = bytearray(logits.read_bytes())
+    raw[8] = ord("[")  # the JSON header no longer parses; same size
+    logits.write_bytes(bytes(raw))
+    with pytest.raises(tc.CacheError, match=f"teacher cache {folder} is damaged: {logits} cannot"):
+        tc.CachedOutputs(folder)
+    _build(teacher, split, folder)
+    assert calls[0] == 6
+    assert tc.CachedOutputs(folder).manifest.n_examples == len(split)
+
+
+def test_cached_outputs_refuses_a_truncated_cache_naming_the_file(
+    teacher: nn.Module, split: data.TokenizedSplit, tmp_path: Path
+) -> None:
+    folder = tmp_path / "cache"
+    _build(teacher, split, folder)
+    logits = folder / tc.LOGITS_FILE
+    logits.write_bytes(logits.read_bytes()[:100])
+    with pytest.raises(tc.CacheError) as caught:
+        tc.CachedOutputs(folder)
+    message = str(caught.value)
+    assert message.startswith(f"teacher cache {folder} is damaged: {logits} has 100 bytes, not ")
+    assert message.endswith(f"; delete {folder} to have it rebuilt")
+
+
+def test_a_cache_whose_manifest_records_no_checksums_is_rebuilt(
+    teacher: nn.Module, split: data.TokenizedSplit, tmp_path: Path
+) -> None:
+    calls = _count_calls(teacher)
+    folder = tmp_path / "cache"
+    _build(teacher, split, folder)
+    record = json.loads((folder / tc.MANIFEST_FILE).read_text())
+    del record["checksums"]  # as an older kdray wrote it
+    (folder / tc.MANIFEST_FILE).write_text(json.dumps(record))
+    assert tc.CacheManifest.read(folder) is None
+    assert _build(teacher, split, folder).checksums and calls[0] == 6
+
+
+def test_teacher_cache_verify_in_the_spec_reaches_the_cache(
+    teacher: nn.Module,
+    tokenizer: Any,
+    split: data.TokenizedSplit,
+    teacher_dir: Path,
+    tmp_path: Path,
+) -> None:
+    calls = _count_calls(teacher)
+    prepared = SimpleNamespace(train=split, tokenizer=tokenizer)
+    base = tiny_spec_dict(teacher_dir, teacher={"cache": {"enabled": "on"}})
+    assert Spec.model_validate(base).teacher.cache.verify == "sizes"
+    full = Spec.model_validate(tiny_spec_dict(teacher_dir, teacher={"cache": {"verify": "full"}}))
+    info = SimpleNamespace(id="teacher-a")
+    outputs = tc.outputs_factory(full, [2, 4], info, root=tmp_path)(prepared, teacher, CPU)
+    folder = Path(outputs.manifest.path)
+    _flip_data_byte(folder / tc.LOGITS_FILE)
+    tc.outputs_factory(full, [2, 4], info, root=tmp_path)(prepared, teacher, CPU)
+    assert calls[0] == 2  # rebuilt (one batch of 64 per build)
+    with pytest.raises(ValueError, match="verify"):
+        Spec.model_validate(tiny_spec_dict(teacher_dir, teacher={"cache": {"verify": "fast"}}))
