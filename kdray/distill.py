@@ -222,7 +222,8 @@ class Run:
         if not self.spec.train.save_student or self.best_state is None:
             return None
         target = Path(target)
-        self.student.save_pretrained(target, state_dict=self.best_state, safe_serialization=True)
+        # a copy: save_pretrained removes entries from the mapping it is given
+        self.student.save_pretrained(target, state_dict=dict(self.best_state))
         self.prepared.tokenizer.save_pretrained(target)
         return target
 

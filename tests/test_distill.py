@@ -654,6 +654,10 @@ def test_resume_keeps_the_best_student_whether_or_not_the_checkpoint_epoch_was_b
     full = D.distill(spec, report=report, output_dir=tmp_path / "full")
     assert full.status == "ok" and full.best_epoch == 1
     expected = load_file(tmp_path / "full" / "student" / "model.safetensors")
+    # the last checkpoint of the finished run carries the same best student (a sweep keeps it)
+    in_checkpoint = load_file(tmp_path / "ckpt-3" / "student" / "model.safetensors")
+    assert all(torch.equal(in_checkpoint[k], expected[k]) for k in expected)
+    assert not (tmp_path / "ckpt-2" / "student").exists()  # unfinished: resume state only
     for epoch, is_best, later in ((1, True, [0.5, 0.6]), (2, False, [0.6])):
         folder = tmp_path / f"ckpt-{epoch}"
         state = torch.load(folder / D.STATE_FILE, weights_only=False)
