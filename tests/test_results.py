@@ -196,8 +196,13 @@ def test_a_second_run_replaces_the_tables_without_deleting_them_first(
     spec = spec_from_dict({"name": "r", "task": "rte"})
     records = [{"epoch": 1, "stage": 0, "stage_name": "all", "loss.soft": 0.1}]
     results.write_run(tmp_path, spec, _run_result(records))
-    monkeypatch.setattr(
-        Path, "unlink", lambda *a, **k: pytest.fail("a table was deleted before its successor")
-    )
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, *args, **kwargs) -> None:
+        if self.name in (results.TRIALS_FILE, results.EPOCHS_FILE):
+            pytest.fail(f"{self.name} was deleted before its successor was written")
+        real_unlink(self, *args, **kwargs)  # temporary files beside it may go
+
+    monkeypatch.setattr(Path, "unlink", unlink)
     results.write_run(tmp_path, spec, _run_result(records + records))
     assert len(results.load(tmp_path)[1]) == 2
