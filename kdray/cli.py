@@ -71,6 +71,13 @@ SetOption = Annotated[
 AddressOption = Annotated[
     str | None, typer.Option(help="Join an existing Ray cluster: auto or ray://host:port.")
 ]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        help="Start over in a results folder that holds another experiment: the old folder is "
+        "moved aside to <folder>.old-<UTC time>."
+    ),
+]
 StorageOption = Annotated[
     str | None,
     typer.Option(help="Ray storage: a path or URI such as s3://... (default <tables>/ray)."),
@@ -96,6 +103,7 @@ def run(
     out: Annotated[
         Path | None, typer.Option(help="Results folder (default results/<name>).")
     ] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Run one distillation as the spec says and write its Parquet tables."""
     from kdray import results
@@ -104,6 +112,8 @@ def run(
     spec = _load(spec_path, set_)
     _show_kdray_log()
     out_dir = _results_dir(spec, out)
+    with _settings_errors():
+        results.claim_folder(out_dir, spec, "run", overwrite=overwrite)
     console.print(
         f"[bold]kdray run[/bold] {spec.name}: {spec.task}, {spec.distill.algorithm}, "
         f"teacher {spec.teacher.model} -> {spec.student.layers} layers, {spec.train.epochs} epochs"
@@ -178,6 +188,7 @@ def sweep(
         Path | None, typer.Option(help="Tables folder (default results/<name>).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """A hyperparameter search: every Ray Tune trial is one distillation run."""
     from kdray.sweep import run_sweep
@@ -199,6 +210,7 @@ def sweep(
             storage=storage,
             out_dir=out,
             resume=resume,
+            overwrite=overwrite,
             callbacks=[_trials_table(spec)],
         )
     trials = outcome.trials
@@ -234,6 +246,7 @@ def ablate(
         Path | None, typer.Option(help="Tables folder (default results/<name>-ablation).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted ablation.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Every cell of the ablation grid once per seed, paired by seed, as Ray Tune trials."""
     from kdray.plan import ablation_cells
@@ -260,6 +273,7 @@ def ablate(
             storage=storage,
             out_dir=out,
             resume=resume,
+            overwrite=overwrite,
             callbacks=[_trials_table(spec)],
         )
     counts = outcome.trials["status"].value_counts().to_dict()

@@ -515,6 +515,7 @@ def run_sweep(
     storage: str | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[Any] | None = None,
     trainable: Callable[..., None] | None = None,
 ) -> SweepResult:
@@ -528,6 +529,7 @@ def run_sweep(
         storage=storage,
         out_dir=out_dir,
         resume=resume,
+        overwrite=overwrite,
         callbacks=callbacks,
         trainable=trainable,
     )
@@ -542,6 +544,7 @@ def run_ablation(
     storage: str | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[Any] | None = None,
 ) -> SweepResult:
     """Every cell x seed as one Ray Tune trial (FIFO, nothing pruned)."""
@@ -569,6 +572,7 @@ def run_ablation(
         storage=storage,
         out_dir=out_dir or Path("results") / name,
         resume=resume,
+        overwrite=overwrite,
         callbacks=callbacks,
     )
 
@@ -584,11 +588,15 @@ def run_experiment(
     storage: str | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[Any] | None = None,
     trainable: Callable[..., None] | None = None,
 ) -> SweepResult:
     """Teacher first (one Ray task), then the trials as one resumable Tune experiment."""
     selection_metric(spec)  # a metric the task does not have fails before Ray starts
+    results.claim_folder(
+        out_dir or Path("results") / name, spec, command, resume=resume, overwrite=overwrite
+    )
     out = Path(out_dir) if out_dir else Path("results") / name
     store = storage or str((out / "ray").resolve())
     out.mkdir(parents=True, exist_ok=True)
