@@ -96,6 +96,32 @@ def _results_dir(spec: Spec, out: Path | None) -> Path:
     return out or Path("results") / spec.name
 
 
+def _cluster_resources(address: str | None) -> dict[str, float] | None:
+    if not address:
+        return None
+    from kdray.sweep import cluster_resources
+
+    try:
+        return cluster_resources(address)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ValueError(f"cannot join the Ray cluster at --address {address}: {error}") from None
+
+
+def _preflight(spec: Spec, command: str, out: Path | None, **options: Any) -> None:
+    """The pre-flight checks of ``kdray check``; a failed one stops the command (exit 2) with
+    every failed check listed, before any compute."""
+    from kdray.check import failed, preflight
+
+    with _settings_errors():
+        resources = _cluster_resources(options.get("address"))
+    checks = preflight(spec, command=command, out_dir=out, cluster_resources=resources, **options)
+    if failed(checks):
+        console.print(f"[red]kdray {command} {spec.name}: pre-flight checks failed[/red]")
+        for check in failed(checks):
+            console.print(f"  [red]{check.name}[/red]: {check.detail}", soft_wrap=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def run(
     spec_path: Annotated[Path, typer.Argument(help="A YAML spec.", metavar="SPEC")],
@@ -112,6 +138,7 @@ def run(
     spec = _load(spec_path, set_)
     _show_kdray_log()
     out_dir = _results_dir(spec, out)
+    _preflight(spec, "run", out_dir, overwrite=overwrite)
     with _settings_errors():
         results.claim_folder(out_dir, spec, "run", overwrite=overwrite)
     console.print(
@@ -203,6 +230,9 @@ def sweep(
         f"{spec.tune.num_samples} trials, searcher {spec.tune.searcher.kind}, "
         f"scheduler {spec.tune.scheduler.kind}" + (" (resuming)" if resume else "")
     )
+    _preflight(
+        spec, "sweep", out, address=address, storage=storage, resume=resume, overwrite=overwrite
+    )
     with _settings_errors():
         outcome = run_sweep(
             spec,
@@ -264,6 +294,9 @@ def ablate(
     )
     for cell in cells:
         console.print(f"  {cell['cell']}  [dim]from {cell['source']}[/dim]")
+    _preflight(
+        spec, "ablate", out, address=address, storage=storage, resume=resume, overwrite=overwrite
+    )
     with _settings_errors():
         outcome = run_ablation(
             spec,
@@ -279,6 +312,52 @@ def ablate(
     counts = outcome.trials["status"].value_counts().to_dict()
     console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     console.print(f"tables: {outcome.out_dir}; summarise with: kdray report {outcome.out_dir}")
+
+
+@app.command()
+def check(
+    spec_path: Annotated[Path, typer.Argument(help="A YAML spec.", metavar="SPEC")],
+    set_: SetOption = None,
+    command: Annotated[
+        str | None,
+        typer.Option(
+            help="run | sweep | ablate (default: sweep with a search block, else "
+            "ablate with an ablation block, else run)."
+        ),
+    ] = None,
+    address: AddressOption = None,
+    storage: StorageOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Results folder (default results/<name>).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Check a --resume.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Check an --overwrite.")] = False,
+) -> None:
+    """Pre-flight checks of a spec, in seconds: data, teacher, tokenizer, metric, device,
+    resources, storage, results folder. Exit 0 when all pass, 2 otherwise."""
+    from kdray.check import as_rows, failed, preflight
+
+    spec = _load(spec_path, set_)
+    chosen = command or ("sweep" if spec.search else "ablate" if spec.ablation else "run")
+    if chosen not in ("run", "sweep", "ablate"):
+        console.print(f"[red]--command must be run, sweep or ablate, not {chosen!r}[/red]")
+        raise typer.Exit(2)
+    with _settings_errors():
+        resources = _cluster_resources(address) if chosen != "run" else None
+    checks = preflight(
+        spec, command=chosen, out_dir=out, address=address, storage=storage, resume=resume,
+        overwrite=overwrite, cluster_resources=resources,
+    )  # fmt: skip
+    out_console = console if console.is_terminal else Console(width=240)
+    table = Table(title=f"kdray {chosen} {spec.name}: pre-flight checks")
+    for column in ("check", "status", "detail"):
+        table.add_column(column)
+    style = {"ok": "green", "FAILED": "bold red", "skipped": "dim"}
+    for name, status, detail in as_rows(checks):
+        table.add_row(name, f"[{style[status]}]{status}[/]", detail)
+    out_console.print(table)
+    if failed(checks):
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -643,3 +643,10 @@ def run_experiment(
     tuner.fit()
     trials, epochs = results.load(out)
     return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))
+
+
+def cluster_resources(address: str) -> dict[str, float]:
+    """What the Ray cluster at ``address`` offers (``CPU``, ``GPU``, ...), for the pre-flight
+    checks; joins the cluster (which the sweep then uses) and starts nothing."""
+    init_ray(address)
+    return {key: float(value) for key, value in ray.cluster_resources().items()}
