@@ -71,6 +71,13 @@ SetOption = Annotated[
 AddressOption = Annotated[
     str | None, typer.Option(help="Join an existing Ray cluster: auto or ray://host:port.")
 ]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        help="Start over in a results folder that holds another experiment: the old folder is "
+        "moved aside to <folder>.old-<UTC time>."
+    ),
+]
 StorageOption = Annotated[
     str | None,
     typer.Option(help="Ray storage: a path or URI such as s3://... (default <tables>/ray)."),
@@ -89,6 +96,32 @@ def _results_dir(spec: Spec, out: Path | None) -> Path:
     return out or Path("results") / spec.name
 
 
+def _cluster_resources(address: str | None) -> dict[str, float] | None:
+    if not address:
+        return None
+    from kdray.sweep import cluster_resources
+
+    try:
+        return cluster_resources(address)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ValueError(f"cannot join the Ray cluster at --address {address}: {error}") from None
+
+
+def _preflight(spec: Spec, command: str, out: Path | None, **options: Any) -> None:
+    """The pre-flight checks of ``kdray check``; a failed one stops the command (exit 2) with
+    every failed check listed, before any compute."""
+    from kdray.check import failed, preflight
+
+    with _settings_errors():
+        resources = _cluster_resources(options.get("address"))
+    checks = preflight(spec, command=command, out_dir=out, cluster_resources=resources, **options)
+    if failed(checks):
+        console.print(f"[red]kdray {command} {spec.name}: pre-flight checks failed[/red]")
+        for check in failed(checks):
+            console.print(f"  [red]{check.name}[/red]: {check.detail}", soft_wrap=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def run(
     spec_path: Annotated[Path, typer.Argument(help="A YAML spec.", metavar="SPEC")],
@@ -96,6 +129,7 @@ def run(
     out: Annotated[
         Path | None, typer.Option(help="Results folder (default results/<name>).")
     ] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Run one distillation as the spec says and write its Parquet tables."""
     from kdray import results
@@ -104,6 +138,9 @@ def run(
     spec = _load(spec_path, set_)
     _show_kdray_log()
     out_dir = _results_dir(spec, out)
+    _preflight(spec, "run", out_dir, overwrite=overwrite)
+    with _settings_errors():
+        results.claim_folder(out_dir, spec, "run", overwrite=overwrite)
     console.print(
         f"[bold]kdray run[/bold] {spec.name}: {spec.task}, {spec.distill.algorithm}, "
         f"teacher {spec.teacher.model} -> {spec.student.layers} layers, {spec.train.epochs} epochs"
@@ -208,6 +245,7 @@ def sweep(
         Path | None, typer.Option(help="Tables folder (default results/<name>).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """A hyperparameter search: every Ray Tune trial is one distillation run."""
     from kdray.sweep import run_sweep
@@ -222,6 +260,9 @@ def sweep(
         f"{spec.tune.num_samples} trials, searcher {spec.tune.searcher.kind}, "
         f"scheduler {spec.tune.scheduler.kind}" + (" (resuming)" if resume else "")
     )
+    _preflight(
+        spec, "sweep", out, address=address, storage=storage, resume=resume, overwrite=overwrite
+    )
     with _settings_errors():
         outcome = run_sweep(
             spec,
@@ -229,6 +270,7 @@ def sweep(
             storage=storage,
             out_dir=out,
             resume=resume,
+            overwrite=overwrite,
             callbacks=[_trials_table(spec)],
         )
     trials = outcome.trials
@@ -264,6 +306,7 @@ def ablate(
         Path | None, typer.Option(help="Tables folder (default results/<name>-ablation).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted ablation.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Every cell of the ablation grid once per seed, paired by seed, as Ray Tune trials."""
     from kdray.plan import ablation_cells
@@ -281,6 +324,9 @@ def ablate(
     )
     for cell in cells:
         console.print(f"  {cell['cell']}  [dim]from {cell['source']}[/dim]")
+    _preflight(
+        spec, "ablate", out, address=address, storage=storage, resume=resume, overwrite=overwrite
+    )
     with _settings_errors():
         outcome = run_ablation(
             spec,
@@ -290,11 +336,58 @@ def ablate(
             storage=storage,
             out_dir=out,
             resume=resume,
+            overwrite=overwrite,
             callbacks=[_trials_table(spec)],
         )
     counts = outcome.trials["status"].value_counts().to_dict()
     console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     console.print(f"tables: {outcome.out_dir}; summarise with: kdray report {outcome.out_dir}")
+
+
+@app.command()
+def check(
+    spec_path: Annotated[Path, typer.Argument(help="A YAML spec.", metavar="SPEC")],
+    set_: SetOption = None,
+    command: Annotated[
+        str | None,
+        typer.Option(
+            help="run | sweep | ablate (default: sweep with a search block, else "
+            "ablate with an ablation block, else run)."
+        ),
+    ] = None,
+    address: AddressOption = None,
+    storage: StorageOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Results folder (default results/<name>).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Check a --resume.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Check an --overwrite.")] = False,
+) -> None:
+    """Pre-flight checks of a spec, in seconds: data, teacher, tokenizer, metric, device,
+    resources, storage, results folder. Exit 0 when all pass, 2 otherwise."""
+    from kdray.check import as_rows, failed, preflight
+
+    spec = _load(spec_path, set_)
+    chosen = command or ("sweep" if spec.search else "ablate" if spec.ablation else "run")
+    if chosen not in ("run", "sweep", "ablate"):
+        console.print(f"[red]--command must be run, sweep or ablate, not {chosen!r}[/red]")
+        raise typer.Exit(2)
+    with _settings_errors():
+        resources = _cluster_resources(address) if chosen != "run" else None
+    checks = preflight(
+        spec, command=chosen, out_dir=out, address=address, storage=storage, resume=resume,
+        overwrite=overwrite, cluster_resources=resources,
+    )  # fmt: skip
+    out_console = console if console.is_terminal else Console(width=240)
+    table = Table(title=f"kdray {chosen} {spec.name}: pre-flight checks")
+    for column in ("check", "status", "detail"):
+        table.add_column(column)
+    style = {"ok": "green", "FAILED": "bold red", "skipped": "dim"}
+    for name, status, detail in as_rows(checks):
+        table.add_row(name, f"[{style[status]}]{status}[/]", detail)
+    out_console.print(table)
+    if failed(checks):
+        raise typer.Exit(2)
 
 
 @app.command()

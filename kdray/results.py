@@ -11,9 +11,12 @@ half-written table, and the column set and types are fixed by the first write of
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +31,14 @@ from kdray.store import atomic_file, json_cell, write_text_atomic
 if TYPE_CHECKING:
     from kdray.teacher import TeacherInfo
 
+logger = logging.getLogger("kdray")
+
 TRIALS_FILE = "trials.parquet"
 STUDENTS_DIR = "students"  # sweeps and ablations: students/<trial_id>/, each trial's best
 EXPERIMENT_FILE = "experiment.json"  # what produced the folder: command and the full spec
 EPOCHS_FILE = "epochs.parquet"
 CKA_FILE = "cka.parquet"  # one row per run and (student layer, teacher layer): linear CKA
+STUDENT_DIR = "student"  # a kdray run's best student (train.save_student)
 
 # Columns every trials table starts with, in this order; settings and metrics follow.
 ID_COLUMNS = ("name", "trial_id", "status", "error", "kdray_version", "spec_fingerprint")
@@ -242,6 +248,10 @@ def write_run(out_dir: str | Path, spec: Spec, result: RunResult) -> tuple[Path,
         write_table(cka_rows(spec.name, "run", result.cka), cka_file, replace=True)
     elif cka_file.exists():
         cka_file.unlink()
+    student = out / STUDENT_DIR
+    if result.student_path is None and student.is_dir():
+        # an earlier run's student must not pass for this run's (kdray export reads it)
+        shutil.rmtree(student)
     return trials, epochs
 
 
@@ -285,3 +295,137 @@ def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     trials = pd.read_parquet(trials_file)
     epochs = pd.read_parquet(epochs_file) if epochs_file.exists() else pd.DataFrame()
     return trials, epochs
+
+
+# ---------------------------------------------------------------------------------------------
+# Whose folder is it: experiment.json decides before anything is written
+
+RESUMABLE = ("sweep", "ablate")  # commands that can continue an experiment (--resume)
+_KIND = {"run": "run", "sweep": "sweep", "ablate": "ablation"}
+
+
+def experiment_name(spec: Spec, command: str) -> str:
+    """The experiment's name: the spec's, with ``-ablation`` for ``kdray ablate``."""
+    return f"{spec.name}-ablation" if command == "ablate" else spec.name
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _spec_differences(stored: dict[str, Any], spec: Spec, command: str) -> list[str]:
+    """How the experiment recorded in ``stored`` differs from ``command`` on ``spec``: the
+    command, the run settings (fingerprint) and the block that defines the trials."""
+    found = []
+    if stored.get("command") != command:
+        found.append(f"written by kdray {stored.get('command')}, this is kdray {command}")
+    if stored.get("spec_fingerprint") != spec.fingerprint():
+        found.append(
+            f"spec fingerprint {stored.get('spec_fingerprint')} there, {spec.fingerprint()} here "
+            "(different run settings)"
+        )
+    mine = json.loads(json.dumps(spec.model_dump(mode="json", by_alias=True)))
+    theirs = stored.get("spec") if isinstance(stored.get("spec"), dict) else {}
+    block = {"sweep": "search", "ablate": "ablation"}.get(command)
+    if block and stored.get("command") == command and theirs.get(block) != mine.get(block):
+        found.append(f"a different {block} block")
+    return found
+
+
+def _aside_name(folder: Path) -> str:
+    return f"{folder}.old-<UTC time>"
+
+
+def folder_conflict(
+    out_dir: str | Path, spec: Spec, command: str, *, resume: bool = False
+) -> str | None:
+    """Why ``kdray <command>`` on ``spec`` must not write into ``out_dir`` (with the ways out),
+    or None when it may: a folder holds one experiment, so tables of two never mix."""
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        return f"results folder {folder} is a file, not a folder: give another --out DIR"
+    record_file, trials_file = folder / EXPERIMENT_FILE, folder / TRIALS_FILE
+    can_resume = command in RESUMABLE
+    if record_file.exists():
+        stored = _read_record(record_file)
+        if stored is None:
+            what = f"{record_file} is not a readable experiment record"
+            can_resume = False
+        elif differences := _spec_differences(stored, spec, command):
+            kind = _KIND.get(str(stored.get("command")), str(stored.get("command")))
+            what = (
+                f"{folder} holds the {kind} {stored.get('name')!r} ({EXPERIMENT_FILE}), not this "
+                f"{_KIND[command]}: " + "; ".join(differences)
+            )
+            can_resume = False
+        elif can_resume and not resume and trials_file.exists():
+            what = f"{folder} already holds trials of this {_KIND[command]} (same spec)"
+        else:
+            return None
+    elif trials_file.exists() and not resume:
+        what = (
+            f"{folder} holds a {TRIALS_FILE} but no {EXPERIMENT_FILE} (an older kdray wrote "
+            "it, or a person), so kdray cannot tell whose experiment it is"
+        )
+    else:
+        return None
+    return what + ". " + _ways_out(folder, command, can_resume=can_resume, resume=resume)
+
+
+def _ways_out(folder: Path, command: str, *, can_resume: bool, resume: bool) -> str:
+    ways = ["write elsewhere with --out DIR"]
+    if can_resume:
+        ways.append(f"continue it with --resume (kdray {command} SPEC --resume)")
+    aside = _aside_name(folder)
+    ways.append(f"start over with --overwrite (moves the old folder aside to {aside})")
+    text = "Ways out: " + ", ".join(ways[:-1]) + " or " + ways[-1]
+    if resume and not can_resume:
+        text += "; --resume continues only the same experiment"
+    elif command not in RESUMABLE:
+        text += "; --resume is for sweeps and ablations only"
+    return text + "."
+
+
+def move_aside(folder: str | Path) -> Path:
+    """Rename ``folder`` to ``<folder>.old-<UTC timestamp>`` (never over an existing one)."""
+    folder = Path(folder)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = folder.with_name(f"{folder.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.old-{stamp}-{n}")
+    folder.rename(target)
+    logger.warning("--overwrite: moved the old results folder %s aside to %s", folder, target)
+    return target
+
+
+def claim_folder(
+    out_dir: str | Path,
+    spec: Spec,
+    command: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Make ``out_dir`` this experiment's before any compute: refuse a folder that holds another
+    experiment (see :func:`folder_conflict`); ``overwrite`` moves a results folder aside."""
+    folder = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError(
+            f"give --resume or --overwrite, not both: --resume continues the experiment in "
+            f"{folder}, --overwrite moves it aside and starts a new one"
+        )
+    if overwrite and folder.is_dir():
+        if (folder / EXPERIMENT_FILE).exists() or (folder / TRIALS_FILE).exists():
+            if folder.resolve() == Path.cwd().resolve():
+                raise ValueError(f"--overwrite cannot move the working folder {folder} aside")
+            move_aside(folder)
+        return
+    problem = folder_conflict(folder, spec, command, resume=resume)
+    if problem:
+        raise ValueError(problem)

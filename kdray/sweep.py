@@ -565,6 +565,7 @@ def run_sweep(
     storage: str | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[Any] | None = None,
     trainable: Callable[..., None] | None = None,
 ) -> SweepResult:
@@ -578,6 +579,7 @@ def run_sweep(
         storage=storage,
         out_dir=out_dir,
         resume=resume,
+        overwrite=overwrite,
         callbacks=callbacks,
         trainable=trainable,
     )
@@ -592,6 +594,7 @@ def run_ablation(
     storage: str | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[Any] | None = None,
 ) -> SweepResult:
     """Every cell x seed as one Ray Tune trial (FIFO, nothing pruned)."""
@@ -619,6 +622,7 @@ def run_ablation(
         storage=storage,
         out_dir=out_dir or Path("results") / name,
         resume=resume,
+        overwrite=overwrite,
         callbacks=callbacks,
     )
 
@@ -634,11 +638,15 @@ def run_experiment(
     storage: str | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[Any] | None = None,
     trainable: Callable[..., None] | None = None,
 ) -> SweepResult:
     """Teacher first (one Ray task), then the trials as one resumable Tune experiment."""
     selection_metric(spec)  # a metric the task does not have fails before Ray starts
+    results.claim_folder(
+        out_dir or Path("results") / name, spec, command, resume=resume, overwrite=overwrite
+    )
     out = Path(out_dir) if out_dir else Path("results") / name
     store = storage or str((out / "ray").resolve())
     out.mkdir(parents=True, exist_ok=True)
@@ -685,3 +693,10 @@ def run_experiment(
     tuner.fit()
     trials, epochs = results.load(out)
     return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))
+
+
+def cluster_resources(address: str) -> dict[str, float]:
+    """What the Ray cluster at ``address`` offers (``CPU``, ``GPU``, ...), for the pre-flight
+    checks; joins the cluster (which the sweep then uses) and starts nothing."""
+    init_ray(address)
+    return {key: float(value) for key, value in ray.cluster_resources().items()}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -206,3 +208,193 @@ def test_a_second_run_replaces_the_tables_without_deleting_them_first(
     monkeypatch.setattr(Path, "unlink", unlink)
     results.write_run(tmp_path, spec, _run_result(records + records))
     assert len(results.load(tmp_path)[1]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Results folder identity: one experiment per folder
+
+SWEEP = {
+    "name": "s",
+    "task": "rte",
+    "distill": {"algorithm": "soft"},
+    "search": {"train.lr": {"choice": [1e-5, 2e-5]}},
+    "ablation": {"axes": {"distill.algorithm": ["soft", "sid"]}},
+}
+
+
+def _experiment(folder: Path, raw: dict, command: str, *, trials: bool = True) -> Path:
+    """A folder as ``kdray <command>`` leaves it: experiment.json, and a trials table."""
+    spec = spec_from_dict(raw)
+    results.write_experiment(folder, spec, command)
+    if trials:
+        results.write_table([{"name": spec.name, "trial_id": "t1"}], folder / results.TRIALS_FILE)
+    return folder
+
+
+def test_an_empty_or_missing_folder_is_claimed_without_a_word(tmp_path: Path) -> None:
+    spec = spec_from_dict(SWEEP)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        for command in ("run", "sweep", "ablate"):
+            assert results.folder_conflict(folder, spec, command) is None
+            results.claim_folder(folder, spec, command)
+    assert not (tmp_path / "missing").exists()  # claiming writes nothing
+
+
+def test_a_sweep_with_another_search_block_is_refused_with_the_ways_out(tmp_path: Path) -> None:
+    folder = _experiment(tmp_path / "s", SWEEP, "sweep")
+    other = spec_from_dict({**SWEEP, "search": {"train.lr": {"choice": [3e-5]}}})
+    with pytest.raises(ValueError) as error:
+        results.claim_folder(folder, other, "sweep")
+    message = str(error.value)
+    assert f"{folder} holds the sweep 's' (experiment.json), not this sweep" in message
+    assert "a different search block" in message
+    assert "spec fingerprint" not in message  # the run settings are the same
+    assert "write elsewhere with --out DIR" in message
+    assert f"--overwrite (moves the old folder aside to {folder}.old-<UTC time>)" in message
+    assert "continue it with --resume" not in message  # it is another experiment
+    # so is --resume: it would continue another experiment
+    with pytest.raises(ValueError, match="--resume continues only the same experiment"):
+        results.claim_folder(folder, other, "sweep", resume=True)
+
+
+def test_other_run_settings_or_another_command_are_refused(tmp_path: Path) -> None:
+    folder = _experiment(tmp_path / "s", SWEEP, "sweep")
+    changed = spec_from_dict({**SWEEP, "train": {"seed": 7}})
+    with pytest.raises(ValueError, match=r"spec fingerprint [0-9a-f]{16} there, [0-9a-f]{16} here"):
+        results.claim_folder(folder, changed, "sweep", resume=True)
+    same = spec_from_dict(SWEEP)
+    for command, kind in (("ablate", "ablation"), ("run", "run")):
+        with pytest.raises(ValueError) as error:
+            results.claim_folder(folder, same, command)
+        expected = f"not this {kind}: written by kdray sweep, this is kdray {command}"
+        assert expected in str(error.value)
+    with pytest.raises(ValueError, match="--resume is for sweeps and ablations only"):
+        results.claim_folder(folder, same, "run")
+
+
+def test_an_ablation_with_other_axes_is_refused(tmp_path: Path) -> None:
+    folder = _experiment(tmp_path / "a", SWEEP, "ablate")
+    other = spec_from_dict({**SWEEP, "ablation": {"axes": {"distill.algorithm": ["soft"]}}})
+    with pytest.raises(ValueError, match="a different ablation block"):
+        results.claim_folder(folder, other, "ablate", resume=True)
+    # the search block does not define an ablation's trials
+    searched = spec_from_dict({**SWEEP, "search": {"train.lr": {"choice": [3e-5]}}})
+    results.claim_folder(folder, searched, "ablate", resume=True)
+
+
+def test_the_same_sweep_again_needs_resume_or_overwrite(tmp_path: Path) -> None:
+    folder = _experiment(tmp_path / "s", SWEEP, "sweep")
+    spec = spec_from_dict(SWEEP)
+    with pytest.raises(ValueError) as error:
+        results.claim_folder(folder, spec, "sweep")
+    message = str(error.value)
+    assert f"{folder} already holds trials of this sweep (same spec)" in message
+    assert "continue it with --resume (kdray sweep SPEC --resume)" in message
+    results.claim_folder(folder, spec, "sweep", resume=True)  # continuing it is fine
+    # experiment.json but no trials yet (it stopped before the first trial): start again
+    bare = _experiment(tmp_path / "bare", SWEEP, "sweep", trials=False)
+    results.claim_folder(bare, spec, "sweep")
+
+
+def test_a_trials_table_without_experiment_json_is_refused_unless_resumed(tmp_path: Path) -> None:
+    folder = tmp_path / "old"
+    results.write_table([{"name": "s", "trial_id": "t1"}], folder / results.TRIALS_FILE)
+    spec = spec_from_dict(SWEEP)
+    with pytest.raises(ValueError) as error:
+        results.claim_folder(folder, spec, "sweep")
+    message = str(error.value)
+    assert "holds a trials.parquet but no experiment.json (an older kdray" in message
+    assert "--out DIR" in message and "--resume" in message and "--overwrite" in message
+    results.claim_folder(folder, spec, "sweep", resume=True)
+    with pytest.raises(ValueError, match="no experiment.json"):
+        results.claim_folder(folder, spec, "run")
+
+
+def test_overwrite_moves_the_old_folder_aside_and_says_so(tmp_path: Path, caplog) -> None:
+    folder = _experiment(tmp_path / "s", SWEEP, "sweep")
+    other = spec_from_dict({**SWEEP, "train": {"seed": 7}})
+    with caplog.at_level("WARNING", logger="kdray"):
+        results.claim_folder(folder, other, "sweep", overwrite=True)
+    assert not folder.exists()
+    (aside,) = tmp_path.glob("s.old-*")
+    assert re.fullmatch(r"s\.old-\d{8}T\d{6}Z", aside.name)
+    assert (aside / results.TRIALS_FILE).exists()  # nothing lost
+    assert f"moved the old results folder {folder} aside to {aside}" in caplog.text
+    # a second overwrite within the same second gets its own name
+    _experiment(folder, SWEEP, "sweep")
+    results.claim_folder(folder, other, "sweep", overwrite=True)
+    assert len(list(tmp_path.glob("s.old-*"))) == 2
+
+
+def test_overwrite_leaves_a_folder_without_kdray_results_alone(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    results.claim_folder(tmp_path, spec_from_dict(SWEEP), "sweep", overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="give --resume or --overwrite, not both"):
+        results.claim_folder(tmp_path, spec_from_dict(SWEEP), "sweep", resume=True, overwrite=True)
+
+
+def test_a_run_without_a_student_removes_the_earlier_runs_student(tmp_path: Path) -> None:
+    spec = spec_from_dict({"name": "r", "task": "rte"})
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "model.safetensors").write_text("old")
+    kept = _run_result([])
+    kept.student_path = str(tmp_path / "student")
+    results.write_run(tmp_path, spec, kept)
+    assert (tmp_path / "student" / "model.safetensors").exists()
+    results.write_run(tmp_path, spec, _run_result([], status="diverged"))
+    assert not (tmp_path / "student").exists()
+
+
+def _fake_distill(calls: list[str]) -> Any:
+    """kdray.distill.distill that trains nothing: a one-epoch result, with a student folder
+    when the spec saves one and the run is not the diverging kind (``train.seed`` 13)."""
+
+    def distill(spec: Any, output_dir: Path, **_: Any) -> RunResult:
+        calls.append(spec.fingerprint())
+        records = [{"epoch": 1, "stage": 0, "stage_name": "all", "dev.accuracy": 0.5,
+                    "examples_per_s": 10.0}]  # fmt: skip
+        result = _run_result(records, status="diverged" if spec.train.seed == 13 else "ok")
+        if result.status == "ok":
+            (output_dir / "student").mkdir(parents=True, exist_ok=True)
+            (output_dir / "student" / "config.json").write_text("{}")
+            result.student_path = str(output_dir / "student")
+        return result
+
+    return distill
+
+
+def test_kdray_run_replaces_its_own_run_and_refuses_another(
+    tmp_path: Path, monkeypatch, tiny_bert: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from conftest import tiny_spec_dict
+    from kdray import cli
+
+    calls: list[str] = []
+    monkeypatch.setattr("kdray.distill.distill", _fake_distill(calls))
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(json.dumps(tiny_spec_dict(tiny_bert)))
+    out = tmp_path / "out"
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(cli.app, ["run", str(spec_file), "--out", str(out), *args])
+
+    assert run().exit_code == 0
+    assert run().exit_code == 0  # the same spec again: replaces its own run
+    assert len(calls) == 2 and len(results.load(out)[0]) == 1
+    refused = run("--set", "train.lr=2e-3")
+    assert refused.exit_code == 2, refused.output
+    assert "not this run: spec fingerprint" in refused.output and "--overwrite" in refused.output
+    assert len(calls) == 2  # refused before any compute
+    # the same settings that end without a student: the old student/ goes with the old run
+    assert run("--set", "train.seed=13", "--overwrite").exit_code == 0
+    assert not (out / "student").exists()
+    (aside,) = tmp_path.glob("out.old-*")
+    assert (aside / "student" / "config.json").exists()  # moved aside, not lost
+    assert results.load(out)[0].iloc[0]["status"] == "diverged"

