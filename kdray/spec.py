@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdray import algorithms
 from kdray.schedule import StageSchedule
-from kdray.store import content_hash
+from kdray.store import content_hash, json_cell
 
 LayerChoice = Literal["skip", "first", "last"] | list[int]
 
@@ -711,6 +711,21 @@ def validate_search(spec: Spec, source: str = "<spec>") -> None:
                             f"  {where}.when.{cond_key}: {cond_key} can never be {value!r}: "
                             f"{detail}"
                         )
+            if (
+                cond_key in settings
+                and cond_key != key
+                and cond_key not in spec.search
+                and isinstance(cond_values, list)
+                and cond_values
+            ):
+                fixed = settings[cond_key]
+                always = json_cell(fixed) in [json_cell(v) for v in cond_values]
+                problems.append(
+                    f"  {where}.when.{cond_key}: {cond_key} is not searched, so the condition "
+                    f"never changes ({cond_key} is always {fixed!r}: {key} is "
+                    f"{'always' if always else 'never'} sampled); search {cond_key} or drop "
+                    "the when"
+                )
     if problems:
         raise SpecError("\n".join([f"{source}: invalid search block", *_capped(problems)]))
 

@@ -664,3 +664,14 @@ def test_sweep_and_ablate_report_settings_errors_without_a_traceback(
         assert result.exit_code == 2, result.output
         assert "tune.metric 'f1' is not a dev metric of rte" in result.output
         assert "Traceback" not in result.output
+
+
+def test_a_when_on_a_setting_that_is_never_searched_is_an_error() -> None:
+    """The condition can never change, so the parameter is always or never sampled."""
+    message = _search_error(
+        {"train.lr": {"loguniform": [1e-5, 1e-4], "when": {"distill.algorithm": ["soft"]}}}
+    )
+    assert (
+        "search.train.lr.when.distill.algorithm: distill.algorithm is not searched, so the "
+        "condition never changes (distill.algorithm is always 'sid': train.lr is never sampled)"
+    ) in message
