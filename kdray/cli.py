@@ -283,8 +283,14 @@ def sweep(
             f"[bold green]best trial {outcome.best['trial_id']}[/bold green]: dev {metric} "
             f"{outcome.best[f'best.dev.{metric}']:.4f} with {params}"
         )
-    console.print(f"tables: {outcome.out_dir}/trials.parquet and epochs.parquet")
-    console.print(f"resume with: kdray sweep {spec_path} --resume")
+    out_dir = outcome.out_dir
+    console.print(
+        f"tables: {out_dir}/trials.parquet and epochs.parquet (pandas: kdray.results.load)"
+    )
+    console.print(f"report: kdray report {out_dir} --plots {out_dir}/plots")
+    if outcome.best is not None:
+        console.print(f"export the best student: kdray export {out_dir} --to exported/{spec.name}")
+    console.print(f"resume an interrupted sweep: kdray sweep {spec_path} --resume")
 
 
 @app.command()
