@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -145,8 +146,8 @@ def run(
         f"[bold]kdray run[/bold] {spec.name}: {spec.task}, {spec.distill.algorithm}, "
         f"teacher {spec.teacher.model} -> {spec.student.layers} layers, {spec.train.epochs} epochs"
     )
-    with _settings_errors():
-        result = distill(spec, output_dir=out_dir, progress=_progress())
+    with _settings_errors(), _tensorboard(out_dir) as report:
+        result = distill(spec, report=report, output_dir=out_dir, progress=_progress())
     trials, epochs = results.write_run(out_dir, spec, result)
     results.write_experiment(out_dir, spec, "run")
     _print_run_summary(spec, result)
@@ -154,6 +155,17 @@ def run(
     if result.status == "failed":
         console.print(f"[red]run failed:[/red] {result.error}")
         raise typer.Exit(1)
+
+
+def _tensorboard(out_dir: Path) -> Any:
+    """The run's epoch curves as TensorBoard events in ``<results>/tensorboard``; an earlier
+    run's events there are removed first (the folder holds one run, like its tables)."""
+    from kdray.tracking import TENSORBOARD_DIR, TensorBoardReport
+
+    folder = out_dir / TENSORBOARD_DIR
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    return TensorBoardReport(folder)
 
 
 def _print_run_summary(spec: Spec, result: Any) -> None:

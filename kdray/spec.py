@@ -342,9 +342,33 @@ class Distribution(_Strict):
         return getattr(self, _attr(self.kind))
 
 
+#: Database URLs Optuna's RDBStorage takes for ``tune.searcher.optuna.storage``.
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
 class OptunaSearcherSpec(_Strict):
     sampler: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
     seed: Seed | None = 0
+    storage: str | None = Field(
+        None,
+        description="Where the Optuna study lives (study name = the sweep's name): a journal "
+        "file path, or a database URL (sqlite:///..., postgresql://..., mysql://...); default "
+        "<results folder>/optuna.journal. A resumed sweep's sampler reads its history from it.",
+        max_length=4096,
+    )
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_kind(cls, value: str | None) -> str | None:
+        if value is None or "://" not in value:
+            return value
+        scheme = value.split("://", 1)[0].split("+", 1)[0]
+        if scheme not in RDB_SCHEMES:
+            raise ValueError(
+                f"a database URL must start with {', '.join(s + '://' for s in RDB_SCHEMES)} "
+                f"(got {scheme}://); give a file path for a journal file"
+            )
+        return value
 
 
 class SearcherSpec(_Strict):
@@ -385,6 +409,16 @@ class ResourcesSpec(_Strict):
     gpu: float = Field(0, ge=0, le=1024)
 
 
+TrackingLogger = Literal["tensorboard", "csv", "json", "mlflow"]
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str | None = Field(
+        None, description="Default: a local file store, file:<results folder>/mlruns."
+    )
+    experiment: str | None = Field(None, description="Default: the spec's name.")
+
+
 class TuneSpec(_Strict):
     metric: str | None = Field(
         None, description="A dev metric of the task; default its main metric."
@@ -403,6 +437,20 @@ class TuneSpec(_Strict):
         "by default a finished trial keeps only its best student beside the tables.",
     )
     checkpoint_keep: int = Field(2, ge=1, le=1000)
+    loggers: list[TrackingLogger] = Field(
+        default_factory=lambda: ["tensorboard", "csv"],
+        description="Ray Tune's logger callbacks, one event file/table per trial in the "
+        "experiment folder; mlflow needs pip install 'kdray[mlflow]'.",
+    )
+    mlflow: MlflowSpec = MlflowSpec()
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers_once(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"give each logger once (repeated: {', '.join(twice)})")
+        return value
 
 
 class AblationSpec(_Strict):

@@ -4,8 +4,11 @@ Every trial is one :func:`kdray.distill.distill` run (:func:`distill_trainable`)
 trials, one Ray task fine-tunes (or finds) the teacher and copies it into the sweep's storage, and
 another builds the teacher-output caches the trials will read. Ray Tune callbacks, module-level
 classes so Ray pickles them by reference, keep the Parquet tables (:class:`TableWriter`) and the
-live trials table (:class:`LiveTrials`) up to date; ``Tuner.restore`` resumes an interrupted
-experiment. What runs (search space, ablation cells, best trial) is decided in :mod:`kdray.plan`.
+live trials table (:class:`LiveTrials`) up to date; Ray Tune's own logger callbacks write each
+trial's curves for TensorBoard, CSV/JSON or MLflow (``tune.loggers``); the Optuna study lives
+in a journal file or database so a resumed sweep's sampler keeps its history; ``Tuner.restore``
+resumes an interrupted experiment. What runs (search space, ablation cells, best trial) is
+decided in :mod:`kdray.plan`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ from kdray.spec import Spec
 from kdray.store import atomic_dir, json_cell
 
 logger = logging.getLogger("kdray")
+
+#: The Optuna study's journal file in a sweep's results folder (``tune.searcher.optuna.storage``
+#: unset); ``optuna-dashboard <folder>/optuna.journal`` shows it.
+OPTUNA_JOURNAL = "optuna.journal"
+#: Ray's logger callbacks draw a result's ``timesteps_total``, when given, as its step: the
+#: trainable reports the epoch there, so curves are per epoch, also after a restore.
+TB_STEP = "timesteps_total"
 
 # Ray on one machine: bind to loopback, no usage stats, no dashboard probing the network.
 LOCAL_RAY_ENV = {
@@ -83,8 +93,30 @@ def ray_space(spec: Spec) -> dict[str, Any]:
     return space
 
 
-def make_searcher(spec: Spec, metric: str = OBJECTIVE) -> Any:
-    """Optuna (TPE, random, CMA-ES, QMC) over the define-by-run space, or None for grid."""
+def optuna_storage(spec: Spec, out: Path, fresh: bool = False) -> Any:
+    """Where the sweep's Optuna study lives: ``tune.searcher.optuna.storage`` as a database URL
+    (Optuna's RDBStorage) or a journal file path, default ``<out>/optuna.journal``. ``fresh``:
+    a new sweep does not inherit a default journal an earlier attempt left in its folder."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    opts = spec.tune.searcher.optuna
+    given = opts.storage if opts is not None else None
+    if given and "://" in given:
+        return optuna.storages.RDBStorage(given)
+    path = (Path(given) if given else out / OPTUNA_JOURNAL).resolve()
+    if fresh and not given:
+        path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_searcher(
+    spec: Spec, metric: str = OBJECTIVE, *, storage: Any = None, study_name: str | None = None
+) -> Any:
+    """Optuna (TPE, random, CMA-ES, QMC) over the define-by-run space, or None for grid. With
+    ``storage`` the study is kept there (loaded if it exists) rather than only in Ray's pickled
+    searcher state, which a restore has lost before (ray-project/ray#30861)."""
     if spec.tune.searcher.kind == "grid":
         return None
     import optuna
@@ -112,6 +144,8 @@ def make_searcher(spec: Spec, metric: str = OBJECTIVE) -> Any:
         mode=spec.tune.mode,
         sampler=samplers[kind](),
         points_to_evaluate=points or None,
+        storage=storage,
+        study_name=study_name or spec.name,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=spec.tune.max_concurrent)
 
@@ -186,6 +220,7 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
         # Each record carries the run's best so far (classifier-trained epochs only).
         metrics = {
             **record,
+            TB_STEP: record["epoch"],
             RUNG_TIME: record["classifier_epochs"],
             OBJECTIVE: record.get(f"best.dev.{metric}", math.nan),
             "node_id": node,
@@ -230,6 +265,7 @@ _RAY_KEYS = {
     "status",
     OBJECTIVE,
     RUNG_TIME,
+    TB_STEP,
     "node_id",
 }
 
@@ -442,6 +478,49 @@ class LiveTrials(Callback):
 
 
 # ---------------------------------------------------------------------------------------------
+# Tracking: Ray Tune's own logger callbacks
+
+
+def logger_callbacks(spec: Spec, out: Path, name: str) -> list[Any]:
+    """Ray Tune's logger callbacks for ``tune.loggers``, writing into each trial's folder of the
+    experiment (``tensorboard --logdir <storage>``): every numeric result (loss terms, dev
+    metrics, stage, lr) as a scalar per epoch, and the trial's sampled settings as hparams."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    made: list[Any] = []
+    for kind in spec.tune.loggers:
+        if kind == "tensorboard":
+            made.append(TBXLoggerCallback())
+        elif kind == "csv":
+            made.append(CSVLoggerCallback())
+        elif kind == "json":
+            made.append(JsonLoggerCallback())
+        else:
+            made.append(_mlflow_callback(spec, out, name))
+    return made
+
+
+def _mlflow_callback(spec: Spec, out: Path, name: str) -> Any:
+    """MLflow runs, one per trial, in ``tune.mlflow.tracking_uri`` (default a local file store
+    in the results folder: nothing leaves the machine unless the spec says so)."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "tune.loggers: mlflow needs the mlflow package: pip install 'kdray[mlflow]' "
+            "(or take mlflow out of tune.loggers)"
+        ) from None
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    settings = spec.tune.mlflow
+    return MLflowLoggerCallback(
+        tracking_uri=settings.tracking_uri or (out.resolve() / "mlruns").as_uri(),
+        experiment_name=settings.experiment or name,
+        save_artifact=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Teacher and teacher outputs, once per experiment
 
 
@@ -546,8 +625,11 @@ class TrialPlan:
     max_concurrent: int | None
 
 
-def _sweep_plan(base: Spec) -> TrialPlan:
-    searcher = make_searcher(base)
+def _sweep_plan(base: Spec, out: Path) -> TrialPlan:
+    searcher = None
+    if base.tune.searcher.kind != "grid":
+        storage = optuna_storage(base, out, fresh=True)
+        searcher = make_searcher(base, storage=storage, study_name=base.name)
     return TrialPlan(
         param_space=ray_space(base) if searcher is None else {},
         searcher=searcher,
@@ -602,7 +684,7 @@ def run_ablation(
 
     cells, trials = plan.ablation_trials(spec, from_sweep, seeds)
 
-    def grid(base: Spec) -> TrialPlan:
+    def grid(base: Spec, out: Path) -> TrialPlan:
         return TrialPlan(
             param_space={"ablation": tune.grid_search(trials)},
             searcher=None,
@@ -629,7 +711,7 @@ def run_ablation(
 
 def run_experiment(
     spec: Spec,
-    make_plan: Callable[[Spec], TrialPlan],
+    make_plan: Callable[[Spec, Path], TrialPlan],
     *,
     name: str,
     command: str,
@@ -644,10 +726,9 @@ def run_experiment(
 ) -> SweepResult:
     """Teacher first (one Ray task), then the trials as one resumable Tune experiment."""
     selection_metric(spec)  # a metric the task does not have fails before Ray starts
-    results.claim_folder(
-        out_dir or Path("results") / name, spec, command, resume=resume, overwrite=overwrite
-    )
     out = Path(out_dir) if out_dir else Path("results") / name
+    loggers = logger_callbacks(spec, out, name)  # mlflow missing fails here, before Ray
+    results.claim_folder(out, spec, command, resume=resume, overwrite=overwrite)
     store = storage or str((out / "ray").resolve())
     out.mkdir(parents=True, exist_ok=True)
     init_ray(address)
@@ -665,17 +746,19 @@ def run_experiment(
     run_config = tune.RunConfig(
         name=name,
         storage_path=store,
-        callbacks=[TableWriter(base, out, teacher), *(callbacks or [])],
+        callbacks=[TableWriter(base, out, teacher), *loggers, *(callbacks or [])],
         failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.tune.checkpoint_keep),
         verbose=0,
     )
+    # only the loggers tune.loggers names (Ray adds CSV, JSON and TensorBoard ones otherwise)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if resume:
         tuner = tune.Tuner.restore(
             experiment, trainable=fn, resume_unfinished=True, resume_errored=True
         )
     else:
-        chosen = make_plan(base)
+        chosen = make_plan(base, out)
         tuner = tune.Tuner(
             fn,
             param_space=chosen.param_space,

@@ -140,6 +140,14 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
         ({"distill": {"stages": {"advance": "never"}}}, "distill.stages.advance", "'plateau'"),
         ({"student": {"hidden_size": 64}}, "student", "init: random"),
         ({"name": "has space"}, "name", "pattern"),
+        ({"tune": {"loggers": ["wandb"]}}, "tune.loggers.0", "'json' or 'mlflow'"),
+        ({"tune": {"loggers": ["csv", "csv"]}}, "tune.loggers", "repeated: csv"),
+        ({"tune": {"mlflow": {"uri": "x"}}}, "tune.mlflow.uri", "tracking_uri, experiment"),
+        (
+            {"tune": {"searcher": {"optuna": {"storage": "redis://127.0.0.1/0"}}}},
+            "tune.searcher.optuna.storage",
+            "sqlite://, postgresql://, mysql:// (got redis://)",
+        ),
     ],
 )
 def test_wrong_value_names_key_path_and_what_is_allowed(raw: dict, path: str, hint: str) -> None:
@@ -675,3 +683,15 @@ def test_a_when_on_a_setting_that_is_never_searched_is_an_error() -> None:
         "search.train.lr.when.distill.algorithm: distill.algorithm is not searched, so the "
         "condition never changes (distill.algorithm is always 'sid': train.lr is never sampled)"
     ) in message
+
+
+def test_tracking_defaults_are_tensorboard_and_csv_with_a_local_optuna_journal() -> None:
+    tune = spec_from_dict(BASE).tune
+    assert tune.loggers == ["tensorboard", "csv"]
+    assert tune.mlflow.tracking_uri is None and tune.mlflow.experiment is None
+    assert tune.searcher.optuna.storage is None  # <results folder>/optuna.journal
+    url = "postgresql+psycopg://kd@127.0.0.1/optuna"
+    given = {"searcher": {"optuna": {"storage": url}}, "loggers": ["json", "mlflow"]}
+    tune = spec_from_dict({**BASE, "tune": given}).tune
+    assert tune.searcher.optuna.storage == url
+    assert tune.loggers == ["json", "mlflow"]

@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO, tiny_spec_dict
 from kdray.plan import OBJECTIVE, RUNG_TIME, OptunaSpace, active_values
 from kdray.spec import spec_from_dict
-from kdray.sweep import make_scheduler, run_sweep
+from kdray.sweep import OPTUNA_JOURNAL, logger_callbacks, make_scheduler, run_sweep
 
 ray = pytest.importorskip("ray")
 
@@ -83,6 +83,63 @@ def test_conditional_space_samples_only_what_matters(tiny_bert: Path) -> None:
         spec, {"distill.algorithm": "internal", "distill.losses.soft.temperature": 7.0}
     )
     assert values == {"distill.algorithm": "internal"}
+
+
+def test_loggers_are_ray_tunes_own_callbacks_in_the_order_given(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    spec = spec_from_dict(sweep_spec(tiny_bert, "loggers"))
+    made = logger_callbacks(spec, tmp_path, "loggers")
+    assert [type(c) for c in made] == [TBXLoggerCallback, CSVLoggerCallback]
+    spec = spec.with_values({"tune.loggers": ["json"]})
+    assert [type(c) for c in logger_callbacks(spec, tmp_path, "loggers")] == [JsonLoggerCallback]
+
+
+def test_mlflow_logger_without_mlflow_says_how_to_install_it(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    try:
+        import mlflow  # noqa: F401
+
+        pytest.skip("mlflow is installed")
+    except ImportError:
+        pass
+    spec = spec_from_dict(sweep_spec(tiny_bert, "mlf", tune={"loggers": ["tensorboard", "mlflow"]}))
+    with pytest.raises(ValueError, match=r"tune\.loggers: .*pip install 'kdray\[mlflow\]'"):
+        run_sweep(spec, out_dir=tmp_path / "out")  # before Ray starts: no cluster needed
+    assert not (tmp_path / "out").exists()
+
+
+def _tensorboard_scalars(folder: Path) -> tuple[dict[str, dict[int, float]], bool]:
+    """A trial folder's TensorBoard scalars ({tag: {step: value}}) and whether it has hparams."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {
+        tag: {event.step: event.value for event in events.Scalars(tag)}
+        for tag in events.Tags()["scalars"]
+    }
+    return scalars, bool(events.PluginTagToContent("hparams"))
+
+
+def _study_results(out: Path, name: str) -> tuple[list[tuple[float, float]], int]:
+    """The Optuna study in a sweep's journal: (train.lr, value) of its COMPLETE trials, sorted,
+    and how many trials it holds in all."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(out / OPTUNA_JOURNAL)))
+    study = optuna.load_study(study_name=name, storage=storage)
+    done = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    return sorted((t.params["train.lr"], t.value) for t in done), len(study.trials)
+
+
+def _table_results(trials: pd.DataFrame, statuses: tuple[str, ...]) -> list[tuple[float, float]]:
+    chosen = trials[trials["status"].isin(statuses)]
+    return sorted(zip(chosen["param.train.lr"], chosen["best.dev.accuracy"], strict=True))
 
 
 class _Trial:
@@ -159,6 +216,29 @@ def test_sweep_writes_tables_with_conditional_params(
     assert (exported / "README.md").is_file()
     assert outcome.best["trial_id"] in (exported / "README.md").read_text()
 
+    # TensorBoard (Ray's TBX logger): every epoch's dev metric, losses and stage, per trial, at
+    # step = epoch; the sampled settings as hparams once the trial ended
+    experiment = tmp_path / "out" / "ray" / "sweep"
+    for trial_id, rows in epochs.groupby("trial_id"):
+        (folder,) = experiment.glob(f"*{trial_id}*")
+        assert (folder / "progress.csv").is_file()  # csv: on by default
+        assert not (folder / "result.json").exists()  # json: off, and Ray added none itself
+        scalars, has_hparams = _tensorboard_scalars(folder)
+        assert has_hparams
+        dev = scalars["ray/tune/dev.accuracy"]
+        assert sorted(dev) == sorted(rows["epoch"])
+        for _, row in rows.iterrows():
+            assert dev[row["epoch"]] == pytest.approx(row["dev.accuracy"], abs=1e-6)
+            assert scalars["ray/tune/stage"][row["epoch"]] == row["stage"]
+            assert scalars["ray/tune/loss.total"][row["epoch"]] == pytest.approx(
+                row["loss.total"], rel=1e-6
+            )
+    # Optuna: one COMPLETE trial per trial that ended, with its objective (ASHA's stopped trials
+    # are told to Optuna with their best so far, as Ray's OptunaSearch does)
+    study, count = _study_results(tmp_path / "out", "sweep")
+    assert study == _table_results(trials, ("ok", "pruned"))
+    assert count == 4
+
 
 def test_failing_and_diverging_trials_are_recorded_and_others_finish(
     cluster: Any, tiny_bert: Path, tmp_path: Path
@@ -231,6 +311,8 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
     before = pd.read_parquet(trials_file)
     finished_before = set(before.loc[before["status"] == "ok", "trial_id"])
     assert 1 <= len(finished_before) < 4
+    # the Optuna journal has exactly the finished trials as COMPLETE, with their objective
+    assert _study_results(out, "resumable")[0] == _table_results(before, ("ok",))
     epochs_before = pd.read_parquet(out / "epochs.parquet")
     done_epochs = {
         tid: set(epochs_before.loc[epochs_before["trial_id"] == tid, "epoch"])
@@ -246,6 +328,10 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
     assert finished_before <= set(trials["trial_id"])
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     assert (epochs.groupby("trial_id")["epoch"].max() == 4).all()
+    # the resumed searcher told the same study: 4 trials, all COMPLETE, none asked twice
+    study, count = _study_results(out, "resumable")
+    assert study == _table_results(trials, ("ok",))
+    assert count == 4
     for tid, seen in done_epochs.items():
         assert set(epochs.loc[epochs["trial_id"] == tid, "epoch"]) == seen
 
