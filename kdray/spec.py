@@ -433,8 +433,9 @@ class TuneSpec(_Strict):
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     keep_checkpoints: bool = Field(
         False,
-        description="Keep finished trials' Ray checkpoints (resume state, hundreds of MB each); "
-        "by default a finished trial keeps only its best student beside the tables.",
+        description="Keep finished trials' Ray checkpoints (resume state, hundreds of MB each) "
+        "and, once every trial has ended, the experiment's teacher-output cache; by default a "
+        "finished trial keeps only its best student beside the tables.",
     )
     checkpoint_keep: int = Field(2, ge=1, le=1000)
     loggers: list[TrackingLogger] = Field(

@@ -775,7 +775,22 @@ def run_experiment(
         )
     tuner.fit()
     trials, epochs = results.load(out)
+    if not spec.tune.keep_checkpoints:
+        _drop_outputs_cache(trials, store, name)
     return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))
+
+
+def _drop_outputs_cache(trials: pd.DataFrame, store: str, name: str) -> None:
+    """Once every trial has ended, the experiment's teacher-output cache (hundreds of MB, built
+    in about one epoch of teacher forwards) is deleted from the storage; a later ``--resume``
+    of an interrupted experiment keeps it, and a rerun builds it again."""
+    unfinished = {"running", "pending", "interrupted"}
+    if "status" not in trials or trials["status"].isin(unfinished).any():
+        return
+    root = Path(f"{store.rstrip('/')}/{name}-teacher-outputs")
+    if "://" not in store and root.is_dir():
+        shutil.rmtree(root, ignore_errors=True)
+        logger.info("deleted the teacher-output cache %s: every trial has ended", root)
 
 
 def cluster_resources(address: str) -> dict[str, float]:

@@ -209,6 +209,8 @@ def test_sweep_writes_tables_with_conditional_params(
         assert row["student_path"] == str(student)
         assert (student / "model.safetensors").is_file() and (student / "config.json").is_file()
     assert not list((tmp_path / "out" / "ray").glob("sweep/*/checkpoint_*"))
+    # every trial ended: the teacher-output cache is gone from the storage too
+    assert not (tmp_path / "out" / "ray" / "sweep-teacher-outputs").exists()
     # so the sweep's best student exports without Ray's checkpoints
     from kdray.export import export_student
 
@@ -349,7 +351,12 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
         "seeds": [1, 2],
         "baseline": {"distill.algorithm": "soft"},
     }
-    spec_dict["tune"] = {"max_concurrent": 2, "resources": {"cpu": 1}, "max_failures": 0}
+    spec_dict["tune"] = {
+        "max_concurrent": 2,
+        "resources": {"cpu": 1},
+        "max_failures": 0,
+        "keep_checkpoints": True,  # keeps the teacher-output cache too, to look at it below
+    }
     outcome = run_ablation(spec_from_dict(spec_dict), out_dir=tmp_path / "abl")
     trials = outcome.trials
     assert len(trials) == 4
