@@ -200,7 +200,7 @@ def ablation_trials(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(cells, trials)``: the cells and every cell x seed as one trial's config."""
     cells = ablation_cells(spec, from_sweep)
-    run_seeds = seeds or (spec.ablation.seeds if spec.ablation else [spec.train.seed])
+    run_seeds = seeds or (spec.ablation.first_seeds() if spec.ablation else [spec.train.seed])
     return cells, [{**cell, "seed": seed} for cell in cells for seed in run_seeds]
 
 
