@@ -1476,6 +1476,173 @@ def _plot(report: Report, trials: pd.DataFrame, epochs: pd.DataFrame, plots: Pat
         report.plots["cka"] = plot_cka(report.cka, plots / "cka.png", by=report.group)
 
 
+# ---------------------------------------------------------------------------------------------
+# Confirmation and adaptive seeds (used by kdray.study)
+
+
+def winners_curse(
+    sweep_trials: pd.DataFrame | None,
+    confirm_trials: pd.DataFrame,
+    metric: str,
+    mode: str = "max",
+) -> pd.DataFrame:
+    """Per confirmed configuration: the sweep's score, the confirmed mean and 95% CI, the
+    winner's curse (sweep score minus confirmed mean) and the rank the confirmation gives it.
+
+    The sweep score is the source trial's (``source`` = ``sweep:<trial_id>``) in
+    ``sweep_trials``, else the ``sweep_score`` column the confirmation recorded.
+    """
+    column = _metric_column(confirm_trials, metric)
+    summary = cell_summary(confirm_trials, [metric])
+    short = _short(column)
+    ok = _ok(confirm_trials)
+    records = []
+    for row in summary.to_dict("records"):
+        rows = ok[ok["cell"] == row["cell"]]
+        if rows.empty:
+            continue
+        first = rows.iloc[0]
+        score = float(first["sweep_score"]) if "sweep_score" in rows else float("nan")
+        if sweep_trials is not None and str(first.get("source", "")).startswith("sweep:"):
+            source = sweep_trials[sweep_trials["trial_id"] == first["source"].split(":", 1)[1]]
+            if not source.empty:
+                score = float(source.iloc[0][column])
+        mean = row[f"{short}.mean"]
+        records.append(
+            {
+                "cell": row["cell"],
+                "config_rank": int(first["config_rank"]),
+                "n": row["n"],
+                "sweep_score": score,
+                "mean": mean,
+                "ci95": row[f"{short}.ci95"],
+                "winners_curse": score - mean,
+            }
+        )
+    frame = pd.DataFrame.from_records(records).sort_values("config_rank", kind="stable")
+    ranks = frame["mean"].rank(ascending=mode == "min", method="min")
+    frame["confirmed_rank"] = ranks.astype(int)
+    return frame.reset_index(drop=True)
+
+
+def ranking_survived(curse: pd.DataFrame) -> bool:
+    """Whether the confirmation ranks the configurations as the sweep did (ties count as kept:
+    a tie does not reverse the order)."""
+    ordered = curse.sort_values("config_rank")["confirmed_rank"].tolist()
+    return all(a <= b for a, b in zip(ordered, ordered[1:], strict=False))
+
+
+BETTER, WORSE, EQUIVALENT, MAX_REACHED, UNRESOLVED = (
+    "better",
+    "worse",
+    "equivalent",
+    "max reached",
+    "unresolved",
+)
+
+
+@dataclass
+class Decision:
+    """Where one cell's comparison with the baseline stands after a round."""
+
+    status: str  # better | worse | equivalent | max reached | unresolved (more seeds coming)
+    n_seeds: int
+    next_seeds: list[int] = field(default_factory=list)
+    mean_diff: float = float("nan")
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+
+
+def decide(
+    mean_diff: float, ci_low: float, ci_high: float, mode: str, equivalence: float
+) -> str | None:
+    """better/worse when the CI of the difference excludes 0, equivalent when it does not and
+    the difference is within ``equivalence``; None while unresolved."""
+    if np.isfinite(ci_low) and np.isfinite(ci_high) and (ci_low > 0 or ci_high < 0):
+        higher = ci_low > 0
+        return BETTER if higher == (mode == "max") else WORSE
+    if np.isfinite(mean_diff) and abs(mean_diff) <= equivalence:
+        return EQUIVALENT
+    return None
+
+
+def seed_decisions(
+    trials: pd.DataFrame,
+    baseline: str | dict[str, Any],
+    metric: str,
+    mode: str,
+    alpha: float,
+    equivalence: float,
+    seeds_so_far: dict[str, int],
+    min_seeds: int,
+    max_seeds: int,
+    step: int,
+) -> dict[str, Decision]:
+    """Per cell (not the baseline): resolved, or the seeds it gets next (``step`` more, at most
+    ``max_seeds`` in all; a cell below ``min_seeds`` is topped up first)."""
+    comparison = paired_comparison(trials, baseline, metric, confidence=1.0 - alpha)
+    out: dict[str, Decision] = {}
+    for row in comparison.to_dict("records"):
+        cell = row["cell"]
+        n = seeds_so_far.get(cell, int(row["n_pairs"]))
+        diff, low, high = row["mean_diff"], row["ci_low"], row["ci_high"]
+        status = decide(diff, low, high, mode, equivalence) if n >= min_seeds else None
+        target = max(min_seeds, min(n + step, max_seeds))
+        if status is None and n >= max_seeds:
+            status = MAX_REACHED
+        if status is None:
+            out[cell] = Decision(UNRESOLVED, n, list(range(n + 1, target + 1)), diff, low, high)
+        else:
+            out[cell] = Decision(status, n, [], diff, low, high)
+    return out
+
+
+def stop_table(decisions: dict[str, Decision]) -> pd.DataFrame:
+    """Per cell: seeds it took, why it stopped and the difference it stopped at."""
+    rows = [
+        {
+            "cell": name,
+            "seeds": d.n_seeds,
+            "stopped": d.status,
+            "mean_diff": d.mean_diff,
+            "ci_low": d.ci_low,
+            "ci_high": d.ci_high,
+        }
+        for name, d in decisions.items()
+    ]
+    columns = ["cell", "seeds", "stopped", "mean_diff", "ci_low", "ci_high"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def adaptive_summary(
+    trials: pd.DataFrame,
+    baseline: str | dict[str, Any],
+    metric: str,
+    mode: str,
+    seeds: Any,
+    alpha: float,
+    equivalence: float,
+) -> pd.DataFrame:
+    """:func:`stop_table` from a finished folder's trials alone: each cell's seeds are those it
+    ran ok; ``unresolved`` means the rounds were cut off before the cell was decided."""
+    column = _seed_column(trials)
+    ok = _ok(trials)
+    counts = ok.groupby("cell")[column].nunique().to_dict()
+    decisions = seed_decisions(
+        trials,
+        baseline,
+        metric,
+        mode,
+        alpha,
+        equivalence,
+        {str(k): int(v) for k, v in counts.items()},
+        seeds.min,
+        seeds.max,
+        seeds.step,
+    )
+    return stop_table(decisions)
+
+
 def build_report(
     results_dir: str | Path,
     *,

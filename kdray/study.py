@@ -18,13 +18,26 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from kdray import algorithms, plan, report
+from kdray import algorithms, plan, report, results
+from kdray.report import (  # noqa: F401 - the study's statistics, kept with the report's
+    BETTER,
+    EQUIVALENT,
+    MAX_REACHED,
+    UNRESOLVED,
+    WORSE,
+    Decision,
+    adaptive_summary,
+    decide,
+    ranking_survived,
+    seed_decisions,
+    stop_table,
+    winners_curse,
+)
 from kdray.spec import AdaptiveSeeds, Spec
 from kdray.store import json_cell
 
@@ -91,58 +104,6 @@ def confirm_configs(trials: pd.DataFrame, spec: Spec, top_k: int) -> list[dict[s
 def paired_trials(cells: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
     """Every cell once per seed, the same seeds for every cell (so they pair)."""
     return [{**cell, "seed": seed} for cell in cells for seed in seeds]
-
-
-def winners_curse(
-    sweep_trials: pd.DataFrame | None,
-    confirm_trials: pd.DataFrame,
-    metric: str,
-    mode: str = "max",
-) -> pd.DataFrame:
-    """Per confirmed configuration: the sweep's score, the confirmed mean and 95% CI, the
-    winner's curse (sweep score minus confirmed mean) and the rank the confirmation gives it.
-
-    The sweep score is the source trial's (``source`` = ``sweep:<trial_id>``) in
-    ``sweep_trials``, else the ``sweep_score`` column the confirmation recorded.
-    """
-    column = report._metric_column(confirm_trials, metric)
-    summary = report.cell_summary(confirm_trials, [metric])
-    short = report._short(column)
-    ok = report._ok(confirm_trials)
-    records = []
-    for row in summary.to_dict("records"):
-        rows = ok[ok["cell"] == row["cell"]]
-        if rows.empty:
-            continue
-        first = rows.iloc[0]
-        score = float(first["sweep_score"]) if "sweep_score" in rows else float("nan")
-        if sweep_trials is not None and str(first.get("source", "")).startswith("sweep:"):
-            source = sweep_trials[sweep_trials["trial_id"] == first["source"].split(":", 1)[1]]
-            if not source.empty:
-                score = float(source.iloc[0][column])
-        mean = row[f"{short}.mean"]
-        records.append(
-            {
-                "cell": row["cell"],
-                "config_rank": int(first["config_rank"]),
-                "n": row["n"],
-                "sweep_score": score,
-                "mean": mean,
-                "ci95": row[f"{short}.ci95"],
-                "winners_curse": score - mean,
-            }
-        )
-    frame = pd.DataFrame.from_records(records).sort_values("config_rank", kind="stable")
-    ranks = frame["mean"].rank(ascending=mode == "min", method="min")
-    frame["confirmed_rank"] = ranks.astype(int)
-    return frame.reset_index(drop=True)
-
-
-def ranking_survived(curse: pd.DataFrame) -> bool:
-    """Whether the confirmation ranks the configurations as the sweep did (ties count as kept:
-    a tie does not reverse the order)."""
-    ordered = curse.sort_values("config_rank")["confirmed_rank"].tolist()
-    return all(a <= b for a, b in zip(ordered, ordered[1:], strict=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,70 +235,6 @@ def leave_one_out_cells(
 # ---------------------------------------------------------------------------------------------
 # Adaptive seeds
 
-BETTER, WORSE, EQUIVALENT, MAX_REACHED, UNRESOLVED = (
-    "better",
-    "worse",
-    "equivalent",
-    "max reached",
-    "unresolved",
-)
-
-
-@dataclass
-class Decision:
-    """Where one cell's comparison with the baseline stands after a round."""
-
-    status: str  # better | worse | equivalent | max reached | unresolved (more seeds coming)
-    n_seeds: int
-    next_seeds: list[int] = field(default_factory=list)
-    mean_diff: float = float("nan")
-    ci_low: float = float("nan")
-    ci_high: float = float("nan")
-
-
-def decide(
-    mean_diff: float, ci_low: float, ci_high: float, mode: str, equivalence: float
-) -> str | None:
-    """better/worse when the CI of the difference excludes 0, equivalent when it does not and
-    the difference is within ``equivalence``; None while unresolved."""
-    if np.isfinite(ci_low) and np.isfinite(ci_high) and (ci_low > 0 or ci_high < 0):
-        higher = ci_low > 0
-        return BETTER if higher == (mode == "max") else WORSE
-    if np.isfinite(mean_diff) and abs(mean_diff) <= equivalence:
-        return EQUIVALENT
-    return None
-
-
-def seed_decisions(
-    trials: pd.DataFrame,
-    baseline: str | dict[str, Any],
-    metric: str,
-    mode: str,
-    alpha: float,
-    equivalence: float,
-    seeds_so_far: dict[str, int],
-    min_seeds: int,
-    max_seeds: int,
-    step: int,
-) -> dict[str, Decision]:
-    """Per cell (not the baseline): resolved, or the seeds it gets next (``step`` more, at most
-    ``max_seeds`` in all; a cell below ``min_seeds`` is topped up first)."""
-    comparison = report.paired_comparison(trials, baseline, metric, confidence=1.0 - alpha)
-    out: dict[str, Decision] = {}
-    for row in comparison.to_dict("records"):
-        cell = row["cell"]
-        n = seeds_so_far.get(cell, int(row["n_pairs"]))
-        diff, low, high = row["mean_diff"], row["ci_low"], row["ci_high"]
-        status = decide(diff, low, high, mode, equivalence) if n >= min_seeds else None
-        target = max(min_seeds, min(n + step, max_seeds))
-        if status is None and n >= max_seeds:
-            status = MAX_REACHED
-        if status is None:
-            out[cell] = Decision(UNRESOLVED, n, list(range(n + 1, target + 1)), diff, low, high)
-        else:
-            out[cell] = Decision(status, n, [], diff, low, high)
-    return out
-
 
 def adaptive_rounds(
     cells: list[dict[str, Any]],
@@ -345,7 +242,7 @@ def adaptive_rounds(
     seeds: AdaptiveSeeds,
     run_round: Callable[[list[dict[str, Any]], int], pd.DataFrame],
     *,
-    metric: str,
+    metric: str | None = None,
     mode: str = "max",
     alpha: float = 0.05,
     equivalence: float = 0.005,
@@ -355,12 +252,14 @@ def adaptive_rounds(
     ``run_round(trials, round)`` runs the given trial configs and returns every trial so far.
     Round 1 runs every cell with seeds ``1..min``; later rounds give each unresolved cell its
     next ``step`` seeds, and the baseline every seed any cell gets, so seeds stay paired.
+    ``metric``: default the trials' selection metric.
     """
     first = seeds.seeds(seeds.min)
     done = {cell["cell"]: list(first) for cell in cells}
     by_name = {cell["cell"]: cell for cell in cells}
     trials = run_round(paired_trials(_plain(cells), first), 1)
     round_index = 1
+    metric = metric or report.main_metric(trials)
     while True:
         decisions = seed_decisions(
             trials,
@@ -399,47 +298,78 @@ def _baseline_cell(trials: pd.DataFrame, baseline: str | dict[str, Any]) -> str:
     return str(report._select_baseline(trials, baseline, report._group_column(trials)))
 
 
-def stop_table(decisions: dict[str, Decision]) -> pd.DataFrame:
-    """Per cell: seeds it took, why it stopped and the difference it stopped at."""
-    rows = [
-        {
-            "cell": name,
-            "seeds": d.n_seeds,
-            "stopped": d.status,
-            "mean_diff": d.mean_diff,
-            "ci_low": d.ci_low,
-            "ci_high": d.ci_high,
-        }
-        for name, d in decisions.items()
-    ]
-    columns = ["cell", "seeds", "stopped", "mean_diff", "ci_low", "ci_high"]
-    return pd.DataFrame(rows, columns=columns)
+# ---------------------------------------------------------------------------------------------
+# Adaptive rounds on disk: one Tune experiment per round, the tables merged above them
+
+ROUNDS_DIR = "rounds"
 
 
-def adaptive_summary(
-    trials: pd.DataFrame,
+def merge_rounds(out_dir: Path, folders: list[Path]) -> pd.DataFrame:
+    """The rounds' trials, epochs and CKA tables concatenated into ``out_dir``'s tables (what
+    ``kdray report`` reads); returns the trials."""
+    merged = {}
+    for kind, file in (
+        ("trials", results.TRIALS_FILE),
+        ("epochs", results.EPOCHS_FILE),
+        ("cka", results.CKA_FILE),
+    ):
+        rows = [row for folder in folders for row in results.load_tables(folder)[kind]]
+        if rows:
+            merged[kind] = results.write_table(rows, out_dir / file, replace=True)
+    return merged.get("trials", pd.DataFrame())
+
+
+def run_adaptive(
+    spec: Spec,
+    cells: list[dict[str, Any]],
     baseline: str | dict[str, Any],
-    metric: str,
-    mode: str,
-    seeds: AdaptiveSeeds,
-    alpha: float,
-    equivalence: float,
-) -> pd.DataFrame:
-    """:func:`stop_table` from a finished folder's trials alone: each cell's seeds are those it
-    ran ok; ``unresolved`` means the rounds were cut off before the cell was decided."""
-    column = report._seed_column(trials)
-    ok = report._ok(trials)
-    counts = ok.groupby("cell")[column].nunique().to_dict()
-    decisions = seed_decisions(
-        trials,
+    run: Callable[..., Any],
+    *,
+    name: str,
+    out_dir: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    **run_options: Any,
+) -> tuple[pd.DataFrame, dict[str, Decision]]:
+    """:func:`adaptive_rounds` with each round one experiment in ``out_dir/rounds/round-<k>``
+    run by ``run`` (:func:`kdray.sweep.run_trials`), its tables merged into ``out_dir``.
+
+    A folder holds one experiment, so rounds cannot append to one Tune experiment; with
+    ``resume``, a round whose folder exists is continued (a finished one returns at once) and
+    the same decisions follow, since they depend only on the tables.
+    """
+    if not isinstance(spec.ablation.seeds if spec.ablation else None, AdaptiveSeeds):
+        raise ValueError("ablation.seeds is a list: give {min, max, step} for adaptive seeds")
+    results.claim_folder(out_dir, spec, "ablate", resume=resume, overwrite=overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results.write_experiment(out_dir, spec, "ablate")
+    folders: list[Path] = []
+    all_values = [cell["values"] for cell in cells]
+
+    def run_round(trials: list[dict[str, Any]], round_index: int) -> pd.DataFrame:
+        folder = out_dir / ROUNDS_DIR / f"round-{round_index}"
+        again = resume and (folder / results.EXPERIMENT_FILE).exists()
+        run(
+            spec,
+            trials,
+            name=f"{name}-round{round_index}",
+            command="ablate",
+            cells=all_values,
+            out_dir=folder,
+            resume=again,
+            **run_options,
+        )
+        folders.append(folder)
+        return merge_rounds(out_dir, folders)
+
+    ablation = spec.ablation
+    return adaptive_rounds(
+        cells,
         baseline,
-        metric,
-        mode,
-        alpha,
-        equivalence,
-        {str(k): int(v) for k, v in counts.items()},
-        seeds.min,
-        seeds.max,
-        seeds.step,
+        ablation.seeds,
+        run_round,
+        metric=spec.tune.metric,
+        mode=spec.tune.mode,
+        alpha=ablation.alpha,
+        equivalence=ablation.equivalence,
     )
-    return stop_table(decisions)

@@ -308,3 +308,38 @@ def test_an_unresolved_cell_gets_step_more_seeds_but_never_past_max() -> None:
         trials, "base", "accuracy", "max", max_seeds=5, step=2, **common
     )
     assert decision["noisy"].status == "unresolved" and decision["noisy"].next_seeds == [5]
+
+
+def test_adaptive_rounds_on_disk_run_one_folder_per_round_and_merge_the_tables(tmp_path) -> None:
+    spec = _spec(ablation={"seeds": {"min": 3, "max": 5, "step": 2}})
+    cells = [{"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "noisy")]
+    calls: list[dict] = []
+
+    def fake_run(spec, trials, *, name, command, cells, out_dir, resume, **options):
+        calls.append({"name": name, "out_dir": out_dir, "resume": resume, "n": len(trials)})
+        rows = [
+            {
+                "trial_id": f"{name}-{t['cell']}-{t['seed']}",
+                "status": "ok",
+                "metric": "accuracy",
+                "cell": t["cell"],
+                "seed": t["seed"],
+                "best.dev.accuracy": _value(t["cell"], t["seed"]),
+            }
+            for t in trials
+        ]
+        out_dir.mkdir(parents=True)
+        study.results.write_table(rows, out_dir / study.results.TRIALS_FILE)
+
+    out = tmp_path / "abl"
+    trials, decisions = study.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
+    assert [c["name"] for c in calls] == ["s-round1", "s-round2"]
+    assert [c["out_dir"] for c in calls] == [out / "rounds" / "round-1", out / "rounds" / "round-2"]
+    assert [c["n"] for c in calls] == [9, 4]
+    merged = pd.read_parquet(out / "trials.parquet")
+    assert len(merged) == len(trials) == 13
+    assert {d.status for d in decisions.values()} == {"better", "max reached"}
+    assert (out / "experiment.json").exists()
+    # the folder now holds this ablation: a second run needs --resume (or --overwrite)
+    with pytest.raises(ValueError, match="--resume"):
+        study.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
