@@ -512,8 +512,12 @@ def report(
         typer.Option(help="max or min: the metric's direction (default: the spec's tune.mode)."),
     ] = None,
     alpha: Annotated[
-        float, typer.Option(help="Significance level of the tests and (1 - alpha) CIs.")
-    ] = 0.05,
+        float | None,
+        typer.Option(
+            help="Significance level of the tests and (1 - alpha) CIs "
+            "(default: the spec's ablation.alpha, else 0.05)."
+        ),
+    ] = None,
 ) -> None:
     """Summarise a sweep or an ablation: statistics, paired comparisons, importance, plots."""
     from kdray.report import build_report
@@ -521,7 +525,7 @@ def report(
     if format_ not in ("table", "markdown", "csv"):
         console.print("[red]--format must be table, markdown or csv[/red]")
         raise typer.Exit(2)
-    if not 0 < alpha < 1:
+    if alpha is not None and not 0 < alpha < 1:
         console.print("[red]--alpha must be between 0 and 1 (e.g. 0.05)[/red]")
         raise typer.Exit(2)
     with _settings_errors():

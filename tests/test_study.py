@@ -343,3 +343,66 @@ def test_adaptive_rounds_on_disk_run_one_folder_per_round_and_merge_the_tables(t
     # the folder now holds this ablation: a second run needs --resume (or --overwrite)
     with pytest.raises(ValueError, match="--resume"):
         study.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report of a confirmation and of an adaptive ablation
+
+
+def _folder(tmp_path: Path, rows: list[dict], command: str, ablation: dict | None) -> Path:
+    folder = tmp_path / command
+    folder.mkdir()
+    pd.DataFrame(rows).to_parquet(folder / "trials.parquet")
+    spec = {"tune": {"metric": "accuracy", "mode": "max"}, "ablation": ablation}
+    (folder / "experiment.json").write_text(json.dumps({"command": command, "spec": spec}))
+    return folder
+
+
+def test_report_of_a_confirmation_gives_the_curse_the_comparison_with_rank1_and_survival(
+    tmp_path: Path,
+) -> None:
+    from kdray.report import build_report
+
+    rows = [_confirm_row(1, s, a, 0.80) for s, a in ((1, 0.70), (2, 0.72), (3, 0.74))]
+    rows += [_confirm_row(2, s, a, 0.78) for s, a in ((1, 0.75), (2, 0.76), (3, 0.77))]
+    built = build_report(_folder(tmp_path, rows, "confirm", None))
+    assert built.kind == "confirmation" and built.baseline == "rank1"
+    comparison = built.comparison.set_index("cell")
+    assert comparison.loc["rank2", "mean_diff"] == pytest.approx(0.04)
+    assert built.confirmation["winners_curse"].tolist() == pytest.approx([0.08, 0.02])
+    assert built.ranking_survived is False
+    markdown = built.to_markdown()
+    assert "ranking survived: no (sweep rank -> confirmed rank: rank1 -> 2, rank2 -> 1)" in markdown
+    assert "winner's curse" in markdown and "from the default" in markdown
+
+
+def test_report_of_an_adaptive_ablation_says_seeds_per_cell_and_why_each_stopped(
+    tmp_path: Path,
+) -> None:
+    from kdray.report import build_report
+
+    cells = [
+        {"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "same", "noisy")
+    ]
+    rule = AdaptiveSeeds(min=3, max=7, step=2)
+    trials, _ = study.adaptive_rounds(cells, "base", rule, _fake_runner([]), metric="accuracy")
+    ablation = {
+        "design": "grid",
+        "seeds": {"min": 3, "max": 7, "step": 2},
+        "alpha": 0.05,
+        "equivalence": 0.005,
+        "baseline": {},
+    }
+    built = build_report(
+        _folder(tmp_path, trials.to_dict("records"), "ablate", ablation), baseline="base"
+    )
+    stopping = built.stopping.set_index("cell")
+    assert stopping["stopped"].to_dict() == {
+        "clear": "better",
+        "same": "equivalent",
+        "noisy": "max reached",
+    }
+    assert stopping["seeds"].to_dict() == {"clear": 3, "same": 3, "noisy": 7}
+    markdown = built.to_markdown()
+    assert "- equivalence margin: 0.005" in markdown and "from the spec" in markdown
+    assert "why each stopped (alpha 0.05, equivalence margin 0.005)" in markdown
