@@ -378,6 +378,11 @@ def _folder_check(
 def _resume_check(spec: Spec, command: str, store: str, resume: bool) -> tuple[bool | None, str]:
     if not resume:
         return None, "not resuming"
+    if command == "ablate" and spec.ablation is not None and spec.ablation.adaptive:
+        return None, (
+            "adaptive seeds: each round is its own experiment (rounds/round-<k>); rounds already "
+            "run are continued, the rest start"
+        )
     experiment = f"{store.rstrip('/')}/{results.experiment_name(spec, command)}"
     if "://" in experiment:
         return None, f"{experiment}: a remote storage, checked when Ray starts"
