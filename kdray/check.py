@@ -18,7 +18,7 @@ from pathlib import Path
 from kdray import results
 from kdray.spec import Spec
 
-EXPERIMENTS = ("sweep", "ablate")  # the commands that run Ray Tune trials
+EXPERIMENTS = ("sweep", "ablate", "confirm")  # the commands that run Ray Tune trials
 PLAIN_SENTENCE = "the teacher reads this sentence"  # any real English vocabulary knows it
 LOCAL_MODEL_HINT = (
     "give a local model folder (teacher.model: /path/to/model) or the packaged "
@@ -117,6 +117,8 @@ def _spec_check(spec: Spec, command: str) -> tuple[bool, str]:
             f"valid; {len(spec.search)} searched settings, {spec.tune.num_samples} trials"
         )
     if command == "ablate":
+        if spec.ablation is not None and spec.ablation.design == "leave_one_out":
+            return True, "valid; leave-one-out of the recipe's components"
         if spec.ablation is None or not spec.ablation.axes:
             return False, "no ablation.axes: nothing to ablate"
         return True, f"valid; axes {', '.join(spec.ablation.axes)}"
@@ -376,6 +378,11 @@ def _folder_check(
 def _resume_check(spec: Spec, command: str, store: str, resume: bool) -> tuple[bool | None, str]:
     if not resume:
         return None, "not resuming"
+    if command == "ablate" and spec.ablation is not None and spec.ablation.adaptive:
+        return None, (
+            "adaptive seeds: each round is its own experiment (rounds/round-<k>); rounds already "
+            "run are continued, the rest start"
+        )
     experiment = f"{store.rstrip('/')}/{results.experiment_name(spec, command)}"
     if "://" in experiment:
         return None, f"{experiment}: a remote storage, checked when Ray starts"

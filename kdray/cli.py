@@ -326,40 +326,139 @@ def ablate(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted ablation.")] = False,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Every cell of the ablation grid once per seed, paired by seed, as Ray Tune trials."""
-    from kdray.plan import ablation_cells
-    from kdray.sweep import run_ablation
-
+    """Every cell of the ablation (a grid, or the recipe leave-one-out) once per seed, paired by
+    seed, as Ray Tune trials; with adaptive ablation.seeds, in rounds until each is resolved."""
     spec = _load(spec_path, set_)
     _show_kdray_log()
     with _settings_errors():
-        cells = ablation_cells(spec, from_sweep)
+        cells, baseline = _ablation_cells(spec, from_sweep)
+    adaptive = spec.ablation is not None and spec.ablation.adaptive and not seeds
     seed_list = list(range(1, seeds + 1)) if seeds else None
-    n_seeds = len(seed_list or (spec.ablation.seeds if spec.ablation else [1]))
+    first = seed_list or (spec.ablation.first_seeds() if spec.ablation else [1])
+    how = "adaptive seeds, first round" if adaptive else "runs"
     console.print(
-        f"[bold]kdray ablate[/bold] {spec.name}: {len(cells)} cells x {n_seeds} seeds = "
-        f"{len(cells) * n_seeds} runs" + (" (resuming)" if resume else "")
+        f"[bold]kdray ablate[/bold] {spec.name}: {len(cells)} cells x {len(first)} seeds = "
+        f"{len(cells) * len(first)} {how}" + (" (resuming)" if resume else "")
     )
     for cell in cells:
         console.print(f"  {cell['cell']}  [dim]from {cell['source']}[/dim]")
     _preflight(
         spec, "ablate", out, address=address, storage=storage, resume=resume, overwrite=overwrite
     )
+    options = {"address": address, "storage": storage, "callbacks": [_trials_table(spec)]}
+    name = f"{spec.name}-ablation"
+    out_dir = out or Path("results") / name
     with _settings_errors():
-        outcome = run_ablation(
-            spec,
-            from_sweep=from_sweep,
-            seeds=seed_list,
-            address=address,
-            storage=storage,
-            out_dir=out,
-            resume=resume,
-            overwrite=overwrite,
-            callbacks=[_trials_table(spec)],
+        trials = _run_ablation(
+            spec, cells, baseline, adaptive, seed_list, from_sweep, name, out_dir,
+            resume=resume, overwrite=overwrite, **options,
+        )  # fmt: skip
+    counts = trials["status"].value_counts().to_dict()
+    console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
+
+
+def _ablation_cells(spec: Spec, from_sweep: Path | None) -> tuple[list[dict], Any]:
+    """``(cells, baseline)`` of the spec's ablation design; skipped leave-one-out cells are
+    printed with why."""
+    from kdray import results, study
+    from kdray.plan import ablation_cells
+
+    if spec.ablation is None or spec.ablation.design == "grid":
+        return ablation_cells(spec, from_sweep), (spec.ablation.baseline if spec.ablation else None)
+    values, source = ({}, "spec")
+    if from_sweep:
+        values, source = study.recipe_from_results(results.load(from_sweep)[0], spec)
+    cells, skipped = study.leave_one_out_cells(spec, values, source)
+    for item in skipped:
+        console.print(f"  [dim]skipped {item['cell']}: {item['reason']}[/dim]")
+    return cells, study.RECIPE
+
+
+def _run_ablation(
+    spec: Spec,
+    cells: list[dict],
+    baseline: Any,
+    adaptive: bool,
+    seed_list: list[int] | None,
+    from_sweep: Path | None,
+    name: str,
+    out_dir: Path,
+    **options: Any,
+) -> Any:
+    """The trials table of a grid ablation (as before), a fixed-seed leave-one-out, or the
+    adaptive rounds of either (then the seeds per cell and why each stopped are printed)."""
+    from kdray import study
+    from kdray.sweep import run_ablation, run_trials
+
+    if adaptive:
+        trials, decisions = study.run_adaptive(
+            spec, cells, baseline, run_trials, name=name, out_dir=out_dir, **options
         )
+        for row in study.stop_table(decisions).to_dict("records"):
+            console.print(f"  {row['cell']}: {row['seeds']} seeds, {row['stopped']}")
+        return trials
+    if spec.ablation is None or spec.ablation.design == "grid":
+        return run_ablation(
+            spec, from_sweep=from_sweep, seeds=seed_list, out_dir=out_dir, **options
+        ).trials
+    seeds = seed_list or spec.ablation.first_seeds()
+    trials = study.paired_trials(study._plain(cells), seeds)
+    return run_trials(spec, trials, name=name, command="ablate", out_dir=out_dir, **options).trials
+
+
+@app.command()
+def confirm(
+    results_dir: Annotated[Path, typer.Argument(help="A sweep's results folder.")],
+    top_k: Annotated[int, typer.Option(help="How many distinct configurations.")] = 3,
+    seeds: Annotated[int, typer.Option(help="Seeds 1..N for every configuration.")] = 5,
+    address: AddressOption = None,
+    storage: StorageOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Tables folder (default results/<name>-confirm).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted confirmation.")] = False,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Re-run a sweep's top-K distinct configurations with N paired seeds each: how much of the
+    sweep's ranking survives fresh seeds (the winner's curse)."""
+    from kdray import results, study
+    from kdray.report import read_experiment
+    from kdray.sweep import run_trials
+
+    with _settings_errors():
+        record = read_experiment(results_dir)
+        if record is None or record.get("command") != "sweep":
+            raise ValueError(
+                f"{results_dir}: not a sweep's results folder (its experiment.json must say "
+                "command: sweep); give the folder kdray sweep wrote, e.g. results/<name>"
+            )
+        if seeds < 2:
+            raise ValueError(f"--seeds must be >= 2 to estimate a spread, got {seeds}")
+        spec = Spec.model_validate(record["spec"])
+        configs = study.confirm_configs(results.load(results_dir)[0], spec, top_k)
+    _show_kdray_log()
+    console.print(
+        f"[bold]kdray confirm[/bold] {spec.name}: {len(configs)} configurations x {seeds} seeds"
+    )
+    for config in configs:
+        shown = ", ".join(f"{k}={v}" for k, v in config["values"].items())
+        console.print(f"  {config['cell']} ({config['sweep_score']:.4f}): {shown}", soft_wrap=True)
+    name = f"{spec.name}-confirm"
+    out_dir = out or Path("results") / name
+    _preflight(
+        spec, "confirm", out_dir, address=address, storage=storage, resume=resume,
+        overwrite=overwrite,
+    )  # fmt: skip
+    with _settings_errors():
+        outcome = run_trials(
+            spec, study.paired_trials(configs, list(range(1, seeds + 1))), name=name,
+            command="confirm", out_dir=out_dir, resume=resume, overwrite=overwrite,
+            address=address, storage=storage, callbacks=[_trials_table(spec)],
+        )  # fmt: skip
     counts = outcome.trials["status"].value_counts().to_dict()
     console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    console.print(f"tables: {outcome.out_dir}; summarise with: kdray report {outcome.out_dir}")
+    console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
 
 
 @app.command()
@@ -425,8 +524,12 @@ def report(
         typer.Option(help="max or min: the metric's direction (default: the spec's tune.mode)."),
     ] = None,
     alpha: Annotated[
-        float, typer.Option(help="Significance level of the tests and (1 - alpha) CIs.")
-    ] = 0.05,
+        float | None,
+        typer.Option(
+            help="Significance level of the tests and (1 - alpha) CIs "
+            "(default: the spec's ablation.alpha, else 0.05)."
+        ),
+    ] = None,
 ) -> None:
     """Summarise a sweep or an ablation: statistics, paired comparisons, importance, plots."""
     from kdray.report import build_report
@@ -434,7 +537,7 @@ def report(
     if format_ not in ("table", "markdown", "csv"):
         console.print("[red]--format must be table, markdown or csv[/red]")
         raise typer.Exit(2)
-    if not 0 < alpha < 1:
+    if alpha is not None and not 0 < alpha < 1:
         console.print("[red]--alpha must be between 0 and 1 (e.g. 0.05)[/red]")
         raise typer.Exit(2)
     with _settings_errors():

@@ -188,7 +188,7 @@ def ablation_cells(spec: Spec, from_sweep: str | Path | None = None) -> list[dic
             best = _best_matching(sweep_trials, values, spec)
             if best is not None:
                 source = f"sweep:{best['trial_id']}"
-                base = _sampled_settings(best, spec, exclude=set(axes))
+                base = sampled_settings(best, spec, exclude=set(axes))
         cells.append({"cell": cell_name(values), "values": {**base, **values}, "source": source})
     for cell in cells:
         spec.with_values(cell["values"])  # every cell must be a valid spec before Ray starts
@@ -200,11 +200,11 @@ def ablation_trials(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(cells, trials)``: the cells and every cell x seed as one trial's config."""
     cells = ablation_cells(spec, from_sweep)
-    run_seeds = seeds or (spec.ablation.seeds if spec.ablation else [spec.train.seed])
+    run_seeds = seeds or (spec.ablation.first_seeds() if spec.ablation else [spec.train.seed])
     return cells, [{**cell, "seed": seed} for cell in cells for seed in run_seeds]
 
 
-def _sampled_settings(row: dict[str, Any], spec: Spec, exclude: set[str]) -> dict[str, Any]:
+def sampled_settings(row: dict[str, Any], spec: Spec, exclude: set[str]) -> dict[str, Any]:
     """A sweep trial's sampled ``param.*`` values as settings (null ones left out)."""
     out: dict[str, Any] = {}
     for key, value in row.items():

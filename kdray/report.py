@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -1230,6 +1231,11 @@ class Report:
     mode_source: str = "the default"  # where ``mode`` came from (argument, trials, experiment.json)
     baseline_source: str | None = None  # where ``baseline`` came from, None without one
     experiment: dict[str, Any] | None = None  # experiment.json, when the folder has one
+    alpha_source: str = "the default"
+    confirmation: pd.DataFrame | None = None  # kdray confirm: winner's curse per configuration
+    ranking_survived: bool | None = None
+    stopping: pd.DataFrame | None = None  # adaptive seeds: seeds per cell and why it stopped
+    equivalence: float | None = None  # the adaptive stopping rule's margin
 
     def sections(self) -> list[tuple[str, str | pd.DataFrame]]:
         """``(heading, frame or prose)`` in document order: one source for every output format."""
@@ -1249,6 +1255,19 @@ class Report:
             )
         if self.findings is not None and not self.findings.empty:
             out.append(("Verdict per cell (metric and diagnostics vs baseline)", self.findings))
+        if self.confirmation is not None:
+            out.append(
+                ("Confirmation: sweep score vs confirmed mean (winner's curse)", self.confirmation)
+            )
+            out.append(("Did the sweep's ranking survive?", self._survival_text()))
+        if self.stopping is not None:
+            out.append(
+                (
+                    f"Adaptive seeds: seeds per cell and why each stopped (alpha {self.alpha:g}, "
+                    f"equivalence margin {self.equivalence:g})",
+                    self.stopping,
+                )
+            )
         if self.sweep is not None:
             out.append(("Sweep: best trials", self.sweep))
         if self.best is not None:
@@ -1256,6 +1275,17 @@ class Report:
         if self.importance is not None:
             out.append(("Parameter importance (fANOVA)", self.importance))
         return out
+
+    def _survival_text(self) -> str:
+        frame = self.confirmation
+        if frame is None or frame.empty:
+            return "no configuration finished ok"
+        order = ", ".join(
+            f"{row.cell} -> {row.confirmed_rank}" for row in frame.itertuples(index=False)
+        )
+        if self.ranking_survived:
+            return f"ranking survived: yes (sweep rank -> confirmed rank: {order})"
+        return f"ranking survived: no (sweep rank -> confirmed rank: {order})"
 
     def to_markdown(self, path: str | Path | None = None) -> str:
         """The full markdown document; image links relative to ``path`` (the .md file) if given."""
@@ -1267,8 +1297,14 @@ class Report:
             f"- kind: {self.kind}; {self.n_ok} of {self.n_trials} runs ok",
             f"- metric: best dev {self.metric} ({self.mode}; from {self.mode_source})",
             f"- alpha: {self.alpha:g} (verdicts need Holm-adjusted p < {self.alpha:g} and a "
-            f"{_percent(1.0 - self.alpha)} bootstrap CI of the paired difference excluding 0)",
+            f"{_percent(1.0 - self.alpha)} bootstrap CI of the paired difference excluding 0; "
+            f"from {self.alpha_source})",
         ]
+        if self.equivalence is not None:
+            lines.append(
+                f"- equivalence margin: {self.equivalence:g} (a cell stops as equivalent when "
+                "its CI contains 0 and |mean_diff| is within it)"
+            )
         if self.baseline is not None:
             lines.append(f"- baseline: `{self.baseline}` (from {self.baseline_source})")
         lines += [f"- note: {note}" for note in self.notes]
@@ -1410,6 +1446,12 @@ def _choose_baseline(
     """
     if baseline is not None:
         return _select_baseline(trials, baseline, group), "the baseline argument"
+    cells = _ordered_groups(trials, group) if group == "cell" else []
+    if "config_rank" in trials.columns and "rank1" in cells:
+        return "rank1", "the sweep's winner (a confirmation)"
+    design = _spec_value(experiment, "ablation", "design")
+    if design == "leave_one_out" and "recipe" in cells:
+        return "recipe", f"{EXPERIMENT_FILE} ablation.design leave_one_out"
     configured = _spec_value(experiment, "ablation", "baseline")
     if configured:
         try:
@@ -1476,6 +1518,205 @@ def _plot(report: Report, trials: pd.DataFrame, epochs: pd.DataFrame, plots: Pat
         report.plots["cka"] = plot_cka(report.cka, plots / "cka.png", by=report.group)
 
 
+# ---------------------------------------------------------------------------------------------
+# Confirmation and adaptive seeds (used by kdray.study)
+
+
+def winners_curse(
+    sweep_trials: pd.DataFrame | None,
+    confirm_trials: pd.DataFrame,
+    metric: str,
+    mode: str = "max",
+) -> pd.DataFrame:
+    """Per confirmed configuration: the sweep's score, the confirmed mean and 95% CI, the
+    winner's curse (sweep score minus confirmed mean) and the rank the confirmation gives it.
+
+    The sweep score is the source trial's (``source`` = ``sweep:<trial_id>``) in
+    ``sweep_trials``, else the ``sweep_score`` column the confirmation recorded.
+    """
+    column = _metric_column(confirm_trials, metric)
+    summary = cell_summary(confirm_trials, [metric])
+    short = _short(column)
+    ok = _ok(confirm_trials)
+    records = []
+    for row in summary.to_dict("records"):
+        rows = ok[ok["cell"] == row["cell"]]
+        if rows.empty:
+            continue
+        first = rows.iloc[0]
+        score = float(first["sweep_score"]) if "sweep_score" in rows else float("nan")
+        if sweep_trials is not None and str(first.get("source", "")).startswith("sweep:"):
+            source = sweep_trials[sweep_trials["trial_id"] == first["source"].split(":", 1)[1]]
+            if not source.empty:
+                score = float(source.iloc[0][column])
+        mean = row[f"{short}.mean"]
+        records.append(
+            {
+                "cell": row["cell"],
+                "config_rank": int(first["config_rank"]),
+                "n": row["n"],
+                "sweep_score": score,
+                "mean": mean,
+                "ci95": row[f"{short}.ci95"],
+                "winners_curse": score - mean,
+            }
+        )
+    frame = pd.DataFrame.from_records(records).sort_values("config_rank", kind="stable")
+    ranks = frame["mean"].rank(ascending=mode == "min", method="min")
+    frame["confirmed_rank"] = ranks.astype(int)
+    return frame.reset_index(drop=True)
+
+
+def ranking_survived(curse: pd.DataFrame) -> bool:
+    """Whether the confirmation ranks the configurations as the sweep did (ties count as kept:
+    a tie does not reverse the order)."""
+    ordered = curse.sort_values("config_rank")["confirmed_rank"].tolist()
+    return all(a <= b for a, b in zip(ordered, ordered[1:], strict=False))
+
+
+BETTER, WORSE, EQUIVALENT, MAX_REACHED, UNRESOLVED = (
+    "better",
+    "worse",
+    "equivalent",
+    "max reached",
+    "unresolved",
+)
+
+
+@dataclass
+class Decision:
+    """Where one cell's comparison with the baseline stands after a round."""
+
+    status: str  # better | worse | equivalent | max reached | unresolved (more seeds coming)
+    n_seeds: int
+    next_seeds: list[int] = field(default_factory=list)
+    mean_diff: float = float("nan")
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+
+
+def decide(
+    mean_diff: float, ci_low: float, ci_high: float, mode: str, equivalence: float
+) -> str | None:
+    """better/worse when the CI of the difference excludes 0, equivalent when it does not and
+    the difference is within ``equivalence``; None while unresolved."""
+    if np.isfinite(ci_low) and np.isfinite(ci_high) and (ci_low > 0 or ci_high < 0):
+        higher = ci_low > 0
+        return BETTER if higher == (mode == "max") else WORSE
+    if np.isfinite(mean_diff) and abs(mean_diff) <= equivalence:
+        return EQUIVALENT
+    return None
+
+
+def seed_decisions(
+    trials: pd.DataFrame,
+    baseline: str | dict[str, Any],
+    metric: str,
+    mode: str,
+    alpha: float,
+    equivalence: float,
+    seeds_so_far: dict[str, int],
+    min_seeds: int,
+    max_seeds: int,
+    step: int,
+) -> dict[str, Decision]:
+    """Per cell (not the baseline): resolved, or the seeds it gets next (``step`` more, at most
+    ``max_seeds`` in all; a cell below ``min_seeds`` is topped up first)."""
+    comparison = paired_comparison(trials, baseline, metric, confidence=1.0 - alpha)
+    out: dict[str, Decision] = {}
+    for row in comparison.to_dict("records"):
+        cell = row["cell"]
+        n = seeds_so_far.get(cell, int(row["n_pairs"]))
+        diff, low, high = row["mean_diff"], row["ci_low"], row["ci_high"]
+        status = decide(diff, low, high, mode, equivalence) if n >= min_seeds else None
+        target = max(min_seeds, min(n + step, max_seeds))
+        if status is None and n >= max_seeds:
+            status = MAX_REACHED
+        if status is None:
+            out[cell] = Decision(UNRESOLVED, n, list(range(n + 1, target + 1)), diff, low, high)
+        else:
+            out[cell] = Decision(status, n, [], diff, low, high)
+    return out
+
+
+def stop_table(decisions: dict[str, Decision]) -> pd.DataFrame:
+    """Per cell: seeds it took, why it stopped and the difference it stopped at."""
+    rows = [
+        {
+            "cell": name,
+            "seeds": d.n_seeds,
+            "stopped": d.status,
+            "mean_diff": d.mean_diff,
+            "ci_low": d.ci_low,
+            "ci_high": d.ci_high,
+        }
+        for name, d in decisions.items()
+    ]
+    columns = ["cell", "seeds", "stopped", "mean_diff", "ci_low", "ci_high"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def adaptive_summary(
+    trials: pd.DataFrame,
+    baseline: str | dict[str, Any],
+    metric: str,
+    mode: str,
+    seeds: Any,
+    alpha: float,
+    equivalence: float,
+) -> pd.DataFrame:
+    """:func:`stop_table` from a finished folder's trials alone: each cell's seeds are those it
+    ran ok; ``unresolved`` means the rounds were cut off before the cell was decided."""
+    column = _seed_column(trials)
+    ok = _ok(trials)
+    counts = ok.groupby("cell")[column].nunique().to_dict()
+    decisions = seed_decisions(
+        trials,
+        baseline,
+        metric,
+        mode,
+        alpha,
+        equivalence,
+        {str(k): int(v) for k, v in counts.items()},
+        seeds.min,
+        seeds.max,
+        seeds.step,
+    )
+    return stop_table(decisions)
+
+
+def _report_alpha(alpha: float | None, experiment: dict[str, Any] | None) -> tuple[float, str]:
+    """The argument, else the spec's ``ablation.alpha``, else :data:`DEFAULT_ALPHA`."""
+    if alpha is not None:
+        source = "the alpha argument"
+    elif _spec_value(experiment, "ablation", "alpha") is not None:
+        alpha, source = float(_spec_value(experiment, "ablation", "alpha")), "the spec"
+    else:
+        alpha, source = DEFAULT_ALPHA, "the default"
+    _check_alpha(alpha)
+    return alpha, source
+
+
+def _adaptive_section(report: Report, trials: pd.DataFrame) -> None:
+    """For an ablation run with adaptive seeds: seeds per cell and why each stopped, by the
+    spec's stopping rule (its equivalence margin; alpha as the report's)."""
+    seeds = _spec_value(report.experiment, "ablation", "seeds")
+    if not isinstance(seeds, dict) or report.baseline is None or report.group != "cell":
+        return
+    equivalence = _spec_value(report.experiment, "ablation", "equivalence")
+    report.equivalence = float(0.005 if equivalence is None else equivalence)
+    rule = SimpleNamespace(min=seeds["min"], max=seeds["max"], step=seeds["step"])
+    report.stopping = adaptive_summary(
+        trials,
+        report.baseline,
+        report.metric,
+        report.mode,
+        rule,
+        report.alpha,
+        report.equivalence,
+    )
+
+
 def build_report(
     results_dir: str | Path,
     *,
@@ -1484,7 +1725,7 @@ def build_report(
     fmt: Fmt = "markdown",
     mode: str | None = None,
     top: int = 10,
-    alpha: float = DEFAULT_ALPHA,
+    alpha: float | None = None,
 ) -> Report:
     """Read a results folder and compute every table (and, with ``plots_dir``, every plot).
 
@@ -1499,11 +1740,11 @@ def build_report(
     comparison's bootstrap CIs). Tables the report cannot use (no ok run, no metric or group
     column) raise ``ValueError`` saying what is missing.
     """
-    _check_alpha(alpha)
     results_dir = Path(results_dir)
     trials, epochs = load_results(results_dir)
     folder = _folder(results_dir)
     experiment = read_experiment(folder)
+    alpha, alpha_source = _report_alpha(alpha, experiment)
     if trials.empty:
         raise ValueError(f"{results_dir}: the trials table has no rows")
     ok = _ok(trials)
@@ -1513,9 +1754,10 @@ def build_report(
     metric = _report_metric(trials, experiment)
     mode, mode_source = _report_mode(trials, mode, experiment)
     is_ablation = "cell" in trials.columns
+    is_confirmation = is_ablation and "config_rank" in trials.columns
     report = Report(
         results_dir=results_dir,
-        kind="ablation" if is_ablation else "sweep",
+        kind="confirmation" if is_confirmation else "ablation" if is_ablation else "sweep",
         metric=metric,
         mode=mode,
         group=group,
@@ -1527,10 +1769,15 @@ def build_report(
         alpha=alpha,
         mode_source=mode_source,
         experiment=experiment,
+        alpha_source=alpha_source,
     )
 
     if is_ablation or baseline is not None:
         _compare_with_baseline(report, trials, baseline)
+    if is_confirmation:
+        report.confirmation = winners_curse(None, trials, metric, mode)
+        report.ranking_survived = ranking_survived(report.confirmation)
+    _adaptive_section(report, trials)
     if not is_ablation:
         report.sweep = sweep_summary(trials, metric, mode=mode, top=top)
         if "distill.algorithm" in trials.columns:

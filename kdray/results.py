@@ -300,13 +300,15 @@ def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 # ---------------------------------------------------------------------------------------------
 # Whose folder is it: experiment.json decides before anything is written
 
-RESUMABLE = ("sweep", "ablate")  # commands that can continue an experiment (--resume)
-_KIND = {"run": "run", "sweep": "sweep", "ablate": "ablation"}
+RESUMABLE = ("sweep", "ablate", "confirm")  # commands that can continue an experiment
+_KIND = {"run": "run", "sweep": "sweep", "ablate": "ablation", "confirm": "confirmation"}
 
 
 def experiment_name(spec: Spec, command: str) -> str:
-    """The experiment's name: the spec's, with ``-ablation`` for ``kdray ablate``."""
-    return f"{spec.name}-ablation" if command == "ablate" else spec.name
+    """The experiment's name: the spec's, with ``-ablation`` for ``kdray ablate`` and
+    ``-confirm`` for ``kdray confirm``."""
+    suffix = {"ablate": "-ablation", "confirm": "-confirm"}.get(command, "")
+    return f"{spec.name}{suffix}"
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

@@ -454,10 +454,86 @@ class TuneSpec(_Strict):
         return value
 
 
+LossTerm = Literal["soft", "hard", "attention", "hidden"]
+
+
+class AdaptiveSeeds(_Strict):
+    """Seeds added in rounds: every cell starts with ``min``; after each round only cells whose
+    comparison with the baseline is still unresolved get ``step`` more, up to ``max``."""
+
+    min: int = Field(3, ge=2, le=1000)
+    max: int = Field(10, ge=2, le=1000)
+    step: int = Field(2, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> AdaptiveSeeds:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+    def seeds(self, n: int) -> list[int]:
+        """The first ``n`` seeds (1..n): the same seeds for every cell, so they pair."""
+        return list(range(1, n + 1))
+
+
+class ComponentsSpec(_Strict):
+    """What a leave-one-out ablation takes away from the recipe, one change per cell."""
+
+    losses: list[LossTerm] = Field(
+        default_factory=lambda: ["soft", "hard", "attention", "hidden"],
+        description="Each of these loss terms that is active in the recipe, at weight 0.",
+    )
+    schedule: str | None = Field(
+        "idal", description="A staged recipe (pid, sid) becomes this algorithm; null: keep."
+    )
+    layer_map: list[LayerChoice] = Field(
+        default_factory=list, description="Alternative layer maps, one cell each."
+    )
+    init: str | None = Field(
+        "random", description="A recipe initialised from the teacher gets this init; null: keep."
+    )
+    freeze: bool = Field(True, description="A recipe with stages.freeze_lower gets it off.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_algorithm(cls, value: str | None) -> str | None:
+        if value is not None and value not in algorithms.ALGORITHMS:
+            raise ValueError(f"unknown algorithm {value!r}; allowed: {algorithms.ALGORITHMS}")
+        return value
+
+
 class AblationSpec(_Strict):
+    design: Literal["grid", "leave_one_out"] = Field(
+        "grid", description="grid: the axes crossed; leave_one_out: the recipe minus one part."
+    )
     axes: dict[str, list[Any]] = Field(default_factory=dict)
-    seeds: list[Seed] = Field(default_factory=lambda: [1, 2, 3], max_length=MAX_SAMPLES)
+    components: ComponentsSpec = ComponentsSpec()
+    seeds: list[Seed] | AdaptiveSeeds = Field(
+        default_factory=lambda: [1, 2, 3],
+        description="A list: these seeds for every cell; {min, max, step}: adaptive rounds.",
+    )
     baseline: dict[str, Any] = Field(default_factory=lambda: {"distill.algorithm": "soft"})
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of comparisons.")
+    equivalence: float = Field(
+        0.005, ge=0, le=1, description="A difference this small or smaller counts as none."
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _few_seeds(cls, value: list[int] | AdaptiveSeeds) -> list[int] | AdaptiveSeeds:
+        if isinstance(value, list) and len(value) > MAX_SAMPLES:
+            raise ValueError(f"at most {MAX_SAMPLES} seeds")
+        return value
+
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self.seeds, AdaptiveSeeds)
+
+    def first_seeds(self) -> list[int]:
+        """The seeds every cell runs first (all of them for a fixed list)."""
+        if isinstance(self.seeds, AdaptiveSeeds):
+            return self.seeds.seeds(self.seeds.min)
+        return list(self.seeds)
 
 
 class Spec(_Strict):

@@ -399,7 +399,7 @@ class TableWriter(Callback):
         extra = {f"param.{k}": v for k, v in values.items()}
         if "ablation" in trial.config:
             ablation = trial.config["ablation"]
-            extra = {k: ablation[k] for k in ("cell", "seed", "source")}
+            extra = {k: v for k, v in ablation.items() if k != "values"}  # cell, seed, ...
         extra["node_id"] = last.get("node_id")
         extra["num_failures"] = getattr(trial, "num_failures", 0)
         self.rows[trial.trial_id] = results.trial_row(
@@ -680,23 +680,11 @@ def run_ablation(
     callbacks: list[Any] | None = None,
 ) -> SweepResult:
     """Every cell x seed as one Ray Tune trial (FIFO, nothing pruned)."""
-    from ray.tune.schedulers import FIFOScheduler
-
     cells, trials = plan.ablation_trials(spec, from_sweep, seeds)
-
-    def grid(base: Spec, out: Path) -> TrialPlan:
-        return TrialPlan(
-            param_space={"ablation": tune.grid_search(trials)},
-            searcher=None,
-            scheduler=FIFOScheduler(),
-            num_samples=1,
-            max_concurrent=base.tune.max_concurrent,
-        )
-
     name = f"{spec.name}-ablation"
-    return run_experiment(
+    return run_trials(
         spec,
-        grid,
+        trials,
         name=name,
         command="ablate",
         cells=[cell["values"] for cell in cells],
@@ -798,3 +786,47 @@ def cluster_resources(address: str) -> dict[str, float]:
     checks; joins the cluster (which the sweep then uses) and starts nothing."""
     init_ray(address)
     return {key: float(value) for key, value in ray.cluster_resources().items()}
+
+
+def run_trials(
+    spec: Spec,
+    trials: list[dict[str, Any]],
+    *,
+    name: str,
+    command: str,
+    cells: list[dict[str, Any]] | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    address: str | None = None,
+    storage: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> SweepResult:
+    """An explicit list of trial configs (``{"cell", "values", "source", "seed", ...}``, see
+    :func:`kdray.plan.trial_spec`) as one Ray Tune experiment, FIFO, nothing pruned: ablation
+    cells, confirmation runs, a round of adaptive seeds. Keys other than ``values`` become
+    columns of the trials table."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    def explicit(base: Spec, out: Path) -> TrialPlan:
+        return TrialPlan(
+            param_space={"ablation": tune.grid_search(trials)},
+            searcher=None,
+            scheduler=FIFOScheduler(),
+            num_samples=1,
+            max_concurrent=base.tune.max_concurrent,
+        )
+
+    return run_experiment(
+        spec,
+        explicit,
+        name=name,
+        command=command,
+        cells=cells if cells is not None else [trial["values"] for trial in trials],
+        address=address,
+        storage=storage,
+        out_dir=out_dir or Path("results") / name,
+        resume=resume,
+        overwrite=overwrite,
+        callbacks=callbacks,
+    )

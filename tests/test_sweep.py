@@ -382,6 +382,69 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
     assert len([p for p in outputs if (p / "manifest.json").exists()]) == 1
 
 
+def test_confirm_and_an_adaptive_leave_one_out_run_as_paired_ray_trials(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    from kdray import study
+    from kdray.report import build_report
+    from kdray.sweep import run_trials
+
+    spec_dict = tiny_spec_dict(tiny_bert, name="study", train={"epochs": 2})
+    spec_dict["distill"] = {"algorithm": "soft"}
+    spec_dict["search"] = {"distill.algorithm": {"choice": ["soft", "idal"]}}
+    spec_dict["tune"] = {"max_concurrent": 2, "resources": {"cpu": 1}, "max_failures": 0}
+    spec_dict["ablation"] = {
+        "design": "leave_one_out",
+        "seeds": {"min": 2, "max": 3, "step": 1},
+        "equivalence": 0.0,
+    }
+    spec = spec_from_dict(spec_dict)
+
+    # confirmation: the top 2 distinct configurations of a (synthetic) sweep, seeds 1, 2 each
+    sweep = pd.DataFrame(
+        [
+            {"trial_id": t, "status": "ok", "metric": "accuracy", "best.dev.accuracy": a,
+             "param.distill.algorithm": alg}
+            for t, a, alg in (("a", 0.6, "soft"), ("b", 0.55, "idal"), ("c", 0.5, "soft"))
+        ]
+    )  # fmt: skip
+    configs = study.confirm_configs(sweep, spec, top_k=2)
+    out = tmp_path / "confirm"
+    confirmed = run_trials(
+        spec, study.paired_trials(configs, [1, 2]), name="study-confirm", command="confirm",
+        out_dir=out,
+    ).trials  # fmt: skip
+    assert set(confirmed["status"]) == {"ok"}
+    assert sorted(zip(confirmed["config_rank"], confirmed["seed"], strict=True)) == [
+        (1, 1), (1, 2), (2, 1), (2, 2)
+    ]  # fmt: skip
+    by_rank = confirmed.groupby("config_rank")["distill.algorithm"].first().to_dict()
+    assert by_rank == {1: "soft", 2: "idal"}
+    built = build_report(out)
+    assert built.baseline == "rank1" and len(built.confirmation) == 2
+    assert built.ranking_survived in (True, False)
+
+    # adaptive leave-one-out of the soft recipe: -soft cannot run, init=random is the one change
+    cells, skipped = study.leave_one_out_cells(spec)
+    assert [c["cell"] for c in cells] == ["recipe", "init=random"]
+    assert any(s["cell"] == "-soft" and "cannot run" in s["reason"] for s in skipped)
+    out = tmp_path / "loo"
+    trials, decisions = study.run_adaptive(
+        spec, cells, study.RECIPE, run_trials, name="study-ablation", out_dir=out
+    )
+    seeds = trials.groupby("cell")["seed"].apply(lambda s: sorted(s)).to_dict()
+    assert set(trials["status"]) == {"ok"}
+    assert set(seeds["init=random"]) <= set(seeds["recipe"])  # paired: the baseline has them
+    decision = decisions["init=random"]
+    assert decision.n_seeds == len(seeds["init=random"]) in (2, 3)
+    rounds = sorted(p.name for p in (out / "rounds").iterdir())
+    assert rounds == ["round-1"] if decision.n_seeds == 2 else ["round-1", "round-2"]
+    assert decision.status in ("better", "worse", "equivalent", "max reached")
+    built = build_report(out)
+    assert built.baseline == "recipe"
+    assert built.stopping.set_index("cell").loc["init=random", "stopped"] == decision.status
+
+
 def _dying_trainable(marker: Path) -> Any:
     """A trial that kills its own worker process right after its epoch-2 checkpoint, once."""
     import kdray.sweep as kdray_sweep

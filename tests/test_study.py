@@ -1,0 +1,408 @@
+"""Confirmation, leave-one-out cells and adaptive seeds on synthetic tables with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from kdray import study
+from kdray.spec import AdaptiveSeeds, SpecError, load_spec, spec_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spec(**sections: Any):
+    raw: dict[str, Any] = {
+        "name": "s",
+        "task": "rte",
+        "student": {"layers": 3},
+        "distill": {"algorithm": "sid", "stages": {"epochs_per_stage": 1}},
+        "train": {"epochs": 5},
+        "search": {
+            "distill.algorithm": {"choice": ["soft", "sid"]},
+            "distill.layer_map": {"choice": ["skip", [1, 2, 3]]},
+            "train.lr": {"loguniform": [1e-5, 1e-3]},
+        },
+        "tune": {"metric": "accuracy", "mode": "max"},
+    }
+    raw.update(sections)
+    return spec_from_dict(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec
+
+
+def test_adaptive_seeds_and_fixed_seed_lists_are_both_valid_specs() -> None:
+    fixed = _spec(ablation={"seeds": [4, 5]})
+    adaptive = _spec(ablation={"seeds": {"min": 3, "max": 10, "step": 2}, "equivalence": 0.01})
+    assert fixed.ablation.first_seeds() == [4, 5] and not fixed.ablation.adaptive
+    assert adaptive.ablation.first_seeds() == [1, 2, 3] and adaptive.ablation.adaptive
+    assert adaptive.ablation.equivalence == 0.01 and adaptive.ablation.alpha == 0.05
+
+
+def test_adaptive_seeds_with_min_above_max_is_an_error_naming_the_key() -> None:
+    with pytest.raises(SpecError, match=r"ablation\.seeds.*min \(5\) must be <= max \(4\)"):
+        _spec(ablation={"seeds": {"min": 5, "max": 4, "step": 1}})
+
+
+def test_unknown_schedule_component_is_an_error_listing_the_algorithms() -> None:
+    with pytest.raises(SpecError, match=r"ablation\.components\.schedule.*unknown algorithm"):
+        _spec(ablation={"design": "leave_one_out", "components": {"schedule": "fast"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Confirmation
+
+
+def _sweep_row(trial_id: str, accuracy: float | None, status: str = "ok", **params: Any) -> dict:
+    return {
+        "trial_id": trial_id,
+        "status": status,
+        "metric": "accuracy",
+        "best.dev.accuracy": accuracy,
+        **{f"param.{k}": v for k, v in params.items()},
+    }
+
+
+@pytest.fixture
+def sweep_trials() -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            _sweep_row("a", 0.70, **{"distill.algorithm": "soft", "train.lr": 1e-4}),
+            _sweep_row("b", 0.80, **{"distill.algorithm": "sid", "train.lr": 2e-4}),
+            # the same configuration as b, sampled again: one configuration, its best score
+            _sweep_row("c", 0.78, **{"distill.algorithm": "sid", "train.lr": 2e-4}),
+            _sweep_row("d", 0.75, **{"distill.algorithm": "sid", "distill.layer_map": "[1, 2, 3]"}),
+            _sweep_row("e", 0.95, status="pruned", **{"distill.algorithm": "soft"}),
+            _sweep_row("f", None, **{"distill.algorithm": "soft"}),
+        ]
+    )
+
+
+def test_confirm_picks_the_top_k_distinct_configurations_best_first(sweep_trials) -> None:
+    configs = study.confirm_configs(sweep_trials, _spec(), top_k=3)
+    assert [c["cell"] for c in configs] == ["rank1", "rank2", "rank3"]
+    assert [c["source"] for c in configs] == ["sweep:b", "sweep:d", "sweep:a"]
+    assert [c["sweep_score"] for c in configs] == [0.80, 0.75, 0.70]
+    assert configs[0]["values"] == {"distill.algorithm": "sid", "train.lr": 2e-4}
+    # an explicit layer list travels as JSON text in the table and comes back as a list
+    assert configs[1]["values"]["distill.layer_map"] == [1, 2, 3]
+    assert json.loads(configs[1]["config_values"])["distill.layer_map"] == "[1, 2, 3]"
+
+
+def test_confirm_with_mode_min_ranks_the_lowest_first(sweep_trials) -> None:
+    spec = _spec(tune={"metric": "accuracy", "mode": "min"})
+    configs = study.confirm_configs(sweep_trials, spec, top_k=2)
+    assert [c["source"] for c in configs] == ["sweep:a", "sweep:d"]
+
+
+def test_confirm_trials_pair_the_same_seeds_across_configurations(sweep_trials) -> None:
+    configs = study.confirm_configs(sweep_trials, _spec(), top_k=2)
+    trials = study.paired_trials(configs, [1, 2, 3])
+    seeds = {rank: [t["seed"] for t in trials if t["config_rank"] == rank] for rank in (1, 2)}
+    assert seeds == {1: [1, 2, 3], 2: [1, 2, 3]}
+
+
+def test_confirm_of_a_sweep_without_ok_trials_says_so() -> None:
+    trials = pd.DataFrame([_sweep_row("a", 0.7, status="failed", **{"train.lr": 1e-4})])
+    with pytest.raises(ValueError, match="no ok trial"):
+        study.confirm_configs(trials, _spec(), top_k=2)
+
+
+def _confirm_row(rank: int, seed: int, accuracy: float, sweep_score: float) -> dict:
+    return {
+        "trial_id": f"r{rank}s{seed}",
+        "status": "ok",
+        "metric": "accuracy",
+        "best.dev.accuracy": accuracy,
+        "cell": f"rank{rank}",
+        "config_rank": rank,
+        "seed": seed,
+        "source": f"sweep:t{rank}",
+        "sweep_score": sweep_score,
+    }
+
+
+def test_winners_curse_is_sweep_score_minus_confirmed_mean_and_ranking_can_flip() -> None:
+    rows = [_confirm_row(1, s, a, 0.80) for s, a in ((1, 0.70), (2, 0.72), (3, 0.74))]
+    rows += [_confirm_row(2, s, a, 0.78) for s, a in ((1, 0.75), (2, 0.76), (3, 0.77))]
+    curse = study.winners_curse(None, pd.DataFrame(rows), "accuracy")
+    assert curse["config_rank"].tolist() == [1, 2]
+    assert curse["mean"].tolist() == pytest.approx([0.72, 0.76])
+    assert curse["winners_curse"].tolist() == pytest.approx([0.08, 0.02])
+    assert curse["confirmed_rank"].tolist() == [2, 1]
+    assert not study.ranking_survived(curse)
+    # the sweep table, when given, is where the sweep score comes from
+    sweep = pd.DataFrame([_sweep_row("t1", 0.90), _sweep_row("t2", 0.70)])
+    curse = study.winners_curse(sweep, pd.DataFrame(rows), "accuracy")
+    assert curse["winners_curse"].tolist() == pytest.approx([0.18, -0.06])
+
+
+def test_ranking_survives_when_the_confirmed_order_matches_the_sweeps() -> None:
+    curse = pd.DataFrame({"config_rank": [1, 2, 3], "confirmed_rank": [1, 1, 3]})
+    assert study.ranking_survived(curse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Leave-one-out
+
+
+def test_leave_one_out_cells_are_the_recipe_with_exactly_one_change_each() -> None:
+    spec = load_spec(REPO / "search_spaces" / "rte-cpu.yaml")
+    cells, skipped = study.leave_one_out_cells(spec, {"train.lr": 1e-4}, source="sweep:x")
+    assert [c["cell"] for c in cells] == [
+        "recipe",
+        "-soft",
+        "-attention",
+        "-hidden",
+        "schedule=idal",
+        "init=random",
+    ]
+    recipe = cells[0]["values"]
+    assert recipe == {"train.lr": 1e-4}
+    for cell in cells[1:]:
+        assert cell["values"] == {**recipe, **cell["change"]} and len(cell["change"]) == 1
+        assert cell["source"] == "sweep:x"
+    assert cells[1]["change"] == {"distill.losses.soft.weight": 0.0}
+    assert cells[4]["change"] == {"distill.algorithm": "idal"}
+    assert {s["cell"]: s["reason"] for s in skipped} == {
+        "-hard": "hard is not active in the recipe",
+        "freeze=off": "the recipe freezes nothing",
+    }
+
+
+def test_leave_one_out_skips_cells_identical_to_the_recipe_or_another_cell() -> None:
+    spec = _spec(
+        ablation={
+            "design": "leave_one_out",
+            "components": {"layer_map": ["skip", "last", "last"], "losses": [], "init": None},
+        },
+        distill={"algorithm": "pid", "stages": {"epochs_per_stage": 1, "freeze_lower": True}},
+        train={"epochs": 4},
+    )
+    cells, skipped = study.leave_one_out_cells(spec)
+    assert [c["cell"] for c in cells] == ["recipe", "schedule=idal", "layer_map=last", "freeze=off"]
+    assert {"cell": "layer_map=skip", "reason": "identical to recipe"} in skipped
+    assert {"cell": "layer_map=last", "reason": "identical to layer_map=last"} in skipped
+
+
+def test_leave_one_out_of_a_single_stage_recipe_has_no_schedule_cell() -> None:
+    spec = _spec(distill={"algorithm": "idal"})
+    cells, skipped = study.leave_one_out_cells(spec)
+    assert "schedule=idal" not in [c["cell"] for c in cells]
+    assert {"cell": "schedule=idal", "reason": "the recipe's idal is not staged"} in skipped
+
+
+def test_recipe_from_a_sweep_is_its_best_trials_sampled_values(sweep_trials) -> None:
+    values, source = study.recipe_from_results(sweep_trials, _spec())
+    assert values == {"distill.algorithm": "sid", "train.lr": 2e-4} and source == "sweep:b"
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive seeds
+
+NOISE = [0.03, -0.03, 0.01, -0.01, 0.02, -0.02, 0.0, 0.015, -0.015, 0.005]
+
+
+def _value(cell: str, seed: int) -> float:
+    """Known answers: clear is 0.1 better every seed, same is the baseline exactly, noisy
+    differs by +-0.2 alternately (mean 0, far outside the margin), base varies by seed."""
+    base = 0.7 + NOISE[seed - 1]
+    offsets = {"base": 0.0, "clear": 0.1, "same": 0.0, "noisy": 0.2 if seed % 2 else -0.19}
+    return base + offsets[cell]
+
+
+def _fake_runner(log: list[list[tuple[str, int]]]):
+    rows: list[dict] = []
+
+    def run_round(trials: list[dict], round_index: int) -> pd.DataFrame:
+        log.append([(t["cell"], t["seed"]) for t in trials])
+        for t in trials:
+            rows.append(
+                {
+                    "trial_id": f"{t['cell']}-{t['seed']}",
+                    "status": "ok",
+                    "metric": "accuracy",
+                    "cell": t["cell"],
+                    "seed": t["seed"],
+                    "best.dev.accuracy": _value(t["cell"], t["seed"]),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    return run_round
+
+
+def test_adaptive_seeds_stop_each_cell_for_its_known_reason() -> None:
+    cells = [
+        {"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "same", "noisy")
+    ]
+    log: list[list[tuple[str, int]]] = []
+    trials, decisions = study.adaptive_rounds(
+        cells,
+        "base",
+        AdaptiveSeeds(min=3, max=7, step=2),
+        _fake_runner(log),
+        metric="accuracy",
+    )
+    assert {c: (d.status, d.n_seeds) for c, d in decisions.items()} == {
+        "clear": ("better", 3),
+        "same": ("equivalent", 3),
+        "noisy": ("max reached", 7),
+    }
+    # round 1: every cell seeds 1..3; then only noisy and the baseline, with the same seeds
+    assert sorted(log[0]) == sorted(
+        (c, s) for c in ("base", "clear", "same", "noisy") for s in (1, 2, 3)
+    )
+    assert sorted(log[1]) == [("base", 4), ("base", 5), ("noisy", 4), ("noisy", 5)]
+    assert sorted(log[2]) == [("base", 6), ("base", 7), ("noisy", 6), ("noisy", 7)]
+    assert len(log) == 3
+    table = study.adaptive_summary(
+        trials, "base", "accuracy", "max", AdaptiveSeeds(min=3, max=7, step=2), 0.05, 0.005
+    )
+    assert dict(zip(table["cell"], table["stopped"], strict=True)) == {
+        "clear": "better",
+        "same": "equivalent",
+        "noisy": "max reached",
+    }
+    assert dict(zip(table["cell"], table["seeds"], strict=True)) == {
+        "clear": 3,
+        "same": 3,
+        "noisy": 7,
+    }
+
+
+def test_a_worse_cell_stops_as_worse_and_mode_min_flips_the_verdict() -> None:
+    trials = pd.DataFrame(
+        [
+            {"cell": c, "seed": s, "status": "ok", "metric": "accuracy", "best.dev.accuracy": v}
+            for s in (1, 2, 3)
+            for c, v in (("base", 0.7 + s / 100), ("low", 0.6 + s / 100 + (s == 2) / 1000))
+        ]
+    )
+    args = ("accuracy",)
+    kwargs = dict(alpha=0.05, equivalence=0.005, seeds_so_far={"low": 3}, min_seeds=3)
+    decisions = study.seed_decisions(trials, "base", *args, "max", max_seeds=9, step=2, **kwargs)
+    assert decisions["low"].status == "worse" and decisions["low"].next_seeds == []
+    decisions = study.seed_decisions(trials, "base", *args, "min", max_seeds=9, step=2, **kwargs)
+    assert decisions["low"].status == "better"
+
+
+def test_an_unresolved_cell_gets_step_more_seeds_but_never_past_max() -> None:
+    assert study.decide(0.05, -0.01, 0.1, "max", 0.005) is None
+    assert study.decide(0.004, -0.01, 0.1, "max", 0.005) == "equivalent"
+    trials = pd.DataFrame(
+        [
+            {"cell": c, "seed": s, "status": "ok", "metric": "accuracy", "best.dev.accuracy": v}
+            for s, noisy in ((1, 0.9), (2, 0.5), (3, 0.8), (4, 0.55))
+            for c, v in (("base", 0.7), ("noisy", noisy))
+        ]
+    )
+    common = dict(alpha=0.05, equivalence=0.005, seeds_so_far={"noisy": 4}, min_seeds=3)
+    decision = study.seed_decisions(
+        trials, "base", "accuracy", "max", max_seeds=5, step=2, **common
+    )
+    assert decision["noisy"].status == "unresolved" and decision["noisy"].next_seeds == [5]
+
+
+def test_adaptive_rounds_on_disk_run_one_folder_per_round_and_merge_the_tables(tmp_path) -> None:
+    spec = _spec(ablation={"seeds": {"min": 3, "max": 5, "step": 2}})
+    cells = [{"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "noisy")]
+    calls: list[dict] = []
+
+    def fake_run(spec, trials, *, name, command, cells, out_dir, resume, **options):
+        calls.append({"name": name, "out_dir": out_dir, "resume": resume, "n": len(trials)})
+        rows = [
+            {
+                "trial_id": f"{name}-{t['cell']}-{t['seed']}",
+                "status": "ok",
+                "metric": "accuracy",
+                "cell": t["cell"],
+                "seed": t["seed"],
+                "best.dev.accuracy": _value(t["cell"], t["seed"]),
+            }
+            for t in trials
+        ]
+        out_dir.mkdir(parents=True)
+        study.results.write_table(rows, out_dir / study.results.TRIALS_FILE)
+
+    out = tmp_path / "abl"
+    trials, decisions = study.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
+    assert [c["name"] for c in calls] == ["s-round1", "s-round2"]
+    assert [c["out_dir"] for c in calls] == [out / "rounds" / "round-1", out / "rounds" / "round-2"]
+    assert [c["n"] for c in calls] == [9, 4]
+    merged = pd.read_parquet(out / "trials.parquet")
+    assert len(merged) == len(trials) == 13
+    assert {d.status for d in decisions.values()} == {"better", "max reached"}
+    assert (out / "experiment.json").exists()
+    # the folder now holds this ablation: a second run needs --resume (or --overwrite)
+    with pytest.raises(ValueError, match="--resume"):
+        study.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report of a confirmation and of an adaptive ablation
+
+
+def _folder(tmp_path: Path, rows: list[dict], command: str, ablation: dict | None) -> Path:
+    folder = tmp_path / command
+    folder.mkdir()
+    pd.DataFrame(rows).to_parquet(folder / "trials.parquet")
+    spec = {"tune": {"metric": "accuracy", "mode": "max"}, "ablation": ablation}
+    (folder / "experiment.json").write_text(json.dumps({"command": command, "spec": spec}))
+    return folder
+
+
+def test_report_of_a_confirmation_gives_the_curse_the_comparison_with_rank1_and_survival(
+    tmp_path: Path,
+) -> None:
+    from kdray.report import build_report
+
+    rows = [_confirm_row(1, s, a, 0.80) for s, a in ((1, 0.70), (2, 0.72), (3, 0.74))]
+    rows += [_confirm_row(2, s, a, 0.78) for s, a in ((1, 0.75), (2, 0.76), (3, 0.77))]
+    built = build_report(_folder(tmp_path, rows, "confirm", None))
+    assert built.kind == "confirmation" and built.baseline == "rank1"
+    comparison = built.comparison.set_index("cell")
+    assert comparison.loc["rank2", "mean_diff"] == pytest.approx(0.04)
+    assert built.confirmation["winners_curse"].tolist() == pytest.approx([0.08, 0.02])
+    assert built.ranking_survived is False
+    markdown = built.to_markdown()
+    assert "ranking survived: no (sweep rank -> confirmed rank: rank1 -> 2, rank2 -> 1)" in markdown
+    assert "winner's curse" in markdown and "from the default" in markdown
+
+
+def test_report_of_an_adaptive_ablation_says_seeds_per_cell_and_why_each_stopped(
+    tmp_path: Path,
+) -> None:
+    from kdray.report import build_report
+
+    cells = [
+        {"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "same", "noisy")
+    ]
+    rule = AdaptiveSeeds(min=3, max=7, step=2)
+    trials, _ = study.adaptive_rounds(cells, "base", rule, _fake_runner([]), metric="accuracy")
+    ablation = {
+        "design": "grid",
+        "seeds": {"min": 3, "max": 7, "step": 2},
+        "alpha": 0.05,
+        "equivalence": 0.005,
+        "baseline": {},
+    }
+    built = build_report(
+        _folder(tmp_path, trials.to_dict("records"), "ablate", ablation), baseline="base"
+    )
+    stopping = built.stopping.set_index("cell")
+    assert stopping["stopped"].to_dict() == {
+        "clear": "better",
+        "same": "equivalent",
+        "noisy": "max reached",
+    }
+    assert stopping["seeds"].to_dict() == {"clear": 3, "same": 3, "noisy": 7}
+    markdown = built.to_markdown()
+    assert "- equivalence margin: 0.005" in markdown and "from the spec" in markdown
+    assert "why each stopped (alpha 0.05, equivalence margin 0.005)" in markdown
