@@ -127,7 +127,9 @@ def _row_settings(row: dict[str, Any], base: Spec) -> dict[str, Any]:
     """A trial's resolved settings from its row (explicit layer lists are JSON text there)."""
     values: dict[str, Any] = {}
     for key, default in base.flat().items():
-        if key == "name" or key not in row or _missing(row[key]):
+        # a sweep's trials read the teacher from the sweep's storage: the spec's own teacher
+        # setting is what reproduces them
+        if key in ("name", "teacher.checkpoint") or key not in row or _missing(row[key]):
             continue
         value = row[key]
         if isinstance(value, str) and isinstance(default, list | str) and value.startswith("["):

@@ -216,7 +216,9 @@ def test_sweep_writes_tables_with_conditional_params(
 
     exported = export_student(tmp_path / "out", tmp_path / "best", best=True)
     assert (exported / "README.md").is_file()
-    assert outcome.best["trial_id"] in (exported / "README.md").read_text()
+    card = (exported / "README.md").read_text()
+    assert outcome.best["trial_id"] in card
+    assert "sweep-teacher" not in card  # the spec's teacher, not the sweep's storage copy
 
     # TensorBoard (Ray's TBX logger): every epoch's dev metric, losses and stage, per trial, at
     # step = epoch; the sampled settings as hparams once the trial ended
