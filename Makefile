@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $@
 
-# A small sweep that fits about 20 minutes on 2 cores, teacher included: the CPU spec's search
+# A small sweep of about 10 minutes on 2 cores, teacher included: the CPU spec's search
 # block, 6 trials on the first 1,000 RTE training rows (ASHA prunes the weak ones).
 QUICK := --set tune.num_samples=6 --set train.max_train_examples=1000
 
