@@ -38,7 +38,7 @@ from kdray.report import (  # noqa: F401 - the study's statistics, kept with the
     stop_table,
     winners_curse,
 )
-from kdray.spec import AdaptiveSeeds, Spec
+from kdray.spec import AdaptiveSeeds, ComponentsSpec, Spec, stage_schedule, term_weights
 from kdray.store import json_cell
 
 logger = logging.getLogger("kdray")
@@ -127,29 +127,14 @@ def recipe_from_results(trials: pd.DataFrame, spec: Spec) -> tuple[dict[str, Any
 
 def _active_terms(spec: Spec) -> set[str]:
     """The loss terms some stage of the spec's algorithm optimises (weight > 0 and used)."""
-    weights = _weights(spec)
-    stages = algorithms.build_stages(
-        spec.distill.algorithm,
-        spec.student.layers,
-        hard=spec.distill.losses.hard.weight > 0,
-        freeze_lower=spec.distill.stages.freeze_lower,
-    )
+    weights = term_weights(spec)
+    stages = stage_schedule(spec).stages
     return {term for stage in stages for term in algorithms.active_terms(stage, weights)}
-
-
-def _weights(spec: Spec) -> dict[str, float]:
-    from kdray.spec import term_weights
-
-    return term_weights(spec)
 
 
 def _changes(spec: Spec, recipe: Spec) -> tuple[list[tuple[str, dict]], list[dict[str, str]]]:
     """``(candidate (name, change) pairs, components that do not apply with why)``."""
-    parts = spec.ablation.components if spec.ablation else None
-    if parts is None:
-        from kdray.spec import ComponentsSpec
-
-        parts = ComponentsSpec()
+    parts = spec.ablation.components if spec.ablation else ComponentsSpec()
     changes: list[tuple[str, dict]] = []
     skipped: list[dict[str, str]] = []
     active = _active_terms(recipe)
@@ -208,15 +193,7 @@ def leave_one_out_cells(
         values = {**recipe_values, **change}
         try:
             cell_spec = spec.with_values(values)
-            algorithms.check_weights(
-                algorithms.build_stages(
-                    cell_spec.distill.algorithm,
-                    cell_spec.student.layers,
-                    hard=cell_spec.distill.losses.hard.weight > 0,
-                    freeze_lower=cell_spec.distill.stages.freeze_lower,
-                ),
-                _weights(cell_spec),
-            )
+            algorithms.check_weights(stage_schedule(cell_spec).stages, term_weights(cell_spec))
         except ValueError as error:
             last = str(error).strip().splitlines()[-1].strip()
             skipped.append({"cell": name, "reason": f"cannot run: {last}"})
