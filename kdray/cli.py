@@ -422,9 +422,7 @@ def confirm(
 ) -> None:
     """Re-run a sweep's top-K distinct configurations with N paired seeds each: how much of the
     sweep's ranking survives fresh seeds (the winner's curse)."""
-    from kdray import results, study
     from kdray.report import read_experiment
-    from kdray.sweep import run_trials
 
     with _settings_errors():
         record = read_experiment(results_dir)
@@ -433,17 +431,9 @@ def confirm(
                 f"{results_dir}: not a sweep's results folder (its experiment.json must say "
                 "command: sweep); give the folder kdray sweep wrote, e.g. results/<name>"
             )
-        if seeds < 2:
-            raise ValueError(f"--seeds must be >= 2 to estimate a spread, got {seeds}")
         spec = Spec.model_validate(record["spec"])
-        configs = study.confirm_configs(results.load(results_dir)[0], spec, top_k)
+        configs = _confirm_configs(spec, results_dir, top_k, seeds)
     _show_kdray_log()
-    console.print(
-        f"[bold]kdray confirm[/bold] {spec.name}: {len(configs)} configurations x {seeds} seeds"
-    )
-    for config in configs:
-        shown = ", ".join(f"{k}={v}" for k, v in config["values"].items())
-        console.print(f"  {config['cell']} ({config['sweep_score']:.4f}): {shown}", soft_wrap=True)
     name = f"{spec.name}-confirm"
     out_dir = out or Path("results") / name
     _preflight(
@@ -451,14 +441,115 @@ def confirm(
         overwrite=overwrite,
     )  # fmt: skip
     with _settings_errors():
-        outcome = run_trials(
-            spec, study.paired_trials(configs, list(range(1, seeds + 1))), name=name,
-            command="confirm", out_dir=out_dir, resume=resume, overwrite=overwrite,
-            address=address, storage=storage, callbacks=[_trials_table(spec)],
+        outcome = _run_confirm(
+            spec, configs, seeds, out_dir, resume=resume, overwrite=overwrite, address=address,
+            storage=storage,
         )  # fmt: skip
     counts = outcome.trials["status"].value_counts().to_dict()
     console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
+
+
+def _confirm_configs(spec: Spec, sweep_dir: Path, top_k: int, seeds: int) -> list[dict]:
+    """The sweep's top-K distinct configurations, printed (``kdray confirm`` and the study's
+    confirm phase)."""
+    from kdray import results, study
+
+    if seeds < 2:
+        raise ValueError(f"--seeds must be >= 2 to estimate a spread, got {seeds}")
+    configs = study.confirm_configs(results.load(sweep_dir)[0], spec, top_k)
+    console.print(
+        f"[bold]kdray confirm[/bold] {spec.name}: {len(configs)} configurations x {seeds} seeds"
+    )
+    for config in configs:
+        shown = ", ".join(f"{k}={v}" for k, v in config["values"].items())
+        console.print(f"  {config['cell']} ({config['sweep_score']:.4f}): {shown}", soft_wrap=True)
+    return configs
+
+
+def _run_confirm(spec: Spec, configs: list[dict], seeds: int, out_dir: Path, **options: Any) -> Any:
+    """Every configuration with seeds 1..``seeds``, paired, as one Ray Tune experiment."""
+    from kdray import study
+    from kdray.sweep import run_trials
+
+    return run_trials(
+        spec, study.paired_trials(configs, list(range(1, seeds + 1))), name=f"{spec.name}-confirm",
+        command="confirm", out_dir=out_dir, callbacks=[_trials_table(spec)], **options,
+    )  # fmt: skip
+
+
+@app.command()
+def study(
+    spec_path: Annotated[
+        Path, typer.Argument(help="A YAML spec with a search block.", metavar="SPEC")
+    ],
+    set_: SetOption = None,
+    address: AddressOption = None,
+    storage: StorageOption = None,
+    out: Annotated[Path | None, typer.Option(help="Study folder (default results/<name>).")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Skip finished phases and continue the interrupted one.")
+    ] = False,
+) -> None:
+    """The whole question in one command: sweep -> confirm the top configurations -> leave-one-out
+    of the confirmed winner (adaptive seeds) -> STUDY.md, within the spec's study.budget."""
+    from kdray import chain
+
+    spec = _load(spec_path, set_)
+    _show_kdray_log()
+    if not spec.search:
+        console.print(f"[red]{spec_path}: no search block; a study starts with a sweep[/red]")
+        raise typer.Exit(2)
+    folder = out or Path("results") / spec.name
+    console.print(
+        f"[bold]kdray study[/bold] {spec.name}: sweep -> confirm -> leave-one-out in {folder}"
+        + (" (resuming)" if resume else "")
+    )
+    swept = resume and (folder / "sweep" / "experiment.json").exists()
+    _preflight(spec, "sweep", folder / "sweep", address=address, storage=storage, resume=swept)
+    runners = _study_runners(spec, folder, {"address": address, "storage": storage})
+    with _settings_errors():
+        outcome = chain.run_study(spec, folder, runners, resume=resume)
+    console.print(f"study: {folder / chain.STUDY_REPORT}")
+    if outcome.stopped:
+        console.print(f"[yellow]{outcome.stopped}[/yellow]")
+    if outcome.interrupted:
+        console.print(
+            f"[yellow]the {outcome.interrupted} phase was interrupted: continue with "
+            f"kdray study {spec_path} --resume[/yellow]"
+        )
+        raise typer.Exit(130)
+
+
+def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """The study's phases, each by the code path of its own command (sweep, confirm, ablate)."""
+    from kdray import chain
+    from kdray.spec import StudySpec
+    from kdray.sweep import run_sweep
+
+    confirm = (spec.study or StudySpec()).confirm
+
+    def sweep_phase(out_dir: Path, again: bool) -> tuple[Any, int]:
+        outcome = run_sweep(
+            spec, out_dir=out_dir, resume=again, callbacks=[_trials_table(spec)], **options
+        )
+        return outcome.trials, spec.tune.num_samples
+
+    def confirm_phase(out_dir: Path, again: bool) -> tuple[Any, int]:
+        configs = _confirm_configs(spec, folder / "sweep", confirm.top_k, confirm.seeds)
+        outcome = _run_confirm(spec, configs, confirm.seeds, out_dir, resume=again, **options)
+        return outcome.trials, len(configs) * confirm.seeds
+
+    def ablation_phase(out_dir: Path, again: bool) -> tuple[Any, int]:
+        loo = chain.ablation_spec(spec)
+        cells, baseline = _ablation_cells(loo, folder / "confirm")
+        trials = _run_ablation(
+            loo, cells, baseline, True, None, folder / "confirm", f"{spec.name}-ablation",
+            out_dir, resume=again, overwrite=False, callbacks=[_trials_table(loo)], **options,
+        )  # fmt: skip
+        return trials, len(cells)
+
+    return {"sweep": sweep_phase, "confirm": confirm_phase, "ablation": ablation_phase}
 
 
 @app.command()

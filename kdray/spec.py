@@ -536,6 +536,28 @@ class AblationSpec(_Strict):
         return list(self.seeds)
 
 
+class StudyConfirmSpec(_Strict):
+    """How ``kdray study`` confirms the sweep: its ``top_k`` distinct configurations again with
+    seeds 1..``seeds`` each."""
+
+    top_k: int = Field(3, ge=1, le=100)
+    seeds: int = Field(5, ge=2, le=1000)
+
+
+class StudyBudgetSpec(_Strict):
+    """When ``kdray study`` stops before its next phase: trials spent or wall hours reached."""
+
+    trials: int | None = Field(None, ge=1, le=MAX_SAMPLES)
+    hours: float | None = Field(None, gt=0, le=100000)
+
+
+class StudySpec(_Strict):
+    """The ``kdray study`` chain (sweep -> confirm -> leave-one-out); other commands ignore it."""
+
+    confirm: StudyConfirmSpec = StudyConfirmSpec()
+    budget: StudyBudgetSpec = StudyBudgetSpec()
+
+
 class Spec(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     task: Literal["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli"]
@@ -547,6 +569,7 @@ class Spec(_Strict):
     search: dict[str, Distribution] = Field(default_factory=dict)
     tune: TuneSpec = TuneSpec()
     ablation: AblationSpec | None = None
+    study: StudySpec | None = None
 
     @field_validator("name", mode="before")
     @classmethod
@@ -567,8 +590,8 @@ class Spec(_Strict):
         return self
 
     def flat(self) -> dict[str, Any]:
-        """The resolved run settings as flat dotted keys (search/tune/ablation left out)."""
-        data = self.model_dump(mode="json", exclude={"search", "tune", "ablation"})
+        """The resolved run settings as flat dotted keys (search/tune/ablation/study left out)."""
+        data = self.model_dump(mode="json", exclude={"search", "tune", "ablation", "study"})
         return flatten(data)
 
     def fingerprint(self) -> str:

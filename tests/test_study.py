@@ -406,3 +406,207 @@ def test_report_of_an_adaptive_ablation_says_seeds_per_cell_and_why_each_stopped
     markdown = built.to_markdown()
     assert "- equivalence margin: 0.005" in markdown and "from the spec" in markdown
     assert "why each stopped (alpha 0.05, equivalence margin 0.005)" in markdown
+
+
+# ---------------------------------------------------------------------------------------------
+# The study chain (kdray study): study.json, the budget, STUDY.md, on hand-made tables
+
+
+def _study_spec(**study_block: Any):
+    return _spec(
+        tune={"metric": "accuracy", "mode": "max", "num_samples": 3, "resources": {"cpu": 2}},
+        ablation={"seeds": {"min": 2, "max": 2, "step": 1}, "equivalence": 0.01},
+        study={"confirm": {"top_k": 2, "seeds": 2}, **study_block},
+    )
+
+
+def _phase_rows(rows: list[dict]) -> list[dict]:
+    """Rows as the phases write them: ok, 900 s each (x 2 CPUs = 0.5 CPU hours), teacher 0.80."""
+    base = {"status": "ok", "metric": "accuracy", "wall_time": 900.0, "teacher.dev.accuracy": 0.8}
+    return [{**base, **row} for row in rows]
+
+
+SWEEP_ROWS = [
+    {"trial_id": t, "best.dev.accuracy": a, "param.distill.algorithm": alg, "param.train.lr": lr}
+    for t, a, alg, lr in (("t1", 0.70, "sid", 1e-4), ("t2", 0.65, "soft", 2e-4),
+                          ("t3", 0.60, "soft", 3e-4))
+]  # fmt: skip
+WINNER = {"distill.algorithm": "sid", "train.lr": 1e-4}
+CONFIRM_ROWS = [
+    {"trial_id": f"r{rank}s{seed}", "cell": f"rank{rank}", "config_rank": rank, "seed": seed,
+     "source": f"sweep:{src}", "sweep_score": score, "best.dev.accuracy": acc,
+     study.CONFIG_VALUES: json.dumps(values, sort_keys=True)}
+    for rank, src, score, values, accs in (
+        (1, "t1", 0.70, WINNER, (0.67, 0.69)),
+        (2, "t2", 0.65, {"distill.algorithm": "soft", "train.lr": 2e-4}, (0.60, 0.62)),
+    )
+    for seed, acc in zip((1, 2), accs, strict=True)
+]  # fmt: skip
+# paired by seed with the recipe (0.68, 0.70): -attention -0.08/-0.07 (worse), init=random
+# +0.004/-0.002 (mean +0.001 within the margin 0.01: equivalent), schedule=idal +0.03/-0.06
+# (mean -0.015, CI across 0 and 2 seeds = max: not resolved)
+ABLATION_ROWS = [
+    {"trial_id": f"{cell}-{seed}", "cell": cell, "seed": seed, "best.dev.accuracy": acc}
+    for cell, accs in (("recipe", (0.68, 0.70)), ("-attention", (0.60, 0.63)),
+                       ("init=random", (0.684, 0.698)), ("schedule=idal", (0.71, 0.64)))
+    for seed, acc in zip((1, 2), accs, strict=True)
+]  # fmt: skip
+
+
+def _fake_phases(spec: Any, calls: list[tuple[str, bool]]) -> dict[str, Any]:
+    """Phase runners that write the hand-made tables (and experiment.json) as the real ones do."""
+    from kdray import chain, results
+
+    def runner(phase: str, rows: list[dict], command: str, phase_spec: Any) -> Any:
+        def run(out_dir: Path, again: bool) -> tuple[pd.DataFrame, int]:
+            calls.append((phase, again))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            results.write_experiment(out_dir, phase_spec, command)
+            trials = pd.DataFrame(_phase_rows(rows))
+            trials.to_parquet(out_dir / results.TRIALS_FILE)
+            return trials, len(rows)
+
+        return run
+
+    return {
+        "sweep": runner("sweep", SWEEP_ROWS, "sweep", spec),
+        "confirm": runner("confirm", CONFIRM_ROWS, "confirm", spec),
+        "ablation": runner("ablation", ABLATION_ROWS, "ablate", chain.ablation_spec(spec)),
+    }
+
+
+def test_a_study_block_is_validated_strictly_and_leaves_the_run_settings_alone() -> None:
+    spec = _study_spec(budget={"trials": 10, "hours": 6})
+    assert (spec.study.confirm.top_k, spec.study.budget.hours) == (2, 6.0)
+    assert spec.fingerprint() == _spec().fingerprint()
+    with pytest.raises(SpecError, match=r"study\.confirm\.seeds") as error:
+        _study_spec(confirm={"top_k": 2, "seeds": 1})
+    assert "greater than or equal to 2" in str(error.value)
+    with pytest.raises(SpecError, match=r"study\.budget\.days"):
+        _study_spec(budget={"days": 2})
+
+
+def test_the_study_ablation_is_a_leave_one_out_with_adaptive_seeds_by_default() -> None:
+    from kdray import chain
+
+    listed = _spec(ablation={"seeds": [1, 2], "equivalence": 0.01})
+    ablation = chain.ablation_spec(listed).ablation
+    assert ablation.design == "leave_one_out"
+    assert (ablation.seeds.min, ablation.seeds.max, ablation.seeds.step) == (3, 10, 2)
+    assert ablation.equivalence == 0.01  # the rest of the spec's block is kept
+    given = _spec(ablation={"seeds": {"min": 2, "max": 4, "step": 1}})
+    assert chain.ablation_spec(given).ablation.seeds == AdaptiveSeeds(min=2, max=4, step=1)
+
+
+def test_a_study_runs_every_phase_once_and_records_each_as_done(tmp_path: Path) -> None:
+    from kdray import chain
+
+    spec, calls = _study_spec(), []
+    outcome = chain.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
+    assert calls == [("sweep", False), ("confirm", False), ("ablation", False)]
+    record = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert {p: e["status"] for p, e in record["phases"].items()} == dict.fromkeys(
+        ("sweep", "confirm", "ablation"), "done"
+    )
+    assert [record["phases"][p]["trials"] for p in ("sweep", "confirm", "ablation")] == [3, 4, 8]
+    assert outcome.stopped is None and outcome.interrupted is None
+    for phase in ("sweep", "confirm", "ablation"):
+        assert (tmp_path / "s" / phase / "REPORT.md").read_text().startswith("# kdray report")
+    # a second study in the same folder is refused with the ways out; --resume runs nothing new
+    with pytest.raises(ValueError, match="--resume, or write elsewhere with --out DIR"):
+        chain.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
+    chain.run_study(spec, tmp_path / "s", _fake_phases(spec, calls), resume=True)
+    assert len(calls) == 3
+
+
+def test_study_md_states_the_recipe_its_confirmed_score_and_which_components_matter(
+    tmp_path: Path,
+) -> None:
+    from kdray import chain
+
+    spec = _study_spec()
+    chain.run_study(spec, tmp_path / "s", _fake_phases(spec, []))
+    text = (tmp_path / "s" / "STUDY.md").read_text()
+    # rank1 confirmed at (0.67 + 0.69) / 2 = 0.68; CI half-width t(0.975, 1) 12.7062 x
+    # sd 0.014142 / sqrt(2) = 0.1271; the sweep said 0.70 (curse +0.02); 0.68 / 0.80 = 85.0 %
+    assert "Phases: sweep done; confirm done; ablation done." in text
+    assert '- `distill.algorithm`: "sid"\n- `train.lr`: 0.0001\n' in text
+    assert (
+        "Confirmed dev accuracy: 0.6800, 95 % CI 0.5529 to 0.8071 (2 seeds); the sweep scored "
+        "it 0.7000 (winner's curse +0.0200)." in text
+    )
+    assert "The teacher scores dev accuracy 0.8000; the recipe keeps 85.0 % of it" in text
+    assert (
+        "- `-attention` matters: the recipe is worse without it (keep it); dev accuracy -0.0750 "
+        "vs the recipe, 95 % CI -0.0800 to -0.0700, 2 seeds." in text
+    )
+    assert (
+        "- `init=random` does not matter: equivalent to the recipe within the margin of 0.01; "
+        "dev accuracy +0.0010 vs the recipe, 95 % CI -0.0020 to +0.0040, 2 seeds." in text
+    )
+    assert (
+        "- `schedule=idal` is not resolved at the maximum of seeds; dev accuracy -0.0150 vs the "
+        "recipe, 95 % CI -0.0600 to +0.0300, 2 seeds." in text
+    )
+    # 3 / 4 / 8 runs of 900 s on 2 CPUs: 1.50 / 2.00 / 4.00 CPU hours
+    assert "| sweep | done | 3 | - | 1.50 | 0.00 |" in text
+    assert "| confirm | done | 4 | 2 | 2.00 | 0.00 |" in text
+    assert "| ablation | done | 8 | 2 | 4.00 | 0.00 |" in text
+    assert "- ablation: [ablation/REPORT.md](ablation/REPORT.md)" in text
+
+
+def test_a_spent_trial_budget_stops_the_study_after_the_sweep_with_what_is_known(
+    tmp_path: Path,
+) -> None:
+    from kdray import chain
+
+    spec, calls = _study_spec(budget={"trials": 3}), []
+    outcome = chain.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
+    assert calls == [("sweep", False)]
+    assert outcome.stopped == (
+        "stopped before the confirm phase: the budget of 3 trials is spent (3 trials run)"
+    )
+    record = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert record["phases"]["sweep"]["status"] == "done"
+    assert record["phases"]["confirm"]["status"] == "pending"
+    text = (tmp_path / "s" / "STUDY.md").read_text()
+    assert "Phases: sweep done; confirm pending; ablation not run." in text
+    assert (
+        "The study stopped before the confirm phase: the budget of 3 trials is spent (3 trials "
+        "run); what follows is what is known so far." in text
+    )
+    assert "Only the sweep's best trial is known: `t1`, dev accuracy 0.7000, unconfirmed" in text
+    assert "The teacher scores dev accuracy 0.8000; this trial keeps 87.5 % of it" in text
+    assert "Not known: the ablation phase did not run." in text
+    assert "- sweep: [sweep/REPORT.md](sweep/REPORT.md)\n" in text
+    assert "confirm/REPORT.md" not in text
+
+
+def test_an_interrupted_phase_is_continued_with_resume_and_finished_ones_are_skipped(
+    tmp_path: Path,
+) -> None:
+    from kdray import chain
+
+    spec, calls = _study_spec(), []
+    phases = _fake_phases(spec, calls)
+    real_confirm = phases["confirm"]
+
+    def cut_short(out_dir: Path, again: bool) -> tuple[pd.DataFrame, int]:
+        trials, expected = real_confirm(out_dir, again)
+        return trials.assign(status=["ok", "interrupted", "ok", "ok"]), expected
+
+    outcome = chain.run_study(spec, tmp_path / "s", {**phases, "confirm": cut_short})
+    assert outcome.interrupted == "confirm"
+    assert chain.read_study(tmp_path / "s")["phases"]["confirm"]["status"] == "interrupted"
+    assert "The confirm phase was interrupted: continue with --resume." in (
+        (tmp_path / "s" / "STUDY.md").read_text()
+    )
+    chain.run_study(spec, tmp_path / "s", phases, resume=True)
+    assert calls == [("sweep", False), ("confirm", False), ("confirm", True), ("ablation", False)]
+
+
+def test_resume_without_a_study_says_there_is_nothing_to_continue(tmp_path: Path) -> None:
+    from kdray import chain
+
+    with pytest.raises(ValueError, match="holds no study.json, so there is no study to continue"):
+        chain.run_study(_study_spec(), tmp_path / "s", {}, resume=True)
