@@ -306,8 +306,8 @@ def _spent_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[str
         seeds = trials["seed"].nunique() if "seed" in trials and phase != "sweep" else "-"
         lines.append(
             f"| {phase} | {entry.get('status', 'not run')} | {len(trials)} | {seeds} | "
-            f"{seconds * resources.cpu / 3600:.2f} | {seconds * resources.gpu / 3600:.2f} | "
-            f"{entry.get('seconds', 0.0) / 3600:.2f} |"
+            f"{seconds * resources.cpu / 3600:.3f} | {seconds * resources.gpu / 3600:.3f} | "
+            f"{entry.get('seconds', 0.0) / 3600:.3f} |"
         )
     lines += ["", "CPU (GPU) hours: the trials' wall time x tune.resources.cpu (gpu)."]
     return lines

@@ -505,6 +505,8 @@ def study(
         f"[bold]kdray study[/bold] {spec.name}: sweep -> confirm -> leave-one-out in {folder}"
         + (" (resuming)" if resume else "")
     )
+    with _settings_errors():
+        chain.claim_study(folder, spec, resume)  # a study folder is refused before any check
     swept = resume and (folder / "sweep" / "experiment.json").exists()
     _preflight(spec, "sweep", folder / "sweep", address=address, storage=storage, resume=swept)
     runners = _study_runners(spec, folder, {"address": address, "storage": storage})

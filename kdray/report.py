@@ -571,7 +571,8 @@ def parameter_importance(
     (as text), integers ``IntDistribution``, floats ``FloatDistribution``, on a log scale when a
     positive column spans more than a decade (fANOVA weighs a parameter's effect over its range,
     so the scale matters). Constant parameters are left out; fewer than 3 complete rows or nothing
-    varying gives an empty frame. Columns ``param, importance`` (summing to 1), most important
+    varying, or the same score for every row (fANOVA has no variance to split), gives an empty
+    frame. Columns ``param, importance`` (summing to 1), most important
     first.
     """
     import optuna
@@ -591,8 +592,8 @@ def parameter_importance(
         if pd.api.types.is_numeric_dtype(ok[p]) and not pd.api.types.is_bool_dtype(ok[p])
     ]
     ok = ok.dropna(subset=numeric_params)
-    if len(ok) < 3:
-        return empty
+    if len(ok) < 3 or ok["_value"].nunique() < 2:
+        return empty  # with one score for every trial, no setting explains anything
     distributions: dict[str, Any] = {}
     values: dict[str, list[Any]] = {}
     for param in params:

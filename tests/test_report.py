@@ -297,6 +297,14 @@ def test_parameter_importance_degenerate_cases(sweep: pd.DataFrame) -> None:
         R.parameter_importance(sweep, ["train.nope"], "accuracy")
 
 
+def test_parameter_importance_of_a_sweep_whose_trials_all_score_the_same_is_empty(
+    sweep: pd.DataFrame,
+) -> None:
+    # fANOVA raises "zero total variance" on such a study; a tiny sweep can score 0.4 everywhere
+    flat = sweep.assign(**{"best.dev.accuracy": 0.4})
+    assert R.parameter_importance(flat, ["train.lr"], "accuracy").empty
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning curves and plots
 

@@ -549,9 +549,9 @@ def test_study_md_states_the_recipe_its_confirmed_score_and_which_components_mat
         "recipe, 95 % CI -0.0600 to +0.0300, 2 seeds." in text
     )
     # 3 / 4 / 8 runs of 900 s on 2 CPUs: 1.50 / 2.00 / 4.00 CPU hours
-    assert "| sweep | done | 3 | - | 1.50 | 0.00 |" in text
-    assert "| confirm | done | 4 | 2 | 2.00 | 0.00 |" in text
-    assert "| ablation | done | 8 | 2 | 4.00 | 0.00 |" in text
+    assert "| sweep | done | 3 | - | 1.500 | 0.000 |" in text
+    assert "| confirm | done | 4 | 2 | 2.000 | 0.000 |" in text
+    assert "| ablation | done | 8 | 2 | 4.000 | 0.000 |" in text
     assert "- ablation: [ablation/REPORT.md](ablation/REPORT.md)" in text
 
 

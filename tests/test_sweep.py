@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -496,3 +497,108 @@ def test_dead_worker_is_retried_from_its_checkpoint(
     # epochs 1-2 before the crash, epoch 3 after the restore from the epoch-2 checkpoint
     assert sorted(epochs["epoch"]) == [1, 2, 3]
     assert trial["epochs_run"] == 3
+
+
+def study_spec(model: Path, name: str) -> dict[str, Any]:
+    """A study small enough for two shared cores: 3 sweep trials, the top 2 with seeds 1, 2,
+    and a leave-one-out with one change (init=random) at 2 seeds."""
+    spec = sweep_spec(model, name, train={"epochs": 2})
+    spec["distill"] = {"algorithm": "soft"}  # single-stage algorithms: 2 epochs are enough
+    spec["search"] = {
+        "distill.algorithm": {"choice": ["soft", "idal"]},
+        "train.lr": {"loguniform": [1e-4, 1e-3]},
+    }
+    spec["tune"].update({"num_samples": 3, "max_concurrent": 1, "scheduler": {"fifo": {}}})
+    spec["ablation"] = {
+        "components": {"losses": [], "schedule": None, "init": "random", "freeze": False},
+        "seeds": {"min": 2, "max": 2, "step": 1},
+    }
+    spec["study"] = {"confirm": {"top_k": 2, "seeds": 2}, "budget": {"trials": 100}}
+    return spec
+
+
+def _study_cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from kdray.cli import app
+
+    return CliRunner().invoke(app, ["study", *args])
+
+
+def _assert_whole_study(out: Path) -> str:
+    """Every phase done, its report written, and STUDY.md linking them."""
+    record = json.loads((out / "study.json").read_text())
+    assert {p: e["status"] for p, e in record["phases"].items()} == dict.fromkeys(
+        ("sweep", "confirm", "ablation"), "done"
+    )
+    text = (out / "STUDY.md").read_text()
+    assert "Phases: sweep done; confirm done; ablation done." in text
+    assert "Confirmed dev accuracy: " in text and "`init=random`" in text
+    for phase in ("sweep", "confirm", "ablation"):
+        assert f"- {phase}: [{phase}/REPORT.md]({phase}/REPORT.md)" in text
+        assert (out / phase / "REPORT.md").exists()
+    return text
+
+
+def test_study_runs_sweep_confirm_and_leave_one_out_and_writes_study_md(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(study_spec(tiny_bert, "chain")))
+    out = tmp_path / "chain"
+    result = _study_cli(str(spec_file), "--out", str(out), "--address", cluster.address)
+    assert result.exit_code == 0, result.output[-3000:]
+    text = _assert_whole_study(out)
+    confirmed = pd.read_parquet(out / "confirm" / "trials.parquet")
+    assert set(confirmed["seed"]) == {1, 2} and set(confirmed["status"]) == {"ok"}
+    ablation = pd.read_parquet(out / "ablation" / "trials.parquet")
+    assert sorted(zip(ablation["cell"], ablation["seed"], strict=True)) == [
+        ("init=random", 1), ("init=random", 2), ("recipe", 1), ("recipe", 2)
+    ]  # fmt: skip
+    print(text)  # the STUDY.md of the run, shown with pytest -s
+    # without --resume, the finished study's folder is refused with the ways out
+    again = _study_cli(str(spec_file), "--out", str(out), "--address", cluster.address)
+    assert again.exit_code == 2
+    assert "--resume, or write elsewhere with --out DIR" in " ".join(again.output.split())
+
+
+def test_interrupted_study_resumes_without_losing_or_repeating_sweep_trials(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(study_spec(tiny_bert, "cut")))
+    out = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kdray = str(Path(sys.executable).parent / "kdray")
+    cmd = [kdray, "study", str(spec_file), "--out", str(out), "--address", cluster.address]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    trials_file = out / "sweep" / "trials.parquet"
+    deadline = time.time() + 300
+    # Ctrl-C once the first sweep trial has finished and the second is under way
+    while time.time() < deadline and proc.poll() is None:
+        if trials_file.exists() and (pd.read_parquet(trials_file)["status"] == "ok").any():
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    record = json.loads((out / "study.json").read_text())
+    assert record["phases"]["sweep"]["status"] in ("running", "interrupted")
+    assert "confirm" not in record["phases"]
+    before = pd.read_parquet(trials_file)
+    finished_before = set(before.loc[before["status"] == "ok", "trial_id"])
+    assert 1 <= len(finished_before) < 3
+
+    result = _study_cli(str(spec_file), "--out", str(out), "--address", cluster.address, "--resume")
+    assert result.exit_code == 0, result.output[-3000:]
+    _assert_whole_study(out)
+    trials = pd.read_parquet(trials_file)
+    assert len(trials) == 3 and trials["trial_id"].is_unique
+    assert set(trials["status"]) == {"ok"}
+    assert finished_before <= set(trials["trial_id"])
