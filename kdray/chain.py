@@ -264,7 +264,7 @@ _VERDICT = {
 
 def _components_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[str]:
     if record["phases"].get("ablation", {}).get("status") != DONE:
-        return ["## Which components matter", "", "Not known: the ablation phase did not run."]
+        return ["## Which components matter", "", "Not known yet: the ablation has not finished."]
     built = report.build_report(folder / "ablation")
     ablation = ablation_spec(spec).ablation
     level = f"{100 * (1 - ablation.alpha):g} %"
@@ -288,7 +288,18 @@ def _components_section(spec: Spec, folder: Path, record: dict[str, Any]) -> lis
     lines = ["## Which components matter", "", "Each cell is the recipe with one change."]
     lines += ["", *(matter or ["- none resolved as mattering"])]
     lines += ["", "## Which do not (or are not resolved)", "", *(rest or ["- none"])]
-    return lines
+    return lines + _skipped_lines(spec, folder)
+
+
+def _skipped_lines(spec: Spec, folder: Path) -> list[str]:
+    """The components the leave-one-out could not test on this recipe, with why."""
+    values, source = study.recipe_from_results(phase_trials(folder, "confirm"), spec)
+    _, skipped = study.leave_one_out_cells(ablation_spec(spec), values, source)
+    if not skipped:
+        return []
+    return ["", "Not tested on this recipe:", ""] + [
+        f"- `{item['cell']}`: {item['reason']}" for item in skipped
+    ]
 
 
 def _spent_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[str]:

@@ -375,6 +375,12 @@ def _folder_check(
     return True, f"{out}" + (" (continues the experiment there)" if resume and holds else "")
 
 
+def can_restore(store: str, name: str) -> bool:
+    """Whether the Ray Tune experiment ``name`` in ``store`` can be continued: a local one has
+    its ``tuner.pkl``; a remote one is assumed to (Ray says when it starts)."""
+    return "://" in store or (Path(store) / name / "tuner.pkl").is_file()
+
+
 def _resume_check(spec: Spec, command: str, store: str, resume: bool) -> tuple[bool | None, str]:
     if not resume:
         return None, "not resuming"
@@ -386,7 +392,7 @@ def _resume_check(spec: Spec, command: str, store: str, resume: bool) -> tuple[b
     experiment = f"{store.rstrip('/')}/{results.experiment_name(spec, command)}"
     if "://" in experiment:
         return None, f"{experiment}: a remote storage, checked when Ray starts"
-    if not (Path(experiment) / "tuner.pkl").is_file():
+    if not can_restore(store, results.experiment_name(spec, command)):
         return False, (
             f"--resume: nothing to resume at {experiment} (no Ray Tune experiment there): run "
             "without --resume to start it, or give the --storage/--out it ran with"

@@ -507,7 +507,7 @@ def study(
     )
     with _settings_errors():
         chain.claim_study(folder, spec, resume)  # a study folder is refused before any check
-    swept = resume and (folder / "sweep" / "experiment.json").exists()
+    swept = resume and _restorable(folder / "sweep", storage, spec.name)
     _preflight(spec, "sweep", folder / "sweep", address=address, storage=storage, resume=swept)
     runners = _study_runners(spec, folder, {"address": address, "storage": storage})
     with _settings_errors():
@@ -523,6 +523,14 @@ def study(
         raise typer.Exit(130)
 
 
+def _restorable(out_dir: Path, storage: str | None, name: str) -> bool:
+    """Whether an interrupted phase's Tune experiment exists to continue; one interrupted before
+    Tune started (e.g. while the teacher trained) starts again instead."""
+    from kdray.check import can_restore
+
+    return can_restore(storage or str((out_dir / "ray").resolve()), name)
+
+
 def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
     """The study's phases, each by the code path of its own command (sweep, confirm, ablate)."""
     from kdray import chain
@@ -532,12 +540,14 @@ def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[st
     confirm = (spec.study or StudySpec()).confirm
 
     def sweep_phase(out_dir: Path, again: bool) -> tuple[Any, int]:
+        again = again and _restorable(out_dir, options["storage"], spec.name)
         outcome = run_sweep(
             spec, out_dir=out_dir, resume=again, callbacks=[_trials_table(spec)], **options
         )
         return outcome.trials, spec.tune.num_samples
 
     def confirm_phase(out_dir: Path, again: bool) -> tuple[Any, int]:
+        again = again and _restorable(out_dir, options["storage"], f"{spec.name}-confirm")
         configs = _confirm_configs(spec, folder / "sweep", confirm.top_k, confirm.seeds)
         outcome = _run_confirm(spec, configs, confirm.seeds, out_dir, resume=again, **options)
         return outcome.trials, len(configs) * confirm.seeds

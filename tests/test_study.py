@@ -553,6 +553,8 @@ def test_study_md_states_the_recipe_its_confirmed_score_and_which_components_mat
     assert "| confirm | done | 4 | 2 | 2.000 | 0.000 |" in text
     assert "| ablation | done | 8 | 2 | 4.000 | 0.000 |" in text
     assert "- ablation: [ablation/REPORT.md](ablation/REPORT.md)" in text
+    # the sid recipe optimises no hard-label term, so that component has nothing to take away
+    assert "Not tested on this recipe:\n\n- `-hard`: hard is not active in the recipe" in text
 
 
 def test_a_spent_trial_budget_stops_the_study_after_the_sweep_with_what_is_known(
@@ -577,7 +579,7 @@ def test_a_spent_trial_budget_stops_the_study_after_the_sweep_with_what_is_known
     )
     assert "Only the sweep's best trial is known: `t1`, dev accuracy 0.7000, unconfirmed" in text
     assert "The teacher scores dev accuracy 0.8000; this trial keeps 87.5 % of it" in text
-    assert "Not known: the ablation phase did not run." in text
+    assert "Not known yet: the ablation has not finished." in text
     assert "- sweep: [sweep/REPORT.md](sweep/REPORT.md)\n" in text
     assert "confirm/REPORT.md" not in text
 
@@ -610,3 +612,14 @@ def test_resume_without_a_study_says_there_is_nothing_to_continue(tmp_path: Path
 
     with pytest.raises(ValueError, match="holds no study.json, so there is no study to continue"):
         chain.run_study(_study_spec(), tmp_path / "s", {}, resume=True)
+
+
+def test_a_spent_hours_budget_names_the_hours_it_allowed_and_used() -> None:
+    from kdray import chain
+    from kdray.spec import StudyBudgetSpec
+
+    budget = StudyBudgetSpec(trials=50, hours=6)
+    assert chain.budget_reached(budget, 10, 5.99) is None
+    assert chain.budget_reached(budget, 10, 6.5) == (
+        "the budget of 6 wall hours is spent (6.50 hours)"
+    )
