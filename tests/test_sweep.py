@@ -589,7 +589,14 @@ def test_interrupted_study_resumes_without_losing_or_repeating_sweep_trials(
         proc.kill()
         proc.wait()
     record = json.loads((out / "study.json").read_text())
+    # Tune stops on Ctrl-C and returns: the study records the phase as interrupted, says so in
+    # STUDY.md and exits 130 (a Ctrl-C outside Tune's loop leaves it "running", also resumable)
     assert record["phases"]["sweep"]["status"] in ("running", "interrupted")
+    if record["phases"]["sweep"]["status"] == "interrupted":
+        assert proc.returncode == 130
+        assert "The sweep phase was interrupted: continue with --resume." in (
+            (out / "STUDY.md").read_text()
+        )
     assert "confirm" not in record["phases"]
     before = pd.read_parquet(trials_file)
     finished_before = set(before.loc[before["status"] == "ok", "trial_id"])
