@@ -261,17 +261,14 @@ class KdrayVariant(Variant):
 
     def __init__(self, name: str, ctx: Context, outputs: Any = None) -> None:
         super().__init__(name)
-        from kdray import distill, models
+        from kdray import distill
         from kdray.progress import NoProgress
 
         self.ctx = ctx
         self.kd_run = distill.setup(kdray_spec(ctx, name), NoProgress(), outputs)
         run = self.kd_run
         self.stage = run.schedule.stage
-        for index, part in models.encoder_parts(run.student).items():
-            for param in part.parameters():
-                param.requires_grad_(index not in self.stage.frozen)
-        run.student.train()
+        run.enter_stage(self.stage)
         self.stream = BatchStream(run.prepared, run.spec)
         self.sums: dict[str, float] = {}
 

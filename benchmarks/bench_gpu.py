@@ -61,7 +61,7 @@ def measure(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
     """One (precision, batch size): examples/s of the real cached step and its peak memory."""
     import torch
 
-    from kdray import engine, models
+    from kdray import engine
     from kdray.distill import setup
     from kdray.progress import NoProgress
 
@@ -70,10 +70,7 @@ def measure(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     run = setup(spec, NoProgress())
     stage = run.schedule.stage
-    for index, part in models.encoder_parts(run.student).items():
-        for param in part.parameters():
-            param.requires_grad_(index not in stage.frozen)
-    run.student.train()
+    run.enter_stage(stage)
     loader = engine.make_loader(
         run.prepared.train, spec.train.batch_size, run.prepared.tokenizer.pad_token_id,
         shuffle_seed=1,

@@ -185,6 +185,13 @@ class Run:
     def device(self) -> torch.device:
         return self.opt.device
 
+    def enter_stage(self, stage: Stage) -> None:
+        """Freeze the student parts the stage freezes, train the rest (training mode on)."""
+        for index, part in models.encoder_parts(self.student).items():
+            for param in part.parameters():
+                param.requires_grad_(index not in stage.frozen)
+        self.student.train()
+
     def save(self, folder: str | Path) -> None:
         """Write a resumable checkpoint into ``folder``. When the epoch just saved is the best
         one, the best weights are the student's own and are stored once."""
@@ -432,10 +439,7 @@ def _train_epoch(
     run: Run, epoch: int, stage: Stage, progress: ProgressHook
 ) -> tuple[dict[str, float], int, int, float]:
     """One epoch of steps in ``stage``: summed loss terms, batches, examples and seconds."""
-    for index, part in models.encoder_parts(run.student).items():
-        for param in part.parameters():
-            param.requires_grad_(index not in stage.frozen)
-    run.student.train()
+    run.enter_stage(stage)
     t = run.spec.train
     loader = engine.make_loader(
         run.prepared.train,
