@@ -227,6 +227,32 @@ def _best_matching(trials: pd.DataFrame, values: dict[str, Any], spec: Spec) -> 
     return best_trial(rows, spec.tune.mode) if not rows.empty else None
 
 
+def students_to_keep(rows: list[dict[str, Any]], policy: str | int, mode: str) -> set[str]:
+    """Trial ids whose student a ``tune.keep_students`` policy keeps: the best ``K`` ok trials
+    (``best`` is 1) of each group, where a group is an ablation ``cell``, a confirmed
+    configuration (``config_rank``) or, in a sweep, all trials. Ties keep the earlier trial."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("student_path")]
+    if policy == "all":
+        return {str(r["trial_id"]) for r in ok}
+    top = 0 if policy == "none" else 1 if policy == "best" else int(policy)
+    groups: dict[Any, list[tuple[float, str]]] = {}
+    for row in ok:
+        value = row.get(f"best.dev.{row.get('metric')}")
+        worst = -math.inf if mode == "max" else math.inf  # a trial without a score ranks last
+        score = worst if value is None or pd.isna(value) else float(value)
+        key = next((row[k] for k in ("cell", "config_rank") if _present(row.get(k))), None)
+        groups.setdefault(json_cell(key), []).append((score, str(row["trial_id"])))
+    keep: set[str] = set()
+    for scored in groups.values():
+        ranked = sorted(scored, key=lambda s: (-s[0] if mode == "max" else s[0], s[1]))
+        keep.update(trial_id for _, trial_id in ranked[:top])
+    return keep
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def best_trial(trials: pd.DataFrame, mode: str = "max") -> dict[str, Any] | None:
     """The ok trial with the best value of its selection metric, as a row dict."""
     ok = trials[trials["status"] == "ok"] if "status" in trials else trials

@@ -438,6 +438,15 @@ class TuneSpec(_Strict):
         "finished trial keeps only its best student beside the tables.",
     )
     checkpoint_keep: int = Field(2, ge=1, le=1000)
+    keep_students: Literal["all", "best", "none"] | Annotated[int, Field(ge=0, le=MAX_SAMPLES)] = (
+        Field(
+            "best",
+            description="Which finished trials keep their best student beside the tables "
+            "(students/<trial_id>, about 70 MB for a 3-layer MiniLM student): best (the best "
+            "trial of each ablation cell or confirmed configuration, a sweep's best trial), an "
+            "integer K (the K best of each), all, or none.",
+        )
+    )
     loggers: list[TrackingLogger] = Field(
         default_factory=lambda: ["tensorboard", "csv"],
         description="Ray Tune's logger callbacks, one event file/table per trial in the "

@@ -361,7 +361,20 @@ class TableWriter(Callback):
             self._keep_student(trial)
             if not self.spec.tune.keep_checkpoints:
                 _drop_checkpoints(trial)
+            self._prune_students()
         self.write()
+
+    def _prune_students(self) -> None:
+        """Delete the students that ``tune.keep_students`` no longer keeps (a better trial of
+        the same cell finished); their rows keep every metric, with no ``student_path``."""
+        policy = self.spec.tune.keep_students
+        keep = plan.students_to_keep(list(self.rows.values()), policy, self.spec.tune.mode)
+        for trial_id, row in self.rows.items():
+            path = row.get("student_path")
+            if path and trial_id not in keep and row.get("status") == "ok":
+                shutil.rmtree(path, ignore_errors=True)
+                row["student_path"] = None
+                logger.info("trial %s: student not kept (tune.keep_students: %s)", trial_id, policy)
 
     def _keep_student(self, trial: Any) -> None:
         """Copy the best student of a finished trial (in its last checkpoint) beside the tables,

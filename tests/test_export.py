@@ -222,12 +222,13 @@ def test_a_sweep_folder_exports_its_best_trial_from_the_students_kept_beside_it(
     pd.concat([trials, better]).to_parquet(sweep / results.TRIALS_FILE)
     record = json.loads((run_dir / results.EXPERIMENT_FILE).read_text())
     (sweep / results.EXPERIMENT_FILE).write_text(json.dumps({**record, "command": "sweep"}))
-    with pytest.raises(ExportError, match="no saved student"):
+    with pytest.raises(ExportError, match="trial b finished but its student was not kept"):
         export_student(sweep, tmp_path / "none")  # trial b's student is not there yet
     shutil.copytree(run_dir / "student", sweep / results.STUDENTS_DIR / "b")
     exported = export_student(sweep, tmp_path / "hf")
     assert "Trial `b`" in (exported / "README.md").read_text()
-    with pytest.raises(ExportError, match="no saved student"):
+    # a trial whose student tune.keep_students deleted: the error says so and the ways out
+    with pytest.raises(ExportError, match=r"not kept \(tune.keep_students: best.*kdray run"):
         export_student(sweep, tmp_path / "hf-run", trial="run")
 
 

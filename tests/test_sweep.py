@@ -204,11 +204,18 @@ def test_sweep_writes_tables_with_conditional_params(
     # the sweep fine-tuned the teacher once and every trial used it
     assert trials["teacher.id"].nunique() == 1
     assert outcome.best is not None
-    # every finished trial keeps its best student beside the tables and no resume state
+    # no finished trial keeps resume state; the sweep's best trial (tune.keep_students: best)
+    # keeps its best student beside the tables, the others' students are deleted
+    students = tmp_path / "out" / "students"
+    assert [p.name for p in students.iterdir()] == [outcome.best["trial_id"]]
     for _, row in trials[trials["status"] == "ok"].iterrows():
-        student = tmp_path / "out" / "students" / row["trial_id"]
-        assert row["student_path"] == str(student)
-        assert (student / "model.safetensors").is_file() and (student / "config.json").is_file()
+        student = students / row["trial_id"]
+        if row["trial_id"] == outcome.best["trial_id"]:
+            assert row["student_path"] == str(student)
+            assert (student / "model.safetensors").is_file()
+            assert (student / "config.json").is_file()
+        else:
+            assert row["student_path"] is None and not student.exists()
     assert not list((tmp_path / "out" / "ray").glob("sweep/*/checkpoint_*"))
     # every trial ended: the teacher-output cache is gone from the storage too
     assert not (tmp_path / "out" / "ray" / "sweep-teacher-outputs").exists()
@@ -560,6 +567,46 @@ def test_study_runs_sweep_confirm_and_leave_one_out_and_writes_study_md(
     again = _study_cli(str(spec_file), "--out", str(out), "--address", cluster.address)
     assert again.exit_code == 2
     assert "--resume, or write elsewhere with --out DIR" in " ".join(again.output.split())
+    _confirm_and_ablate_alone_repeat_the_study(cluster, spec_file, out, confirmed, tmp_path)
+
+
+def _confirm_and_ablate_alone_repeat_the_study(
+    cluster: Any, spec_file: Path, out: Path, confirmed: pd.DataFrame, tmp_path: Path
+) -> None:
+    """kdray confirm and kdray ablate (leave_one_out, adaptive) on the study's sweep run the
+    same trials as its phases: same configuration and seed, same dev scores."""
+    from typer.testing import CliRunner
+
+    from kdray.cli import app
+
+    cli = CliRunner()
+    alone = tmp_path / "confirm-alone"
+    args = ["--top-k", "1", "--seeds", "2", "--out", str(alone), "--address", cluster.address]
+    done = cli.invoke(app, ["confirm", str(out / "sweep"), *args])
+    assert done.exit_code == 0, done.output[-3000:]
+    assert "kdray confirm chain: 1 configurations x 2 seeds" in done.output
+    mine = pd.read_parquet(alone / "trials.parquet").sort_values("seed")
+    theirs = confirmed[confirmed["config_rank"] == 1].sort_values("seed")
+    assert list(mine["config_rank"]) == [1, 1] and list(mine["seed"]) == [1, 2]
+    assert list(mine["best.dev.accuracy"]) == pytest.approx(list(theirs["best.dev.accuracy"]))
+    refused = cli.invoke(app, ["confirm", str(alone), "--address", cluster.address])
+    assert refused.exit_code == 2 and "not a sweep's results folder" in refused.output
+
+    ablation = tmp_path / "ablate-alone"
+    args = ["--from-sweep", str(out / "sweep"), "--out", str(ablation)]
+    args += ["--set", "ablation.design=leave_one_out"]  # the study's default; ablate's is grid
+    done = cli.invoke(app, ["ablate", str(spec_file), *args, "--address", cluster.address])
+    assert done.exit_code == 0, done.output[-3000:]
+    assert "2 cells x 2 seeds = 4 adaptive seeds, first round" in done.output
+    assert "init=random: 2 seeds, " in done.output  # seeds per cell and why it stopped
+    mine = pd.read_parquet(ablation / "trials.parquet")
+    theirs = pd.read_parquet(out / "ablation" / "trials.parquet")
+    key = ["cell", "seed"]
+    merged = mine.merge(theirs, on=key, suffixes=("", ".study"))
+    assert len(merged) == len(mine) == len(theirs) == 4
+    assert list(merged["best.dev.accuracy"]) == pytest.approx(
+        list(merged["best.dev.accuracy.study"])
+    )
 
 
 def test_interrupted_study_resumes_without_losing_or_repeating_sweep_trials(

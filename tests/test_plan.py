@@ -1,0 +1,75 @@
+"""Pure trial planning (no Ray, no model): which students a finished experiment keeps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kdray.plan import students_to_keep
+from kdray.spec import SpecError, spec_from_dict
+
+
+def _row(trial_id: str, score: float | None, cell: Any = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "trial_id": trial_id,
+        "status": "ok",
+        "metric": "accuracy",
+        "best.dev.accuracy": score,
+        "student_path": f"students/{trial_id}",
+        "cell": cell,
+        **extra,
+    }
+
+
+ABLATION = [
+    _row("a1", 0.60, "soft"),
+    _row("a2", 0.65, "soft"),
+    _row("a3", 0.62, "soft"),
+    _row("b1", 0.55, "idal"),
+    _row("b2", 0.70, "idal"),
+    _row("c1", 0.90, "sid", status="pruned"),  # a pruned trial never competes
+    _row("d1", 0.99, "pid", student_path=None),  # nor one whose student was not saved
+]
+
+
+def test_best_keeps_the_best_trial_of_each_ablation_cell() -> None:
+    assert students_to_keep(ABLATION, "best", "max") == {"a2", "b2"}
+
+
+def test_an_integer_keeps_the_k_best_of_each_cell() -> None:
+    assert students_to_keep(ABLATION, 2, "max") == {"a2", "a3", "b1", "b2"}
+
+
+def test_mode_min_keeps_the_lowest_scores() -> None:
+    assert students_to_keep(ABLATION, "best", "min") == {"a1", "b1"}
+
+
+def test_all_keeps_every_saved_student_and_none_keeps_nothing() -> None:
+    assert students_to_keep(ABLATION, "all", "max") == {"a1", "a2", "a3", "b1", "b2"}
+    assert students_to_keep(ABLATION, "none", "max") == set()
+    assert students_to_keep(ABLATION, 0, "max") == set()
+
+
+def test_a_sweep_is_one_group_and_confirmations_group_by_configuration_rank() -> None:
+    sweep = [_row("t1", 0.5, None), _row("t2", 0.7, float("nan")), _row("t3", 0.6)]
+    assert students_to_keep(sweep, "best", "max") == {"t2"}
+    confirm = [
+        {**_row("r1s1", 0.61), "config_rank": 1},
+        {**_row("r1s2", 0.58), "config_rank": 1},
+        {**_row("r2s1", 0.52), "config_rank": 2},
+    ]
+    assert students_to_keep(confirm, "best", "max") == {"r1s1", "r2s1"}
+
+
+def test_a_trial_without_a_score_is_kept_last_and_ties_keep_the_earlier_trial() -> None:
+    rows = [_row("x2", 0.6, "c"), _row("x1", 0.6, "c"), _row("x0", None, "c")]
+    assert students_to_keep(rows, "best", "max") == {"x1"}
+    assert students_to_keep(rows, 3, "max") == {"x0", "x1", "x2"}
+    assert students_to_keep(rows, "best", "min") == {"x1"}
+
+
+@pytest.mark.parametrize("value", ["some", -1, 1.5])
+def test_keep_students_accepts_all_best_none_or_a_count(value: Any) -> None:
+    with pytest.raises(SpecError, match="tune.keep_students"):
+        spec_from_dict({"name": "x", "task": "rte", "tune": {"keep_students": value}})
