@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kdray.plan import students_to_keep
+from kdray.plan import cache_variants, students_to_keep
 from kdray.spec import SpecError, spec_from_dict
 
 
@@ -73,3 +73,31 @@ def test_a_trial_without_a_score_is_kept_last_and_ties_keep_the_earlier_trial() 
 def test_keep_students_accepts_all_best_none_or_a_count(value: Any) -> None:
     with pytest.raises(SpecError, match="tune.keep_students"):
         spec_from_dict({"name": "x", "task": "rte", "tune": {"keep_students": value}})
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-output cache variants
+
+
+def _layer_map_spec() -> Any:
+    return spec_from_dict(
+        {
+            "name": "x",
+            "task": "rte",
+            "distill": {"algorithm": "idal", "layer_map": "skip"},
+            "search": {"distill.layer_map": {"choice": ["skip", "last"]}},
+        }
+    )
+
+
+def test_a_sweep_caches_every_layer_map_its_search_can_sample() -> None:
+    maps = [v["distill.layer_map"] for v in cache_variants(_layer_map_spec())]
+    assert maps == ["skip", "last"]
+
+
+def test_an_experiment_of_cells_caches_only_the_layer_maps_of_its_cells_and_spec() -> None:
+    spec = _layer_map_spec()
+    cells = [{"distill.algorithm": "soft"}, {"distill.algorithm": "sid"}]
+    assert [v["distill.layer_map"] for v in cache_variants(spec, cells)] == ["skip"]
+    cells.append({"distill.layer_map": [1, 2, 3]})
+    assert [v["distill.layer_map"] for v in cache_variants(spec, cells)] == ["skip", [1, 2, 3]]
