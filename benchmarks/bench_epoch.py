@@ -1201,6 +1201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", choices=VARIANTS, help="(memory run) this variant only")
     parser.add_argument("--rss", action="store_true", help="(with --variant) print peak RSS")
     parser.add_argument("--outputs-root", help="(memory run) teacher-output cache root")
+    parser.add_argument("--tag", help="write results/bench_epoch-<tag>.json (a partial run)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.steps = args.steps or (4 if quick else 20)
@@ -1227,7 +1228,8 @@ def main(argv: list[str] | None = None) -> None:
         rss_child(args)
         return
     payload = run_benchmark(args)
-    path = common.write_json("bench_epoch" + ("-quick" if args.quick else ""), payload)
+    name = "bench_epoch" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    path = common.write_json(name, payload)
     print_tables(payload)
     _console().print(f"wrote {path} in {payload['seconds_total']:.0f} s")
 
