@@ -30,7 +30,7 @@ STUDY_REPORT = "STUDY.md"
 PHASE_REPORT = "REPORT.md"
 PHASES = ("sweep", "confirm", "ablation")
 DEFAULT_SEEDS = AdaptiveSeeds(min=3, max=10, step=2)  # when the spec's ablation.seeds is a list
-UNFINISHED = {"running", "pending", "interrupted"}
+UNFINISHED = results.UNFINISHED
 DONE, RUNNING, INTERRUPTED = "done", "running", "interrupted"
 
 # (phase folder, resume) -> (the phase's trials, how many rows a finished phase has at least)

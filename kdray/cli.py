@@ -348,11 +348,21 @@ def ablate(
     options = {"address": address, "storage": storage, "callbacks": [_trials_table(spec)]}
     name = f"{spec.name}-ablation"
     out_dir = out or Path("results") / name
-    with _settings_errors():
-        trials = _run_ablation(
-            spec, cells, baseline, adaptive, seed_list, from_sweep, name, out_dir,
-            resume=resume, overwrite=overwrite, **options,
-        )  # fmt: skip
+    from kdray.study import RoundInterrupted
+
+    try:
+        with _settings_errors():
+            trials = _run_ablation(
+                spec, cells, baseline, adaptive, seed_list, from_sweep, name, out_dir,
+                resume=resume, overwrite=overwrite, **options,
+            )  # fmt: skip
+    except RoundInterrupted as stop:
+        console.print(
+            f"[yellow]round {stop.round_index} of the adaptive seeds was interrupted "
+            f"({len(stop.trials)} of {stop.planned} trials so far have rows): continue with "
+            f"kdray ablate {spec_path} --resume (and the same --set options)[/yellow]"
+        )
+        raise typer.Exit(130) from None
     counts = trials["status"].value_counts().to_dict()
     console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
@@ -553,12 +563,17 @@ def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[st
         return outcome.trials, len(configs) * confirm.seeds
 
     def ablation_phase(out_dir: Path, again: bool) -> tuple[Any, int]:
+        from kdray.study import RoundInterrupted
+
         loo = chain.ablation_spec(spec)
         cells, baseline = _ablation_cells(loo, folder / "confirm")
-        trials = _run_ablation(
-            loo, cells, baseline, True, None, folder / "confirm", f"{spec.name}-ablation",
-            out_dir, resume=again, overwrite=False, callbacks=[_trials_table(loo)], **options,
-        )  # fmt: skip
+        try:
+            trials = _run_ablation(
+                loo, cells, baseline, True, None, folder / "confirm", f"{spec.name}-ablation",
+                out_dir, resume=again, overwrite=False, callbacks=[_trials_table(loo)], **options,
+            )  # fmt: skip
+        except RoundInterrupted as stop:  # fewer rows than planned: the phase is interrupted
+            return stop.trials, stop.planned
         return trials, len(cells)
 
     return {"sweep": sweep_phase, "confirm": confirm_phase, "ablation": ablation_phase}

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("kdray")
 
 TRIALS_FILE = "trials.parquet"
+UNFINISHED = frozenset({"running", "pending", "interrupted"})  # a trial cut off, not ended
 STUDENTS_DIR = "students"  # sweeps and ablations: students/<trial_id>/, each trial's best
 EXPERIMENT_FILE = "experiment.json"  # what produced the folder: command and the full spec
 EPOCHS_FILE = "epochs.parquet"

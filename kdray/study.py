@@ -296,6 +296,21 @@ def merge_rounds(out_dir: Path, folders: list[Path]) -> pd.DataFrame:
     return merged.get("trials", pd.DataFrame())
 
 
+class RoundInterrupted(RuntimeError):
+    """A round's experiment returned with trials cut off (Ctrl-C): no decision is taken from
+    it; ``--resume`` continues that round. ``trials`` holds every round's rows so far and
+    ``planned`` how many trials the rounds so far were to run."""
+
+    def __init__(self, round_index: int, folder: Path, trials: pd.DataFrame, planned: int) -> None:
+        super().__init__(
+            f"adaptive seeds: round {round_index} was interrupted ({folder}); continue it with "
+            "--resume"
+        )
+        self.round_index, self.folder, self.trials, self.planned = (
+            round_index, folder, trials, planned,
+        )  # fmt: skip
+
+
 def run_adaptive(
     spec: Spec,
     cells: list[dict[str, Any]],
@@ -313,7 +328,8 @@ def run_adaptive(
 
     A folder holds one experiment, so rounds cannot append to one Tune experiment; with
     ``resume``, a round whose folder exists is continued (a finished one returns at once) and
-    the same decisions follow, since they depend only on the tables.
+    the same decisions follow, since they depend only on the tables. A round cut off (Ctrl-C)
+    raises :class:`RoundInterrupted` instead of deciding from part of its seeds.
     """
     if not isinstance(spec.ablation.seeds if spec.ablation else None, AdaptiveSeeds):
         raise ValueError("ablation.seeds is a list: give {min, max, step} for adaptive seeds")
@@ -337,7 +353,12 @@ def run_adaptive(
             **run_options,
         )
         folders.append(folder)
-        return merge_rounds(out_dir, folders)
+        merged = merge_rounds(out_dir, folders)
+        ended = results.load_tables(folder)["trials"]
+        if len(ended) < len(trials) or any(r.get("status") in results.UNFINISHED for r in ended):
+            planned = len(merged) - len(ended) + len(trials)
+            raise RoundInterrupted(round_index, folder, merged, planned)
+        return merged
 
     ablation = spec.ablation
     return adaptive_rounds(

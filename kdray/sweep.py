@@ -331,7 +331,7 @@ class TableWriter(Callback):
         self._load_existing()
         for trial in trials:
             row = self.rows.get(trial.trial_id)
-            if row is None or row["status"] in ("running", "pending", "interrupted"):
+            if row is None or row["status"] in results.UNFINISHED:
                 error = _error_text(trial) if trial.status == "ERROR" else None
                 self._set_row(trial, error, ended=False)
         self.write()
@@ -785,7 +785,7 @@ def _drop_outputs_cache(trials: pd.DataFrame, store: str, name: str) -> None:
     """Once every trial has ended, the experiment's teacher-output cache (hundreds of MB, built
     in about one epoch of teacher forwards) is deleted from the storage; a later ``--resume``
     of an interrupted experiment keeps it, and a rerun builds it again."""
-    unfinished = {"running", "pending", "interrupted"}
+    unfinished = results.UNFINISHED
     if "status" not in trials or trials["status"].isin(unfinished).any():
         return
     root = Path(f"{store.rstrip('/')}/{name}-teacher-outputs")

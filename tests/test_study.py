@@ -623,3 +623,44 @@ def test_a_spent_hours_budget_names_the_hours_it_allowed_and_used() -> None:
     assert chain.budget_reached(budget, 10, 6.5) == (
         "the budget of 6 wall hours is spent (6.50 hours)"
     )
+
+
+def test_an_interrupted_round_decides_nothing_and_resume_continues_that_round(tmp_path) -> None:
+    spec = _spec(ablation={"seeds": {"min": 3, "max": 5, "step": 2}})
+    cells = [{"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "noisy")]
+    calls: list[tuple[str, bool]] = []
+    cut = {"s-round2"}  # Ctrl-C during round 2: one trial cut off, one never started
+
+    def fake_run(spec, trials, *, name, command, cells, out_dir, resume, **options):
+        calls.append((name, resume))
+        rows = [
+            {
+                "trial_id": f"{name}-{t['cell']}-{t['seed']}",
+                "status": "interrupted" if name in cut and i == 0 else "ok",
+                "metric": "accuracy",
+                "cell": t["cell"],
+                "seed": t["seed"],
+                "best.dev.accuracy": _value(t["cell"], t["seed"]),
+            }
+            for i, t in enumerate(trials)
+        ]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "experiment.json").write_text("{}")  # as run_trials writes before Tune starts
+        kept = rows[:-1] if name in cut else rows
+        study.results.write_table(kept, out_dir / study.results.TRIALS_FILE, replace=True)
+
+    out = tmp_path / "abl"
+    with pytest.raises(study.RoundInterrupted, match="round 2 was interrupted") as stopped:
+        study.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
+    assert calls == [("s-round1", False), ("s-round2", False)]  # no round 3 from part of round 2
+    assert stopped.value.planned == 13 and len(stopped.value.trials) == 12
+    assert not (out / "rounds" / "round-3").exists()
+
+    cut.clear()
+    calls.clear()
+    trials, decisions = study.run_adaptive(
+        spec, cells, "base", fake_run, name="s", out_dir=out, resume=True
+    )
+    assert calls == [("s-round1", True), ("s-round2", True)]  # both continued, none added
+    assert len(trials) == 13 and set(trials["status"]) == {"ok"}
+    assert {d.status for d in decisions.values()} == {"better", "max reached"}
