@@ -215,7 +215,7 @@ def test_sweep_writes_tables_with_conditional_params(
             assert (student / "model.safetensors").is_file()
             assert (student / "config.json").is_file()
         else:
-            assert row["student_path"] is None and not student.exists()
+            assert pd.isna(row["student_path"]) and not student.exists()
     assert not list((tmp_path / "out" / "ray").glob("sweep/*/checkpoint_*"))
     # every trial ended: the teacher-output cache is gone from the storage too
     assert not (tmp_path / "out" / "ray" / "sweep-teacher-outputs").exists()
