@@ -28,3 +28,42 @@ def test_the_gpu_benchmark_dry_runs_on_the_cpu(tiny_bert: Path, tmp_path: Path) 
     assert rows == [("fp32", 2), ("fp32", 4), ("bf16", 2), ("bf16", 4)]
     assert all(r["examples_per_s"] > 0 for r in payload["configurations"])
     assert payload["teacher_cache_build"]["examples"] == 5  # the fixture's RTE train rows
+
+
+def test_the_disk_benchmark_sorts_a_results_folder_into_its_parts(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_disk
+
+    folder = tmp_path / "abl"
+    files = {
+        "trials.parquet": 0,  # written below
+        "REPORT.md": 100,
+        "rounds/round-1/ray/abl-round1-teacher/model.safetensors": 1000,
+        "rounds/round-1/ray/abl-round1-teacher-outputs/k/attention.safetensors": 5000,
+        "rounds/round-1/ray/abl-round1/trial_a/progress.csv": 10,
+        "rounds/round-1/ray/abl-round1/trial_b/checkpoint_000004/state.pt": 700,
+        "rounds/round-1/students/a/model.safetensors": 300,
+        "rounds/round-2/ray/abl-round2-teacher/model.safetensors": 1000,
+        "rounds/round-2/ray/abl-round2/trial_c/progress.csv": 20,
+    }
+    for name, size in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x" * size)
+    import pandas as pd
+
+    pd.DataFrame({"trial_id": ["a", "b", "c"]}).to_parquet(folder / "trials.parquet")
+    tables = 100 + (folder / "trials.parquet").stat().st_size
+    measured = bench_disk.measure(folder)
+    assert measured["bytes"] == {
+        "teacher_outputs": 5000, "teacher_copy": 2000, "checkpoints": 700, "trial_logs": 30,
+        "students": 300, "tables": tables,
+    }  # fmt: skip
+    assert (measured["experiments"], measured["trials"], measured["students_kept"]) == (2, 3, 1)
+    projected = bench_disk.project(measured, cells=2, seeds=3)
+    ray = 2000 + 30 / 3 * 6
+    assert projected["ray_bytes"] == ray
+    assert projected["by_keep_students"] == {
+        "best": round(ray + tables / 3 * 6 + 2 * 300),
+        "all": round(ray + tables / 3 * 6 + 6 * 300),
+        "none": round(ray + tables / 3 * 6),
+    }
