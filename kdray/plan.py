@@ -140,11 +140,13 @@ def max_epochs(spec: Spec) -> int:
 def cache_variants(spec: Spec, extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every (layer_map, student.layers, attention rows) a trial of this experiment can run
     with teacher-output caching on: a sweep's from its search space and the spec, an
-    experiment of cells (``extra``: ablation, confirmation) from its cells and the spec only
-    (the search block does not apply there, and each extra layer set costs a teacher pass)."""
+    experiment of cells (``extra``: ablation, confirmation) from its cells, and the spec where a
+    cell leaves the setting to it (the search block does not apply there, and each extra
+    layer set costs a teacher pass)."""
 
     def candidates(key: str) -> list[Any]:
-        values = [spec.flat()[key]]
+        # the spec's value counts unless every cell sets its own (a confirmation's configs)
+        values = [spec.flat()[key]] if not extra or any(key not in c for c in extra) else []
         dist = spec.search.get(key) if extra is None else None
         if dist is not None and dist.kind in ("choice", "grid"):
             values += list(dist.values)

@@ -101,3 +101,6 @@ def test_an_experiment_of_cells_caches_only_the_layer_maps_of_its_cells_and_spec
     assert [v["distill.layer_map"] for v in cache_variants(spec, cells)] == ["skip"]
     cells.append({"distill.layer_map": [1, 2, 3]})
     assert [v["distill.layer_map"] for v in cache_variants(spec, cells)] == ["skip", [1, 2, 3]]
+    # a confirmation's configurations all set the layer map: the spec's own is not cached
+    configs = [{"distill.layer_map": "last"}, {"distill.layer_map": "last", "train.lr": 1e-4}]
+    assert [v["distill.layer_map"] for v in cache_variants(spec, configs)] == ["last"]
