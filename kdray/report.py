@@ -1597,11 +1597,20 @@ class Decision:
 
 
 def decide(
-    mean_diff: float, ci_low: float, ci_high: float, mode: str, equivalence: float
+    mean_diff: float,
+    ci_low: float,
+    ci_high: float,
+    mode: str,
+    equivalence: float,
+    p_holm: float = 0.0,
+    alpha: float = 1.0,
 ) -> str | None:
-    """better/worse when the CI of the difference excludes 0, equivalent when it does not and
-    the difference is within ``equivalence``; None while unresolved."""
-    if np.isfinite(ci_low) and np.isfinite(ci_high) and (ci_low > 0 or ci_high < 0):
+    """better/worse when the report's verdict says so (the CI of the difference excludes 0 and
+    the Holm-adjusted paired t-test gives ``p_holm < alpha``: with 3 seeds a percentile
+    bootstrap CI is about the range of 3 differences, too easily clear of 0 alone), equivalent
+    when the difference is within ``equivalence``; None while unresolved."""
+    excluded = np.isfinite(ci_low) and np.isfinite(ci_high) and (ci_low > 0 or ci_high < 0)
+    if excluded and np.isfinite(p_holm) and p_holm < alpha:
         higher = ci_low > 0
         return BETTER if higher == (mode == "max") else WORSE
     if np.isfinite(mean_diff) and abs(mean_diff) <= equivalence:
@@ -1629,7 +1638,10 @@ def seed_decisions(
         cell = row["cell"]
         n = seeds_so_far.get(cell, int(row["n_pairs"]))
         diff, low, high = row["mean_diff"], row["ci_low"], row["ci_high"]
-        status = decide(diff, low, high, mode, equivalence) if n >= min_seeds else None
+        p_holm = float(row.get("p_ttest_holm", np.nan))
+        status = (
+            decide(diff, low, high, mode, equivalence, p_holm, alpha) if n >= min_seeds else None
+        )
         target = max(min_seeds, min(n + step, max_seeds))
         if status is None and n >= max_seeds:
             status = MAX_REACHED
