@@ -30,7 +30,6 @@ STUDY_REPORT = "STUDY.md"
 PHASE_REPORT = "REPORT.md"
 PHASES = ("sweep", "confirm", "ablation")
 DEFAULT_SEEDS = AdaptiveSeeds(min=3, max=10, step=2)  # when the spec's ablation.seeds is a list
-UNFINISHED = results.UNFINISHED
 DONE, RUNNING, INTERRUPTED = "done", "running", "interrupted"
 
 # (phase folder, resume) -> (the phase's trials, how many rows a finished phase has at least)
@@ -110,7 +109,7 @@ def finished(trials: pd.DataFrame, expected: int) -> bool:
     """A phase ended (not interrupted): every planned trial has a row and none is unfinished."""
     if len(trials) < max(expected, 1):
         return False
-    return "status" not in trials or not trials["status"].isin(UNFINISHED).any()
+    return "status" not in trials or not trials["status"].isin(results.UNFINISHED).any()
 
 
 # ---------------------------------------------------------------------------------------------

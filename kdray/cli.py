@@ -65,6 +65,9 @@ def _settings_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+SearchSpecArgument = Annotated[
+    Path, typer.Argument(help="A YAML spec with a search block.", metavar="SPEC")
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a setting: key.path=value (repeatable)."),
@@ -247,9 +250,7 @@ def teacher(
 
 @app.command()
 def sweep(
-    spec_path: Annotated[
-        Path, typer.Argument(help="A YAML spec with a search block.", metavar="SPEC")
-    ],
+    spec_path: SearchSpecArgument,
     set_: SetOption = None,
     address: AddressOption = None,
     storage: StorageOption = None,
@@ -490,9 +491,7 @@ def _run_confirm(spec: Spec, configs: list[dict], seeds: int, out_dir: Path, **o
 
 @app.command()
 def study(
-    spec_path: Annotated[
-        Path, typer.Argument(help="A YAML spec with a search block.", metavar="SPEC")
-    ],
+    spec_path: SearchSpecArgument,
     set_: SetOption = None,
     address: AddressOption = None,
     storage: StorageOption = None,

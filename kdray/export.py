@@ -94,20 +94,15 @@ def open_run(folder: str | Path, *, trial: str | None = None, best: bool = False
     student = path / STUDENT_DIR
     if experiment.get("command", "run") != "run":
         student = Path(row.get("student_path") or path / results.STUDENTS_DIR / row["trial_id"])
-    if (
-        not (student / "config.json").is_file()
-        and row.get("status") == "ok"
-        and student != (path / STUDENT_DIR)
-    ):
-        kept = base.tune.keep_students
-        raise ExportError(
-            f"{path}: trial {row['trial_id']} finished but its student was not kept "
-            f"(tune.keep_students: {kept}; students are in {path / results.STUDENTS_DIR}). "
-            "Export a trial whose student was kept (the best of each cell: leave out --trial), "
-            "or re-run this trial's settings with kdray run (tune.keep_students: all keeps "
-            "every trial's student)"
-        )
     if not (student / "config.json").is_file():
+        if row.get("status") == "ok" and student != path / STUDENT_DIR:
+            raise ExportError(
+                f"{path}: trial {row['trial_id']} finished but its student was not kept "
+                f"(tune.keep_students: {base.tune.keep_students}; students are in "
+                f"{path / results.STUDENTS_DIR}). Export a trial whose student was kept (the "
+                "best of each cell: leave out --trial), or re-run this trial's settings with "
+                "kdray run (tune.keep_students: all keeps every trial's student)"
+            )
         raise ExportError(
             f"{student}: no saved student (no config.json). The run ended with status "
             f"{row.get('status')!r}; a student is saved when train.save_student is true and an "

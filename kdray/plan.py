@@ -239,10 +239,10 @@ def students_to_keep(rows: list[dict[str, Any]], policy: str | int, mode: str) -
     if policy == "all":
         return {str(r["trial_id"]) for r in ok}
     top = 0 if policy == "none" else 1 if policy == "best" else int(policy)
+    worst = -math.inf if mode == "max" else math.inf  # a trial without a score ranks last
     groups: dict[Any, list[tuple[float, str]]] = {}
     for row in ok:
         value = row.get(f"best.dev.{row.get('metric')}")
-        worst = -math.inf if mode == "max" else math.inf  # a trial without a score ranks last
         score = worst if value is None or pd.isna(value) else float(value)
         key = next((row[k] for k in ("cell", "config_rank") if _present(row.get(k))), None)
         groups.setdefault(json_cell(key), []).append((score, str(row["trial_id"])))
@@ -251,10 +251,6 @@ def students_to_keep(rows: list[dict[str, Any]], policy: str | int, mode: str) -
         ranked = sorted(scored, key=lambda s: (-s[0] if mode == "max" else s[0], s[1]))
         keep.update(trial_id for _, trial_id in ranked[:top])
     return keep
-
-
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def best_trial(trials: pd.DataFrame, mode: str = "max") -> dict[str, Any] | None:

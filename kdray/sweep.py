@@ -785,8 +785,7 @@ def _drop_outputs_cache(trials: pd.DataFrame, store: str, name: str) -> None:
     """Once every trial has ended, the experiment's teacher-output cache (hundreds of MB, built
     in about one epoch of teacher forwards) is deleted from the storage; a later ``--resume``
     of an interrupted experiment keeps it, and a rerun builds it again."""
-    unfinished = results.UNFINISHED
-    if "status" not in trials or trials["status"].isin(unfinished).any():
+    if "status" not in trials or trials["status"].isin(results.UNFINISHED).any():
         return
     root = Path(f"{store.rstrip('/')}/{name}-teacher-outputs")
     if "://" not in store and root.is_dir():

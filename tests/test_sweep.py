@@ -282,6 +282,21 @@ def test_failing_and_diverging_trials_are_recorded_and_others_finish(
         assert by.loc[(5, lr), "num_failures"] == 0
 
 
+def _ctrl_c_when(proc: subprocess.Popen, ready: Any, timeout: float = 300) -> None:
+    """Wait (at most ``timeout`` s) until ``ready()`` holds, then Ctrl-C the still running
+    ``proc`` and wait for it to exit (killed if it takes over 120 s)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
@@ -305,21 +320,8 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
         cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     trials_file = out / "trials.parquet"
-    deadline = time.time() + 300
     # Ctrl-C once the first trial has finished and the second is under way
-    while time.time() < deadline:
-        if trials_file.exists() and len(pd.read_parquet(trials_file)) >= 1:
-            break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    _ctrl_c_when(proc, lambda: trials_file.exists() and len(pd.read_parquet(trials_file)) >= 1)
     before = pd.read_parquet(trials_file)
     finished_before = set(before.loc[before["status"] == "ok", "trial_id"])
     assert 1 <= len(finished_before) < 4
@@ -622,19 +624,11 @@ def test_interrupted_study_resumes_without_losing_or_repeating_sweep_trials(
         cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     trials_file = out / "sweep" / "trials.parquet"
-    deadline = time.time() + 300
     # Ctrl-C once the first sweep trial has finished and the second is under way
-    while time.time() < deadline and proc.poll() is None:
-        if trials_file.exists() and (pd.read_parquet(trials_file)["status"] == "ok").any():
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    _ctrl_c_when(
+        proc,
+        lambda: trials_file.exists() and (pd.read_parquet(trials_file)["status"] == "ok").any(),
+    )
     record = json.loads((out / "study.json").read_text())
     # Tune stops on Ctrl-C and returns: the study records the phase as interrupted, says so in
     # STUDY.md and exits 130 (a Ctrl-C outside Tune's loop leaves it "running", also resumable)
