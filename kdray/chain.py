@@ -30,10 +30,12 @@ STUDY_REPORT = "STUDY.md"
 PHASE_REPORT = "REPORT.md"
 PHASES = ("sweep", "confirm", "ablation")
 DEFAULT_SEEDS = AdaptiveSeeds(min=3, max=10, step=2)  # when the spec's ablation.seeds is a list
-DONE, RUNNING, INTERRUPTED = "done", "running", "interrupted"
+DONE, RUNNING, INTERRUPTED, STOPPED = "done", "running", "interrupted", "stopped"
 
-# (phase folder, resume) -> (the phase's trials, how many rows a finished phase has at least)
-PhaseRunner = Callable[[Path, bool], tuple[pd.DataFrame, int]]
+# (phase folder, resume, budget_spent) -> (the phase's trials, how many rows a finished phase
+# has at least); ``budget_spent()`` says why the budget is spent now (or None), for a phase that
+# can stop cleanly part-way (the ablation, between its adaptive rounds).
+PhaseRunner = Callable[[Path, bool, Callable[[], str | None]], tuple[pd.DataFrame, int]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +138,9 @@ def ablation_spec(spec: Spec) -> Spec:
 def run_study(
     spec: Spec, folder: Path, runners: dict[str, PhaseRunner], *, resume: bool = False
 ) -> StudyOutcome:
-    """Run the phases in order, skipping done ones; before each, stop if the budget is spent.
-    Each finished phase gets its ``REPORT.md``; the study ends with ``STUDY.md``."""
+    """Run the phases in order, skipping done ones; before each (and between the ablation's
+    adaptive rounds) stop if the budget is spent. Each finished or budget-stopped phase gets its
+    ``REPORT.md``; the study ends with ``STUDY.md``."""
     record = claim_study(folder, spec, resume)
     folder.mkdir(parents=True, exist_ok=True)
     write_study(folder, record)
@@ -152,27 +155,55 @@ def run_study(
             record["stopped"] = outcome.stopped = f"stopped before the {phase} phase: {stop}"
             logger.info("study %s: %s", spec.name, outcome.stopped)
             break
-        again = entry["status"] in (RUNNING, INTERRUPTED)
-        entry["status"] = RUNNING
-        write_study(folder, record)
-        started = time.time()
-        try:
-            trials, expected = runners[phase](folder / phase, again)
-        finally:
-            entry["seconds"] = entry.get("seconds", 0.0) + time.time() - started
-            write_study(folder, record)
-        entry["trials"] = len(trials)
-        if not finished(trials, expected):
-            outcome.interrupted, entry["status"] = phase, INTERRUPTED
-            write_study(folder, record)
+        if not _run_phase(phase, runners[phase], folder, record, budget, outcome):
             break
-        entry["status"] = DONE
-        write_study(folder, record)
-        write_phase_report(folder / phase)
     write_study(folder, record)
     text = study_markdown(spec, folder, record)
     write_text_atomic(folder / STUDY_REPORT, text)
     return outcome
+
+
+def _run_phase(
+    phase: str,
+    runner: PhaseRunner,
+    folder: Path,
+    record: dict[str, Any],
+    budget: StudyBudgetSpec,
+    outcome: StudyOutcome,
+) -> bool:
+    """Run (or continue) one phase and record how it ended; False when the study stops here."""
+    entry = record["phases"][phase]
+    again = entry["status"] in (RUNNING, INTERRUPTED, STOPPED)
+    entry["status"] = RUNNING
+    write_study(folder, record)
+    started = time.time()
+
+    def budget_spent() -> str | None:
+        trials, hours = _spent(folder, record)
+        return budget_reached(budget, trials, hours + (time.time() - started) / 3600)
+
+    try:
+        trials, expected = runner(folder / phase, again, budget_spent)
+    except study.SeedsStopped as stop:
+        entry["status"], entry["trials"] = STOPPED, len(stop.trials)
+        record["stopped"] = outcome.stopped = (
+            f"stopped the {phase} phase after its adaptive round {stop.rounds}: {stop.reason}"
+        )
+        logger.info("study %s: %s", record.get("name"), outcome.stopped)
+        write_phase_report(folder / phase)
+        return False
+    finally:
+        entry["seconds"] = entry.get("seconds", 0.0) + time.time() - started
+        write_study(folder, record)
+    entry["trials"] = len(trials)
+    if not finished(trials, expected):
+        outcome.interrupted, entry["status"] = phase, INTERRUPTED
+        write_study(folder, record)
+        return False
+    entry["status"] = DONE
+    write_study(folder, record)
+    write_phase_report(folder / phase)
+    return True
 
 
 def write_phase_report(phase_dir: Path) -> Path:
@@ -262,8 +293,14 @@ _VERDICT = {
 
 
 def _components_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[str]:
-    if record["phases"].get("ablation", {}).get("status") != DONE:
+    status = record["phases"].get("ablation", {}).get("status")
+    if status not in (DONE, STOPPED):
         return ["## Which components matter", "", "Not known yet: the ablation has not finished."]
+    cut_off = (
+        "the budget stopped its seeds; kdray study --resume with a larger study.budget adds more"
+        if status == STOPPED
+        else "rounds cut off"
+    )
     built = report.build_report(folder / "ablation")
     ablation = ablation_spec(spec).ablation
     level = f"{100 * (1 - ablation.alpha):g} %"
@@ -283,7 +320,7 @@ def _components_section(spec: Spec, folder: Path, record: dict[str, Any]) -> lis
         elif row["stopped"] == study.MAX_REACHED:
             rest.append(f"- `{row['cell']}` is not resolved at the maximum of seeds; {diff}.")
         else:
-            rest.append(f"- `{row['cell']}` is not resolved yet (rounds cut off); {diff}.")
+            rest.append(f"- `{row['cell']}` is not resolved yet ({cut_off}); {diff}.")
     lines = ["## Which components matter", "", "Each cell is the recipe with one change."]
     lines += ["", *(matter or ["- none resolved as mattering"])]
     lines += ["", "## Which do not (or are not resolved)", "", *(rest or ["- none"])]
@@ -327,7 +364,7 @@ def study_markdown(spec: Spec, folder: Path, record: dict[str, Any]) -> str:
     """STUDY.md: the recipe, its confirmed score and the teacher's, which components matter,
     what each phase spent, and links to the phase reports."""
     phases = record["phases"]
-    done = [p for p in PHASES if phases.get(p, {}).get("status") == DONE]
+    done = [p for p in PHASES if phases.get(p, {}).get("status") in (DONE, STOPPED)]
     status = "; ".join(f"{p} {phases.get(p, {}).get('status', 'not run')}" for p in PHASES)
     lines = [f"# kdray study: {spec.name}", "", f"Phases: {status}."]
     if record.get("stopped"):

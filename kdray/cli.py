@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -540,6 +540,9 @@ def _restorable(out_dir: Path, storage: str | None, name: str) -> bool:
     return can_restore(storage or str((out_dir / "ray").resolve()), name)
 
 
+BudgetCheck = Callable[[], str | None]  # why a study's budget is spent now, or None
+
+
 def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
     """The study's phases, each by the code path of its own command (sweep, confirm, ablate)."""
     from kdray import chain
@@ -548,20 +551,20 @@ def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[st
 
     confirm = (spec.study or StudySpec()).confirm
 
-    def sweep_phase(out_dir: Path, again: bool) -> tuple[Any, int]:
+    def sweep_phase(out_dir: Path, again: bool, _budget_spent: BudgetCheck) -> tuple[Any, int]:
         again = again and _restorable(out_dir, options["storage"], spec.name)
         outcome = run_sweep(
             spec, out_dir=out_dir, resume=again, callbacks=[_trials_table(spec)], **options
         )
         return outcome.trials, spec.tune.num_samples
 
-    def confirm_phase(out_dir: Path, again: bool) -> tuple[Any, int]:
+    def confirm_phase(out_dir: Path, again: bool, _budget_spent: BudgetCheck) -> tuple[Any, int]:
         again = again and _restorable(out_dir, options["storage"], f"{spec.name}-confirm")
         configs = _confirm_configs(spec, folder / "sweep", confirm.top_k, confirm.seeds)
         outcome = _run_confirm(spec, configs, confirm.seeds, out_dir, resume=again, **options)
         return outcome.trials, len(configs) * confirm.seeds
 
-    def ablation_phase(out_dir: Path, again: bool) -> tuple[Any, int]:
+    def ablation_phase(out_dir: Path, again: bool, budget_spent: BudgetCheck) -> tuple[Any, int]:
         from kdray.study import RoundInterrupted
 
         loo = chain.ablation_spec(spec)
@@ -569,7 +572,8 @@ def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[st
         try:
             trials = _run_ablation(
                 loo, cells, baseline, True, None, folder / "confirm", f"{spec.name}-ablation",
-                out_dir, resume=again, overwrite=False, callbacks=[_trials_table(loo)], **options,
+                out_dir, resume=again, overwrite=False, callbacks=[_trials_table(loo)],
+                stop_before=lambda _round: budget_spent(), **options,
             )  # fmt: skip
         except RoundInterrupted as stop:  # fewer rows than planned: the phase is interrupted
             return stop.trials, stop.planned

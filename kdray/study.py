@@ -223,13 +223,16 @@ def adaptive_rounds(
     mode: str = "max",
     alpha: float = 0.05,
     equivalence: float = 0.005,
+    stop_before: Callable[[int], str | None] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Decision]]:
     """Run rounds until every cell is resolved or at ``seeds.max``.
 
     ``run_round(trials, round)`` runs the given trial configs and returns every trial so far.
     Round 1 runs every cell with seeds ``1..min``; later rounds give each unresolved cell its
     next ``step`` seeds, and the baseline every seed any cell gets, so seeds stay paired.
-    ``metric``: default the trials' selection metric.
+    ``metric``: default the trials' selection metric. ``stop_before(round)`` (a study's budget)
+    is asked before each later round: a reason raises :class:`SeedsStopped` with the rounds so
+    far decided, so a budget ends between rounds, never inside one.
     """
     first = seeds.seeds(seeds.min)
     done = {cell["cell"]: list(first) for cell in cells}
@@ -257,6 +260,9 @@ def adaptive_rounds(
         extra = sorted({s for s_list in wanted.values() for s in s_list} - set(done[base]))
         if extra:
             wanted[base] = extra
+        reason = stop_before(round_index + 1) if stop_before else None
+        if reason:
+            raise SeedsStopped(reason, round_index, trials, decisions)
         new = []
         for name, new_seeds in wanted.items():
             new += paired_trials(_plain([by_name[name]]), new_seeds)
@@ -311,6 +317,18 @@ class RoundInterrupted(RuntimeError):
         )  # fmt: skip
 
 
+class SeedsStopped(RuntimeError):
+    """The rounds stopped between rounds for ``reason`` (a study's budget) with cells still
+    unresolved: ``trials`` holds every finished round's rows and ``decisions`` where each cell
+    stands; ``--resume`` with a larger budget continues with the next round."""
+
+    def __init__(
+        self, reason: str, rounds: int, trials: pd.DataFrame, decisions: dict[str, Decision]
+    ) -> None:
+        super().__init__(f"adaptive seeds stopped after round {rounds}: {reason}")
+        self.reason, self.rounds, self.trials, self.decisions = reason, rounds, trials, decisions
+
+
 def run_adaptive(
     spec: Spec,
     cells: list[dict[str, Any]],
@@ -321,6 +339,7 @@ def run_adaptive(
     out_dir: Path,
     resume: bool = False,
     overwrite: bool = False,
+    stop_before: Callable[[int], str | None] | None = None,
     **run_options: Any,
 ) -> tuple[pd.DataFrame, dict[str, Decision]]:
     """:func:`adaptive_rounds` with each round one experiment in ``out_dir/rounds/round-<k>``
@@ -370,4 +389,5 @@ def run_adaptive(
         mode=spec.tune.mode,
         alpha=ablation.alpha,
         equivalence=ablation.equivalence,
+        stop_before=stop_before,
     )

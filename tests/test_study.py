@@ -310,6 +310,56 @@ def test_an_unresolved_cell_gets_step_more_seeds_but_never_past_max() -> None:
     assert decision["noisy"].status == "unresolved" and decision["noisy"].next_seeds == [5]
 
 
+def test_a_spent_budget_stops_adaptive_seeds_between_rounds_with_the_rounds_so_far_decided() -> (
+    None
+):
+    cells = [
+        {"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "same", "noisy")
+    ]
+    log: list[list[tuple[str, int]]] = []
+    asked: list[int] = []
+
+    def stop_before(round_index: int) -> str | None:
+        asked.append(round_index)
+        return "the budget of 1 wall hours is spent (1.20 hours)"
+
+    with pytest.raises(study.SeedsStopped) as stopped:
+        study.adaptive_rounds(
+            cells,
+            "base",
+            AdaptiveSeeds(min=3, max=7, step=2),
+            _fake_runner(log),
+            metric="accuracy",
+            stop_before=stop_before,
+        )
+    # round 1 ran in full; asked before round 2, which never started
+    assert len(log) == 1 and asked == [2]
+    stop = stopped.value
+    assert stop.rounds == 1 and len(stop.trials) == 12
+    assert {c: d.status for c, d in stop.decisions.items()} == {
+        "clear": "better",
+        "same": "equivalent",
+        "noisy": "unresolved",
+    }
+    assert str(stop) == (
+        "adaptive seeds stopped after round 1: the budget of 1 wall hours is spent (1.20 hours)"
+    )
+
+
+def test_adaptive_seeds_that_resolve_in_round_one_never_ask_the_budget() -> None:
+    cells = [{"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "same")]
+    asked: list[int] = []
+    _, decisions = study.adaptive_rounds(
+        cells,
+        "base",
+        AdaptiveSeeds(min=3, max=7, step=2),
+        _fake_runner([]),
+        metric="accuracy",
+        stop_before=lambda k: asked.append(k) or "spent",
+    )
+    assert asked == [] and {d.status for d in decisions.values()} == {"better", "equivalent"}
+
+
 def test_adaptive_rounds_on_disk_run_one_folder_per_round_and_merge_the_tables(tmp_path) -> None:
     spec = _spec(ablation={"seeds": {"min": 3, "max": 5, "step": 2}})
     cells = [{"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "noisy")]
@@ -459,7 +509,7 @@ def _fake_phases(spec: Any, calls: list[tuple[str, bool]]) -> dict[str, Any]:
     from kdray import chain, results
 
     def runner(phase: str, rows: list[dict], command: str, phase_spec: Any) -> Any:
-        def run(out_dir: Path, again: bool) -> tuple[pd.DataFrame, int]:
+        def run(out_dir: Path, again: bool, budget_spent: Any) -> tuple[pd.DataFrame, int]:
             calls.append((phase, again))
             out_dir.mkdir(parents=True, exist_ok=True)
             results.write_experiment(out_dir, phase_spec, command)
@@ -594,8 +644,8 @@ def test_an_interrupted_phase_is_continued_with_resume_and_finished_ones_are_ski
     phases = _fake_phases(spec, calls)
     real_confirm = phases["confirm"]
 
-    def cut_short(out_dir: Path, again: bool) -> tuple[pd.DataFrame, int]:
-        trials, expected = real_confirm(out_dir, again)
+    def cut_short(out_dir: Path, again: bool, spent: Any) -> tuple[pd.DataFrame, int]:
+        trials, expected = real_confirm(out_dir, again, spent)
         return trials.assign(status=["ok", "interrupted", "ok", "ok"]), expected
 
     outcome = chain.run_study(spec, tmp_path / "s", {**phases, "confirm": cut_short})
@@ -606,6 +656,58 @@ def test_an_interrupted_phase_is_continued_with_resume_and_finished_ones_are_ski
     )
     chain.run_study(spec, tmp_path / "s", phases, resume=True)
     assert calls == [("sweep", False), ("confirm", False), ("confirm", True), ("ablation", False)]
+
+
+def _budget_study(trials: int):
+    """The study spec with a trial budget and up to 4 ablation seeds (2 run: cells unresolved)."""
+    return _spec(
+        tune={"metric": "accuracy", "mode": "max", "num_samples": 3, "resources": {"cpu": 2}},
+        ablation={"seeds": {"min": 2, "max": 4, "step": 1}, "equivalence": 0.01},
+        study={"confirm": {"top_k": 2, "seeds": 2}, "budget": {"trials": trials}},
+    )
+
+
+def test_a_budget_spent_between_ablation_rounds_stops_there_and_resume_adds_the_seeds(
+    tmp_path: Path,
+) -> None:
+    from kdray import chain
+
+    calls: list[tuple[str, bool]] = []
+    phases = _fake_phases(_budget_study(8), calls)
+    round_one = phases["ablation"]
+
+    def adaptive(out_dir: Path, again: bool, spent: Any) -> tuple[pd.DataFrame, int]:
+        trials, expected = round_one(out_dir, again, spent)  # round 1 writes its 8 rows
+        reason = spent()  # as run_adaptive asks before round 2
+        if reason:
+            raise study.SeedsStopped(reason, 1, trials, {})
+        return trials, expected
+
+    phases["ablation"] = adaptive
+    # 3 sweep + 4 confirm trials = 7 < 8: the ablation starts; after its round 1, 15 >= 8
+    outcome = chain.run_study(_budget_study(8), tmp_path / "s", phases)
+    assert outcome.stopped == (
+        "stopped the ablation phase after its adaptive round 1: the budget of 8 trials is spent "
+        "(15 trials run)"
+    )
+    assert outcome.interrupted is None
+    entry = chain.read_study(tmp_path / "s")["phases"]["ablation"]
+    assert (entry["status"], entry["trials"]) == ("stopped", 8)
+    text = (tmp_path / "s" / "STUDY.md").read_text()
+    assert "Phases: sweep done; confirm done; ablation stopped." in text
+    assert "The study stopped the ablation phase after its adaptive round 1" in text
+    # what round 1 decided is reported; the undecided cell says the budget stopped its seeds
+    assert "- `-attention` matters: the recipe is worse without it (keep it)" in text
+    assert (
+        "- `schedule=idal` is not resolved yet (the budget stopped its seeds; kdray study "
+        "--resume with a larger study.budget adds more); dev accuracy -0.0150" in text
+    )
+    assert "- ablation: [ablation/REPORT.md](ablation/REPORT.md)" in text
+    assert (tmp_path / "s" / "ablation" / "REPORT.md").exists()
+    # a larger budget and --resume continue the stopped ablation (resume=True), nothing else
+    chain.run_study(_budget_study(20), tmp_path / "s", phases, resume=True)
+    assert calls == [("sweep", False), ("confirm", False), ("ablation", False), ("ablation", True)]
+    assert chain.read_study(tmp_path / "s")["phases"]["ablation"]["status"] == "done"
 
 
 def test_resume_without_a_study_says_there_is_nothing_to_continue(tmp_path: Path) -> None:
