@@ -107,13 +107,6 @@ def _spent(folder: Path, record: dict[str, Any]) -> tuple[int, float]:
     return trials, seconds / 3600
 
 
-def finished(trials: pd.DataFrame, expected: int) -> bool:
-    """A phase ended (not interrupted): every planned trial has a row and none is unfinished."""
-    if len(trials) < max(expected, 1):
-        return False
-    return "status" not in trials or not trials["status"].isin(results.UNFINISHED).any()
-
-
 # ---------------------------------------------------------------------------------------------
 # The chain
 
@@ -196,7 +189,7 @@ def _run_phase(
         entry["seconds"] = entry.get("seconds", 0.0) + time.time() - started
         write_study(folder, record)
     entry["trials"] = len(trials)
-    if not finished(trials, expected):
+    if not results.all_ended(trials, expected):
         outcome.interrupted, entry["status"] = phase, INTERRUPTED
         write_study(folder, record)
         return False

@@ -99,6 +99,14 @@ class RunResult:
         return result
 
 
+def all_ended(trials: pd.DataFrame, planned: int) -> bool:
+    """Whether an experiment ended (was not cut off): each of its ``planned`` trials (at least
+    one) has a row and none is unfinished."""
+    if len(trials) < max(planned, 1):
+        return False
+    return "status" not in trials or not trials["status"].isin(UNFINISHED).any()
+
+
 def _prefixed(record: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k.removeprefix(prefix): v for k, v in record.items() if k.startswith(prefix)}
 

@@ -829,6 +829,9 @@ def run_trials(
             max_concurrent=base.tune.max_concurrent,
         )
 
+    out = Path(out_dir) if out_dir else Path("results") / name
+    if resume and (ended := _ended(spec, out, name, storage, len(trials))):
+        return ended
     return run_experiment(
         spec,
         explicit,
@@ -837,8 +840,25 @@ def run_trials(
         cells=cells if cells is not None else [trial["values"] for trial in trials],
         address=address,
         storage=storage,
-        out_dir=out_dir or Path("results") / name,
+        out_dir=out,
         resume=resume,
         overwrite=overwrite,
         callbacks=callbacks,
     )
+
+
+def _ended(
+    spec: Spec, out: Path, name: str, storage: str | None, planned: int
+) -> SweepResult | None:
+    """The tables of an explicit experiment whose ``planned`` trials have all ended, so that
+    resuming it (a finished round of adaptive seeds) starts neither Ray, the teacher nor the
+    teacher-output cache; None while any trial is missing or unfinished."""
+    if not (out / results.TRIALS_FILE).exists():
+        return None
+    trials, epochs = results.load(out)
+    if not results.all_ended(trials, planned):
+        return None
+    store = storage or str((out / "ray").resolve())
+    logger.info("%s: its %d trials have ended already; nothing to resume", name, len(trials))
+    experiment = f"{store.rstrip('/')}/{name}"
+    return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))

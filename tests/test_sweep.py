@@ -395,7 +395,7 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
 
 
 def test_confirm_and_an_adaptive_leave_one_out_run_as_paired_ray_trials(
-    cluster: Any, tiny_bert: Path, tmp_path: Path
+    cluster: Any, tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kdray import study
     from kdray.report import build_report
@@ -455,6 +455,19 @@ def test_confirm_and_an_adaptive_leave_one_out_run_as_paired_ray_trials(
     built = build_report(out)
     assert built.baseline == "recipe"
     assert built.stopping.set_index("cell").loc["init=random", "stopped"] == decision.status
+
+    # resuming the finished rounds runs nothing: no teacher, no teacher-output cache, no Tune
+    import kdray.sweep as kdray_sweep
+
+    def must_not_run(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a finished round was run again")
+
+    monkeypatch.setattr(kdray_sweep, "run_experiment", must_not_run)
+    again, decided = study.run_adaptive(
+        spec, cells, study.RECIPE, run_trials, name="study-ablation", out_dir=out, resume=True
+    )
+    assert sorted(again["trial_id"]) == sorted(trials["trial_id"])
+    assert decided["init=random"].status == decision.status
 
 
 def _dying_trainable(marker: Path) -> Any:
