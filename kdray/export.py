@@ -137,17 +137,13 @@ def _row_settings(row: dict[str, Any], base: Spec) -> dict[str, Any]:
     for key, default in base.flat().items():
         # a sweep's trials read the teacher from the sweep's storage: the spec's own teacher
         # setting is what reproduces them
-        if key in ("name", "teacher.checkpoint") or key not in row or _missing(row[key]):
+        if key in ("name", "teacher.checkpoint") or key not in row or results.is_missing(row[key]):
             continue
         value = row[key]
         if isinstance(value, str) and isinstance(default, list | str) and value.startswith("["):
             value = json.loads(value)
         values[key] = value.item() if hasattr(value, "item") else value
     return values
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,13 +213,9 @@ def sampled_settings(row: dict[str, Any], spec: Spec, exclude: set[str]) -> dict
     out: dict[str, Any] = {}
     for key, value in row.items():
         setting = key.removeprefix("param.")
-        if key.startswith("param.") and setting not in exclude and _present(value):
+        if key.startswith("param.") and setting not in exclude and not results.is_missing(value):
             out[setting] = decode(spec.search.get(setting), value)
     return out
-
-
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def _best_matching(trials: pd.DataFrame, values: dict[str, Any], spec: Spec) -> dict | None:
@@ -243,8 +239,9 @@ def students_to_keep(rows: list[dict[str, Any]], policy: str | int, mode: str) -
     groups: dict[Any, list[tuple[float, str]]] = {}
     for row in ok:
         value = row.get(f"best.dev.{row.get('metric')}")
-        score = worst if value is None or pd.isna(value) else float(value)
-        key = next((row[k] for k in ("cell", "config_rank") if _present(row.get(k))), None)
+        score = worst if results.is_missing(value) else float(value)
+        cells = (row[k] for k in ("cell", "config_rank") if not results.is_missing(row.get(k)))
+        key = next(cells, None)
         groups.setdefault(json_cell(key), []).append((score, str(row["trial_id"])))
     keep: set[str] = set()
     for scored in groups.values():

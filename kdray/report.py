@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import stats
 
 from kdray.algorithms import INTERNAL
+from kdray.results import is_missing
 
 __all__ = [
     "Report",
@@ -95,7 +96,7 @@ def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     A path that does not exist is an error here, not a lookup in its parent folder.
     """
-    from kdray.results import load  # lazy: kdray.results imports the trainer (torch)
+    from kdray.results import load
 
     if not Path(path).exists():
         raise FileNotFoundError(f"no results at {path}")
@@ -548,18 +549,9 @@ def _distribution(values: pd.Series) -> tuple[Any, list[Any]] | None:
                 int(v) for v in values
             ]
         return od.FloatDistribution(low, high, log=log), [float(v) for v in values]
-    as_text = [str(_hashable(v)) if not _is_missing(v) else "None" for v in values]
+    as_text = [str(_hashable(v)) if not is_missing(v) else "None" for v in values]
     choices = list(dict.fromkeys(as_text))
     return od.CategoricalDistribution(choices), as_text
-
-
-def _is_missing(value: Any) -> bool:
-    if isinstance(value, (list, tuple, dict, np.ndarray)):
-        return False
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def parameter_importance(
@@ -686,8 +678,8 @@ def learning_curves(
                     "stage_name": stage_name,
                     "stage_start": bool(
                         previous_stage is not None
-                        and not _na(stage)
-                        and not _na(previous_stage)
+                        and not is_missing(stage)
+                        and not is_missing(previous_stage)
                         and stage != previous_stage
                     ),
                 }
@@ -928,7 +920,7 @@ def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str | None = None) ->
 
 
 def _format(value: Any) -> str:
-    if value is None or (not isinstance(value, (list, tuple, dict, np.ndarray)) and _na(value)):
+    if is_missing(value):
         return ""
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
@@ -942,13 +934,6 @@ def _format(value: Any) -> str:
     if isinstance(value, (list, tuple, dict, np.ndarray)):
         return json.dumps(value.tolist() if isinstance(value, np.ndarray) else value)
     return str(value)
-
-
-def _na(value: Any) -> bool:
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _with_index(df: pd.DataFrame) -> pd.DataFrame:

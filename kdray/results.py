@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -111,10 +111,19 @@ def _prefixed(record: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k.removeprefix(prefix): v for k, v in record.items() if k.startswith(prefix)}
 
 
+def is_missing(value: Any) -> bool:
+    """Whether a table cell holds no value (None, NaN, pd.NA, NaT). A list, tuple, dict or
+    array (a layer map, a JSON cell) is a value, even an empty one."""
+    if isinstance(value, (list, tuple, dict, np.ndarray)):
+        return False
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _int_or_none(value: Any) -> int | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return int(value)
+    return None if is_missing(value) else int(value)
 
 
 def trial_row(

@@ -398,3 +398,24 @@ def test_kdray_run_replaces_its_own_run_and_refuses_another(
     (aside,) = tmp_path.glob("out.old-*")
     assert (aside / "student" / "config.json").exists()  # moved aside, not lost
     assert results.load(out)[0].iloc[0]["status"] == "diverged"
+
+
+@pytest.mark.parametrize(
+    ("value", "missing"),
+    [
+        (None, True),
+        (float("nan"), True),
+        (pd.NA, True),
+        (pd.NaT, True),
+        (0.0, False),
+        (0, False),
+        ("", False),
+        ([], False),  # an empty layer map is a value
+        ([1, float("nan")], False),  # a list is never a missing cell, whatever it holds
+        ({"a": None}, False),
+    ],
+)
+def test_a_table_cell_is_missing_only_when_it_holds_no_value(value: Any, missing: bool) -> None:
+    from kdray.results import is_missing
+
+    assert is_missing(value) is missing
