@@ -133,7 +133,8 @@ def run_study(
 ) -> StudyOutcome:
     """Run the phases in order, skipping done ones; before each (and between the ablation's
     adaptive rounds) stop if the budget is spent. Each finished or budget-stopped phase gets its
-    ``REPORT.md``; the study ends with ``STUDY.md``."""
+    ``REPORT.md``; ``STUDY.md`` is rewritten after each finished phase (what is known so far,
+    should the study later crash) and when the study ends."""
     record = claim_study(folder, spec, resume)
     folder.mkdir(parents=True, exist_ok=True)
     write_study(folder, record)
@@ -150,9 +151,9 @@ def run_study(
             break
         if not _run_phase(phase, runners[phase], folder, record, budget, outcome):
             break
+        write_text_atomic(folder / STUDY_REPORT, study_markdown(spec, folder, record))
     write_study(folder, record)
-    text = study_markdown(spec, folder, record)
-    write_text_atomic(folder / STUDY_REPORT, text)
+    write_text_atomic(folder / STUDY_REPORT, study_markdown(spec, folder, record))
     return outcome
 
 

@@ -608,6 +608,27 @@ def test_study_md_states_the_recipe_its_confirmed_score_and_which_components_mat
     assert "Not tested on this recipe:\n\n- `-hard`: hard is not active in the recipe" in text
 
 
+def test_study_md_is_written_after_each_finished_phase_so_a_crash_leaves_what_is_known(
+    tmp_path: Path,
+) -> None:
+    from kdray import chain
+
+    spec = _study_spec()
+    phases = _fake_phases(spec, [])
+    seen: list[str] = []
+
+    def crashing_ablation(out_dir: Path, again: bool, spent: Any) -> tuple[pd.DataFrame, int]:
+        seen.append((tmp_path / "s" / "STUDY.md").read_text())
+        raise RuntimeError("the machine went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        chain.run_study(spec, tmp_path / "s", {**phases, "ablation": crashing_ablation})
+    # written when the confirmation finished, before the ablation started
+    assert "Phases: sweep done; confirm done; ablation not run." in seen[0]
+    assert "Confirmed dev accuracy: 0.6800" in seen[0]
+    assert (tmp_path / "s" / "STUDY.md").read_text() == seen[0]
+
+
 def test_a_spent_trial_budget_stops_the_study_after_the_sweep_with_what_is_known(
     tmp_path: Path,
 ) -> None:
