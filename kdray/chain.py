@@ -151,7 +151,8 @@ def run_study(
             break
         if not _run_phase(phase, runners[phase], folder, record, budget, outcome):
             break
-        write_text_atomic(folder / STUDY_REPORT, study_markdown(spec, folder, record))
+        if phase != PHASES[-1]:  # the last one's is written just below
+            write_text_atomic(folder / STUDY_REPORT, study_markdown(spec, folder, record))
     write_study(folder, record)
     write_text_atomic(folder / STUDY_REPORT, study_markdown(spec, folder, record))
     return outcome

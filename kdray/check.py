@@ -73,7 +73,7 @@ def preflight(
     ``ablate``), in order. ``cluster_resources`` is what the cluster at ``address`` offers (the
     CLI asks :func:`kdray.sweep.cluster_resources`); without it, this machine's."""
     out = Path(out_dir) if out_dir else default_out_dir(spec, command)
-    store = storage or str(out / "ray")
+    store = results.ray_store(out, storage)
     model = _TeacherFolder(spec)
     steps: list[tuple[str, Callable[[], tuple[bool | None, str]]]] = [
         ("spec", lambda: _spec_check(spec, command)),

@@ -536,8 +536,9 @@ def _restorable(out_dir: Path, storage: str | None, name: str) -> bool:
     """Whether an interrupted phase's Tune experiment exists to continue; one interrupted before
     Tune started (e.g. while the teacher trained) starts again instead."""
     from kdray.check import can_restore
+    from kdray.results import ray_store
 
-    return can_restore(storage or str((out_dir / "ray").resolve()), name)
+    return can_restore(ray_store(out_dir, storage), name)
 
 
 BudgetCheck = Callable[[], str | None]  # why a study's budget is spent now, or None

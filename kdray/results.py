@@ -329,6 +329,17 @@ def experiment_name(spec: Spec, command: str) -> str:
     return f"{spec.name}{suffix}"
 
 
+def ray_store(out: Path, storage: str | None) -> str:
+    """Where a results folder's Ray Tune experiments live: ``--storage`` (a path or a remote URI)
+    if given, else ``<out>/ray``; one rule for running, resuming and checking them."""
+    return storage or str((out / "ray").resolve())
+
+
+def experiment_path(out: Path, storage: str | None, name: str) -> str:
+    """The Ray Tune experiment ``name`` of the results folder ``out`` (see :func:`ray_store`)."""
+    return f"{ray_store(out, storage).rstrip('/')}/{name}"
+
+
 def _read_record(path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())

@@ -730,10 +730,10 @@ def run_experiment(
     out = Path(out_dir) if out_dir else Path("results") / name
     loggers = logger_callbacks(spec, out, name)  # mlflow missing fails here, before Ray
     results.claim_folder(out, spec, command, resume=resume, overwrite=overwrite)
-    store = storage or str((out / "ray").resolve())
+    store = results.ray_store(out, storage)
     out.mkdir(parents=True, exist_ok=True)
     init_ray(address)
-    experiment = f"{store.rstrip('/')}/{name}"
+    experiment = results.experiment_path(out, storage, name)
     if resume and not tune.Tuner.can_restore(experiment):
         raise FileNotFoundError(f"nothing to resume at {experiment}")
     results.write_experiment(out, spec, command)
@@ -858,7 +858,6 @@ def _ended(
     trials, epochs = results.load(out)
     if not results.all_ended(trials, planned):
         return None
-    store = storage or str((out / "ray").resolve())
     logger.info("%s: its %d trials have ended already; nothing to resume", name, len(trials))
-    experiment = f"{store.rstrip('/')}/{name}"
+    experiment = results.experiment_path(out, storage, name)
     return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))

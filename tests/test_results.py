@@ -419,3 +419,13 @@ def test_a_table_cell_is_missing_only_when_it_holds_no_value(value: Any, missing
     from kdray.results import is_missing
 
     assert is_missing(value) is missing
+
+
+def test_an_experiment_lives_in_the_given_storage_or_else_in_the_folders_ray(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "results" / "sweep"
+    assert results.ray_store(out, None) == str(tmp_path / "results" / "sweep" / "ray")
+    assert results.experiment_path(out, None, "rte") == f"{tmp_path}/results/sweep/ray/rte"
+    assert results.experiment_path(out, "s3://bucket/runs/", "rte") == "s3://bucket/runs/rte"
+    assert results.experiment_path(out, "/shared/ray", "rte-confirm") == "/shared/ray/rte-confirm"
