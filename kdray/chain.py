@@ -84,6 +84,11 @@ def claim_study(folder: Path, spec: Spec, resume: bool) -> dict[str, Any]:
     return {"name": spec.name, "phases": {}, "stopped": None}
 
 
+def phase_status(record: dict[str, Any], phase: str) -> str:
+    """A phase's status in a study record: pending, running, interrupted, stopped or done."""
+    return record["phases"].get(phase, {}).get("status", "pending")
+
+
 def phase_trials(folder: Path, phase: str) -> pd.DataFrame:
     """A phase's trials table; empty before the phase wrote one."""
     if not (folder / phase / results.TRIALS_FILE).exists():
@@ -288,7 +293,7 @@ _VERDICT = {
 
 
 def _components_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[str]:
-    status = record["phases"].get("ablation", {}).get("status")
+    status = phase_status(record, "ablation")
     if status not in (DONE, STOPPED):
         return ["## Which components matter", "", "Not known yet: the ablation has not finished."]
     cut_off = (
@@ -359,12 +364,12 @@ def study_markdown(spec: Spec, folder: Path, record: dict[str, Any]) -> str:
     """STUDY.md: the recipe, its confirmed score and the teacher's, which components matter,
     what each phase spent, and links to the phase reports."""
     phases = record["phases"]
-    done = [p for p in PHASES if phases.get(p, {}).get("status") in (DONE, STOPPED)]
+    done = [p for p in PHASES if phase_status(record, p) in (DONE, STOPPED)]
     status = "; ".join(f"{p} {phases.get(p, {}).get('status', 'not run')}" for p in PHASES)
     lines = [f"# kdray study: {spec.name}", "", f"Phases: {status}."]
     if record.get("stopped"):
         lines += ["", f"The study {record['stopped']}; what follows is what is known so far."]
-    interrupted = [p for p in PHASES if phases.get(p, {}).get("status") in (RUNNING, INTERRUPTED)]
+    interrupted = [p for p in PHASES if phase_status(record, p) in (RUNNING, INTERRUPTED)]
     if interrupted:
         lines += ["", f"The {interrupted[0]} phase was interrupted: continue with --resume."]
     lines += ["", *_recipe_section(spec, folder, record)]

@@ -68,10 +68,13 @@ def preflight(
     resume: bool = False,
     overwrite: bool = False,
     cluster_resources: dict[str, float] | None = None,
+    skip: dict[str, str] | None = None,
 ) -> list[Check]:
     """Every check that applies to ``kdray <command>`` on ``spec`` (``run``, ``sweep`` or
     ``ablate``), in order. ``cluster_resources`` is what the cluster at ``address`` offers (the
-    CLI asks :func:`kdray.sweep.cluster_resources`); without it, this machine's."""
+    CLI asks :func:`kdray.sweep.cluster_resources`); without it, this machine's. ``skip`` names
+    checks that do not apply this time, each with why (a study whose sweep phase is done does
+    not need that phase's folder free or resumable)."""
     out = Path(out_dir) if out_dir else default_out_dir(spec, command)
     store = results.ray_store(out, storage)
     model = _TeacherFolder(spec)
@@ -93,7 +96,10 @@ def preflight(
             ("storage", lambda: _storage_check(store)),
             ("resume", lambda: _resume_check(spec, command, store, resume)),
         ]
-    return [_run(name, step) for name, step in steps]
+    skip = skip or {}
+    return [
+        Check(name, None, skip[name]) if name in skip else _run(name, step) for name, step in steps
+    ]
 
 
 def _run(name: str, step: Callable[[], tuple[bool | None, str]]) -> Check:

@@ -61,7 +61,7 @@ def _settings_errors() -> Iterator[None]:
     except (SpecError, DataError, ModelError, ValueError, FileNotFoundError) as error:
         name = type(error).__name__
         shown = str(error) if isinstance(error, SpecError) else f"{name}: {error}"
-        console.print(f"[red]{shown}[/red]", highlight=False)
+        console.print(f"[red]{shown}[/red]", highlight=False, soft_wrap=True)  # paths unbroken
         raise typer.Exit(2) from None
 
 
@@ -515,9 +515,14 @@ def study(
         + (" (resuming)" if resume else "")
     )
     with _settings_errors():
-        chain.claim_study(folder, spec, resume)  # a study folder is refused before any check
+        record = chain.claim_study(folder, spec, resume)  # refused before any check
     swept = resume and _restorable(folder / "sweep", storage, spec.name)
-    _preflight(spec, "sweep", folder / "sweep", address=address, storage=storage, resume=swept)
+    skip = {}
+    if chain.phase_status(record, "sweep") == chain.DONE:  # not run again, even if Ray's is gone
+        skip = dict.fromkeys(("results folder", "resume"), "the study's sweep phase is done")
+    _preflight(
+        spec, "sweep", folder / "sweep", address=address, storage=storage, resume=swept, skip=skip
+    )
     runners = _study_runners(spec, folder, {"address": address, "storage": storage})
     with _settings_errors():
         outcome = chain.run_study(spec, folder, runners, resume=resume)

@@ -285,3 +285,15 @@ def test_kdray_run_stops_before_distilling_when_a_check_fails(
     assert f"teacher.checkpoint: teacher.checkpoint '{tmp_path / 'gone'}' is not a folder" in (
         result.output
     )
+
+
+def test_a_check_the_caller_says_does_not_apply_is_skipped_with_its_reason(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec = _spec(tiny_bert, search=SEARCH)
+    store = tmp_path / "store"  # nothing to resume there: the resume check alone would fail
+    skip = {"resume": "the study's sweep phase is done"}
+    checks = _checks(spec, tmp_path, "sweep", storage=str(store), resume=True, skip=skip)
+    assert (checks["resume"].ok, checks["resume"].detail) == (None, skip["resume"])
+    assert _failed(checks) == {}
+    assert checks["storage"].ok is True  # the checks not named still run

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -583,6 +584,16 @@ def test_study_runs_sweep_confirm_and_leave_one_out_and_writes_study_md(
     assert again.exit_code == 2
     assert "--resume, or write elsewhere with --out DIR" in " ".join(again.output.split())
     _confirm_and_ablate_alone_repeat_the_study(cluster, spec_file, out, confirmed, tmp_path)
+    # --resume where only the evidence is left (no Ray folders: a clone of committed results/)
+    # checks the finished sweep phase's folder no more: it will not run again
+    for ray_dir in [path for path in out.rglob("ray") if path.is_dir()]:
+        shutil.rmtree(ray_dir)
+    resumed = _study_cli(
+        str(spec_file), "--out", str(out), "--address", cluster.address, "--resume"
+    )
+    assert resumed.exit_code == 0, resumed.output[-3000:]
+    assert "pre-flight checks failed" not in resumed.output
+    _assert_whole_study(out)
 
 
 def _confirm_and_ablate_alone_repeat_the_study(
@@ -605,7 +616,8 @@ def _confirm_and_ablate_alone_repeat_the_study(
     assert list(mine["config_rank"]) == [1, 1] and list(mine["seed"]) == [1, 2]
     assert list(mine["best.dev.accuracy"]) == pytest.approx(list(theirs["best.dev.accuracy"]))
     refused = cli.invoke(app, ["confirm", str(alone), "--address", cluster.address])
-    assert refused.exit_code == 2 and "not a sweep's results folder" in refused.output
+    assert refused.exit_code == 2  # rich wraps the message at the terminal's width
+    assert "not a sweep's results folder" in " ".join(refused.output.split())
 
     ablation = tmp_path / "ablate-alone"
     args = ["--from-sweep", str(out / "sweep"), "--out", str(ablation)]
