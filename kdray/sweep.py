@@ -537,22 +537,48 @@ def _mlflow_callback(spec: Spec, out: Path, name: str) -> Any:
 # Teacher and teacher outputs, once per experiment
 
 
-def _teacher_task(spec_json: dict[str, Any], target: str) -> dict[str, Any]:
+def setup_cpus(cpu: float, max_concurrent: int, node_cpus: list[float]) -> float:
+    """CPUs for a task that runs before any trial (the teacher, its outputs): the trials' CPUs
+    together (``cpu`` x ``max_concurrent``), as none of them runs yet, but no more than the
+    largest node has (or the task could not be placed), and never fewer than one trial's."""
+    return max(cpu, min(cpu * max_concurrent, max(node_cpus, default=0.0)))
+
+
+def _setup_task(spec: Spec, fn: Callable[..., Any]) -> tuple[Any, float]:
+    """``fn`` as a Ray task with :func:`setup_cpus` CPUs (and one trial's GPUs), and that CPU
+    count, which the task passes to torch (Ray's worker would otherwise run it on one thread)."""
+    resources = spec.tune.resources
+    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    cpus = setup_cpus(resources.cpu, spec.tune.max_concurrent, nodes)
+    return ray.remote(num_cpus=cpus, num_gpus=resources.gpu)(fn), cpus
+
+
+def _use_cpus(cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def _teacher_task(spec_json: dict[str, Any], target: str, cpus: float = 1) -> dict[str, Any]:
     """Runs as a Ray task: fine-tune (or reuse) the teacher and copy it into the storage."""
     from kdray import teacher
 
+    _use_cpus(cpus)
     spec = Spec.model_validate(spec_json)
     info = teacher.ensure_teacher(spec)
     teacher.publish(info, target)
     return {"id": info.id, "dev_metrics": info.dev_metrics, "settings": info.settings}
 
 
-def _teacher_outputs_task(spec_json: dict[str, Any], variants: list[dict], root: str) -> int:
+def _teacher_outputs_task(
+    spec_json: dict[str, Any], variants: list[dict], root: str, cpus: float = 1
+) -> int:
     """Runs as a Ray task: build the teacher-output caches the trials will read."""
     from kdray import data, engine, models
     from kdray.teacher import ensure_teacher
     from kdray.teacher_outputs import cache_enabled, outputs_factory
 
+    _use_cpus(cpus)
     spec = Spec.model_validate(spec_json)
     info = ensure_teacher(spec)
     prepared = data.prepare(spec, info.path)
@@ -583,11 +609,11 @@ def _prepare_teacher(spec: Spec, store: str, name: str) -> tuple[Any, Spec]:
     from kdray.teacher import TeacherInfo
 
     location = f"{store.rstrip('/')}/{name}-teacher"
-    resources = spec.tune.resources
-    task = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(_teacher_task)
-    logger.info("teacher: fine-tuning %s on %s, or reusing it", spec.teacher.model, spec.task)
+    task, cpus = _setup_task(spec, _teacher_task)
+    model = spec.teacher.model
+    logger.info("teacher: fine-tuning %s on %s, or reusing it (%g CPUs)", model, spec.task, cpus)
     started = time.time()
-    meta = ray.get(task.remote(spec.model_dump(mode="json"), location))
+    meta = ray.get(task.remote(spec.model_dump(mode="json"), location, cpus))
     logger.info(
         "teacher %s ready in %.0fs: dev %s",
         meta["id"],
@@ -605,11 +631,10 @@ def _prepare_outputs(base: Spec, cells: list[dict] | None, store: str, name: str
     if not variants or "://" in store:
         return base
     root = f"{store.rstrip('/')}/{name}-teacher-outputs"
-    resources = base.tune.resources
-    build = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu)(_teacher_outputs_task)
+    build, cpus = _setup_task(base, _teacher_outputs_task)
     logger.info("teacher outputs: caching them for %d layer set(s)", len(variants))
     started = time.time()
-    ray.get(build.remote(base.model_dump(mode="json", by_alias=True), variants, root))
+    ray.get(build.remote(base.model_dump(mode="json", by_alias=True), variants, root, cpus))
     logger.info("teacher outputs ready in %.0fs", time.time() - started)
     return base.with_values({"teacher.cache.dir": root})
 

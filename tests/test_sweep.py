@@ -21,7 +21,7 @@ import yaml
 from conftest import REPO, tiny_spec_dict
 from kdray.plan import OBJECTIVE, RUNG_TIME, OptunaSpace, active_values
 from kdray.spec import spec_from_dict
-from kdray.sweep import OPTUNA_JOURNAL, logger_callbacks, make_scheduler, run_sweep
+from kdray.sweep import OPTUNA_JOURNAL, logger_callbacks, make_scheduler, run_sweep, setup_cpus
 
 ray = pytest.importorskip("ray")
 
@@ -675,3 +675,19 @@ def test_interrupted_study_resumes_without_losing_or_repeating_sweep_trials(
     assert len(trials) == 3 and trials["trial_id"].is_unique
     assert set(trials["status"]) == {"ok"}
     assert finished_before <= set(trials["trial_id"])
+
+
+@pytest.mark.parametrize(
+    ("cpu", "max_concurrent", "nodes", "expected"),
+    [
+        (1, 2, [2.0], 2.0),  # two 1-CPU trials to come: the teacher gets both cores
+        (1, 2, [1.0, 1.0], 1.0),  # no node has two: it must still be placed
+        (2, 1, [2.0], 2.0),  # one 2-CPU trial: the same as a trial
+        (0.5, 4, [16.0], 2.0),
+        (4, 2, [2.0], 4.0),  # never fewer than one trial's (the pre-flight check says it fits)
+    ],
+)
+def test_the_teacher_task_gets_the_cpus_of_all_concurrent_trials_that_a_node_can_give(
+    cpu: float, max_concurrent: int, nodes: list[float], expected: float
+) -> None:
+    assert setup_cpus(cpu, max_concurrent, nodes) == expected
