@@ -61,7 +61,13 @@ def main() -> None:
     nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
     variants = {
         "one_trial_cpus": spec.tune.resources.cpu,  # what the task asked for before
-        "all_trials_cpus": setup_cpus(spec.tune.resources.cpu, spec.tune.max_concurrent, nodes),
+        "all_trials_cpus": setup_cpus(
+            spec.tune.resources.cpu,
+            0.0,
+            spec.tune.max_concurrent,
+            nodes,
+            ray.available_resources()["CPU"],
+        ),
     }
     spec_json = spec.model_dump(mode="json")
     seconds: dict[str, list[float]] = {name: [] for name in variants}

@@ -537,11 +537,17 @@ def _mlflow_callback(spec: Spec, out: Path, name: str) -> Any:
 # Teacher and teacher outputs, once per experiment
 
 
-def setup_cpus(cpu: float, max_concurrent: int, node_cpus: list[float]) -> float:
-    """CPUs for a task that runs before any trial (the teacher, its outputs): the trials' CPUs
-    together (``cpu`` x ``max_concurrent``), as none of them runs yet, but no more than the
-    largest node has (or the task could not be placed), and never fewer than one trial's."""
-    return max(cpu, min(cpu * max_concurrent, max(node_cpus, default=0.0)))
+def setup_cpus(
+    cpu: float, gpu: float, max_concurrent: int, node_cpus: list[float], free_cpus: float
+) -> float:
+    """CPUs for a task that runs before any trial (the teacher, its outputs) on CPU: the
+    trials' CPUs together (``cpu`` x ``max_concurrent``), as none of them runs yet, but no more
+    than the largest node has (or the task could not be placed) nor than the cluster has free
+    now (other jobs may hold some), and never fewer than one trial's. With a GPU (``gpu`` > 0)
+    the GPU does the work: one trial's CPUs."""
+    if gpu > 0:
+        return cpu
+    return max(cpu, min(cpu * max_concurrent, max(node_cpus, default=0.0), free_cpus))
 
 
 def _setup_task(spec: Spec, fn: Callable[..., Any]) -> tuple[Any, float]:
@@ -549,7 +555,8 @@ def _setup_task(spec: Spec, fn: Callable[..., Any]) -> tuple[Any, float]:
     count, which the task passes to torch (Ray's worker would otherwise run it on one thread)."""
     resources = spec.tune.resources
     nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
-    cpus = setup_cpus(resources.cpu, spec.tune.max_concurrent, nodes)
+    free = ray.available_resources().get("CPU", 0.0)
+    cpus = setup_cpus(resources.cpu, resources.gpu, spec.tune.max_concurrent, nodes, free)
     return ray.remote(num_cpus=cpus, num_gpus=resources.gpu)(fn), cpus
 
 

@@ -678,16 +678,25 @@ def test_interrupted_study_resumes_without_losing_or_repeating_sweep_trials(
 
 
 @pytest.mark.parametrize(
-    ("cpu", "max_concurrent", "nodes", "expected"),
+    ("cpu", "gpu", "max_concurrent", "nodes", "free", "expected"),
     [
-        (1, 2, [2.0], 2.0),  # two 1-CPU trials to come: the teacher gets both cores
-        (1, 2, [1.0, 1.0], 1.0),  # no node has two: it must still be placed
-        (2, 1, [2.0], 2.0),  # one 2-CPU trial: the same as a trial
-        (0.5, 4, [16.0], 2.0),
-        (4, 2, [2.0], 4.0),  # never fewer than one trial's (the pre-flight check says it fits)
+        (1, 0, 2, [2.0], 2.0, 2.0),  # two 1-CPU trials to come: the teacher gets both cores
+        (1, 0, 2, [1.0, 1.0], 2.0, 1.0),  # no node has two: it must still be placed
+        (2, 0, 1, [2.0], 2.0, 2.0),  # one 2-CPU trial: the same as a trial
+        (0.5, 0, 4, [16.0], 16.0, 2.0),
+        (1, 0, 8, [16.0], 3.0, 3.0),  # other jobs hold 13 CPUs: what is free
+        (
+            4,
+            0,
+            2,
+            [2.0],
+            2.0,
+            4.0,
+        ),  # never fewer than one trial's (the pre-flight check says it fits)
+        (4, 1, 8, [32.0], 32.0, 4.0),  # on a GPU the CPUs do not train it: one trial's
     ],
 )
 def test_the_teacher_task_gets_the_cpus_of_all_concurrent_trials_that_a_node_can_give(
-    cpu: float, max_concurrent: int, nodes: list[float], expected: float
+    cpu: float, gpu: float, max_concurrent: int, nodes: list[float], free: float, expected: float
 ) -> None:
-    assert setup_cpus(cpu, max_concurrent, nodes) == expected
+    assert setup_cpus(cpu, gpu, max_concurrent, nodes, free) == expected
