@@ -51,8 +51,8 @@ test: install
 	$(OFFLINE) $(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check kdray tests benchmarks
-	$(VENV)/bin/ruff format --check kdray tests benchmarks
+	$(VENV)/bin/ruff check kdray tests benchmarks conftest.py
+	$(VENV)/bin/ruff format --check kdray tests benchmarks conftest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,4 +1,5 @@
-"""Test-session set-up: keep every library offline and Ray on loopback before anything imports them."""
+"""Test-session set-up: keep every library offline and Ray on loopback before anything imports
+them."""
 
 from __future__ import annotations
 
