@@ -262,5 +262,9 @@ def best_trial(trials: pd.DataFrame, mode: str = "max") -> dict[str, Any] | None
     ok = ok.dropna(subset=[column]).reset_index(drop=True)  # labels may repeat (concatenated)
     if ok.empty:
         return None
-    index = ok[column].idxmax() if mode == "max" else ok[column].idxmin()
-    return ok.loc[index].to_dict()
+    # ties (common on small dev sets) go to the better final metric, then to the lower spec
+    # fingerprint, so that the same trials always give the same best, in any row order
+    keys = [key for key in (column, f"final.dev.{metric}", "spec_fingerprint") if key in ok]
+    ascending = [key == "spec_fingerprint" or mode == "min" for key in keys]
+    ranked = ok.sort_values(keys, ascending=ascending, kind="stable", na_position="last")
+    return ranked.iloc[0].to_dict()

@@ -104,3 +104,32 @@ def test_an_experiment_of_cells_caches_only_the_layer_maps_of_its_cells_and_spec
     # a confirmation's configurations all set the layer map: the spec's own is not cached
     configs = [{"distill.layer_map": "last"}, {"distill.layer_map": "last", "train.lr": 1e-4}]
     assert [v["distill.layer_map"] for v in cache_variants(spec, configs)] == ["last"]
+
+
+def test_tied_best_trials_are_broken_by_the_final_metric_then_the_fingerprint_in_any_order() -> (
+    None
+):
+    import pandas as pd
+
+    from kdray.plan import best_trial
+
+    rows = [
+        {"trial_id": "b", "status": "ok", "metric": "accuracy", "best.dev.accuracy": 0.56,
+         "final.dev.accuracy": 0.54, "spec_fingerprint": "f2"},
+        {"trial_id": "a", "status": "ok", "metric": "accuracy", "best.dev.accuracy": 0.56,
+         "final.dev.accuracy": 0.54, "spec_fingerprint": "f1"},
+        {"trial_id": "c", "status": "ok", "metric": "accuracy", "best.dev.accuracy": 0.55,
+         "final.dev.accuracy": 0.55, "spec_fingerprint": "f0"},
+    ]  # fmt: skip
+    for order in (rows, rows[::-1], [rows[1], rows[2], rows[0]]):
+        assert best_trial(pd.DataFrame(order))["trial_id"] == "a"  # full tie: fingerprint f1
+    rows[0]["final.dev.accuracy"] = 0.55  # now b ends better
+    assert best_trial(pd.DataFrame(rows))["trial_id"] == "b"
+    assert best_trial(pd.DataFrame(rows[::-1]))["trial_id"] == "b"
+    # with mode min both metrics count lower as better: negated, b still wins
+    lowest = [
+        {**row, "best.dev.accuracy": -row["best.dev.accuracy"],
+         "final.dev.accuracy": -row["final.dev.accuracy"]}
+        for row in rows
+    ]  # fmt: skip
+    assert best_trial(pd.DataFrame(lowest), "min")["trial_id"] == "b"
