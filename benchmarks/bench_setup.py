@@ -51,23 +51,16 @@ def main() -> None:
     import ray
 
     from kdray.spec import spec_from_dict
-    from kdray.sweep import setup_cpus
+    from kdray.sweep import setup_task_cpus
 
     raw = common.spec_dict(teacher_epochs=1, name="bench-setup")
     raw["train"]["max_train_examples"] = args.examples
     raw["tune"] = {"max_concurrent": CPUS, "resources": {"cpu": 1, "gpu": 0}}
     spec = spec_from_dict(raw, source="<benchmark spec>")
     ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
-    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
     variants = {
         "one_trial_cpus": spec.tune.resources.cpu,  # what the task asked for before
-        "all_trials_cpus": setup_cpus(
-            spec.tune.resources.cpu,
-            0.0,
-            spec.tune.max_concurrent,
-            nodes,
-            ray.available_resources()["CPU"],
-        ),
+        "all_trials_cpus": setup_task_cpus(spec),  # what kdray asks for now
     }
     spec_json = spec.model_dump(mode="json")
     seconds: dict[str, list[float]] = {name: [] for name in variants}

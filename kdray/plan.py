@@ -230,24 +230,35 @@ def _best_matching(trials: pd.DataFrame, values: dict[str, Any], spec: Spec) -> 
 def students_to_keep(rows: list[dict[str, Any]], policy: str | int, mode: str) -> set[str]:
     """Trial ids whose student a ``tune.keep_students`` policy keeps: the best ``K`` ok trials
     (``best`` is 1) of each group, where a group is an ablation ``cell``, a confirmed
-    configuration (``config_rank``) or, in a sweep, all trials. Ties keep the earlier trial."""
+    configuration (``config_rank``) or, in a sweep, all trials, ranked by :func:`rank_key`."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("student_path")]
     if policy == "all":
         return {str(r["trial_id"]) for r in ok}
     top = 0 if policy == "none" else 1 if policy == "best" else int(policy)
-    worst = -math.inf if mode == "max" else math.inf  # a trial without a score ranks last
-    groups: dict[Any, list[tuple[float, str]]] = {}
+    groups: dict[Any, list[dict[str, Any]]] = {}
     for row in ok:
-        value = row.get(f"best.dev.{row.get('metric')}")
-        score = worst if results.is_missing(value) else float(value)
         cells = (row[k] for k in ("cell", "config_rank") if not results.is_missing(row.get(k)))
-        key = next(cells, None)
-        groups.setdefault(json_cell(key), []).append((score, str(row["trial_id"])))
+        groups.setdefault(json_cell(next(cells, None)), []).append(row)
     keep: set[str] = set()
-    for scored in groups.values():
-        ranked = sorted(scored, key=lambda s: (-s[0] if mode == "max" else s[0], s[1]))
-        keep.update(trial_id for _, trial_id in ranked[:top])
+    for members in groups.values():
+        ranked = sorted(members, key=lambda row: rank_key(row, mode))
+        keep.update(str(row["trial_id"]) for row in ranked[:top])
     return keep
+
+
+def rank_key(row: dict[str, Any], mode: str) -> tuple[float, float, str, str]:
+    """Sort key of a trial, best first: its best dev metric, then (ties are common on small dev
+    sets) its final one, then its spec fingerprint and id, so that the same trials always rank
+    the same, in any row order; a missing score ranks last."""
+    sign = -1.0 if mode == "max" else 1.0
+
+    def score(which: str) -> float:
+        value = row.get(f"{which}.dev.{row.get('metric')}")
+        return math.inf if results.is_missing(value) else sign * float(value)
+
+    fingerprint = row.get("spec_fingerprint")
+    fingerprint = "" if results.is_missing(fingerprint) else str(fingerprint)
+    return score("best"), score("final"), fingerprint, str(row.get("trial_id", ""))
 
 
 def best_trial(trials: pd.DataFrame, mode: str = "max") -> dict[str, Any] | None:
@@ -262,9 +273,4 @@ def best_trial(trials: pd.DataFrame, mode: str = "max") -> dict[str, Any] | None
     ok = ok.dropna(subset=[column]).reset_index(drop=True)  # labels may repeat (concatenated)
     if ok.empty:
         return None
-    # ties (common on small dev sets) go to the better final metric, then to the lower spec
-    # fingerprint, so that the same trials always give the same best, in any row order
-    keys = [key for key in (column, f"final.dev.{metric}", "spec_fingerprint") if key in ok]
-    ascending = [key == "spec_fingerprint" or mode == "min" for key in keys]
-    ranked = ok.sort_values(keys, ascending=ascending, kind="stable", na_position="last")
-    return ranked.iloc[0].to_dict()
+    return min(ok.to_dict("records"), key=lambda row: rank_key(row, mode))

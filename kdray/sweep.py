@@ -550,14 +550,20 @@ def setup_cpus(
     return max(cpu, min(cpu * max_concurrent, max(node_cpus, default=0.0), free_cpus))
 
 
-def _setup_task(spec: Spec, fn: Callable[..., Any]) -> tuple[Any, float]:
-    """``fn`` as a Ray task with :func:`setup_cpus` CPUs (and one trial's GPUs), and that CPU
-    count, which the task passes to torch (Ray's worker would otherwise run it on one thread)."""
+def setup_task_cpus(spec: Spec) -> float:
+    """:func:`setup_cpus` for ``spec`` on the connected Ray cluster as it is now."""
     resources = spec.tune.resources
     nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
     free = ray.available_resources().get("CPU", 0.0)
-    cpus = setup_cpus(resources.cpu, resources.gpu, spec.tune.max_concurrent, nodes, free)
-    return ray.remote(num_cpus=cpus, num_gpus=resources.gpu)(fn), cpus
+    return setup_cpus(resources.cpu, resources.gpu, spec.tune.max_concurrent, nodes, free)
+
+
+def _setup_task(spec: Spec, fn: Callable[..., Any]) -> tuple[Any, float]:
+    """``fn`` as a Ray task with :func:`setup_task_cpus` CPUs (and one trial's GPUs), and that
+    CPU count, which the task passes to torch (Ray's worker would otherwise run it on one
+    thread)."""
+    cpus = setup_task_cpus(spec)
+    return ray.remote(num_cpus=cpus, num_gpus=spec.tune.resources.gpu)(fn), cpus
 
 
 def _use_cpus(cpus: float) -> None:
