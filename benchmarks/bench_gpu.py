@@ -7,8 +7,10 @@ batch size (32, 128) it builds kdray's real run (``kdray.distill.setup`` with th
 cache) and times ``--steps`` calls of the real step after ``--warmup``; examples/s is the median
 over ``--rounds``. The peak GPU memory of a step gives how many trials of that configuration fit
 on the card (``tune.resources.gpu = 1 / n``, leaving 10 % of the card free). On a machine
-without CUDA it runs on the CPU as a dry run (``--device cpu``; bf16 autocast is then off, see
-``kdray.engine.autocast``), which the tests use to keep it working.
+without CUDA it runs on the CPU as a dry run (``--device cpu``), which the tests use to keep it
+working; bf16 then runs as real CPU autocast (native on AVX512-BF16/AMX CPUs). Every row is
+labelled with the precision that ran (``kdray.engine.precision_to_run``) and whether this CPU
+computes it natively.
 
     python benchmarks/bench_gpu.py [--device cuda] [--quick]
     python benchmarks/bench_gpu.py --device cpu --tiny MODEL_DIR --glue GLUE_DIR   # dry run
@@ -99,6 +101,16 @@ def measure(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def ran(spec: Any) -> dict[str, Any]:
+    """The precision that runs for the spec on its device, and (on a CPU) whether in hardware."""
+    from kdray import engine
+
+    device = engine.pick_device(spec.train.device)
+    precision = engine.precision_to_run(device, spec.train.precision)
+    native = engine.native_cpu(precision) if device.type == "cpu" else None
+    return {"precision": precision, "native": native}
+
+
 def cache_build(spec: Any) -> dict[str, Any]:
     """Build the teacher-output cache for the spec (fresh folder) and time it."""
     import tempfile
@@ -138,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for precision in PRECISIONS:
         for batch in args.batch_sizes:
             spec = base.with_values({"train.precision": precision, "train.batch_size": batch})
-            row = {"precision": precision, "batch_size": batch, **measure(spec, args)}
+            row = {**ran(spec), "batch_size": batch, **measure(spec, args)}
             results["configurations"].append(row)
             print(json.dumps(row), flush=True)
     device = (

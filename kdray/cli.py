@@ -155,8 +155,8 @@ def run(
     results.write_experiment(out_dir, spec, "run")
     _print_run_summary(spec, result)
     console.print(f"tables: {trials} and {epochs}")
-    if result.status == "failed":
-        console.print(f"[red]run failed:[/red] {result.error}")
+    if result.status != "ok":  # failed, or diverged: the student is not what was asked for
+        console.print(f"[red]run {result.status}:[/red] {result.error}")
         raise typer.Exit(1)
 
 
@@ -261,6 +261,7 @@ def sweep(
     overwrite: OverwriteOption = False,
 ) -> None:
     """A hyperparameter search: every Ray Tune trial is one distillation run."""
+    from kdray import results
     from kdray.sweep import run_sweep
 
     spec = _load(spec_path, set_)
@@ -287,8 +288,7 @@ def sweep(
             callbacks=[_trials_table(spec)],
         )
     trials = outcome.trials
-    counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
-    console.print("trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    code, summary = results.exit_summary(trials, spec.tune.num_samples)
     if outcome.best is not None:
         metric = outcome.best["metric"]
         params = {k[6:]: v for k, v in outcome.best.items() if k.startswith("param.") and v == v}
@@ -303,7 +303,22 @@ def sweep(
     console.print(f"report: kdray report {out_dir} --plots {out_dir}/plots")
     if outcome.best is not None:
         console.print(f"export the best student: kdray export {out_dir} --to exported/{spec.name}")
-    console.print(f"resume an interrupted sweep: kdray sweep {spec_path} --resume")
+    _finish(code, f"trials: {summary}", f"kdray sweep {spec_path} --resume")
+
+
+def _finish(code: int, summary: str, resume_command: str) -> None:
+    """The closing line of a sweep or ablation, and its exit code: 130 when trials were cut off
+    (with the command that continues), 1 when none finished, else 0."""
+    from kdray.results import EXIT_INTERRUPTED
+
+    if code == EXIT_INTERRUPTED:
+        console.print(f"[yellow]{summary}[/yellow]; continue with: {resume_command}")
+    elif code:
+        console.print(f"[red]{summary}[/red]")
+    else:
+        console.print(summary)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -364,9 +379,11 @@ def ablate(
             f"kdray ablate {spec_path} --resume (and the same --set options)[/yellow]"
         )
         raise typer.Exit(130) from None
-    counts = trials["status"].value_counts().to_dict()
-    console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    from kdray.results import exit_summary
+
+    code, summary = exit_summary(trials)
     console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
+    _finish(code, f"runs: {summary}", f"kdray ablate {spec_path} --resume")
 
 
 def _ablation_cells(spec: Spec, from_sweep: Path | None) -> tuple[list[dict], Any]:

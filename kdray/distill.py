@@ -490,6 +490,7 @@ def _end_epoch(
         # run-level, carried so a sweep's trial row has them (not in epochs.parquet)
         "student_params": models.count_parameters(run.student),
         "teacher_params": models.count_parameters(run.teacher_model),
+        "precision": run.opt.precision,  # what ran (engine.precision_to_run), not only asked
     }
     run.schedule.end_epoch(means.get("loss.total", 0.0))
     record["classifier_epochs"] = run.schedule.classifier_epochs

@@ -6,6 +6,7 @@ written once.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from kdray import data
 
+logger = logging.getLogger("kdray")
+
 __all__ = [
     "DivergedError",
     "LengthGroupedBatches",
@@ -31,7 +34,9 @@ __all__ = [
     "make_optimization",
     "make_optimizer",
     "model_inputs",
+    "native_cpu",
     "pick_device",
+    "precision_to_run",
     "predict",
     "rng_state",
     "seed_everything",
@@ -61,9 +66,39 @@ def seed_everything(seed: int) -> None:
     transformers.set_seed(seed % 2**32)
 
 
+def native_cpu(precision: str) -> bool:
+    """Whether this CPU computes ``precision`` in hardware, as oneDNN sees it: bf16 with
+    AVX512-BF16 or AMX-BF16, fp16 with AVX512-FP16 or AMX-FP16, fp32 always. Elsewhere CPU
+    autocast to it is emulated and slower than fp32."""
+    if precision == "fp32":
+        return True
+    probe = "_is_mkldnn_bf16_supported" if precision == "bf16" else "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def precision_to_run(device: torch.device, precision: str) -> str:
+    """The precision that runs for ``train.precision`` on ``device``: the one asked for, as
+    real autocast on every device (CPUs included: kdray never runs fp32 under a bf16 label), with
+    a warning where the CPU only emulates it. Tables and benchmarks are labelled with this."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"train.precision: {precision!r} is not one of fp32, bf16, fp16")
+    if device.type == "cpu" and not native_cpu(precision):
+        logger.warning(
+            "train.precision: %s on this CPU (no native %s) is emulated and slower than fp32; "
+            "--set train.precision=fp32 is faster here",
+            precision,
+            precision,
+        )
+    return precision
+
+
 def autocast(device: torch.device, precision: str) -> Any:
-    """Mixed precision on accelerators; the CPU always runs fp32."""
-    if device.type == "cpu" or precision == "fp32":
+    """Autocast to ``precision`` (bf16 or fp16; fp32 turns it off) on any device: the forward
+    pass's matrix products run in the lower precision, losses stay fp32."""
+    if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
@@ -144,6 +179,7 @@ def make_optimization(
 ) -> Optimization:
     """AdamW + linear warm-up/decay + a GradScaler for ``modules``; ``clip`` defaults to every
     parameter the optimiser holds (in its group order)."""
+    precision = precision_to_run(device, precision)
     optimizer = make_optimizer(modules, lr, weight_decay)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return Optimization(

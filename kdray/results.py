@@ -63,6 +63,7 @@ class RunResult:
     teacher_params: int = 0
     student_path: str | None = None
     error: str | None = None
+    precision: str | None = None  # what ran (train.precision is what was asked)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     cka: Any = None  # long DataFrame: student_layer, teacher_layer, cka (best student, dev set)
 
@@ -91,6 +92,7 @@ class RunResult:
             examples_per_s=examples / seconds if seconds > 0 else 0.0,
             student_params=int(last.get("student_params") or 0),
             teacher_params=int(last.get("teacher_params") or 0),
+            precision=last.get("precision"),
             diagnostics={k: v for k, v in _prefixed(last, "diag.").items() if k != "cka_matrix"},
             cka=cka_from_matrix(matrix) if isinstance(matrix, str) else None,
         )
@@ -105,6 +107,28 @@ def all_ended(trials: pd.DataFrame, planned: int) -> bool:
     if len(trials) < max(planned, 1):
         return False
     return "status" not in trials or not trials["status"].isin(UNFINISHED).any()
+
+
+FINISHED_OK = frozenset({"ok", "pruned"})  # trials that ended as planned (pruned by design)
+EXIT_INTERRUPTED, EXIT_ALL_FAILED = 130, 1
+
+
+def exit_summary(trials: pd.DataFrame, planned: int = 0) -> tuple[int, str]:
+    """``(exit code, one line)`` for a sweep's or ablation's trials: 130 when some were cut off
+    (Ctrl-C: resumable), 1 when none finished (every trial errored, failed or diverged), else
+    0; the line counts the trials by status, e.g. ``2 ok, 1 pruned, 1 interrupted``."""
+    statuses = trials["status"] if "status" in trials else pd.Series([], dtype=object)
+    counts = statuses.value_counts()
+    missing = max(planned - len(trials), 0)
+    parts = [f"{int(n)} {status}" for status, n in counts.items()]
+    if missing:
+        parts.append(f"{missing} not started")
+    line = ", ".join(parts) or "no trials"
+    if missing or statuses.isin(UNFINISHED).any():
+        return EXIT_INTERRUPTED, f"interrupted: {line}"
+    if not statuses.isin(FINISHED_OK).any():
+        return EXIT_ALL_FAILED, f"no trial finished: {line}"
+    return 0, line
 
 
 def _prefixed(record: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -155,6 +179,7 @@ def trial_row(
             "student_params": result.student_params,
             "teacher_params": result.teacher_params,
             "student_path": result.student_path,
+            "precision": result.precision,
         }
     )
     if result.teacher is not None:
@@ -175,7 +200,7 @@ def epoch_rows(
 
 # Keys an epoch record carries that describe the run, not the epoch: they go to the trials
 # (and cka) tables instead of epochs.parquet.
-RUN_FIELDS = ("student_params", "teacher_params")
+RUN_FIELDS = ("student_params", "teacher_params", "precision")
 
 
 def is_epoch_field(key: str) -> bool:

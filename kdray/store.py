@@ -86,17 +86,66 @@ def json_cell(value: Any) -> Any:
     return value
 
 
+def _fsync(path: str | Path) -> None:
+    """Flush a file's or a folder's entry to disk, so a rename that follows survives a crash."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # a folder some systems will not open read-only: nothing to flush then
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the data itself is flushed
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(root)
+
+
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step (Linux >= 3.15)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot, so the caller falls back to two renames."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(errno, os.strerror(errno), str(a))
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block ends without an error it replaces
-    ``path`` in one rename, otherwise it is removed and ``path`` is untouched."""
+    """Yield a temporary path beside ``path``; when the block ends without an error it is
+    flushed to disk and replaces ``path`` in one rename (the folder entry flushed too), otherwise
+    it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -110,22 +159,34 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target``; when the block succeeds it takes
-    ``target``'s place (an existing folder is moved aside first and then deleted)."""
+    """Yield an empty temporary folder beside ``target``; when the block succeeds its files are
+    flushed to disk and it takes ``target``'s place. An existing ``target`` is swapped with it
+    in one step (``renameat2(RENAME_EXCHANGE)``), so ``target`` exists at every moment and a
+    crash leaves the old complete folder or the new one; the old one is then deleted. Where the
+    system cannot swap, the old folder is renamed aside first (a short gap, never a half
+    folder)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _fsync_tree(tmp)
+        if target.exists() and _exchange(tmp, target):
+            _fsync(target.parent)
+            return  # tmp now holds the old folder: removed below
         old: Path | None = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
         try:
             os.replace(tmp, target)
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if old is not None:  # the new folder could not take its place: put the old one back
+                os.replace(old, target)
+            raise
+        _fsync(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

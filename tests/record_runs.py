@@ -1,6 +1,8 @@
-"""Record small seeded distillation runs as a regression fixture.
+"""Record small seeded distillation runs as a regression fixture, and measure how far they drift
+between CPU kernels.
 
     python tests/record_runs.py          # rewrites tests/fixtures/recorded_runs.json
+    python tests/record_runs.py --drift  # rewrites tests/fixtures/recorded_drift.json
 
 Each run is a complete ``distill(spec)`` on a tiny random BERT teacher (``make_tiny_bert`` with
 its default seed) and the fixture RTE rows, on the CPU with one torch thread. What a run
@@ -9,8 +11,14 @@ per run: status, best epoch and metrics, diagnostics; the teacher's dev metrics)
 ``tests/fixtures/recorded_runs.json`` with floats at full precision.
 ``tests/test_recorded_runs.py`` re-runs every run and compares it with that file.
 
+Another x86 CPU picks other kernels (other summation orders) in torch, MKL and oneDNN, and the
+differences grow over epochs. ``--drift`` re-runs every recorded run under each of
+:data:`VARIANTS` (ATen's CPU capability, MKL's code path, oneDNN off) and writes the largest
+relative drift per quantity family and epoch; the test's tolerances are :data:`SAFETY` x that.
+
 The helpers here take ``distill`` as an argument, so the test decides which entry point it calls.
-Regenerate the file only when a change of results is intended, and say so in the commit.
+Regenerate the recording only when a change of results is intended, and say so in the commit;
+re-measure the drift after a torch upgrade.
 """
 
 from __future__ import annotations
@@ -37,8 +45,15 @@ GLUE_DIR = "<fixture-glue>"
 # Changes from run to run and machine to machine: never recorded.
 TIMING_KEYS = frozenset({"train_seconds", "examples_per_s"})
 
-# Comparison tolerance for floats.
-RTOL, ATOL = 1e-5, 1e-6
+# Comparison tolerances. Floats are compared per quantity family and epoch, within the
+# tolerance that ``python tests/record_runs.py --drift`` derived from the drift it measured
+# between CPU kernels (tests/fixtures/recorded_drift.json); integers, strings, booleans exactly.
+DRIFT = TESTS / "fixtures" / "recorded_drift.json"
+ATOL = 1e-6  # absolute floor for quantities near 0 (a loss term that is ~1e-2 everywhere else)
+FLOOR = {"schedule": 1e-12, "metric": 1e-9, "loss": 1e-6, "cka": 1e-6, "attention_kl": 1e-6}
+# The tolerance is this many times the largest drift measured at that epoch or before; the
+# headroom covers CPUs that were not measured (an Intel Xeon's AVX-512 kernels, say).
+SAFETY = 5.0
 
 BASE_SPEC: dict[str, Any] = {
     "name": "recorded",
@@ -179,9 +194,75 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def differences(expected: Any, actual: Any, where: str = "run") -> list[str]:
+def family(path: tuple[Any, ...]) -> str:
+    """Which kind of quantity a float at ``path`` in a run summary is: ``schedule`` (the
+    learning rate: plain arithmetic), ``loss``, ``cka``, ``attention_kl`` or ``metric`` (dev
+    metrics, agreement: ratios of counts)."""
+    names = [part for part in path if isinstance(part, str)]
+    name = names[-1] if names else ""
+    if any(n == "cka" or "cka" in n for n in names):
+        return "cka"
+    if any("attention_kl" in n for n in names):
+        return "attention_kl"
+    if name == "lr":
+        return "schedule"
+    if name.startswith("loss."):
+        return "loss"
+    return "metric"
+
+
+def epoch_of(path: tuple[Any, ...], run: dict[str, Any]) -> int:
+    """The epoch a quantity belongs to: its record's, or the run's last for run-level results
+    (best and final metrics, diagnostics, CKA), which come from the end of training."""
+    if len(path) >= 2 and path[0] == "records" and isinstance(path[1], int):
+        return int(run["records"][path[1]]["epoch"])
+    return int(run.get("epochs_run") or max((r["epoch"] for r in run["records"]), default=1))
+
+
+Tolerance = Callable[[tuple[Any, ...]], tuple[float, float]]
+
+
+def exact(_: tuple[Any, ...]) -> tuple[float, float]:
+    """No tolerance at all: what the drift measurement compares with."""
+    return 0.0, 0.0
+
+
+def tolerances(drift: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """``{family: {epoch: rtol}}`` from the measured drift (``{family: {epoch: {variant:
+    largest relative drift}}}``): :data:`SAFETY` x the largest drift at that epoch or before
+    (drift grows over epochs), at least the family's :data:`FLOOR`."""
+    table: dict[str, dict[str, float]] = {}
+    for kind, by_epoch in drift.items():
+        running = 0.0
+        for epoch in sorted(by_epoch, key=int):
+            running = max(running, *by_epoch[epoch].values())
+            table.setdefault(kind, {})[epoch] = max(FLOOR[kind], SAFETY * running)
+    return table
+
+
+def measured_tolerance(run: dict[str, Any], drift: dict[str, Any] | None = None) -> Tolerance:
+    """``path -> (rtol, atol)`` for one recorded run, from the measured drift (``drift``: the
+    content of :data:`DRIFT`, or a table with a ready ``tolerance``)."""
+    drift = drift or json.loads(DRIFT.read_text())
+    table = tolerances(drift["drift"]) if "drift" in drift else drift["tolerance"]
+
+    def tolerance(path: tuple[Any, ...]) -> tuple[float, float]:
+        kind = family(path)
+        by_epoch = table.get(kind, {})
+        epoch = epoch_of(path, run)
+        known = [int(e) for e in by_epoch if int(e) <= epoch] or [int(e) for e in by_epoch]
+        rtol = by_epoch[str(max(known))] if known else FLOOR[kind]
+        return rtol, ATOL
+
+    return tolerance
+
+
+def differences(
+    expected: Any, actual: Any, tolerance: Tolerance = exact, path: tuple[Any, ...] = ()
+) -> list[str]:
     """Every place where ``actual`` differs from ``expected``: keys, lengths, types, values
-    (exactly, except floats: within RTOL/ATOL, NaN equal to NaN)."""
+    (exactly, except floats: within ``tolerance(path)``'s (rtol, atol), NaN equal to NaN)."""
+    where = "run" + "".join(f"[{part!r}]" for part in path)
     kind = _kind(expected)
     if kind != _kind(actual):
         return [f"{where}: expected {expected!r} ({kind}), got {actual!r} ({_kind(actual)})"]
@@ -192,28 +273,74 @@ def differences(expected: Any, actual: Any, where: str = "run") -> list[str]:
             out.append(f"{where}: keys missing {missing}, unexpected {extra}")
         for key in expected:
             if key in actual:
-                out += differences(expected[key], actual[key], f"{where}[{key!r}]")
+                out += differences(expected[key], actual[key], tolerance, (*path, key))
         return out
     if kind == "list":
         if len(expected) != len(actual):
             return [f"{where}: expected {len(expected)} items, got {len(actual)}"]
         out = []
         for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-            out += differences(e, a, f"{where}[{i}]")
+            out += differences(e, a, tolerance, (*path, i))
         return out
     if kind == "float":
         if math.isnan(expected) and math.isnan(actual):
             return []
-        if expected == actual or math.isclose(actual, expected, rel_tol=RTOL, abs_tol=ATOL):
+        rtol, atol = tolerance(path)
+        if expected == actual or math.isclose(actual, expected, rel_tol=rtol, abs_tol=atol):
             return []
-        return [f"{where}: expected {expected!r}, got {actual!r}"]
+        return [f"{where}: expected {expected!r}, got {actual!r} ({family(path)}, rtol {rtol:g})"]
     return [] if expected == actual else [f"{where}: expected {expected!r}, got {actual!r}"]
+
+
+def relative_drift(
+    expected: Any, actual: Any, path: tuple[Any, ...] = ()
+) -> list[tuple[tuple[Any, ...], float]]:
+    """``(path, |actual - expected| / max(|expected|, ATOL))`` of every float in two summaries
+    of the same shape (the paths where the shapes differ are left to :func:`differences`)."""
+    kind = _kind(expected)
+    if kind != _kind(actual):
+        return []
+    if kind == "dict":
+        return [
+            item
+            for key in expected
+            if key in actual
+            for item in relative_drift(expected[key], actual[key], (*path, key))
+        ]
+    if kind == "list" and len(expected) == len(actual):
+        return [
+            item
+            for i, (e, a) in enumerate(zip(expected, actual, strict=True))
+            for item in relative_drift(e, a, (*path, i))
+        ]
+    if kind == "float" and not (math.isnan(expected) or math.isnan(actual)):
+        return [(path, abs(actual - expected) / max(abs(expected), ATOL))]
+    return []
 
 
 # ------------------------------------------------------------------------------ the script
 
 
-def main() -> None:
+# Kernel settings the drift is measured under: each changes which CPU kernels (and so which
+# summation orders) torch's own vectorised ops, MKL's GEMMs and oneDNN use, as another x86 CPU
+# would. "onednn": "off" is applied in the child process (torch.backends.mkldnn.enabled).
+VARIANTS: dict[str, dict[str, str]] = {
+    "aten-default": {"ATEN_CPU_CAPABILITY": "default"},
+    "aten-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+    "aten-avx512": {"ATEN_CPU_CAPABILITY": "avx512"},
+    "mkl-compatible": {"MKL_CBWR": "COMPATIBLE"},
+    "mkl-avx2": {"MKL_CBWR": "AVX2"},
+    "mkl-avx512": {"MKL_CBWR": "AVX512"},
+    "onednn-off": {"KDRAY_RECORD_ONEDNN": "off"},
+    "all-portable": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "MKL_CBWR": "COMPATIBLE",
+        "KDRAY_RECORD_ONEDNN": "off",
+    },
+}
+
+
+def _load_tests_conftest() -> Any:
     import importlib.util
 
     sys.path.insert(0, str(REPO))  # this checkout's kdray, not an installed one
@@ -222,10 +349,18 @@ def main() -> None:
     spec = importlib.util.spec_from_file_location("_kdray_tests_conftest", TESTS / "conftest.py")
     tests_conftest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tests_conftest)
+    return tests_conftest
+
+
+def run_all() -> dict[str, dict[str, Any]]:
+    """Every run of :data:`RUNS`, summarised, on a fresh tiny teacher in a temporary cache."""
+    tests_conftest = _load_tests_conftest()
     import torch
 
     from kdray.distill import distill
 
+    if os.environ.get("KDRAY_RECORD_ONEDNN") == "off":
+        torch.backends.mkldnn.enabled = False
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="kdray-record-") as tmp:
         os.environ["KDRAY_CACHE_DIR"] = str(Path(tmp) / "cache")
@@ -237,13 +372,92 @@ def main() -> None:
             assert summary["status"] == "ok", (name, summary["error"])
             runs[name] = {"spec": raw, **summary}
             print(f"{name}: best epoch {summary['best_epoch']} {summary['best_metrics']}")
+    return runs
+
+
+def measure_drift() -> dict[str, Any]:
+    """Re-run every recorded run under each of :data:`VARIANTS` (one child process each) and
+    compare with the recording: the largest relative drift per quantity family and epoch, the
+    exact fields that changed (none should), and the tolerance derived from them."""
+    import platform
+    import subprocess
+
+    recorded = json.loads(RECORDED.read_text())["runs"]
+    drift: dict[str, dict[str, dict[str, float]]] = {}
+    exact_changes: dict[str, list[str]] = {}
+    for variant, env in VARIANTS.items():
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            subprocess.run(
+                [sys.executable, __file__, "--summaries", out.name],
+                env={**os.environ, **env},
+                check=True,
+            )
+            runs = json.loads(Path(out.name).read_text())
+        for name, expected in recorded.items():
+            got = runs[name]
+            changed = [d for d in differences(expected, got, lambda _: (math.inf, math.inf))]
+            exact_changes.setdefault(variant, []).extend(f"{name}: {c}" for c in changed)
+            for path, rel in relative_drift(expected, got):
+                kind, epoch = family(path), str(epoch_of(path, expected))
+                cell = drift.setdefault(kind, {}).setdefault(epoch, {})
+                cell[variant] = max(cell.get(variant, 0.0), rel)
+        print(f"{variant}: {len(exact_changes[variant])} exact fields changed")
+    import torch
+
+    return {
+        "about": "Largest relative drift of each quantity family per epoch when the recorded runs "
+        "are re-run under other CPU kernels (python tests/record_runs.py --drift), and the "
+        f"tolerance tests/test_recorded_runs.py uses: {SAFETY:g} x the largest drift at that "
+        "epoch or before, at least the family's floor.",
+        "machine": {"cpu": _cpu_model(), "platform": platform.platform()},
+        "torch": torch.__version__,
+        "variants": VARIANTS,
+        "safety": SAFETY,
+        "floor": FLOOR,
+        "atol": ATOL,
+        "drift": drift,
+        "exact_changes": exact_changes,
+        "tolerance": tolerances(drift),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--summaries", help="write the runs' summaries here (no recording)")
+    parser.add_argument(
+        "--drift", action="store_true", help=f"measure drift across kernels into {DRIFT.name}"
+    )
+    args = parser.parse_args()
+    if args.drift:
+        payload = measure_drift()
+        DRIFT.write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {DRIFT.relative_to(REPO)}")
+        return
+    runs = run_all()
+    if args.summaries:
+        Path(args.summaries).write_text(json.dumps(runs, allow_nan=True))
+        return
+    import torch
+
     teachers = {json.dumps(r["teacher_dev_metrics"], sort_keys=True) for r in runs.values()}
     assert len(teachers) == 1, "every run should share one teacher"
     payload = {
         "about": "Seeded runs recorded by tests/record_runs.py and checked by "
         "tests/test_recorded_runs.py; regenerate only for an intended change of results.",
         "torch": torch.__version__,
-        "tolerance": {"rtol": RTOL, "atol": ATOL},
+        "machine": _cpu_model(),
         "teacher_dev_metrics": next(iter(runs.values()))["teacher_dev_metrics"],
         "runs": runs,
     }

@@ -26,6 +26,7 @@ def test_the_gpu_benchmark_dry_runs_on_the_cpu(tiny_bert: Path, tmp_path: Path) 
     assert payload["device"].startswith("cpu (dry run")
     rows = [(r["precision"], r["batch_size"]) for r in payload["configurations"]]
     assert rows == [("fp32", 2), ("fp32", 4), ("bf16", 2), ("bf16", 4)]
+    assert all(isinstance(r["native"], bool) for r in payload["configurations"])  # on a CPU
     assert all(r["examples_per_s"] > 0 for r in payload["configurations"])
     assert payload["teacher_cache_build"]["examples"] == 5  # the fixture's RTE train rows
 

@@ -543,6 +543,28 @@ def _scripted_soft_loss(monkeypatch, per_epoch: list[float], steps_per_epoch: in
     monkeypatch.setattr(losses, "soft_label_loss", scripted)
 
 
+def test_cli_run_that_diverges_exits_1_and_says_so(
+    tiny_bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A diverged run wrote its tables, but the student is not what was asked for: a script
+    that chains ``kdray run`` must see a non-zero exit, as for a failed run."""
+    from kdray.cli import app
+
+    raw = tiny_spec_dict(tiny_bert, name="tiny-diverges", distill={"algorithm": "soft"})
+    raw["train"].update({"epochs": 3, "diagnostics": False})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    real = losses.soft_label_loss
+    monkeypatch.setattr(
+        losses, "soft_label_loss", lambda s, t, temperature=1.0: real(s, t, temperature) * math.nan
+    )
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output + repr(result.exception)
+    assert "run diverged" in result.output
+    trials, _ = results.load(tmp_path / "out")
+    assert list(trials["status"]) == ["diverged"]  # the tables are written all the same
+
+
 def test_a_loss_that_grows_past_the_divergence_factor_ends_the_run(
     tiny_bert: Path, monkeypatch
 ) -> None:
@@ -669,3 +691,18 @@ def test_resume_keeps_the_best_student_whether_or_not_the_checkpoint_epoch_was_b
         got = load_file(tmp_path / f"resumed-{epoch}" / "student" / "model.safetensors")
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_bf16_run_on_the_cpu_is_labelled_bf16_in_its_tables(tiny_bert: Path, tmp_path) -> None:
+    spec = _spec(
+        tiny_bert,
+        distill={"algorithm": "soft"},
+        train={"epochs": 1, "precision": "bf16", "diagnostics": False},
+    )
+    result = D.distill(spec)
+    assert result.status == "ok", result.error
+    assert result.records[0]["precision"] == "bf16"
+    trials_file, epochs_file = results.write_run(tmp_path / "out", spec, result)
+    trials, epochs = results.load(tmp_path / "out")
+    assert trials.iloc[0]["precision"] == "bf16" == trials.iloc[0]["train.precision"]
+    assert "precision" not in epochs  # run-level: in the trials table only

@@ -146,3 +146,30 @@ def test_a_length_grouped_loader_yields_the_sampler_batches(tiny_bert: Path) -> 
     loader = engine.make_loader(split, 8, 0, shuffle_seed=5, group_by_length=True)
     batches = [batch["index"].tolist() for batch in loader]
     assert batches == engine.LengthGroupedBatches(split.lengths, 8, seed=5).batches()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_lower_precision_really_runs_on_the_cpu_and_is_labelled_so(
+    precision: str, one_thread: None
+) -> None:
+    """Before, train.precision bf16 on a CPU silently ran fp32: now the forward pass runs in
+    the asked precision and the label says what ran."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    device = torch.device("cpu")
+    assert engine.precision_to_run(device, precision) == precision
+    layer = torch.nn.Linear(4, 4)
+    with engine.autocast(device, precision):
+        assert layer(torch.ones(2, 4)).dtype == dtype
+    with engine.autocast(device, "fp32"):
+        assert layer(torch.ones(2, 4)).dtype == torch.float32
+
+
+def test_an_emulated_cpu_precision_is_warned_about(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(engine, "native_cpu", lambda precision: precision == "fp32")
+    with caplog.at_level("WARNING", logger="kdray"):
+        assert engine.precision_to_run(torch.device("cpu"), "bf16") == "bf16"
+    assert "bf16 on this CPU (no native bf16) is emulated" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kdray"):
+        engine.precision_to_run(torch.device("cpu"), "fp32")
+    assert not caplog.text

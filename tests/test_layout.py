@@ -128,3 +128,56 @@ def test_kdray_makes_openmp_threads_wait_passively_unless_told_otherwise() -> No
     assert policy() == "PASSIVE"
     assert policy(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the user's choice stands
     assert policy(KDRAY_OMP_WAIT_POLICY="unset") == "None"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Top-level modules a file imports outside ``try`` blocks (an import that may fail on
+    purpose, e.g. to check the message without mlflow, sits in one)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    guarded = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.Try)
+        for stmt in block.body
+        for node in ast.walk(stmt)
+    }
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_test_extra_names_every_package_the_tests_import() -> None:
+    """``pip install -e .[test]`` must be enough for the tests: before, the TensorBoard
+    assertions needed tensorboard, which only the bench extra pulled in (through textbrewer)."""
+    import importlib.metadata
+    import re
+    import sys
+
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["test"]
+    names = {
+        re.split(r"[\s<>=!~\[;]", req, maxsplit=1)[0].lower().replace("_", "-") for req in declared
+    }
+    local = {"kdray", "conftest", "record_runs", "_common"} | {
+        p.stem for p in (REPO / "benchmarks").glob("*.py")
+    }
+    distributions = importlib.metadata.packages_distributions()
+    missing = {}
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for module in _imported_modules(path) - local - set(sys.stdlib_module_names):
+            owners = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+            if not owners & names:
+                missing.setdefault(module, []).append(path.name)
+    assert not missing, (
+        f"imported by the tests but not in dependencies or the test extra: {missing}"
+    )

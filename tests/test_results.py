@@ -393,7 +393,8 @@ def test_kdray_run_replaces_its_own_run_and_refuses_another(
     assert "not this run: spec fingerprint" in refused.output and "--overwrite" in refused.output
     assert len(calls) == 2  # refused before any compute
     # the same settings that end without a student: the old student/ goes with the old run
-    assert run("--set", "train.seed=13", "--overwrite").exit_code == 0
+    # (a diverged run exits 1: its tables are written, its student is not what was asked for)
+    assert run("--set", "train.seed=13", "--overwrite").exit_code == 1
     assert not (out / "student").exists()
     (aside,) = tmp_path.glob("out.old-*")
     assert (aside / "student" / "config.json").exists()  # moved aside, not lost
@@ -429,3 +430,22 @@ def test_an_experiment_lives_in_the_given_storage_or_else_in_the_folders_ray(
     assert results.experiment_path(out, None, "rte") == f"{tmp_path}/results/sweep/ray/rte"
     assert results.experiment_path(out, "s3://bucket/runs/", "rte") == "s3://bucket/runs/rte"
     assert results.experiment_path(out, "/shared/ray", "rte-confirm") == "/shared/ray/rte-confirm"
+
+
+@pytest.mark.parametrize(
+    ("statuses", "planned", "code", "line"),
+    [
+        (["ok", "pruned", "ok"], 3, 0, "2 ok, 1 pruned"),
+        (["ok", "diverged", "error"], 3, 0, "1 ok, 1 diverged, 1 error"),
+        (["error", "error", "diverged"], 3, 1, "no trial finished: 2 error, 1 diverged"),
+        (["failed"], 1, 1, "no trial finished: 1 failed"),
+        (["ok", "interrupted", "pending"], 3, 130, "interrupted: 1 ok, 1 interrupted, 1 pending"),
+        (["ok", "ok"], 4, 130, "interrupted: 2 ok, 2 not started"),  # Ctrl-C between trials
+        ([], 2, 130, "interrupted: 2 not started"),
+    ],
+)
+def test_exit_summary_is_130_when_cut_off_1_when_nothing_finished_else_0(
+    statuses: list[str], planned: int, code: int, line: str
+) -> None:
+    trials = pd.DataFrame({"trial_id": [str(i) for i in range(len(statuses))], "status": statuses})
+    assert results.exit_summary(trials, planned) == (code, line)

@@ -283,6 +283,30 @@ def test_failing_and_diverging_trials_are_recorded_and_others_finish(
         assert by.loc[(5, lr), "num_failures"] == 0
 
 
+def test_a_sweep_whose_every_trial_errored_exits_1_with_a_one_line_summary(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from kdray.cli import app
+
+    spec_dict = sweep_spec(tiny_bert, "all-errors")
+    # a 5-layer student cannot be built from the 4-layer tiny teacher: every trial raises
+    spec_dict["search"] = {"student.layers": {"grid": [5, 6]}}
+    spec_dict["tune"].update(
+        {"searcher": {"grid": {}}, "num_samples": 1, "scheduler": {"fifo": {}}}
+    )
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_dict))
+    result = CliRunner().invoke(
+        app,
+        ["sweep", str(spec_file), "--out", str(tmp_path / "out"), "--address", cluster.address],
+    )
+    assert result.exit_code == 1, result.output[-3000:]
+    assert "trials: no trial finished: 2 error" in result.output
+    assert len(pd.read_parquet(tmp_path / "out" / "trials.parquet")) == 2
+
+
 def _ctrl_c_when(proc: subprocess.Popen, ready: Any, timeout: float = 300) -> None:
     """Wait (at most ``timeout`` s) until ``ready()`` holds, then Ctrl-C the still running
     ``proc`` and wait for it to exit (killed if it takes over 120 s)."""
@@ -323,6 +347,10 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
     trials_file = out / "trials.parquet"
     # Ctrl-C once the first trial has finished and the second is under way
     _ctrl_c_when(proc, lambda: trials_file.exists() and len(pd.read_parquet(trials_file)) >= 1)
+    output = proc.stdout.read().decode()
+    assert proc.returncode != 0, output[-3000:]  # before, an interrupted sweep exited 0
+    if proc.returncode == 130:  # Tune stopped and returned: the summary says what finished
+        assert "trials: interrupted:" in output and "--resume" in output, output[-3000:]
     before = pd.read_parquet(trials_file)
     finished_before = set(before.loc[before["status"] == "ok", "trial_id"])
     assert 1 <= len(finished_before) < 4
