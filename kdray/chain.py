@@ -303,27 +303,28 @@ def _components_section(spec: Spec, folder: Path, record: dict[str, Any]) -> lis
     )
     built = report.build_report(folder / "ablation")
     ablation = ablation_spec(spec).ablation
-    level = f"{100 * (1 - ablation.alpha):g} %"
+    margin = f"+-{ablation.equivalence:g}"
     matter, rest = [], []
     for row in built.stopping.to_dict("records"):
         diff = (
-            f"dev {built.metric} {row['mean_diff']:+.4f} vs the recipe, {level} CI "
-            f"{row['ci_low']:+.4f} to {row['ci_high']:+.4f}, {row['seeds']} seeds"
+            f"dev {built.metric} {row['mean_diff']:+.4f} vs the recipe, {row['level']:.1%} "
+            f"interval {row['ci_low']:+.4f} to {row['ci_high']:+.4f}, {row['seeds']} seeds"
         )
         if row["stopped"] in _VERDICT:
             matter.append(f"- `{row['cell']}` {_VERDICT[row['stopped']]}; {diff}.")
         elif row["stopped"] == study.EQUIVALENT:
-            rest.append(
-                f"- `{row['cell']}` does not matter: equivalent to the recipe within the "
-                f"margin of {ablation.equivalence:g}; {diff}."
-            )
+            rest.append(f"- `{row['cell']}` is equivalent to the recipe within {margin}; {diff}.")
         elif row["stopped"] == study.MAX_REACHED:
-            rest.append(f"- `{row['cell']}` is not resolved at the maximum of seeds; {diff}.")
+            rest.append(
+                f"- `{row['cell']}` is unresolved at the maximum of seeds (whether it matters "
+                f"is not shown either way); {diff}."
+            )
         else:
-            rest.append(f"- `{row['cell']}` is not resolved yet ({cut_off}); {diff}.")
+            rest.append(f"- `{row['cell']}` is unresolved so far ({cut_off}); {diff}.")
     lines = ["## Which components matter", "", "Each cell is the recipe with one change."]
-    lines += ["", *(matter or ["- none resolved as mattering"])]
-    lines += ["", "## Which do not (or are not resolved)", "", *(rest or ["- none"])]
+    lines += [f"Verdicts: {built.design.describe()}." if built.design else ""]
+    lines += ["", *(matter or ["- none shown to matter"])]
+    lines += ["", "## Equivalent or unresolved", "", *(rest or ["- none"])]
     return lines + _skipped_lines(spec, folder)
 
 

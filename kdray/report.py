@@ -19,7 +19,6 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+import kdray.stats as st
 from kdray.algorithms import INTERNAL
 from kdray.results import is_missing
 
@@ -341,20 +341,39 @@ def _select_baseline(trials: pd.DataFrame, baseline: str | dict[str, Any], group
     return matches[0]
 
 
-def _holm(p_values: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count as a test)."""
-    p = np.asarray(p_values, dtype=float)
-    out = np.full_like(p, np.nan)
-    valid = np.flatnonzero(~np.isnan(p))
-    m = valid.size
-    if m == 0:
-        return out.tolist()
-    order = valid[np.argsort(p[valid], kind="stable")]
-    running = 0.0
-    for rank, idx in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[idx]))
-        out[idx] = running
-    return out.tolist()
+def paired_differences(
+    trials: pd.DataFrame, baseline: str | dict[str, Any], metric: str
+) -> tuple[Any, dict[Any, pd.DataFrame]]:
+    """``(baseline cell, {cell: frame})``: per compared cell the seeds it shares with the
+    baseline, in seed order, with ``value``, ``baseline_value`` and ``diff`` (cell minus
+    baseline). Several ok runs of one cell with the same seed are averaged first."""
+    group = _group_column(trials)
+    seed_column = _seed_column(trials)
+    column = _metric_column(trials, metric)
+    base = _select_baseline(trials, baseline, group)
+    ok = _ok(trials).copy()
+    ok["_group"] = ok[group].map(_hashable)
+    ok["_value"] = pd.to_numeric(ok[column], errors="coerce")
+    ok = ok.dropna(subset=["_value"])
+    per_seed = ok.groupby(["_group", seed_column], sort=False)["_value"].mean()
+    groups = set(per_seed.index.get_level_values(0))
+    base_values = per_seed.loc[base] if base in groups else pd.Series(dtype=float)
+    out: dict[Any, pd.DataFrame] = {}
+    for key in _ordered_groups(trials, group):
+        if key == base:
+            continue
+        values = per_seed.loc[key] if key in groups else pd.Series(dtype=float)
+        common = sorted(set(values.index) & set(base_values.index))
+        frame = pd.DataFrame(
+            {
+                "seed": common,
+                "value": [float(values[s]) for s in common],
+                "baseline_value": [float(base_values[s]) for s in common],
+            }
+        )
+        frame["diff"] = frame["value"] - frame["baseline_value"]
+        out[key] = frame
+    return base, out
 
 
 def paired_comparison(
@@ -368,121 +387,50 @@ def paired_comparison(
     """Every cell against the baseline cell, paired by seed over the seeds both have.
 
     Per cell: ``n_pairs``, the two means over the paired seeds, ``mean_diff`` (cell minus
-    baseline), a ``confidence`` (default 95%) percentile-bootstrap CI of the mean difference
-    (``scipy.stats.bootstrap``, ``n_boot`` resamples of the paired differences; a fresh ``numpy``
-    Generator seeded with ``seed`` per cell, so a cell's CI does not depend on which other cells
-    exist), the paired t-test p (``p_ttest``) and its Holm-adjusted value over the compared cells
-    (``p_ttest_holm``), and the Wilcoxon signed-rank p (``p_wilcoxon``; NaN with < 2 pairs or all
-    differences 0). Several ok runs of one cell with the same seed are averaged first.
-    ``baseline`` is a cell name or ``{setting: value}`` selecting exactly one cell (e.g.
-    ``{"distill.algorithm": "soft"}``).
+    baseline), the ``confidence`` (default 95 %) t-interval of the mean difference (``ci_low``,
+    ``ci_high``), a BCa bootstrap interval beside it only from
+    :data:`kdray.stats.MIN_BOOTSTRAP_PAIRS` pairs on (``boot_low``, ``boot_high``; ``n_boot``
+    resamples seeded with ``seed``), the paired t-test p (``p_ttest``), its Holm-adjusted value
+    over the compared cells (``p_ttest_holm``, statsmodels) and the exact sign-flip p
+    (``p_signflip``). ``baseline`` is a cell name or ``{setting: value}`` selecting exactly one
+    cell (e.g. ``{"distill.algorithm": "soft"}``).
     """
     _check_confidence(confidence)
     group = _group_column(trials)
-    seed_column = _seed_column(trials)
-    column = _metric_column(trials, metric)
-    base = _select_baseline(trials, baseline, group)
-    ok = _ok(trials).copy()
-    ok["_group"] = ok[group].map(_hashable)
-    ok["_value"] = pd.to_numeric(ok[column], errors="coerce")
-    ok = ok.dropna(subset=["_value"])
-    per_seed = ok.groupby(["_group", seed_column], sort=False)["_value"].mean()
-    base_values = per_seed.loc[base] if base in per_seed.index.get_level_values(0) else None
-
+    base, pairs = paired_differences(trials, baseline, metric)
     records = []
-    for key in _ordered_groups(trials, group):
-        if key == base:
-            continue
-        values = per_seed.loc[key] if key in per_seed.index.get_level_values(0) else None
-        if values is None or base_values is None:
-            common: list[Any] = []
-        else:
-            common = [s for s in values.index if s in set(base_values.index)]
-        a = np.asarray([values[s] for s in common], dtype=float) if common else np.empty(0)
-        b = np.asarray([base_values[s] for s in common], dtype=float) if common else np.empty(0)
-        diff = a - b
+    for key, frame in pairs.items():
+        diff = frame["diff"].to_numpy()
         n = int(diff.size)
         record: dict[str, Any] = {
             group: key,
             "baseline": base,
             "n_pairs": n,
-            "mean": float(a.mean()) if n else float("nan"),
-            "baseline_mean": float(b.mean()) if n else float("nan"),
-            "mean_diff": float(diff.mean()) if n else float("nan"),
+            "mean": float(frame["value"].mean()) if n else math.nan,
+            "baseline_mean": float(frame["baseline_value"].mean()) if n else math.nan,
+            "mean_diff": float(diff.mean()) if n else math.nan,
         }
-        record["ci_low"], record["ci_high"] = _bootstrap_ci(diff, n_boot, seed, confidence)
-        record["p_ttest"] = _ttest_p(a, b)
-        record["p_wilcoxon"] = _wilcoxon_p(diff)
+        record["ci_low"], record["ci_high"] = (
+            (float(diff[0]),) * 2 if n == 1 else st.t_interval(diff, confidence)
+        )
+        record["boot_low"], record["boot_high"] = st.bca_interval(diff, confidence, seed, n_boot)
+        record["p_ttest"] = st.ttest_p(diff)
+        record["p_signflip"] = st.signflip_p(diff)
         records.append(record)
     columns = [
-        group,
-        "baseline",
-        "n_pairs",
-        "mean",
-        "baseline_mean",
-        "mean_diff",
-        "ci_low",
-        "ci_high",
-        "p_ttest",
-        "p_ttest_holm",
-        "p_wilcoxon",
-    ]
+        group, "baseline", "n_pairs", "mean", "baseline_mean", "mean_diff", "ci_low", "ci_high",
+        "boot_low", "boot_high", "p_ttest", "p_ttest_holm", "p_signflip",
+    ]  # fmt: skip
     frame = pd.DataFrame.from_records(records)
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    frame["p_ttest_holm"] = _holm(frame["p_ttest"].tolist())
+    frame["p_ttest_holm"] = st.adjust(frame["p_ttest"].tolist(), "holm")
     return frame[columns]
 
 
 def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence!r}")
-
-
-def _bootstrap_ci(
-    diff: np.ndarray, n_boot: int, seed: int, confidence: float = 0.95
-) -> tuple[float, float]:
-    """Percentile-bootstrap CI of the mean of the paired differences (``scipy.stats.bootstrap``).
-
-    A single difference (which scipy refuses: it needs two observations) or differences that are
-    all equal have a bootstrap distribution of one value: the CI is that value, exactly. No
-    difference gives NaN.
-    """
-    if diff.size == 0 or n_boot < 1:
-        return float("nan"), float("nan")
-    if diff.size < 2 or np.all(diff == diff[0]):
-        value = float(diff[0])
-        return value, value
-    result = stats.bootstrap(
-        (diff,),
-        np.mean,
-        n_resamples=n_boot,
-        confidence_level=confidence,
-        method="percentile",
-        vectorized=True,
-        rng=np.random.default_rng(seed),
-    )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
-
-
-def _ttest_p(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size < 2:
-        return float("nan")
-    diff = a - b
-    if np.allclose(diff, diff[0], rtol=0, atol=0):
-        # Zero variance of the differences: t is infinite (or undefined when all are 0).
-        return float("nan") if diff[0] == 0 else 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_rel(a, b).pvalue)
-
-
-def _wilcoxon_p(diff: np.ndarray) -> float:
-    if diff.size < 2 or np.all(diff == 0):
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(stats.wilcoxon(diff).pvalue)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1010,18 +958,27 @@ def _percent(fraction: float) -> str:
     return f"{round(100 * fraction, 6):g}%"
 
 
-def _verdict(row: pd.Series, higher_is_better: bool, alpha: float) -> str:
-    """``better``/``worse`` only when the (1 - alpha) bootstrap CI excludes 0 and the
-    Holm-adjusted paired t-test agrees (p < alpha); with three seeds the bootstrap alone is too
-    optimistic."""
-    if row["n_pairs"] < 2:
-        return "too few paired seeds"
-    significant = bool(row["p_ttest_holm"] < alpha)
-    if significant and row["ci_low"] > 0:
-        return "better" if higher_is_better else "worse"
-    if significant and row["ci_high"] < 0:
-        return "worse" if higher_is_better else "better"
-    return "no clear difference"
+DEFAULT_MARGIN = 0.005  # ablation.equivalence's default: half a point of accuracy
+
+
+def cell_verdicts(
+    trials: pd.DataFrame,
+    baseline: str | dict[str, Any],
+    metric: str,
+    mode: str = "max",
+    alpha: float = DEFAULT_ALPHA,
+    margin: float = DEFAULT_MARGIN,
+    design: st.Design | None = None,
+) -> dict[Any, st.Verdict]:
+    """Every cell's :class:`kdray.stats.Verdict` against the baseline: ``design`` (the adaptive
+    seeds' group-sequential one), else a fixed design over the seeds the cells have. The cells
+    compared are the family (Holm)."""
+    _, pairs = paired_differences(trials, baseline, metric)
+    diffs = {key: frame["diff"].to_numpy() for key, frame in pairs.items()}
+    most = max((d.size for d in diffs.values()), default=2)
+    design = design or st.Design.fixed(most, alpha, margin)
+    family = f"{len(diffs)} cells of {_short(_metric_column(trials, metric))} vs `{baseline}`"
+    return st.sequential_verdicts(diffs, design, higher_is_better=mode == "max", family=family)
 
 
 def findings(
@@ -1030,33 +987,34 @@ def findings(
     metric: str,
     mode: str = "max",
     alpha: float = DEFAULT_ALPHA,
+    margin: float = DEFAULT_MARGIN,
+    design: st.Design | None = None,
 ) -> pd.DataFrame:
     """Per compared cell: the paired difference from the baseline of the metric and of each
-    recorded diagnostic, each with a verdict (``better``, ``worse``, ``no clear difference``)
-    that reads "closer to the teacher" for the diagnostics (higher CKA and agreement, lower
-    attention KL). A verdict needs Holm-adjusted p < ``alpha`` and a ``1 - alpha`` bootstrap CI
-    that excludes 0."""
+    recorded diagnostic, each with a verdict (better / worse / equivalent / unresolved, by
+    :mod:`kdray.stats`: Holm across cells at ``alpha``) that reads "closer to the teacher" for
+    the diagnostics (higher CKA and agreement, lower attention KL). Equivalence (TOST within
+    ``margin``) is tested on the metric only, by ``design`` when the seeds came in adaptive
+    rounds (the verdicts are then the ones the rounds stopped on)."""
     _check_alpha(alpha)
     _ascending(mode)
     group = _group_column(trials)
     column = _metric_column(trials, metric)
-
-    def compare(name: str) -> pd.DataFrame:
-        return paired_comparison(trials, baseline, name, confidence=1.0 - alpha)
-
-    frames = {column: (compare(column), mode == "max")}
+    verdicts = {column: cell_verdicts(trials, baseline, column, mode, alpha, margin, design)}
     for diag, higher in DIAGNOSTICS.items():
         if diag in trials.columns and pd.to_numeric(trials[diag], errors="coerce").notna().any():
-            frames[diag] = (compare(diag), higher)
-    by_cell = {name: (frame.set_index(group), higher) for name, (frame, higher) in frames.items()}
+            verdicts[diag] = cell_verdicts(
+                trials, baseline, diag, "max" if higher else "min", alpha, margin=0.0
+            )
     records: list[dict[str, Any]] = []
-    for key, n_pairs in zip(frames[column][0][group], frames[column][0]["n_pairs"], strict=True):
-        record: dict[str, Any] = {group: key, "n_pairs": int(n_pairs)}
-        for name, (frame, higher) in by_cell.items():
-            row = frame.loc[key]
+    for key, main in verdicts[column].items():
+        record: dict[str, Any] = {group: key, "n_pairs": main.n}
+        for name, by_cell in verdicts.items():
+            verdict = by_cell[key]
             short = _short(name).removeprefix("diag.")
-            record[f"{short}.diff"] = row["mean_diff"]
-            record[f"{short}.verdict"] = _verdict(row, higher, alpha)
+            record[f"{short}.diff"] = verdict.mean
+            record[f"{short}.verdict"] = verdict.word
+        record["interval"] = f"[{main.low:+.4f}, {main.high:+.4f}] ({main.level:.1%})"
         records.append(record)
     return pd.DataFrame.from_records(records)
 
@@ -1080,13 +1038,13 @@ def _claim_one(rows: pd.DataFrame, group: str, short: str, diffs: pd.Series, bas
         claim = "**did not hold**: every internal-distillation cell is worse"
     elif (diffs > 0).all():
         claim = (
-            "**not confirmed**: every internal-distillation cell is ahead on average, "
-            "none beyond seed noise"
+            "**unresolved**: every internal-distillation cell is ahead on average, none shown "
+            "better at this alpha"
         )
     else:
         claim = (
-            "**did not hold**: no internal-distillation cell is better beyond seed noise, "
-            "and some are behind on average"
+            "**unresolved**: no internal-distillation cell is shown better, and some are "
+            "behind on average (not shown worse either: no difference is not shown to be none)"
         )
     listed = ", ".join(
         f"{key} {value:+.4f}" for key, value in zip(rows[group], rows[f"{short}.diff"], strict=True)
@@ -1125,6 +1083,43 @@ def _claim_two(table: pd.DataFrame, rows: pd.DataFrame) -> str | None:
     )
 
 
+_PARTS = {
+    "-soft": "the soft-label loss",
+    "-hard": "the hard-label loss",
+    "-attention": "the attention-KL loss",
+    "-hidden": "the [CLS] cosine loss",
+    "init=random": "the teacher's weights as the student's start (random init instead)",
+    "schedule=idal": "the staged schedule (all layers at once instead)",
+    "freeze=off": "freezing the lower layers",
+}
+
+
+def _parts_lines(table: pd.DataFrame, group: str, short: str, mode: str) -> list[str]:
+    """A leave-one-out in words: what taking each part away did to the metric. It speaks of
+    the recipe's parts, not of the paper's claims, which this design does not test."""
+    lines = []
+    for row in table.to_dict("records"):
+        cell = str(row[group])
+        part = _PARTS.get(cell, f"the change `{cell}`")
+        verdict = row[f"{short}.verdict"]
+        effect = {
+            "better": "raises" if mode == "max" else "lowers",
+            "worse": "lowers" if mode == "max" else "raises",
+        }.get(verdict)
+        diff = row[f"{short}.diff"]
+        if effect:
+            text = f"{effect} dev {short} by {abs(diff):.4f} {row['interval']}: {part} matters"
+        elif verdict == "equivalent":
+            text = f"changes dev {short} by {diff:+.4f} {row['interval']}: equivalent"
+        else:
+            text = (
+                f"changes dev {short} by {diff:+.4f} {row['interval']}: unresolved, so whether "
+                f"{part} matters is not shown either way"
+            )
+        lines.append(f"- Taking away {part} (`{cell}`) {text}.")
+    return lines
+
+
 def findings_text(
     trials: pd.DataFrame,
     table: pd.DataFrame,
@@ -1147,12 +1142,16 @@ def findings_text(
     ]
     n_pairs = int(table["n_pairs"].max()) if len(table) else 0
     lines = [
-        f"Verdicts use the paired comparison with `{baseline}` over {n_pairs} seeds at "
-        f"alpha = {alpha:g}: a cell is better or worse only when the {_percent(1.0 - alpha)} "
-        "bootstrap CI of the paired difference excludes 0 and the Holm-adjusted paired t-test "
-        f"gives p < {alpha:g}.",
+        f"Verdicts use the paired comparison with `{baseline}` over up to {n_pairs} seeds at "
+        f"alpha = {alpha:g}, the {len(table)} compared cells one Holm family: better or worse "
+        f"when the Holm-adjusted paired t-test gives p < {alpha:g} (its t-interval then excludes "
+        "0); equivalent within the margin when two one-sided tests (TOST) show it; unresolved "
+        'otherwise, which is not "the same".',
         "",
     ]
+    if str(baseline) == "recipe":
+        lines += _parts_lines(table, group, short, mode)
+        return "\n".join(lines)
     if not internal:
         lines.append(
             "No cell uses an internal-distillation algorithm: the paper's claim is not "
@@ -1172,10 +1171,12 @@ def findings_text(
     if claim_two:
         lines.append(claim_two)
     if "agreement.verdict" in table.columns:
-        same = int((rows["agreement.verdict"] == "no clear difference").sum())
+        closer = int((rows["agreement.verdict"] == "better").sum())
+        open_ = int((rows["agreement.verdict"] == "unresolved").sum())
         lines.append(
-            f"- Prediction agreement with the teacher: no clear difference from `{baseline}` "
-            f"in {same} of {len(rows)} internal-distillation cells."
+            f"- Prediction agreement with the teacher (not a training loss, so not the claim's "
+            f"own yardstick): closer than `{baseline}` in {closer} of {len(rows)} "
+            f"internal-distillation cells, unresolved in {open_}."
         )
     return "\n".join(lines)
 
@@ -1221,7 +1222,8 @@ class Report:
     confirmation: pd.DataFrame | None = None  # kdray confirm: winner's curse per configuration
     ranking_survived: bool | None = None
     stopping: pd.DataFrame | None = None  # adaptive seeds: seeds per cell and why it stopped
-    equivalence: float | None = None  # the adaptive stopping rule's margin
+    equivalence: float | None = None  # the equivalence margin (ablation.equivalence)
+    design: st.Design | None = None  # how the verdicts were decided (kdray.stats)
 
     def sections(self) -> list[tuple[str, str | pd.DataFrame]]:
         """``(heading, frame or prose)`` in document order: one source for every output format."""
@@ -1235,7 +1237,7 @@ class Report:
             level = _percent(1.0 - self.alpha)
             out.append(
                 (
-                    f"Paired comparison vs baseline `{self.baseline}` ({level} bootstrap CI)",
+                    f"Paired comparison vs baseline `{self.baseline}` ({level} t-interval)",
                     self.comparison,
                 )
             )
@@ -1282,14 +1284,17 @@ class Report:
             f"- results: `{self.results_dir}`",
             f"- kind: {self.kind}; {self.n_ok} of {self.n_trials} runs ok",
             f"- metric: best dev {self.metric} ({self.mode}; from {self.mode_source})",
-            f"- alpha: {self.alpha:g} (verdicts need Holm-adjusted p < {self.alpha:g} and a "
-            f"{_percent(1.0 - self.alpha)} bootstrap CI of the paired difference excluding 0; "
-            f"from {self.alpha_source})",
+            f"- alpha: {self.alpha:g} (from {self.alpha_source}): better/worse need a "
+            f"Holm-adjusted paired t-test p < {self.alpha:g} (within the design's share for the "
+            "look); the interval printed with a verdict is the one it was decided on",
         ]
+        if self.design is not None:
+            lines.append(f"- design: {self.design.describe()}")
         if self.equivalence is not None:
             lines.append(
-                f"- equivalence margin: {self.equivalence:g} (a cell stops as equivalent when "
-                "its CI contains 0 and |mean_diff| is within it)"
+                f"- equivalence margin: +-{self.equivalence:g} ({self.equivalence * 100:g} "
+                "points of the metric): equivalent only when the (1 - 2 alpha) interval lies "
+                "inside it (TOST); a cell neither shown different nor equivalent is unresolved"
             )
         if self.baseline is not None:
             lines.append(f"- baseline: `{self.baseline}` (from {self.baseline_source})")
@@ -1303,9 +1308,11 @@ class Report:
         if self.comparison is not None:
             lines += [
                 "",
-                "mean_diff = cell minus baseline over the seeds both have; CI: "
-                f"{_percent(1.0 - self.alpha)} percentile bootstrap of the mean paired "
-                "difference; p_ttest_holm: Holm-adjusted over cells.",
+                "mean_diff = cell minus baseline over the seeds both have; ci: "
+                f"{_percent(1.0 - self.alpha)} t-interval of the mean paired difference; boot: "
+                f"BCa bootstrap (from {st.MIN_BOOTSTRAP_PAIRS} pairs on); p_ttest_holm: "
+                "Holm-adjusted over cells (statsmodels); p_signflip: exact sign-flip test "
+                "(its smallest possible value is 2/2^n: 0.25 at 3 pairs).",
             ]
         if self.plots:
             lines += ["", "## Plots", ""]
@@ -1475,8 +1482,15 @@ def _compare_with_baseline(
             trials, report.baseline, report.metric, confidence=1.0 - report.alpha
         )
         if report.kind == "ablation" and not report.comparison.empty:
+            report.equivalence, report.design = _report_design(report, trials)
             report.findings = findings(
-                trials, report.baseline, report.metric, mode=report.mode, alpha=report.alpha
+                trials,
+                report.baseline,
+                report.metric,
+                mode=report.mode,
+                alpha=report.alpha,
+                margin=report.equivalence,
+                design=report.design if report.design.sequential else None,
             )
             report.findings_text = findings_text(
                 trials,
@@ -1491,6 +1505,21 @@ def _compare_with_baseline(
             "no baseline given, none in the spec and no unique soft-label cell: "
             "no paired comparison"
         )
+
+
+def _report_design(report: Report, trials: pd.DataFrame) -> tuple[float, st.Design]:
+    """The margin and the design the verdicts follow: the spec's adaptive seeds as a
+    group-sequential design, else a fixed design over the seeds the cells have."""
+    margin = _spec_value(report.experiment, "ablation", "equivalence")
+    margin = float(DEFAULT_MARGIN if margin is None else margin)
+    seeds = _spec_value(report.experiment, "ablation", "seeds")
+    if isinstance(seeds, dict) and report.group == "cell":
+        return margin, st.Design(
+            min=seeds["min"], max=max(seeds["max"], seeds["min"]), step=seeds["step"],
+            alpha=report.alpha, margin=margin, spending=seeds.get("spending", "obrien_fleming"),
+        )  # fmt: skip
+    most = int(report.comparison["n_pairs"].max()) if report.comparison is not None else 2
+    return margin, st.Design.fixed(most, report.alpha, margin)
 
 
 def _plot(report: Report, trials: pd.DataFrame, epochs: pd.DataFrame, plots: Path) -> None:
@@ -1560,18 +1589,14 @@ def ranking_survived(curse: pd.DataFrame) -> bool:
     return all(a <= b for a, b in zip(ordered, ordered[1:], strict=False))
 
 
-BETTER, WORSE, EQUIVALENT, MAX_REACHED, UNRESOLVED = (
-    "better",
-    "worse",
-    "equivalent",
-    "max reached",
-    "unresolved",
-)
+BETTER, WORSE, EQUIVALENT, UNRESOLVED = st.BETTER, st.WORSE, st.EQUIVALENT, st.UNRESOLVED
+MAX_REACHED = "max reached"  # a stop reason: the cell is unresolved with all its seeds
 
 
 @dataclass
 class Decision:
-    """Where one cell's comparison with the baseline stands after a round."""
+    """Where one cell's comparison with the baseline stands after a round, and how it was
+    decided (the :class:`kdray.stats.Verdict` behind it)."""
 
     status: str  # better | worse | equivalent | max reached | unresolved (more seeds coming)
     n_seeds: int
@@ -1579,28 +1604,10 @@ class Decision:
     mean_diff: float = float("nan")
     ci_low: float = float("nan")
     ci_high: float = float("nan")
-
-
-def decide(
-    mean_diff: float,
-    ci_low: float,
-    ci_high: float,
-    mode: str,
-    equivalence: float,
-    p_holm: float = 0.0,
-    alpha: float = 1.0,
-) -> str | None:
-    """better/worse when the report's verdict says so (the CI of the difference excludes 0 and
-    the Holm-adjusted paired t-test gives ``p_holm < alpha``: with 3 seeds a percentile
-    bootstrap CI is about the range of 3 differences, too easily clear of 0 alone), equivalent
-    when the difference is within ``equivalence``; None while unresolved."""
-    excluded = np.isfinite(ci_low) and np.isfinite(ci_high) and (ci_low > 0 or ci_high < 0)
-    if excluded and np.isfinite(p_holm) and p_holm < alpha:
-        higher = ci_low > 0
-        return BETTER if higher == (mode == "max") else WORSE
-    if np.isfinite(mean_diff) and abs(mean_diff) <= equivalence:
-        return EQUIVALENT
-    return None
+    level: float = float("nan")  # the interval's confidence: the level it was decided at
+    p: float = float("nan")
+    family_size: int = 0
+    method: str = ""
 
 
 def seed_decisions(
@@ -1614,26 +1621,38 @@ def seed_decisions(
     min_seeds: int,
     max_seeds: int,
     step: int,
+    spending: str = "obrien_fleming",
 ) -> dict[str, Decision]:
-    """Per cell (not the baseline): resolved, or the seeds it gets next (``step`` more, at most
-    ``max_seeds`` in all; a cell below ``min_seeds`` is topped up first)."""
-    comparison = paired_comparison(trials, baseline, metric, confidence=1.0 - alpha)
+    """Per cell (not the baseline): decided by the group-sequential design of the adaptive
+    seeds (:func:`kdray.stats.sequential_verdicts`, replayed from the tables), or the seeds it
+    gets next: up to the design's next look (``step`` more, at most ``max_seeds``; a cell below
+    ``min_seeds`` is topped up first)."""
+    design = st.Design(
+        min=min_seeds, max=max(max_seeds, min_seeds), step=step, alpha=alpha,
+        margin=equivalence, spending=spending,
+    )  # fmt: skip
+    _, pairs = paired_differences(trials, baseline, metric)
+    diffs = {str(key): frame["diff"].to_numpy() for key, frame in pairs.items()}
+    ended = {cell for cell in diffs if seeds_so_far.get(cell, diffs[cell].size) >= design.max}
+    verdicts = st.sequential_verdicts(
+        diffs, design, higher_is_better=mode == "max", complete=ended,
+        family=f"{len(diffs)} cells vs `{baseline}`",
+    )  # fmt: skip
     out: dict[str, Decision] = {}
-    for row in comparison.to_dict("records"):
-        cell = row["cell"]
-        n = seeds_so_far.get(cell, int(row["n_pairs"]))
-        diff, low, high = row["mean_diff"], row["ci_low"], row["ci_high"]
-        p_holm = float(row.get("p_ttest_holm", np.nan))
-        status = (
-            decide(diff, low, high, mode, equivalence, p_holm, alpha) if n >= min_seeds else None
-        )
-        target = max(min_seeds, min(n + step, max_seeds))
-        if status is None and n >= max_seeds:
-            status = MAX_REACHED
-        if status is None:
-            out[cell] = Decision(UNRESOLVED, n, list(range(n + 1, target + 1)), diff, low, high)
-        else:
-            out[cell] = Decision(status, n, [], diff, low, high)
+    for cell, verdict in verdicts.items():
+        n = seeds_so_far.get(cell, verdict.n)
+        decision = Decision(
+            verdict.word, verdict.n, [], verdict.mean, verdict.low, verdict.high,
+            verdict.level, verdict.p, verdict.family_size, verdict.method,
+        )  # fmt: skip
+        if verdict.word == UNRESOLVED:
+            if n >= design.max or verdict.final:
+                decision.status = MAX_REACHED
+            else:
+                target = max(min_seeds, min(n + step, design.max))
+                decision.next_seeds = list(range(n + 1, target + 1))
+                decision.n_seeds = n
+        out[cell] = decision
     return out
 
 
@@ -1647,10 +1666,12 @@ def stop_table(decisions: dict[str, Decision]) -> pd.DataFrame:
             "mean_diff": d.mean_diff,
             "ci_low": d.ci_low,
             "ci_high": d.ci_high,
+            "level": d.level,
+            "p": d.p,
         }
         for name, d in decisions.items()
     ]
-    columns = ["cell", "seeds", "stopped", "mean_diff", "ci_low", "ci_high"]
+    columns = ["cell", "seeds", "stopped", "mean_diff", "ci_low", "ci_high", "level", "p"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -1679,6 +1700,7 @@ def adaptive_summary(
         seeds.min,
         seeds.max,
         seeds.step,
+        getattr(seeds, "spending", "obrien_fleming"),
     )
     return stop_table(decisions)
 
@@ -1703,7 +1725,12 @@ def _adaptive_section(report: Report, trials: pd.DataFrame) -> None:
         return
     equivalence = _spec_value(report.experiment, "ablation", "equivalence")
     report.equivalence = float(0.005 if equivalence is None else equivalence)
-    rule = SimpleNamespace(min=seeds["min"], max=seeds["max"], step=seeds["step"])
+    rule = SimpleNamespace(
+        min=seeds["min"],
+        max=seeds["max"],
+        step=seeds["step"],
+        spending=seeds.get("spending", "obrien_fleming"),
+    )
     report.stopping = adaptive_summary(
         trials,
         report.baseline,

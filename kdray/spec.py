@@ -473,6 +473,11 @@ class AdaptiveSeeds(_Strict):
     min: int = Field(3, ge=2, le=1000)
     max: int = Field(10, ge=2, le=1000)
     step: int = Field(2, ge=1, le=1000)
+    spending: Literal["obrien_fleming", "pocock"] = Field(
+        "obrien_fleming",
+        description="How alpha is spent over the looks (kdray.stats): obrien_fleming keeps "
+        "nearly all of it for the last look; pocock spends it evenly, stopping earlier.",
+    )
 
     @model_validator(mode="after")
     def _min_below_max(self) -> AdaptiveSeeds:
@@ -524,7 +529,11 @@ class AblationSpec(_Strict):
     baseline: dict[str, Any] = Field(default_factory=lambda: {"distill.algorithm": "soft"})
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of comparisons.")
     equivalence: float = Field(
-        0.005, ge=0, le=1, description="A difference this small or smaller counts as none."
+        0.005,
+        ge=0,
+        le=1,
+        description="The equivalence margin m, in the metric's units: a cell is 'equivalent' "
+        "only when its (1 - 2 alpha) interval lies inside +-m (TOST).",
     )
 
     @field_validator("seeds")

@@ -32,7 +32,6 @@ from kdray.report import (  # noqa: F401 - the study's statistics, kept with the
     WORSE,
     Decision,
     adaptive_summary,
-    decide,
     ranking_survived,
     seed_decisions,
     stop_table,
@@ -252,6 +251,7 @@ def adaptive_rounds(
             seeds.min,
             seeds.max,
             seeds.step,
+            seeds.spending,
         )
         base = _baseline_cell(trials, baseline)
         wanted = {name: d.next_seeds for name, d in decisions.items() if d.next_seeds}

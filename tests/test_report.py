@@ -126,10 +126,17 @@ def test_paired_comparison_matches_hand_computed_values(ablation: pd.DataFrame) 
     assert sid["mean"] == pytest.approx(0.75) and sid["baseline_mean"] == pytest.approx(0.72)
     assert sid["p_ttest"] == pytest.approx(_t_p_df2(diffs), rel=1e-6)
     assert sid["p_ttest"] == pytest.approx(0.18847, abs=1e-4)
-    # Three positive differences without ties: exact two-sided Wilcoxon p = 2 / 2^3.
-    assert sid["p_wilcoxon"] == pytest.approx(0.25)
-    assert sid["ci_low"] <= sid["mean_diff"] <= sid["ci_high"]
-    assert 0.01 - 1e-12 <= sid["ci_low"] and sid["ci_high"] <= 0.06 + 1e-12
+    # Three positive differences: of the 2^3 sign patterns, all + and all - are as extreme.
+    assert sid["p_signflip"] == pytest.approx(0.25)
+    # t-interval by hand: sd sqrt(0.0007), se sd / sqrt(3), t(0.975, 2) = 4.302653
+    half = 4.302653 * math.sqrt(0.0007) / math.sqrt(3)
+    assert (sid["ci_low"], sid["ci_high"]) == (
+        pytest.approx(0.03 - half, rel=1e-5),
+        pytest.approx(0.03 + half, rel=1e-5),
+    )
+    # not the min-max of the three differences a percentile bootstrap gave (a ~75 % interval)
+    assert sid["ci_low"] < 0.01 and sid["ci_high"] > 0.06
+    assert np.isnan(sid["boot_low"]) and np.isnan(sid["boot_high"])  # 3 pairs: no bootstrap
 
 
 def test_pairing_uses_only_common_seeds(ablation: pd.DataFrame) -> None:
@@ -165,20 +172,20 @@ def test_baseline_as_settings_dict(ablation: pd.DataFrame) -> None:
         R.paired_comparison(ablation, "distill.algorithm=nope", "accuracy")
 
 
-def test_wilcoxon_nan_when_undefined(ablation: pd.DataFrame) -> None:
+def test_signflip_p_is_nan_when_undefined(ablation: pd.DataFrame) -> None:
     same = ablation.copy()
     sid = same["cell"] == SID
     same.loc[sid, "best.dev.accuracy"] = same.loc[sid, "seed"].map(ACCURACY["soft"])
     row = R.paired_comparison(same, SOFT, "accuracy").set_index("cell").loc[SID]
-    assert row["mean_diff"] == 0 and np.isnan(row["p_wilcoxon"]) and np.isnan(row["p_ttest"])
+    assert row["mean_diff"] == 0 and np.isnan(row["p_signflip"]) and np.isnan(row["p_ttest"])
     one = ablation[~((ablation["cell"] == PID) & (ablation["seed"] == 2))]
     row = R.paired_comparison(one, SOFT, "accuracy").set_index("cell").loc[PID]
     assert int(row["n_pairs"]) == 1
-    assert np.isnan(row["p_wilcoxon"]) and np.isnan(row["p_ttest"])
+    assert np.isnan(row["p_signflip"]) and np.isnan(row["p_ttest"])
     assert row["ci_low"] == row["ci_high"] == pytest.approx(0.03)
 
 
-def test_bootstrap_ci_is_deterministic_and_sensible() -> None:
+def test_bca_bootstrap_from_ten_pairs_is_deterministic_and_sensible() -> None:
     rng = np.random.default_rng(7)
     n = 30
     base = rng.normal(0.7, 0.05, size=n)
@@ -192,7 +199,7 @@ def test_bootstrap_ci_is_deterministic_and_sensible() -> None:
 
     def ci(seed: int) -> tuple[float, float]:
         row = R.paired_comparison(trials, "base", "accuracy", n_boot=4000, seed=seed).iloc[0]
-        return float(row["ci_low"]), float(row["ci_high"])
+        return float(row["boot_low"]), float(row["boot_high"])
 
     assert ci(0) == ci(0)
     assert ci(0) != ci(1)
@@ -518,7 +525,7 @@ def test_findings_verdicts_follow_the_paired_statistics() -> None:
     assert idal["attention_kl.mean.diff"] == pytest.approx(-0.3)
     # the same difference for every seed: t is infinite, p = 0
     assert idal["attention_kl.mean.verdict"] == "better"
-    assert none["cka.mean.verdict"] == "no clear difference"
+    assert none["cka.mean.verdict"] == "unresolved"
 
     text = R.findings_text(trials, table, SOFT, "accuracy")
     assert "Claim 1" in text and "**held** for distill.algorithm=idal" in text
@@ -533,14 +540,14 @@ def test_findings_verdicts_follow_the_paired_statistics() -> None:
 
 
 @pytest.mark.parametrize(
-    ("gain", "word"), [(0.0, "**not confirmed**"), (-0.002, "**did not hold**")]
+    ("gain", "word"), [(0.0, "**unresolved**: every"), (-0.002, "**unresolved**: no internal")]
 )
-def test_findings_say_when_the_claim_did_not_hold(gain: float, word: str) -> None:
+def test_findings_never_call_an_unresolved_claim_refuted(gain: float, word: str) -> None:
     # gain 0: idal ahead by the seed noise's mean (+0.0003); -0.002: behind (-0.0017)
     trials = _claims_table(idal_gain=gain)
     table = R.findings(trials, SOFT, "accuracy")
     assert table.set_index("cell").loc["distill.algorithm=idal", "accuracy.verdict"] == (
-        "no clear difference"
+        "unresolved"
     )
     text = R.findings_text(trials, table, SOFT, "accuracy")
     assert f"Claim 1, internal distillation beats soft labels on dev accuracy: {word}" in text
@@ -714,29 +721,30 @@ def test_verdicts_and_printed_thresholds_use_the_alpha_given(
     ablation: pd.DataFrame, tmp_path: Path
 ) -> None:
     # Holm over sid (p 0.18847) and pid (p 1 - 2 atan(0.5) / pi = 0.70483): 0.37694 and 0.70483.
-    # All three sid differences are > 0, so any bootstrap CI of their mean is above 0.
     strict = R.findings(ablation, SOFT, "accuracy").set_index("cell")
-    assert strict.loc[SID, "accuracy.verdict"] == "no clear difference"
+    assert strict.loc[SID, "accuracy.verdict"] == "unresolved"
     loose = R.findings(ablation, SOFT, "accuracy", alpha=0.4).set_index("cell")
     assert loose.loc[SID, "accuracy.verdict"] == "better"  # 0.37694 < 0.4
-    assert loose.loc[PID, "accuracy.verdict"] == "no clear difference"  # 0.70483 >= 0.4
+    assert loose.loc[PID, "accuracy.verdict"] == "unresolved"  # 0.70483 >= 0.4
+    # the interval printed with the verdict is the one it was decided on: sid's at 1 - 0.4 / 2
+    assert "(80.0%)" in loose.loc[SID, "interval"]
 
     text = R.findings_text(ablation, loose.reset_index(), SOFT, "accuracy", alpha=0.4)
-    assert "alpha = 0.4" in text and "p < 0.4" in text and "60% bootstrap CI" in text
+    assert "alpha = 0.4" in text and "p < 0.4" in text
     assert "0.05" not in text and "95%" not in text
 
     results = _results(ablation, tmp_path / "results")
     markdown = R.build_report(results, alpha=0.01).to_markdown()
-    assert "- alpha: 0.01 (verdicts need Holm-adjusted p < 0.01 and a 99% bootstrap CI" in markdown
-    assert "p < 0.01." in markdown and "(99% bootstrap CI)" in markdown
-    assert "99% percentile bootstrap" in markdown
+    assert "- alpha: 0.01 (from the alpha argument): better/worse need a Holm-adjusted" in markdown
+    assert "p < 0.01 (its t-interval" in markdown and "(99% t-interval)" in markdown
+    assert "- design: fixed design, 3 seeds; Holm across the family at alpha 0.01" in markdown
     assert "p < 0.05" not in markdown and "95%" not in markdown
     with pytest.raises(ValueError, match="alpha must be between 0 and 1"):
         R.build_report(results, alpha=5)
 
 
 # ---------------------------------------------------------------------------------------------
-# the bootstrap CI (scipy.stats.bootstrap)
+# intervals: t-based, the bootstrap only where the pairs support it
 
 
 def _two_cells(base: list[float], new: list[float]) -> pd.DataFrame:
@@ -749,28 +757,22 @@ def _two_cells(base: list[float], new: list[float]) -> pd.DataFrame:
     )
 
 
-def test_bootstrap_ci_of_two_paired_differences_spans_from_the_smaller_to_the_larger() -> None:
-    # differences 0.01 and 0.03: resampled means are 0.01, 0.02, 0.03 with probabilities
-    # 1/4, 1/2, 1/4, so the 2.5th and 97.5th percentiles are 0.01 and 0.03, and the 30th and
-    # 70th (a 40% CI) are both 0.02
+def test_the_interval_of_two_paired_differences_is_the_t_interval_with_one_dof() -> None:
+    # differences 0.01 and 0.03: mean 0.02, sd sqrt(2) * 0.01, se 0.01, t(0.975, 1) = 12.7062
     trials = _two_cells([0.70, 0.70], [0.71, 0.73])
     row = R.paired_comparison(trials, "base", "accuracy").iloc[0]
-    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.01), pytest.approx(0.03))
-    row = R.paired_comparison(trials, "base", "accuracy", confidence=0.4).iloc[0]
-    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.02), pytest.approx(0.02))
-    # the same numbers as scipy's percentile bootstrap with the same seeded Generator
-    diff = np.array([0.01, 0.02, 0.06])
-    expected = stats.bootstrap(
-        (diff,), np.mean, n_resamples=500, method="percentile", rng=np.random.default_rng(3)
-    ).confidence_interval
-    assert R._bootstrap_ci(diff, 500, 3) == pytest.approx((expected.low, expected.high))
+    assert (row["ci_low"], row["ci_high"]) == (
+        pytest.approx(0.02 - 0.127062, rel=1e-4),
+        pytest.approx(0.02 + 0.127062, rel=1e-4),
+    )
+    row = R.paired_comparison(trials, "base", "accuracy", confidence=0.5).iloc[0]
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.01), pytest.approx(0.03))  # t=1
 
 
-def test_bootstrap_ci_of_equal_differences_is_that_difference() -> None:
+def test_the_interval_of_equal_differences_is_that_difference() -> None:
     trials = _two_cells([0.70, 0.71, 0.72], [0.72, 0.73, 0.74])
     row = R.paired_comparison(trials, "base", "accuracy").iloc[0]
     assert row["ci_low"] == pytest.approx(0.02) and row["ci_high"] == pytest.approx(0.02)
-    assert R._bootstrap_ci(np.empty(0), 100, 0) == pytest.approx((math.nan,) * 2, nan_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,6 +876,7 @@ def test_report_imports_no_kdray_module_but_the_torch_free_results_and_registry(
     assert {m for m in modules if m.split(".")[0] == "kdray"} <= {
         "kdray.results",
         "kdray.algorithms",
+        "kdray.stats",
     }
     assert not {"torch", "transformers", "ray"} & {m.split(".")[0] for m in modules}
     check = "import sys, kdray.report; assert 'torch' not in sys.modules, 'torch imported'"

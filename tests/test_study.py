@@ -294,8 +294,6 @@ def test_a_worse_cell_stops_as_worse_and_mode_min_flips_the_verdict() -> None:
 
 
 def test_an_unresolved_cell_gets_step_more_seeds_but_never_past_max() -> None:
-    assert study.decide(0.05, -0.01, 0.1, "max", 0.005) is None
-    assert study.decide(0.004, -0.01, 0.1, "max", 0.005) == "equivalent"
     trials = pd.DataFrame(
         [
             {"cell": c, "seed": s, "status": "ok", "metric": "accuracy", "best.dev.accuracy": v}
@@ -454,7 +452,9 @@ def test_report_of_an_adaptive_ablation_says_seeds_per_cell_and_why_each_stopped
     }
     assert stopping["seeds"].to_dict() == {"clear": 3, "same": 3, "noisy": 7}
     markdown = built.to_markdown()
-    assert "- equivalence margin: 0.005" in markdown and "from the spec" in markdown
+    assert "- equivalence margin: +-0.005 (0.5 points of the metric)" in markdown
+    assert "(from the spec)" in markdown
+    assert "- design: group-sequential design, looks at 3, 5, 7 seeds" in markdown
     assert "why each stopped (alpha 0.05, equivalence margin 0.005)" in markdown
 
 
@@ -587,17 +587,27 @@ def test_study_md_states_the_recipe_its_confirmed_score_and_which_components_mat
         "it 0.7000 (winner's curse +0.0200)." in text
     )
     assert "The teacher scores dev accuracy 0.8000; the recipe keeps 85.0 % of it" in text
+    # One look at 2 seeds, Holm over 3 cells. -attention: diffs -0.080/-0.079, se 0.0005,
+    # t -159 (1 dof), p 0.0040 < 0.05 / 3: worse, decided at level 1 - 0.05 / 3, so its interval
+    # is the 98.3 % one: t(0.99167, 1) = 38.19, -0.0795 +- 0.0191.
+    assert "Verdicts: fixed design, 2 seeds; Holm across the family at alpha 0.05" in text
     assert (
         "- `-attention` matters: the recipe is worse without it (keep it); dev accuracy -0.0795 "
-        "vs the recipe, 95 % CI -0.0800 to -0.0790, 2 seeds." in text
+        "vs the recipe, 98.3% interval -0.0986 to -0.0604, 2 seeds." in text
     )
+    # init=random: mean +0.001 lies within the margin 0.01, but its TOST p is 0.102 (the 90 %
+    # interval is not inside +-0.01): unresolved, not "equivalent" as the old point-estimate
+    # rule said. 95 % interval: +0.001 +- 12.706 x 0.003.
     assert (
-        "- `init=random` does not matter: equivalent to the recipe within the margin of 0.01; "
-        "dev accuracy +0.0010 vs the recipe, 95 % CI -0.0020 to +0.0040, 2 seeds." in text
+        "- `init=random` is unresolved at the maximum of seeds (whether it matters is not shown "
+        "either way); dev accuracy +0.0010 vs the recipe, 95.0% interval -0.0371 to +0.0391, "
+        "2 seeds." in text
     )
+    assert "equivalent to the recipe" not in text
     assert (
-        "- `schedule=idal` is not resolved at the maximum of seeds; dev accuracy -0.0150 vs the "
-        "recipe, 95 % CI -0.0600 to +0.0300, 2 seeds." in text
+        "- `schedule=idal` is unresolved at the maximum of seeds (whether it matters is not shown "
+        "either way); dev accuracy -0.0150 vs the recipe, 95.0% interval -0.5868 to +0.5568, "
+        "2 seeds." in text
     )
     # 3 / 4 / 8 runs of 900 s on 2 CPUs: 1.50 / 2.00 / 4.00 CPU hours
     assert "| sweep | done | 3 | - | 1.500 | 0.000 |" in text
@@ -717,10 +727,12 @@ def test_a_budget_spent_between_ablation_rounds_stops_there_and_resume_adds_the_
     text = (tmp_path / "s" / "STUDY.md").read_text()
     assert "Phases: sweep done; confirm done; ablation stopped." in text
     assert "The study stopped the ablation phase after its adaptive round 1" in text
-    # what round 1 decided is reported; the undecided cell says the budget stopped its seeds
-    assert "- `-attention` matters: the recipe is worse without it (keep it)" in text
+    # round 1 is the design's first look (2 of 4 seeds): O'Brien-Fleming lets it spend
+    # 2 - 2 Phi(1.96 / sqrt(0.5)) = 0.0056 of alpha, Holm over 3 cells 0.0019: -attention's
+    # p 0.0040 does not reach it, so every cell says the budget stopped its seeds
+    assert "- `-attention` is unresolved so far (the budget stopped its seeds" in text
     assert (
-        "- `schedule=idal` is not resolved yet (the budget stopped its seeds; kdray study "
+        "- `schedule=idal` is unresolved so far (the budget stopped its seeds; kdray study "
         "--resume with a larger study.budget adds more); dev accuracy -0.0150" in text
     )
     assert "- ablation: [ablation/REPORT.md](ablation/REPORT.md)" in text
@@ -790,11 +802,20 @@ def test_an_interrupted_round_decides_nothing_and_resume_continues_that_round(tm
     assert {d.status for d in decisions.values()} == {"better", "max reached"}
 
 
-def test_a_cell_clear_of_zero_by_bootstrap_alone_stays_unresolved_until_the_t_test_agrees() -> None:
-    # RTE sid vs soft, 3 seeds: paired differences +0.0289, +0.0217, +0.0072; the percentile
-    # bootstrap CI [+0.0072, +0.0289] excludes 0 but the Holm-adjusted t-test gives p = 0.19
-    assert study.decide(0.0193, 0.0072, 0.0289, "max", 0.005, p_holm=0.19, alpha=0.05) is None
-    assert study.decide(0.0193, 0.0072, 0.0289, "max", 0.005, p_holm=0.01, alpha=0.05) == "better"
-    assert study.decide(-0.0193, -0.0289, -0.0072, "max", 0.005, p_holm=0.01, alpha=0.05) == (
-        "worse"
+def test_the_sid_cell_whose_three_seeds_a_bootstrap_called_clear_is_unresolved() -> None:
+    """RTE sid vs soft, 3 seeds: differences +0.0289, +0.0217, +0.0072. The old percentile
+    bootstrap interval [+0.0072, +0.0289] (their range) excluded 0; the t-test p is 0.098."""
+    trials = pd.DataFrame(
+        [
+            {"cell": c, "seed": s, "status": "ok", "metric": "accuracy", "best.dev.accuracy": v}
+            for s, d in ((1, 0.0289), (2, 0.0217), (3, 0.0072))
+            for c, v in (("soft", 0.55), ("sid", 0.55 + d))
+        ]
     )
+    decisions = study.seed_decisions(
+        trials, "soft", "accuracy", "max", 0.05, 0.005, {"sid": 3}, 3, 3, 1
+    )
+    sid = decisions["sid"]
+    assert sid.status == "max reached" and sid.level == pytest.approx(0.95)
+    assert sid.ci_low < 0 < sid.ci_high  # mean 0.019267 +- 4.302653 x se 0.0063813
+    assert sid.ci_low == pytest.approx(0.019267 - 4.302653 * 0.0063813, abs=2e-6)
