@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdray import plan, report, results, study
+from kdray import plan, report, results, stats, study
 from kdray.spec import AblationSpec, AdaptiveSeeds, Spec, StudyBudgetSpec
 from kdray.store import write_text_atomic
 
@@ -243,6 +243,34 @@ def _teacher_lines(trials: pd.DataFrame, metric: str, score: float, what: str) -
     ]
 
 
+def winner_values(trials: pd.DataFrame, cell: str) -> dict[str, Any]:
+    rows = trials[trials["cell"] == cell]
+    return json.loads(rows.iloc[0][study.CONFIG_VALUES]) if len(rows) else {}
+
+
+def _default_mean(trials: pd.DataFrame) -> float:
+    rows = trials[(trials["cell"] == study.DEFAULT_CELL) & (trials["status"] == "ok")]
+    column = next(c for c in trials.columns if c.startswith("best.dev.") and c in rows)
+    return float(rows[column].mean())
+
+
+def _control_lines(control: Any, shown: bool) -> list[str]:
+    """The confirmed winner against the spec as written, and whether kdray recommends it."""
+    if control is None:
+        return [
+            "No control: this confirmation did not run the spec as written, so whether the "
+            "recipe beats it is not known (kdray confirm runs it since this check was added)."
+        ]
+    said = f"Against the spec as written (cell `default`, the same seeds): {stats.words(control)}."
+    if shown:
+        return [said, "kdray recommends this recipe: it is at least as good as the default."]
+    return [
+        said,
+        "kdray does **not** recommend it: it is not shown at least as good as the spec as "
+        f"written ({control.word}). Keep the spec as written, or add seeds to settle it.",
+    ]
+
+
 def _recipe_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[str]:
     phases = record["phases"]
     lines = ["## The recommended recipe", ""]
@@ -254,18 +282,25 @@ def _recipe_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[st
         winner = curse.sort_values(["confirmed_rank", "config_rank"]).iloc[0]
         values, _ = study.recipe_from_results(trials, spec)
         mean, half = float(winner["mean"]), float(winner["ci95"])
+        control = study.control_verdict(trials, spec, str(winner["cell"]))
+        shown = control is None or control.word in (study.BETTER, study.EQUIVALENT)
         lines += [
             f"The sweep's configuration `{winner['cell']}` (sweep rank {winner['config_rank']}) "
             f"is the best after confirmation with {winner['n']} seeds. Its settings:",
             "",
-            *_settings_lines(values),
+            *_settings_lines(winner_values(trials, str(winner["cell"]))),
             "",
             f"Confirmed dev {metric}: {mean:.4f}, 95 % CI {mean - half:.4f} to {mean + half:.4f} "
             f"({winner['n']} seeds); the sweep scored it {winner['sweep_score']:.4f} "
             f"(winner's curse {winner['winners_curse']:+.4f}).",
             "",
-            *_teacher_lines(trials, metric, mean, "the recipe"),
+            *_control_lines(control, shown),
+            "",
+            *_teacher_lines(trials, metric, mean if shown else _default_mean(trials), "the recipe"),
         ]
+        if not shown:
+            lines += ["", "The recipe (and the leave-one-out below) is therefore:", ""]
+            lines += _settings_lines(values)
         return lines
     sweep = phase_trials(folder, "sweep")
     best = None if sweep.empty else plan.best_trial(sweep, spec.tune.mode)

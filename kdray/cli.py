@@ -485,13 +485,21 @@ def _confirm_configs(spec: Spec, sweep_dir: Path, top_k: int, seeds: int) -> lis
 
     if seeds < 2:
         raise ValueError(f"--seeds must be >= 2 to estimate a spread, got {seeds}")
-    configs = study.confirm_configs(results.load(sweep_dir)[0], spec, top_k)
+    ranked = study.confirm_configs(results.load(sweep_dir)[0], spec, top_k)
+    configs = study.with_control(ranked, spec)
+    control = " + the spec as written" if len(configs) > len(ranked) else ""
     console.print(
-        f"[bold]kdray confirm[/bold] {spec.name}: {len(configs)} configurations x {seeds} seeds"
+        f"[bold]kdray confirm[/bold] {spec.name}: {len(ranked)} configurations{control} x "
+        f"{seeds} seeds"
     )
     for config in configs:
         shown = ", ".join(f"{k}={v}" for k, v in config["values"].items())
-        console.print(f"  {config['cell']} ({config['sweep_score']:.4f}): {shown}", soft_wrap=True)
+        if config["cell"] == study.DEFAULT_CELL:
+            score = "the spec as written: the control"
+        else:
+            score = f"{config['sweep_score']:.4f}"
+            score += ", the spec as written" if config.get("is_default") else ""
+        console.print(f"  {config['cell']} ({score}): {shown}", soft_wrap=True)
     return configs
 
 

@@ -1440,6 +1440,8 @@ def _choose_baseline(
     if baseline is not None:
         return _select_baseline(trials, baseline, group), "the baseline argument"
     cells = _ordered_groups(trials, group) if group == "cell" else []
+    if "config_rank" in trials.columns and "default" in cells:
+        return "default", "the spec as written (a confirmation's control)"
     if "config_rank" in trials.columns and "rank1" in cells:
         return "rank1", "the sweep's winner (a confirmation)"
     design = _spec_value(experiment, "ablation", "design")
@@ -1559,6 +1561,8 @@ def winners_curse(
         if rows.empty:
             continue
         first = rows.iloc[0]
+        if int(first.get("config_rank", 1)) == 0:
+            continue  # the spec as written: the control, not one of the sweep's configurations
         score = float(first["sweep_score"]) if "sweep_score" in rows else float("nan")
         if sweep_trials is not None and str(first.get("source", "")).startswith("sweep:"):
             source = sweep_trials[sweep_trials["trial_id"] == first["source"].split(":", 1)[1]]

@@ -303,16 +303,17 @@ def _decided(
 
 def sequential_verdicts(
     diffs: dict[str, Sequence[float] | np.ndarray],
-    design: Design,
+    design: Design | dict[str, Design],
     *,
     higher_is_better: bool = True,
     family: str = "",
     complete: set[str] | None = None,
     signflip: bool = True,
 ) -> dict[str, Verdict]:
-    """Replay the design's looks over each cell's paired differences (in seed order: seed 1
-    first) and return where each cell stands: decided at the first look that decides it, or
-    unresolved (``final`` False while the design has more seeds for it).
+    """Replay the design's looks (``design``: one for every cell, or one per cell when a family
+    spans experiments of different designs) over each cell's paired differences (in seed
+    order: seed 1 first) and return where each cell stands: decided at the first look that
+    decides it, or unresolved (``final`` False while the design has more seeds for it).
 
     Two families of ``len(diffs)`` hypotheses each, both at ``design.alpha``: "no difference"
     (rejected: better/worse) and "a difference of at least the margin" (rejected: equivalent).
@@ -326,6 +327,7 @@ def sequential_verdicts(
     in simulations, where it would cost most of the time).
     """
     arrays = {cell: _clean(values) for cell, values in diffs.items()}
+    designs = design if isinstance(design, dict) else dict.fromkeys(arrays, design)
     m = len(arrays)
     family = family or f"{m} cells against one baseline"
     open_cells = set(arrays)
@@ -335,23 +337,24 @@ def sequential_verdicts(
     rejected_d: set[str] = set()
     rejected_e: set[str] = set()
     last: dict[str, tuple[int, int]] = {}
-    ended = set(arrays) if not design.sequential else set(complete or ())
-    ended |= {c for c in arrays if arrays[c].size >= design.max}
-    for index, n in enumerate(design.looks, start=1):
-        here = {c for c in open_cells if arrays[c].size >= n}
-        if n == design.max:  # the last look: every cell whose seeds have ended takes it
-            here |= {c for c in open_cells & ended if arrays[c].size >= 2}
+    ended = {c for c in arrays if not designs[c].sequential or arrays[c].size >= designs[c].max}
+    ended |= set(complete or ())
+    for n in sorted({size for d in designs.values() for size in d.looks}):
+        here = {c for c in open_cells if n in designs[c].looks and arrays[c].size >= n}
+        # a cell's last look: it takes it with what it has once its seeds have ended
+        here |= {c for c in open_cells & ended if n == designs[c].max and arrays[c].size >= 2}
         if not here:
             continue
         data = {c: arrays[c][:n] for c in here}
-        budget = {c: design.cumulative(n) for c in here}
+        budget = {c: designs[c].cumulative(n) for c in here}
         p_d = {c: ttest_p(data[c]) for c in here}
-        p_e = {c: tost_p(data[c], design.margin) for c in here}
+        p_e = {c: tost_p(data[c], designs[c].margin) for c in here}
         new_d, thr_d = _holm_look(p_d, budget, used_d, m - len(rejected_d))
         new_e, thr_e = _holm_look(p_e, budget, used_e, m - len(rejected_e))
         rejected_d |= new_d
         rejected_e |= new_e
         for cell in here:
+            index = designs[cell].looks.index(n) + 1
             last[cell] = (index, n)
             if cell in new_d:
                 word = _direction(float(data[cell].mean()), higher_is_better)
@@ -360,7 +363,7 @@ def sequential_verdicts(
                 done[cell] = _decided(EQUIVALENT, data[cell], p_e[cell], thr_e[cell], 2.0, index)
             if cell in done:
                 done[cell].family, done[cell].family_size = family, m
-                done[cell].margin = design.margin
+                done[cell].margin = designs[cell].margin
             used_d[cell] = used_d.get(cell, 0.0) + thr_d.get(cell, 0.0)
             used_e[cell] = used_e.get(cell, 0.0) + thr_e.get(cell, 0.0)
         open_cells -= set(done)
@@ -371,9 +374,10 @@ def sequential_verdicts(
         index = last.get(cell, (0, 0))[0]
         mean = float(data.mean()) if data.size else math.nan
         low, high = t_interval(data, 1 - design.alpha)
+        own = designs[cell]
         done[cell] = Verdict(
-            UNRESOLVED, int(data.size), mean, low, high, 1 - design.alpha, ttest_p(data),
-            math.nan, "paired t-test", family, m, design.margin, index, final=cell in ended,
+            UNRESOLVED, int(data.size), mean, low, high, 1 - own.alpha, ttest_p(data),
+            math.nan, "paired t-test", family, m, own.margin, index, final=cell in ended,
         )  # fmt: skip
     for verdict, values in ((done[c], arrays[c]) for c in arrays if signflip):
         verdict.p_signflip = signflip_p(values[: verdict.n]) if verdict.n >= 2 else math.nan

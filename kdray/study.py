@@ -100,6 +100,42 @@ def confirm_configs(trials: pd.DataFrame, spec: Spec, top_k: int) -> list[dict[s
     return configs
 
 
+DEFAULT_CELL = "default"  # the spec as written: the control every confirmation runs
+
+
+def with_control(configs: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
+    """``configs`` plus the spec as written (cell ``default``, ``config_rank`` 0), run with the
+    same paired seeds, so the confirmed winner is compared with what the user would get
+    without the sweep; not added when a configuration already is the spec as written."""
+    own = spec.fingerprint()
+    for config in configs:
+        if spec.with_values(config["values"]).fingerprint() == own:
+            config["is_default"] = True
+            return configs
+    control = {
+        "cell": DEFAULT_CELL,
+        "config_rank": 0,
+        "values": {},
+        "source": "spec",
+        "sweep_score": float("nan"),
+        CONFIG_VALUES: json.dumps({}),
+    }
+    return [*configs, control]
+
+
+def control_verdict(trials: pd.DataFrame, spec: Spec, cell: str) -> Any:
+    """``cell``'s :class:`kdray.stats.Verdict` against the spec as written (``default``),
+    every confirmed configuration against it one Holm family; None without a default cell."""
+    if "cell" not in trials or DEFAULT_CELL not in set(trials["cell"]) or cell == DEFAULT_CELL:
+        return None
+    metric = spec.tune.metric or report.main_metric(trials)
+    ablation = spec.ablation
+    alpha = ablation.alpha if ablation else report.DEFAULT_ALPHA
+    margin = ablation.equivalence if ablation else report.DEFAULT_MARGIN
+    verdicts = report.cell_verdicts(trials, DEFAULT_CELL, metric, spec.tune.mode, alpha, margin)
+    return verdicts.get(cell)
+
+
 def paired_trials(cells: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
     """Every cell once per seed, the same seeds for every cell (so they pair)."""
     return [{**cell, "seed": seed} for cell in cells for seed in seeds]
@@ -116,6 +152,10 @@ def recipe_from_results(trials: pd.DataFrame, spec: Spec) -> tuple[dict[str, Any
         metric = spec.tune.metric or report.main_metric(trials)
         curse = winners_curse(None, trials, metric, spec.tune.mode)
         winner = curse.sort_values(["confirmed_rank", "config_rank"]).iloc[0]
+        control = control_verdict(trials, spec, str(winner["cell"]))
+        if control is not None and control.word in (WORSE, UNRESOLVED):
+            # not shown at least as good as the spec as written: that is the recipe, then
+            return {}, f"confirmed:{DEFAULT_CELL} ({winner['cell']} {control.word} than it)"
         rows = trials[trials["cell"] == winner["cell"]]
         return json.loads(rows.iloc[0][CONFIG_VALUES]), f"confirmed:{winner['cell']}"
     best = plan.best_trial(trials, spec.tune.mode)

@@ -114,6 +114,48 @@ def test_confirm_of_a_sweep_without_ok_trials_says_so() -> None:
         study.confirm_configs(trials, _spec(), top_k=2)
 
 
+def test_every_confirmation_runs_the_spec_as_written_as_its_control(sweep_trials) -> None:
+    spec = _spec()
+    configs = study.with_control(study.confirm_configs(sweep_trials, spec, top_k=2), spec)
+    assert [c["cell"] for c in configs] == ["rank1", "rank2", "default"]
+    assert configs[-1]["values"] == {} and configs[-1]["config_rank"] == 0
+    # a configuration that is the spec as written (sid, skip, the spec's lr) is the control
+    lr = spec.train.lr
+    same = pd.DataFrame([_sweep_row("z", 0.9, **{"distill.algorithm": "sid", "train.lr": lr})])
+    configs = study.with_control(study.confirm_configs(same, spec, top_k=1), spec)
+    assert [c["cell"] for c in configs] == ["rank1"] and configs[0]["is_default"]
+
+
+def _control_table(winner: list[float], default: list[float]) -> pd.DataFrame:
+    values = {"rank1": '{"train.lr": 0.0003}', "rank2": '{"train.lr": 1e-05}', "default": "{}"}
+    rows = [_confirm_row(1, s, a, 0.80) for s, a in enumerate(winner, start=1)]
+    rows += [_confirm_row(2, s, a - 0.05, 0.78) for s, a in enumerate(winner, start=1)]
+    rows += [
+        {**_confirm_row(0, s, a, float("nan")), "cell": "default", "source": "spec"}
+        for s, a in enumerate(default, start=1)
+    ]
+    table = pd.DataFrame(rows)
+    table[study.CONFIG_VALUES] = table["cell"].map(values)
+    return table
+
+
+def test_a_confirmed_winner_below_the_spec_as_written_is_not_the_recipe() -> None:
+    """results/rte-study's recipe was below the spec's own sid on every paired seed: now the
+    confirmation's control catches that, and the recipe stays the spec as written."""
+    spec = _spec()
+    worse = _control_table([0.60, 0.61, 0.62], [0.63, 0.64, 0.65])  # -0.03 on every seed
+    assert study.control_verdict(worse, spec, "rank1").word == "worse"
+    assert study.recipe_from_results(worse, spec) == ({}, "confirmed:default (rank1 worse than it)")
+    noisy = _control_table([0.60, 0.66, 0.62], [0.63, 0.61, 0.64])  # not shown either way
+    assert study.control_verdict(noisy, spec, "rank1").word == "unresolved"
+    assert study.recipe_from_results(noisy, spec)[0] == {}
+    better = _control_table([0.66, 0.67, 0.68], [0.63, 0.64, 0.65])
+    assert study.control_verdict(better, spec, "rank1").word == "better"
+    assert study.recipe_from_results(better, spec) == ({"train.lr": 0.0003}, "confirmed:rank1")
+    # the control is not one of the sweep's configurations: no winner's curse, no rank
+    assert study.winners_curse(None, better, "accuracy")["cell"].tolist() == ["rank1", "rank2"]
+
+
 def _confirm_row(rank: int, seed: int, accuracy: float, sweep_score: float) -> dict:
     return {
         "trial_id": f"r{rank}s{seed}",

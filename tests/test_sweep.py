@@ -603,6 +603,8 @@ def test_study_runs_sweep_confirm_and_leave_one_out_and_writes_study_md(
     text = _assert_whole_study(out)
     confirmed = pd.read_parquet(out / "confirm" / "trials.parquet")
     assert set(confirmed["seed"]) == {1, 2} and set(confirmed["status"]) == {"ok"}
+    assert set(confirmed["cell"]) == {"rank1", "rank2", "default"}
+    assert "Against the spec as written (cell `default`, the same seeds): " in text
     ablation = pd.read_parquet(out / "ablation" / "trials.parquet")
     assert sorted(zip(ablation["cell"], ablation["seed"], strict=True)) == [
         ("init=random", 1), ("init=random", 2), ("recipe", 1), ("recipe", 2)
@@ -639,8 +641,11 @@ def _confirm_and_ablate_alone_repeat_the_study(
     args = ["--top-k", "1", "--seeds", "2", "--out", str(alone), "--address", cluster.address]
     done = cli.invoke(app, ["confirm", str(out / "sweep"), *args])
     assert done.exit_code == 0, done.output[-3000:]
-    assert "kdray confirm chain: 1 configurations x 2 seeds" in done.output
+    assert "kdray confirm chain: 1 configurations + the spec as written x 2 seeds" in done.output
     mine = pd.read_parquet(alone / "trials.parquet").sort_values("seed")
+    control = mine[mine["cell"] == "default"]  # the spec as written, same seeds: the control
+    assert list(control["seed"]) == [1, 2] and set(control["config_rank"]) == {0}
+    mine = mine[mine["cell"] != "default"]
     theirs = confirmed[confirmed["config_rank"] == 1].sort_values("seed")
     assert list(mine["config_rank"]) == [1, 1] and list(mine["seed"]) == [1, 2]
     assert list(mine["best.dev.accuracy"]) == pytest.approx(list(theirs["best.dev.accuracy"]))
@@ -649,7 +654,9 @@ def _confirm_and_ablate_alone_repeat_the_study(
     assert "not a sweep's results folder" in " ".join(refused.output.split())
 
     ablation = tmp_path / "ablate-alone"
-    args = ["--from-sweep", str(out / "sweep"), "--out", str(ablation)]
+    # the study takes its recipe from the confirmation (the winner, or the spec as written when
+    # the winner is not shown at least as good): so does kdray ablate given that folder
+    args = ["--from-sweep", str(out / "confirm"), "--out", str(ablation)]
     args += ["--set", "ablation.design=leave_one_out"]  # the study's default; ablate's is grid
     done = cli.invoke(app, ["ablate", str(spec_file), *args, "--address", cluster.address])
     assert done.exit_code == 0, done.output[-3000:]
