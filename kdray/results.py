@@ -373,6 +373,16 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def _as_current(stored_spec: dict[str, Any]) -> dict[str, Any]:
+    """A recorded spec as this kdray writes it: settings added since (with their defaults, e.g.
+    ``ablation.seeds.spending``) filled in, so an older folder is still the same experiment."""
+    try:
+        current = Spec.model_validate(stored_spec).model_dump(mode="json", by_alias=True)
+    except ValueError:
+        return stored_spec
+    return json.loads(json.dumps(current))
+
+
 def _spec_differences(stored: dict[str, Any], spec: Spec, command: str) -> list[str]:
     """How the experiment recorded in ``stored`` differs from ``command`` on ``spec``: the
     command, the run settings (fingerprint) and the block that defines the trials."""
@@ -385,7 +395,7 @@ def _spec_differences(stored: dict[str, Any], spec: Spec, command: str) -> list[
             "(different run settings)"
         )
     mine = json.loads(json.dumps(spec.model_dump(mode="json", by_alias=True)))
-    theirs = stored.get("spec") if isinstance(stored.get("spec"), dict) else {}
+    theirs = _as_current(stored.get("spec") if isinstance(stored.get("spec"), dict) else {})
     block = {"sweep": "search", "ablate": "ablation"}.get(command)
     if block and stored.get("command") == command and theirs.get(block) != mine.get(block):
         found.append(f"a different {block} block")

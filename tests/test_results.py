@@ -283,6 +283,23 @@ def test_an_ablation_with_other_axes_is_refused(tmp_path: Path) -> None:
     results.claim_folder(folder, searched, "ablate", resume=True)
 
 
+def test_a_folder_written_before_a_setting_existed_is_still_the_same_experiment(
+    tmp_path: Path,
+) -> None:
+    """An ablation recorded before ``ablation.seeds.spending`` existed resumes (the setting's
+    default fills the gap); a real difference in the block is still refused."""
+    raw = {**SWEEP, "ablation": {"axes": {"distill.algorithm": ["soft", "pid"]},
+                                 "seeds": {"min": 3, "max": 10, "step": 2}}}  # fmt: skip
+    folder = _experiment(tmp_path / "a", raw, "ablate")
+    record = json.loads((folder / "experiment.json").read_text())
+    del record["spec"]["ablation"]["seeds"]["spending"]  # as an older kdray wrote it
+    (folder / "experiment.json").write_text(json.dumps(record))
+    results.claim_folder(folder, spec_from_dict(raw), "ablate", resume=True)
+    raw["ablation"]["seeds"]["spending"] = "pocock"
+    with pytest.raises(ValueError, match="a different ablation block"):
+        results.claim_folder(folder, spec_from_dict(raw), "ablate", resume=True)
+
+
 def test_the_same_sweep_again_needs_resume_or_overwrite(tmp_path: Path) -> None:
     folder = _experiment(tmp_path / "s", SWEEP, "sweep")
     spec = spec_from_dict(SWEEP)
