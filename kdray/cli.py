@@ -682,6 +682,14 @@ def report(
             "(default: the spec's ablation.alpha, else 0.05)."
         ),
     ] = None,
+    family_with: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--family-with",
+            help="Another folder answering the same question (repeatable): all their "
+            "comparisons are adjusted together as one family.",
+        ),
+    ] = None,
 ) -> None:
     """Summarise a sweep or an ablation: statistics, paired comparisons, importance, plots."""
     from kdray.report import build_report
@@ -694,8 +702,9 @@ def report(
         raise typer.Exit(2)
     with _settings_errors():
         built = build_report(
-            results_dir, baseline=baseline, plots_dir=plots, fmt=format_, mode=mode, alpha=alpha
-        )
+            results_dir, baseline=baseline, plots_dir=plots, fmt=format_, mode=mode, alpha=alpha,
+            family_with=family_with or (),
+        )  # fmt: skip
     if format_ == "table":
         _print_report_tables(built)
     else:

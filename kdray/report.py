@@ -19,6 +19,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -1224,6 +1225,7 @@ class Report:
     stopping: pd.DataFrame | None = None  # adaptive seeds: seeds per cell and why it stopped
     equivalence: float | None = None  # the equivalence margin (ablation.equivalence)
     design: st.Design | None = None  # how the verdicts were decided (kdray.stats)
+    family: pd.DataFrame | None = None  # one question across folders: the joint verdicts
 
     def sections(self) -> list[tuple[str, str | pd.DataFrame]]:
         """``(heading, frame or prose)`` in document order: one source for every output format."""
@@ -1243,6 +1245,15 @@ class Report:
             )
         if self.findings is not None and not self.findings.empty:
             out.append(("Verdict per cell (metric and diagnostics vs baseline)", self.findings))
+        if self.family is not None:
+            folders = self.family["folder"].nunique()
+            out.append(
+                (
+                    f"One question, one family: {len(self.family)} comparisons in {folders} "
+                    "folders, adjusted together (Holm; each folder's own seed design)",
+                    self.family,
+                )
+            )
         if self.confirmation is not None:
             out.append(
                 ("Confirmation: sweep score vs confirmed mean (winner's curse)", self.confirmation)
@@ -1483,7 +1494,7 @@ def _compare_with_baseline(
         report.comparison = paired_comparison(
             trials, report.baseline, report.metric, confidence=1.0 - report.alpha
         )
-        if report.kind == "ablation" and not report.comparison.empty:
+        if report.kind != "sweep" and not report.comparison.empty:
             report.equivalence, report.design = _report_design(report, trials)
             report.findings = findings(
                 trials,
@@ -1494,6 +1505,7 @@ def _compare_with_baseline(
                 margin=report.equivalence,
                 design=report.design if report.design.sequential else None,
             )
+        if report.kind == "ablation" and report.findings is not None:
             report.findings_text = findings_text(
                 trials,
                 report.findings,
@@ -1755,8 +1767,12 @@ def build_report(
     mode: str | None = None,
     top: int = 10,
     alpha: float | None = None,
+    family_with: Sequence[str | Path] = (),
 ) -> Report:
     """Read a results folder and compute every table (and, with ``plots_dir``, every plot).
+
+    ``family_with``: other folders that answer the same question (a follow-up, a re-run with
+    another teacher); every comparison of them all is one family (:func:`family_verdicts`).
 
     An ablation (trials with a ``cell`` column) gets per-cell statistics and a paired comparison
     against ``baseline``: the argument, else the spec's ``ablation.baseline`` from
@@ -1819,6 +1835,55 @@ def build_report(
     if cka_file.exists():
         report.cka = _join_cka(pd.read_parquet(cka_file), trials, group, cka_file)
 
+    if family_with:
+        report.family = family_verdicts([results_dir, *family_with], alpha=alpha)
     if plots_dir is not None:
         _plot(report, trials, epochs, Path(plots_dir))
     return report
+
+
+def family_verdicts(folders: Sequence[str | Path], alpha: float | None = None) -> pd.DataFrame:
+    """One question answered by several experiments, decided as one family: every folder's
+    cells against that folder's own baseline, each with the seed design its folder ran (fixed
+    seeds, or the spec's adaptive rounds), Holm across all of them at one ``alpha`` (the
+    argument, else the first folder's). A follow-up that re-runs an unresolved cell alone adds
+    a comparison to the family; it does not start a fresh family of one."""
+    import dataclasses
+
+    diffs: dict[str, np.ndarray] = {}
+    designs: dict[str, st.Design] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    modes: dict[str, str] = {}
+    for folder in folders:
+        built = build_report(folder, alpha=alpha)
+        alpha = built.alpha if alpha is None else alpha
+        if built.baseline is None or built.comparison is None or built.design is None:
+            raise ValueError(f"{folder}: no paired comparison with a baseline to pool")
+        modes[str(folder)] = built.mode
+        trials, _ = load_results(folder)
+        _, pairs = paired_differences(trials, built.baseline, built.metric)
+        for cell, frame in pairs.items():
+            key = f"{Path(folder).name}: {cell}"
+            diffs[key] = frame["diff"].to_numpy()
+            designs[key] = dataclasses.replace(built.design, alpha=alpha)
+            rows[key] = {"folder": Path(folder).name, "cell": cell, "baseline": built.baseline}
+    if len(set(modes.values())) > 1:
+        raise ValueError(f"the folders' metrics go different ways: {modes}; pool like with like")
+    mode = next(iter(modes.values()), "max")
+    family = f"{len(diffs)} comparisons in {len(modes)} folders"
+    verdicts = st.sequential_verdicts(diffs, designs, higher_is_better=mode == "max", family=family)
+    out = []
+    for key, verdict in verdicts.items():
+        out.append(
+            {
+                **rows[key],
+                "n_pairs": verdict.n,
+                "mean_diff": verdict.mean,
+                "low": verdict.low,
+                "high": verdict.high,
+                "level": verdict.level,
+                "p_ttest": verdict.p,
+                "verdict": verdict.word,
+            }
+        )
+    return pd.DataFrame(out)

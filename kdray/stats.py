@@ -373,8 +373,8 @@ def sequential_verdicts(
         data = arrays[cell]  # every pair it has: the interval of what is known now
         index = last.get(cell, (0, 0))[0]
         mean = float(data.mean()) if data.size else math.nan
-        low, high = t_interval(data, 1 - design.alpha)
         own = designs[cell]
+        low, high = t_interval(data, 1 - own.alpha)
         done[cell] = Verdict(
             UNRESOLVED, int(data.size), mean, low, high, 1 - own.alpha, ttest_p(data),
             math.nan, "paired t-test", family, m, own.margin, index, final=cell in ended,

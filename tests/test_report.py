@@ -891,3 +891,36 @@ def test_markdown_tables_need_tabulate_so_it_is_a_declared_dependency() -> None:
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     assert "tabulate" in {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0] for d in dependencies}
+
+
+# ---------------------------------------------------------------------------------------------
+# one question across folders: one family
+
+
+def _pair_folder(folder: Path, diffs: list[float]) -> Path:
+    """An ablation folder of cells base and new, new minus base = ``diffs`` by seed."""
+    rows = [
+        {"cell": c, "seed": s, "status": "ok", "metric": "accuracy", "best.dev.accuracy": v,
+         "distill.algorithm": algorithm}
+        for s, d in enumerate(diffs, start=1)
+        for c, v, algorithm in (("base", 0.6, "soft"), ("new", 0.6 + d, "pid"))
+    ]  # fmt: skip
+    return _results(pd.DataFrame(rows), folder)  # the one soft cell is the baseline
+
+
+def test_a_follow_up_on_the_same_question_joins_its_family_instead_of_starting_one(
+    tmp_path: Path,
+) -> None:
+    """The MRPC pid pattern: an unresolved cell re-run alone in a new folder. Alone, the
+    follow-up's p 0.0408 (t 4.8, 2 dof) is below alpha; in the family of the two folders'
+    comparisons, Holm holds it to 0.05 / 2 (the first folder's cell, p 0.80, is not rejected)."""
+    first = _pair_folder(tmp_path / "first", [0.05, -0.04, 0.01])
+    follow = _pair_folder(tmp_path / "follow", [0.02 - 0.007217, 0.02, 0.02 + 0.007217])
+    alone = R.build_report(follow, baseline="base")
+    assert alone.findings.set_index("cell").loc["new", "accuracy.verdict"] == "better"
+    family = R.family_verdicts([first, follow])
+    assert family["folder"].tolist() == ["first", "follow"]
+    assert family["verdict"].tolist() == ["unresolved", "unresolved"]
+    assert family["p_ttest"].iloc[1] == pytest.approx(0.0408, abs=5e-4)
+    markdown = R.build_report(follow, family_with=[first]).to_markdown()
+    assert "## One question, one family: 2 comparisons in 2 folders" in markdown
