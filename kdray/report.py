@@ -78,6 +78,8 @@ _NOT_SETTINGS = {
     "student_path",
     "cell",
     "seed",
+    "precision",  # what ran (train.precision is what was asked)
+    "node_id",  # where Ray ran the trial
 }
 _RESULT_PREFIXES = ("best.", "final.", "teacher.", "diag.")
 # Settings that describe where/how a run was executed, not what it was: never "parameters".
@@ -231,6 +233,20 @@ def _hashable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return json.dumps(value.tolist())
     return value
+
+
+MIN_IMPORTANCE_TRIALS = 10
+
+
+def searched_settings(trials: pd.DataFrame, experiment: dict[str, Any] | None) -> list[str]:
+    """The settings a sweep searched, once each: the spec's ``search:`` keys that vary among
+    the rows (``experiment.json``), else the varying settings. Never Ray's bookkeeping
+    (``node_id``) nor the ``param.*`` copies of the searched values."""
+    search = _spec_value(experiment, "search")
+    varying = [c for c in varying_settings(trials) if not c.startswith("param.")]
+    if isinstance(search, dict) and search:
+        return [key for key in search if key in varying]
+    return varying
 
 
 def varying_settings(trials: pd.DataFrame) -> list[str]:
@@ -1062,25 +1078,29 @@ def _claim_two(table: pd.DataFrame, rows: pd.DataFrame) -> str | None:
     inside = [c for c in ("cka.mean", "attention_kl.mean") if f"{c}.verdict" in table.columns]
     if not inside:
         return None
-    parts, majority = [], 0
+    parts, majority, farther = [], 0, 0
     for column in inside:
         closer = int((rows[f"{column}.verdict"] == "better").sum())
         majority += closer > len(rows) / 2
+        farther += int((rows[f"{column}.verdict"] == "worse").sum()) > len(rows) / 2
         mean_diff = float(rows[f"{column}.diff"].mean())
         parts.append(
             f"{column} significantly closer to the teacher in {closer} of {len(rows)} cells "
             f"(mean difference {mean_diff:+.4f})"
         )
-    held = (
-        "**held**"
-        if majority == len(inside)
-        else "**partly held**"
-        if majority
-        else "**did not hold**"
-    )
+    if majority == len(inside):
+        held = "**held**"
+    elif majority:
+        held = "**partly held**"
+    elif farther == len(inside):
+        held = "**did not hold**"
+    else:
+        held = "**unresolved**"
     return (
         "- Claim 2, internal distillation makes the student's inside closer to the "
-        f"teacher's: {held} ({'; '.join(parts)})."
+        f"teacher's: {held} ({'; '.join(parts)}). Attention KL is what internal distillation "
+        "trains and [CLS] CKA is kin to its [CLS] cosine loss, so closer there is partly by "
+        "construction; prediction agreement (below) is not trained."
     )
 
 
@@ -1272,7 +1292,13 @@ class Report:
         if self.best is not None:
             out.append(("Best trial per algorithm", self.best))
         if self.importance is not None:
-            out.append(("Parameter importance (fANOVA)", self.importance))
+            out.append(
+                (
+                    "Parameter importance of the searched settings (fANOVA, optuna's "
+                    "FanovaImportanceEvaluator, seed 0)",
+                    self.importance,
+                )
+            )
         return out
 
     def _survival_text(self) -> str:
@@ -1827,7 +1853,15 @@ def build_report(
         report.sweep = sweep_summary(trials, metric, mode=mode, top=top)
         if "distill.algorithm" in trials.columns:
             report.best = best_per(trials, "distill.algorithm", metric, mode=mode)
-        report.importance = parameter_importance(trials, varying_settings(ok), metric, mode=mode)
+        searched = searched_settings(ok, experiment)
+        report.importance = parameter_importance(trials, searched, metric, mode=mode)
+        finished = int(pd.to_numeric(ok[_metric_column(ok, metric)], errors="coerce").notna().sum())
+        if finished < MIN_IMPORTANCE_TRIALS:
+            report.notes.append(
+                f"parameter importance from {finished} finished trials is a rough guess: fANOVA "
+                f"needs about {MIN_IMPORTANCE_TRIALS} or more to rank {len(searched)} searched "
+                "settings"
+            )
 
     if not epochs.empty:
         report.curves = learning_curves(epochs, trials, metric)

@@ -278,6 +278,30 @@ def test_parameter_importance_finds_the_one_that_matters(sweep: pd.DataFrame) ->
     pd.testing.assert_frame_equal(importance, R.parameter_importance(sweep, params, "accuracy"))
 
 
+def test_importance_ranks_the_searched_settings_once_each_never_ray_bookkeeping(
+    sweep: pd.DataFrame, tmp_path: Path
+) -> None:
+    """A resumed sweep's table has node_id (which Ray node ran the trial) and the param.*
+    copies of the searched values: before, both were ranked as parameters (lr twice)."""
+    resumed = sweep.assign(
+        node_id=[f"node{i % 2}" for i in range(len(sweep))], **{"param.train.lr": sweep["train.lr"]}
+    )
+    folder = _results(resumed, tmp_path / "sweep")
+    spec = {"name": "sweep", "task": "rte", "tune": {"metric": "accuracy", "mode": "max"}}
+    spec["search"] = {"train.lr": {"loguniform": [1e-5, 1e-3]}, "distill.algorithm": {}}
+    (folder / "experiment.json").write_text(json.dumps({"command": "sweep", "spec": spec}))
+    built = R.build_report(folder)
+    assert sorted(built.importance["param"]) == ["distill.algorithm", "train.lr"]
+    assert built.importance.iloc[0]["param"] == "train.lr"
+    markdown = built.to_markdown()
+    assert "FanovaImportanceEvaluator" in markdown and "rough guess" not in markdown
+    few = _results(resumed.head(6), tmp_path / "few")
+    (few / "experiment.json").write_text(json.dumps({"command": "sweep", "spec": spec}))
+    assert "parameter importance from 5 finished trials is a rough guess" in (
+        R.build_report(few).to_markdown()
+    )
+
+
 def test_parameter_importance_distributions(sweep: pd.DataFrame) -> None:
     import optuna.distributions as od
 
@@ -468,7 +492,7 @@ def test_build_report_on_a_sweep_folder(sweep: pd.DataFrame, tmp_path: Path) -> 
     assert "train.seed" not in set(report.importance["param"])
     assert set(report.plots) == {"cells"}  # no epochs table, no CKA
     text = report.to_markdown()
-    assert "## Sweep: best trials" in text and "## Parameter importance (fANOVA)" in text
+    assert "## Sweep: best trials" in text and "## Parameter importance of the searched settings (fANOVA" in text
     with pytest.raises(FileNotFoundError):
         R.build_report(tmp_path / "missing")
 
