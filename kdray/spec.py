@@ -892,8 +892,45 @@ def validate_search(spec: Spec, source: str = "<spec>") -> None:
                     f"{'always' if always else 'never'} sampled); search {cond_key} or drop "
                     "the when"
                 )
+    problems += _point_problems(spec)
     if problems:
         raise SpecError("\n".join([f"{source}: invalid search block", *_capped(problems)]))
+
+
+def _point_problems(spec: Spec) -> list[str]:
+    """``tune.points_to_evaluate``, checked against the search space before any compute: every
+    key searched, every value one its distribution can produce (Optuna would refuse it only
+    after the teacher is fine-tuned and Ray has started)."""
+    problems = []
+    for index, point in enumerate(spec.tune.points_to_evaluate):
+        for key, value in point.items():
+            where = f"tune.points_to_evaluate[{index}].{key}"
+            dist = spec.search.get(key)
+            if dist is None:
+                problems.append(
+                    f"  {where}: not a searched setting (search: {', '.join(spec.search)})"
+                )
+                continue
+            listed = dist.choice or dist.grid
+            if listed is not None:
+                if json_cell(value) not in [json_cell(v) for v in listed]:
+                    problems.append(f"  {where}: {_short(value)} is not one of {_short(listed)}")
+                continue
+            kind, bounds = next(
+                (k, b) for k, b in (("uniform", dist.uniform), ("loguniform", dist.loguniform),
+                                    ("int", dist.int_)) if b is not None
+            )  # fmt: skip
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if (
+                not number
+                or not bounds[0] <= value <= bounds[1]
+                or (kind == "int" and value != int(value))
+            ):
+                problems.append(
+                    f"  {where}: {_short(value)} is outside {kind} [{bounds[0]:g}, {bounds[1]:g}]"
+                    f"; give a value in the range"
+                )
+    return problems
 
 
 def load_spec(

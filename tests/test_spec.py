@@ -695,3 +695,42 @@ def test_tracking_defaults_are_tensorboard_and_csv_with_a_local_optuna_journal()
     tune = spec_from_dict({**BASE, "tune": given}).tune
     assert tune.searcher.optuna.storage == url
     assert tune.loggers == ["json", "mlflow"]
+
+
+def test_an_invalid_point_to_evaluate_is_refused_before_any_compute_naming_key_value_and_file(
+    tmp_path: Path,
+) -> None:
+    """Before, ``train.lr: -5`` for a log-uniform range was found by Optuna after the teacher
+    was fine-tuned and Ray had started, with a message naming neither the key nor the file."""
+    raw = {
+        "name": "p",
+        "task": "rte",
+        "search": {
+            "train.lr": {"loguniform": [1e-5, 1e-3]},
+            "distill.algorithm": {"choice": ["soft", "sid"]},
+        },
+        "tune": {
+            "points_to_evaluate": [
+                {"train.lr": -5, "distill.algorithm": "sid"},
+                {"train.lr": 1e-4, "distill.algorithm": "pid", "train.epochs": 3},
+            ]
+        },
+    }
+    path = _write(tmp_path, raw)
+    with pytest.raises(SpecError) as error:
+        load_spec(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: invalid search block")
+    assert "tune.points_to_evaluate[0].train.lr: -5 is outside loguniform [1e-05, 0.001]" in message
+    assert "tune.points_to_evaluate[1].distill.algorithm: 'pid' is not one of ['soft', 'sid']" in (
+        message
+    )
+    assert "tune.points_to_evaluate[1].train.epochs: not a searched setting" in message
+    raw["tune"]["points_to_evaluate"] = [{"train.lr": 1e-4, "distill.algorithm": "sid"}]
+    valid = _write(tmp_path, raw, "valid.yaml")
+    assert load_spec(valid).tune.points_to_evaluate[0]["train.lr"] == 1e-4
+    from kdray.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", str(path)])  # refused before Ray or a teacher
+    assert result.exit_code == 2
+    assert "points_to_evaluate[0].train.lr: -5 is outside" in " ".join(result.output.split())
