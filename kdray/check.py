@@ -181,6 +181,9 @@ class _TeacherFolder:
             return None, "not loaded: teacher.checkpoint is used instead"
         path = models.resolve_model_path(name)
         if Path(path).is_dir():
+            refused = models.pickle_refusal(path)
+            if refused:
+                return False, refused
             self.folder, self.usable = Path(path), True
             return True, f"{name} -> {path}"
         if not data._offline():
@@ -206,6 +209,8 @@ class _TeacherFolder:
         return True
 
     def check_checkpoint(self) -> tuple[bool | None, str]:
+        from kdray import models
+
         given = self.spec.teacher.checkpoint
         if not given:
             return None, "not set: the teacher is fine-tuned (or found in the cache)"
@@ -218,6 +223,9 @@ class _TeacherFolder:
             )
         if not (path / "config.json").is_file():
             return False, f"teacher.checkpoint {given!r} has no config.json: not a model folder"
+        refused = models.pickle_refusal(path)
+        if refused:
+            return False, refused
         self.folder, self.usable = path, True
         return True, str(path.resolve())
 

@@ -76,7 +76,12 @@ def load_classifier(name: str, num_labels: int) -> nn.Module:
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, attn_implementation="eager"
             )
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001 - a refused pickle surfaces as several types
+        refused = pickle_refusal(path, error)
+        if refused:
+            raise ModelError(refused) from None
+        if not isinstance(error, OSError):
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (
             " (offline mode is on: give a local folder or a packaged model such as "
@@ -86,6 +91,37 @@ def load_classifier(name: str, num_labels: int) -> nn.Module:
         )
         raise ModelError(f"cannot load model {name!r}{hint}: {error}") from error
     return model
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "model.pt", "model.pth")
+
+
+def pickle_refusal(path: str | Path, error: BaseException | None = None) -> str | None:
+    """Why a model folder's weights were refused, in one paragraph, when they are a pickle that
+    weights-only loading will not open (it could run code when unpickled); None otherwise.
+    Without ``error``, the folder's pickle is probed (memory-mapped, weights only)."""
+    folder = Path(path)
+    pickles = [folder / n for n in PICKLE_WEIGHTS if (folder / n).is_file()]
+    if not folder.is_dir() or not pickles or any(folder.glob("*.safetensors")):
+        return None
+    if error is not None:
+        if "weights_only" not in str(error) and "Weights only" not in str(error):
+            return None
+    else:
+        try:
+            torch.load(pickles[0], map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - any refusal is the answer here
+            pass
+        else:
+            return None
+    return (
+        f"{pickles[0]} is a pickle that weights-only loading refuses: unpickling it could run "
+        "code, so kdray will not load it (no code from it ran). Use a folder with "
+        "model.safetensors, or, if you trust where the file comes from, convert it there once: "
+        f'python -c "from transformers import AutoModel; m = AutoModel.from_pretrained('
+        f"'{folder}', weights_only=False); m.save_pretrained('{folder}-safe')\" and give "
+        f"teacher.model: {folder}-safe"
+    )
 
 
 def num_layers(model: nn.Module) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,55 @@ def test_model_fingerprint_follows_the_files(tmp_path: Path) -> None:
     c = make_tiny_bert(tmp_path / "c", layers=1, seed=2)
     assert teacher_mod.model_fingerprint(str(a)) == teacher_mod.model_fingerprint(str(b))
     assert teacher_mod.model_fingerprint(str(a)) != teacher_mod.model_fingerprint(str(c))
+
+
+class _RunsCode:
+    """Unpickling this runs code: what a hostile pytorch_model.bin does."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pickle_teacher(folder: Path, tiny: Path, marker: Path) -> Path:
+    import pickle
+    import shutil
+
+    shutil.copytree(tiny, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _RunsCode(str(marker))}))
+    return folder
+
+
+def test_a_teacher_whose_weights_are_a_code_running_pickle_is_refused_in_one_paragraph(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from conftest import tiny_spec_dict
+    from kdray import check
+    from kdray.cli import app
+    from kdray.models import load_classifier
+    from kdray.spec import spec_from_dict
+
+    marker = tmp_path / "code-ran"
+    folder = _pickle_teacher(tmp_path / "hostile", tiny_bert, marker)
+    with pytest.raises(ModelError) as error:
+        load_classifier(str(folder), 2)
+    assert "is a pickle that weights-only loading refuses" in str(error.value)
+    assert "no code from it ran" in str(error.value)
+    spec = spec_from_dict(tiny_spec_dict(folder))
+    rows = {row.name: row for row in check.preflight(spec, command="run", out_dir=tmp_path / "o")}
+    assert rows["teacher.model"].ok is False
+    assert "pytorch_model.bin is a pickle" in rows["teacher.model"].detail
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(json.dumps(tiny_spec_dict(folder)))
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "weights-only loading refuses" in " ".join(result.output.split())
+    assert not marker.exists()  # nothing it carried ran
