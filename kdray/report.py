@@ -1850,18 +1850,7 @@ def build_report(
         report.ranking_survived = ranking_survived(report.confirmation)
     _adaptive_section(report, trials)
     if not is_ablation:
-        report.sweep = sweep_summary(trials, metric, mode=mode, top=top)
-        if "distill.algorithm" in trials.columns:
-            report.best = best_per(trials, "distill.algorithm", metric, mode=mode)
-        searched = searched_settings(ok, experiment)
-        report.importance = parameter_importance(trials, searched, metric, mode=mode)
-        finished = int(pd.to_numeric(ok[_metric_column(ok, metric)], errors="coerce").notna().sum())
-        if finished < MIN_IMPORTANCE_TRIALS:
-            report.notes.append(
-                f"parameter importance from {finished} finished trials is a rough guess: fANOVA "
-                f"needs about {MIN_IMPORTANCE_TRIALS} or more to rank {len(searched)} searched "
-                "settings"
-            )
+        _sweep_sections(report, trials, top)
 
     if not epochs.empty:
         report.curves = learning_curves(epochs, trials, metric)
@@ -1874,6 +1863,22 @@ def build_report(
     if plots_dir is not None:
         _plot(report, trials, epochs, Path(plots_dir))
     return report
+
+
+def _sweep_sections(report: Report, trials: pd.DataFrame, top: int) -> None:
+    """A sweep's best trials, best trial per algorithm and importance of what it searched."""
+    metric, mode, ok = report.metric, report.mode, _ok(trials)
+    report.sweep = sweep_summary(trials, metric, mode=mode, top=top)
+    if "distill.algorithm" in trials.columns:
+        report.best = best_per(trials, "distill.algorithm", metric, mode=mode)
+    searched = searched_settings(ok, report.experiment)
+    report.importance = parameter_importance(trials, searched, metric, mode=mode)
+    finished = int(pd.to_numeric(ok[_metric_column(ok, metric)], errors="coerce").notna().sum())
+    if finished < MIN_IMPORTANCE_TRIALS:
+        report.notes.append(
+            f"parameter importance from {finished} finished trials is a rough guess: fANOVA "
+            f"needs about {MIN_IMPORTANCE_TRIALS} or more to rank {len(searched)} searched settings"
+        )
 
 
 def family_verdicts(folders: Sequence[str | Path], alpha: float | None = None) -> pd.DataFrame:

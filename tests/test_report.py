@@ -492,7 +492,10 @@ def test_build_report_on_a_sweep_folder(sweep: pd.DataFrame, tmp_path: Path) -> 
     assert "train.seed" not in set(report.importance["param"])
     assert set(report.plots) == {"cells"}  # no epochs table, no CKA
     text = report.to_markdown()
-    assert "## Sweep: best trials" in text and "## Parameter importance of the searched settings (fANOVA" in text
+    assert (
+        "## Sweep: best trials" in text
+        and "## Parameter importance of the searched settings (fANOVA" in text
+    )
     with pytest.raises(FileNotFoundError):
         R.build_report(tmp_path / "missing")
 
