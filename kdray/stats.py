@@ -301,6 +301,17 @@ def _decided(
     )
 
 
+def _unresolved(data: np.ndarray, design: Design, look: int, final: bool) -> Verdict:
+    """A cell no look decided, with every pair it has: the (1 - alpha) interval of what is
+    known now."""
+    mean = float(data.mean()) if data.size else math.nan
+    low, high = t_interval(data, 1 - design.alpha)
+    return Verdict(
+        UNRESOLVED, int(data.size), mean, low, high, 1 - design.alpha, ttest_p(data), math.nan,
+        "paired t-test", "", 0, design.margin, look, final=final,
+    )  # fmt: skip
+
+
 def sequential_verdicts(
     diffs: dict[str, Sequence[float] | np.ndarray],
     design: Design | dict[str, Design],
@@ -368,17 +379,10 @@ def sequential_verdicts(
             used_e[cell] = used_e.get(cell, 0.0) + thr_e.get(cell, 0.0)
         open_cells -= set(done)
     for cell in arrays:
-        if cell in done:
-            continue
-        data = arrays[cell]  # every pair it has: the interval of what is known now
-        index = last.get(cell, (0, 0))[0]
-        mean = float(data.mean()) if data.size else math.nan
-        own = designs[cell]
-        low, high = t_interval(data, 1 - own.alpha)
-        done[cell] = Verdict(
-            UNRESOLVED, int(data.size), mean, low, high, 1 - own.alpha, ttest_p(data),
-            math.nan, "paired t-test", family, m, own.margin, index, final=cell in ended,
-        )  # fmt: skip
+        if cell not in done:
+            index = last.get(cell, (0, 0))[0]
+            done[cell] = _unresolved(arrays[cell], designs[cell], index, cell in ended)
+            done[cell].family, done[cell].family_size = family, m
     for verdict, values in ((done[c], arrays[c]) for c in arrays if signflip):
         verdict.p_signflip = signflip_p(values[: verdict.n]) if verdict.n >= 2 else math.nan
     return {cell: done[cell] for cell in arrays}
