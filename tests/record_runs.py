@@ -422,13 +422,11 @@ def measure_drift() -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    """The CPU the recording or the drift measurement ran on (the benchmarks' own helper)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _common
+
+    return _common.cpu_model()
 
 
 def main() -> None:
