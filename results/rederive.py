@@ -1,0 +1,83 @@
+"""Re-derive every committed report and study from its tables under kdray's current statistics.
+
+    python results/rederive.py      # from the repository root, offline variables set
+
+Rewrites each folder's REPORT.md (and plots), the RTE study's phase reports and STUDY.md, and
+prints one line per verdict: the folder, the cell, its seeds, the difference with the interval
+it was decided on, and the verdict. The tables themselves are never touched: the evidence stays
+what it was, only the reading of it follows the rules in ``kdray.stats``.
+
+Questions answered by several folders are one family (``kdray report --family-with``): claim 1
+on RTE (the 3-epoch-teacher grid and the 10-epoch-teacher adaptive re-run) and on MRPC (the
+3-seed grid and the adaptive follow-up of ``pid``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(RESULTS.parent))  # this checkout's kdray
+
+from kdray import chain, report  # noqa: E402
+from kdray.spec import Spec  # noqa: E402
+
+# folder -> the other folders of its question (its family)
+FOLDERS: dict[str, list[str]] = {
+    "rte-cpu-ablation": ["rte-claim1-ablation"],
+    "rte-claim1-ablation": ["rte-cpu-ablation"],
+    "mrpc-cpu-ablation": ["mrpc-claim1-ablation"],
+    "mrpc-claim1-ablation": ["mrpc-cpu-ablation"],
+    "rte-cpu-confirm": [],
+}
+STUDY = "rte-study"
+
+
+def rewrite(name: str, family: list[str]) -> report.Report:
+    folder = Path("results") / name
+    built = report.build_report(
+        folder, plots_dir=folder / "plots", family_with=[Path("results") / f for f in family]
+    )
+    built.save(folder / "REPORT.md")
+    return built
+
+
+def verdict_lines(name: str, built: report.Report) -> list[str]:
+    if built.family is not None:
+        return [
+            f"{name} | {row.cell} | {row.n_pairs} | {row.mean_diff:+.4f} "
+            f"[{row.low:+.4f}, {row.high:+.4f}] ({row.level:.1%}) | {row.verdict} (family of "
+            f"{len(built.family)})"
+            for row in built.family.itertuples()
+            if row.folder == name
+        ]
+    if built.findings is None:
+        return []
+    short = str(built.metric).removeprefix("dev.")
+    return [
+        f"{name} | {row['cell']} | {row['n_pairs']} | {row[f'{short}.diff']:+.4f} "
+        f"{row['interval']} | {row[f'{short}.verdict']}"
+        for row in built.findings.to_dict("records")
+    ]
+
+
+def main() -> None:
+    lines = []
+    for name, family in FOLDERS.items():
+        lines += verdict_lines(name, rewrite(name, family))
+    study = Path("results") / STUDY
+    for phase in chain.PHASES:
+        chain.write_phase_report(study / phase)
+    record = chain.read_study(study)
+    spec = Spec.model_validate(report.read_experiment(study / "sweep")["spec"])
+    (study / chain.STUDY_REPORT).write_text(chain.study_markdown(spec, study, record))
+    built = report.build_report(study / "ablation")
+    lines += verdict_lines(f"{STUDY}/ablation", built)
+    confirm = chain.phase_trials(study, "confirm")
+    lines.append(f"{STUDY}/confirm has a default cell: {'default' in set(confirm['cell'])}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
