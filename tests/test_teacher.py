@@ -117,7 +117,7 @@ def test_a_truncated_cached_teacher_is_fine_tuned_again_with_a_warning_naming_th
     assert [p.name for p in (cache / "teachers").iterdir()] == [folder.name]  # nothing left over
 
 
-def test_same_size_corruption_passes_the_size_check_and_is_caught_by_the_full_one(
+def test_same_size_corruption_passes_a_size_check_and_is_caught_by_default(
     tiny_bert: Path, cache: Path, fine_tunes: list[str]
 ) -> None:
     folder = _folder(cache)
@@ -128,7 +128,7 @@ def test_same_size_corruption_passes_the_size_check_and_is_caught_by_the_full_on
         teacher.TeacherInfo.read(folder, "full")
     assert caught.value.problems == [f"{weights} does not match its recorded sha256 (corrupted)"]
 
-    teacher.ensure_teacher(_spec(tiny_bert, cache), verify="full")
+    teacher.ensure_teacher(_spec(tiny_bert, cache))  # the default checks the sha256 sums
     assert fine_tunes == ["fine-tune"]
     assert teacher.TeacherInfo.read(folder, "full") is not None
 
