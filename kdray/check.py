@@ -261,7 +261,28 @@ class _TeacherFolder:
                 f"data.max_seq_length {length} exceeds the teacher's max_position_embeddings "
                 f"{limit} ({config_file}): set data.max_seq_length to at most {limit}"
             )
-        return True, f"{length} <= {limit} positions"
+        return True, "; ".join([f"{length} <= {limit} positions", *self._truncation()])
+
+    def _truncation(self) -> list[str]:
+        """What the length cuts in each split, with a warning above 5 %; nothing when the
+        data is not on this machine (the data check says why)."""
+        from kdray import data, models
+
+        glue_dir = self.spec.data.dir or os.environ.get(data.GLUE_DIR_ENV)
+        if not glue_dir or self.folder is None:
+            return []
+        task = data.get_task(self.spec.task)
+        try:
+            splits = {split: data.read_local(task, glue_dir, split) for split in ("train", "dev")}
+        except (data.DataError, OSError):
+            return []
+        if self.spec.train.max_train_examples:
+            splits["train"] = splits["train"][: self.spec.train.max_train_examples]
+        tokenizer = models.load_tokenizer(str(self.folder))
+        stats = data.split_lengths(splits, tokenizer, self.spec.data.max_seq_length)
+        return [s.describe() for s in stats] + [
+            f"WARNING: {s.warning()}" for s in stats if s.warning()
+        ]
 
 
 def _device_check(spec: Spec, command: str, address: str | None) -> tuple[bool | None, str]:

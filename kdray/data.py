@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -661,6 +662,70 @@ def _cache_key(examples: Sequence[Example], tokenizer: Any, max_seq_length: int)
     return h.hexdigest()
 
 
+TRUNCATION_WARNING = 0.05  # above this share of cut examples, say so before compute
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    """Token lengths of one split under a tokenizer (special tokens included, nothing cut),
+    and what ``max_seq_length`` cuts: the truncation a run would do silently otherwise."""
+
+    split: str
+    n: int
+    median: float
+    p90: float
+    p95: float
+    p99: float
+    max: int
+    max_seq_length: int
+    cut: float  # share of examples longer than max_seq_length (cut longest-first)
+
+    def describe(self) -> str:
+        return (
+            f"{self.split}: {self.cut:.1%} of {self.n} cut at {self.max_seq_length} (median "
+            f"{self.median:.0f}, p90 {self.p90:.0f}, p99 {self.p99:.0f}, max {self.max}; 95 % "
+            f"whole at {math.ceil(self.p95)})"
+        )
+
+    def warning(self, threshold: float = TRUNCATION_WARNING) -> str | None:
+        """One sentence when more than ``threshold`` of the split is cut, else None."""
+        if self.cut <= threshold:
+            return None
+        return (
+            f"data.max_seq_length {self.max_seq_length} cuts {self.cut:.0%} of the {self.split} "
+            f"examples (longest {self.max} tokens); {math.ceil(self.p95)} keeps 95 % whole "
+            f"(--set data.max_seq_length={math.ceil(self.p95)}: up to "
+            f"{math.ceil(self.p95) / self.max_seq_length:.1f}x the tokens per batch)"
+        )
+
+
+def length_stats(
+    examples: Sequence[Example], tokenizer: Any, max_seq_length: int, split: str
+) -> LengthStats:
+    """:class:`LengthStats` of ``examples``: every example tokenized whole, pairs as pairs."""
+    lengths: list[int] = []
+    chunk = 2048
+    for is_pair in (False, True):
+        group = [ex for ex in examples if (ex.text_b is not None) == is_pair]
+        for start in range(0, len(group), chunk):
+            part = group[start : start + chunk]
+            enc = tokenizer(
+                [ex.text_a for ex in part],
+                [ex.text_b for ex in part] if is_pair else None,
+                truncation=False,
+                padding=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+            lengths += [len(ids) for ids in enc["input_ids"]]
+    values = np.asarray(lengths or [0], dtype=float)
+    q = np.percentile(values, [50, 90, 95, 99])
+    return LengthStats(
+        split, len(lengths), float(q[0]), float(q[1]), float(q[2]), float(q[3]),
+        int(values.max()), max_seq_length, float(np.mean(values > max_seq_length)),
+    )  # fmt: skip
+
+
 def _run_tokenizer(
     examples: Sequence[Example], tokenizer: Any, max_seq_length: int
 ) -> tuple[list[list[int]], list[list[int]]]:
@@ -834,6 +899,20 @@ class Prepared:
     train: TokenizedSplit
     dev: TokenizedSplit
     data_fingerprint: str
+    lengths: tuple[LengthStats, ...] = ()  # what max_seq_length cuts, per split
+
+
+LENGTH_SAMPLE = 20000  # lengths are measured on at most this many examples of a split
+
+
+def split_lengths(
+    splits: Mapping[str, Sequence[Example]], tokenizer: Any, max_seq_length: int
+) -> tuple[LengthStats, ...]:
+    """:class:`LengthStats` of each split (its first :data:`LENGTH_SAMPLE` examples)."""
+    return tuple(
+        length_stats(examples[:LENGTH_SAMPLE], tokenizer, max_seq_length, split)
+        for split, examples in splits.items()
+    )
 
 
 def examples_fingerprint(*splits: list[Example]) -> str:
@@ -856,10 +935,16 @@ def prepare(spec: Spec, tokenizer_name: str) -> Prepared:
     dev_ex = load_examples(task, "dev", spec.data.dir)
     tokenizer = load_tokenizer(tokenizer_name)
     cache = cache_root(spec.data.cache_dir) / "tokenized"
+    length = spec.data.max_seq_length
+    lengths = split_lengths({"train": train_ex, "dev": dev_ex}, tokenizer, length)
+    for stats in lengths:  # cutting a third of the pairs silently is not a default to keep
+        if stats.warning():
+            logger.warning("%s", stats.warning())
     return Prepared(
         task=task,
         tokenizer=tokenizer,
-        train=tokenize(train_ex, tokenizer, spec.data.max_seq_length, cache),
-        dev=tokenize(dev_ex, tokenizer, spec.data.max_seq_length, cache),
+        train=tokenize(train_ex, tokenizer, length, cache),
+        dev=tokenize(dev_ex, tokenizer, length, cache),
         data_fingerprint=examples_fingerprint(train_ex, dev_ex),
+        lengths=lengths,
     )

