@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,11 @@ def pickle_refusal(path: str | Path, error: BaseException | None = None) -> str 
             return None
     else:
         try:
-            torch.load(pickles[0], map_location="cpu", weights_only=True, mmap=True)
+            with (
+                warnings.catch_warnings()
+            ):  # torch notes a foreign pickle protocol: beside the point
+                warnings.simplefilter("ignore")
+                torch.load(pickles[0], map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - any refusal is the answer here
             pass
         else:
