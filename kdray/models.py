@@ -73,7 +73,9 @@ def load_classifier(name: str, num_labels: int) -> nn.Module:
     """A sequence classifier with eager attention, so attention probabilities come out of it."""
     path = resolve_model_path(name)
     try:
-        with quiet_loading():
+        with quiet_loading(), warnings.catch_warnings():
+            # a refused pickle is reported below in its own words, not torch's protocol note
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, attn_implementation="eager"
             )
