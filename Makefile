@@ -69,8 +69,8 @@ test: install
 	$(OFFLINE) $(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check kdray tests benchmarks conftest.py
-	$(VENV)/bin/ruff format --check kdray tests benchmarks conftest.py
+	$(VENV)/bin/ruff check kdray tests benchmarks conftest.py results/rederive.py
+	$(VENV)/bin/ruff format --check kdray tests benchmarks conftest.py results/rederive.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
