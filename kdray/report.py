@@ -1860,6 +1860,12 @@ def build_report(
 
     if family_with:
         report.family = family_verdicts([results_dir, *family_with], alpha=alpha)
+        report.notes.append(
+            f"the findings and verdicts per cell take this folder's cells as their family; "
+            f"the question's family ({len(report.family)} comparisons in "
+            f"{report.family['folder'].nunique()} folders, its own section) gives the verdicts "
+            "to quote"
+        )
     if plots_dir is not None:
         _plot(report, trials, epochs, Path(plots_dir))
     return report

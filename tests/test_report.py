@@ -951,3 +951,4 @@ def test_a_follow_up_on_the_same_question_joins_its_family_instead_of_starting_o
     assert family["p_ttest"].iloc[1] == pytest.approx(0.0408, abs=5e-4)
     markdown = R.build_report(follow, family_with=[first]).to_markdown()
     assert "## One question, one family: 2 comparisons in 2 folders" in markdown
+    assert "the question's family (2 comparisons in 2 folders" in markdown
