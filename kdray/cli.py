@@ -124,6 +124,9 @@ def _preflight(spec: Spec, command: str, out: Path | None, **options: Any) -> No
         for check in failed(checks):
             console.print(f"  [red]{check.name}[/red]: {check.detail}", soft_wrap=True)
         raise typer.Exit(2)
+    for check in checks:  # passed, but with something to say before compute (truncation)
+        for warning in check.detail.split("WARNING: ")[1:]:
+            console.print(f"[yellow]warning[/yellow] ({check.name}): {warning.strip('; ')}")
 
 
 @app.command()
