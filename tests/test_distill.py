@@ -706,3 +706,20 @@ def test_a_bf16_run_on_the_cpu_is_labelled_bf16_in_its_tables(tiny_bert: Path, t
     trials, epochs = results.load(tmp_path / "out")
     assert trials.iloc[0]["precision"] == "bf16" == trials.iloc[0]["train.precision"]
     assert "precision" not in epochs  # run-level: in the trials table only
+
+
+def test_cli_run_warns_before_compute_when_max_seq_length_cuts_the_data(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from kdray.cli import app
+
+    raw = tiny_spec_dict(tiny_bert, name="tiny-cut", data={"max_seq_length": 16})
+    raw["train"].update({"diagnostics": False})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    # 4 of the 5 fixture train rows are longer than 16 tokens
+    assert "warning (data.max_seq_length): data.max_seq_length 16 cuts 80% of the train" in text
+    assert text.index("warning (data.max_seq_length)") < text.index("kdray run tiny-cut")
