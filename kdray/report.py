@@ -1859,16 +1859,20 @@ def build_report(
         report.cka = _join_cka(pd.read_parquet(cka_file), trials, group, cka_file)
 
     if family_with:
-        report.family = family_verdicts([results_dir, *family_with], alpha=alpha)
-        report.notes.append(
-            f"the findings and verdicts per cell take this folder's cells as their family; "
-            f"the question's family ({len(report.family)} comparisons in "
-            f"{report.family['folder'].nunique()} folders, its own section) gives the verdicts "
-            "to quote"
-        )
+        _family_section(report, [results_dir, *family_with], alpha)
     if plots_dir is not None:
         _plot(report, trials, epochs, Path(plots_dir))
     return report
+
+
+def _family_section(report: Report, folders: list[Any], alpha: float | None) -> None:
+    """The question's family across folders, and a note on which verdicts to quote."""
+    report.family = family_verdicts(folders, alpha=alpha)
+    report.notes.append(
+        "the findings and verdicts per cell take this folder's cells as their family; the "
+        f"question's family ({len(report.family)} comparisons in "
+        f"{report.family['folder'].nunique()} folders, its own section) gives the verdicts to quote"
+    )
 
 
 def _sweep_sections(report: Report, trials: pd.DataFrame, top: int) -> None:
