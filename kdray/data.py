@@ -899,7 +899,6 @@ class Prepared:
     train: TokenizedSplit
     dev: TokenizedSplit
     data_fingerprint: str
-    lengths: tuple[LengthStats, ...] = ()  # what max_seq_length cuts, per split
 
 
 LENGTH_SAMPLE = 20000  # lengths are measured on at most this many examples of a split
@@ -936,14 +935,10 @@ def prepare(spec: Spec, tokenizer_name: str) -> Prepared:
     tokenizer = load_tokenizer(tokenizer_name)
     cache = cache_root(spec.data.cache_dir) / "tokenized"
     length = spec.data.max_seq_length
-    lengths = split_lengths({"train": train_ex, "dev": dev_ex}, tokenizer, length)
-    for stats in lengths:  # the pre-flight warns above 5 %; the run's log says it too
-        logger.info("token lengths, %s", stats.describe())
     return Prepared(
         task=task,
         tokenizer=tokenizer,
         train=tokenize(train_ex, tokenizer, length, cache),
         dev=tokenize(dev_ex, tokenizer, length, cache),
         data_fingerprint=examples_fingerprint(train_ex, dev_ex),
-        lengths=lengths,
     )

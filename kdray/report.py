@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -976,6 +975,7 @@ def _percent(fraction: float) -> str:
 
 
 DEFAULT_MARGIN = 0.005  # ablation.equivalence's default: half a point of accuracy
+CONTROL_CELL, CONTROL_RANK = "default", 0  # a confirmation's run of the spec as written
 
 
 def cell_verdicts(
@@ -1477,8 +1477,8 @@ def _choose_baseline(
     if baseline is not None:
         return _select_baseline(trials, baseline, group), "the baseline argument"
     cells = _ordered_groups(trials, group) if group == "cell" else []
-    if "config_rank" in trials.columns and "default" in cells:
-        return "default", "the spec as written (a confirmation's control)"
+    if "config_rank" in trials.columns and CONTROL_CELL in cells:
+        return CONTROL_CELL, "the spec as written (a confirmation's control)"
     if "config_rank" in trials.columns and "rank1" in cells:
         return "rank1", "the sweep's winner (a confirmation)"
     design = _spec_value(experiment, "ablation", "design")
@@ -1599,7 +1599,7 @@ def winners_curse(
         if rows.empty:
             continue
         first = rows.iloc[0]
-        if int(first.get("config_rank", 1)) == 0:
+        if int(first.get("config_rank", 1)) == CONTROL_RANK:
             continue  # the spec as written: the control, not one of the sweep's configurations
         score = float(first["sweep_score"]) if "sweep_score" in rows else float("nan")
         if sweep_trials is not None and str(first.get("source", "")).startswith("sweep:"):
@@ -1742,7 +1742,7 @@ def adaptive_summary(
         seeds.min,
         seeds.max,
         seeds.step,
-        getattr(seeds, "spending", "obrien_fleming"),
+        seeds.spending,
     )
     return stop_table(decisions)
 
@@ -1761,26 +1761,20 @@ def _report_alpha(alpha: float | None, experiment: dict[str, Any] | None) -> tup
 
 def _adaptive_section(report: Report, trials: pd.DataFrame) -> None:
     """For an ablation run with adaptive seeds: seeds per cell and why each stopped, by the
-    spec's stopping rule (its equivalence margin; alpha as the report's)."""
+    spec's stopping rule (the design :func:`_report_design` reads; alpha as the report's)."""
     seeds = _spec_value(report.experiment, "ablation", "seeds")
     if not isinstance(seeds, dict) or report.baseline is None or report.group != "cell":
         return
-    equivalence = _spec_value(report.experiment, "ablation", "equivalence")
-    report.equivalence = float(0.005 if equivalence is None else equivalence)
-    rule = SimpleNamespace(
-        min=seeds["min"],
-        max=seeds["max"],
-        step=seeds["step"],
-        spending=seeds.get("spending", "obrien_fleming"),
-    )
+    if report.design is None:  # no paired comparison: the stopping table still says why
+        report.equivalence, report.design = _report_design(report, trials)
     report.stopping = adaptive_summary(
         trials,
         report.baseline,
         report.metric,
         report.mode,
-        rule,
+        report.design,
         report.alpha,
-        report.equivalence,
+        report.design.margin,
     )
 
 

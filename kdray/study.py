@@ -100,7 +100,7 @@ def confirm_configs(trials: pd.DataFrame, spec: Spec, top_k: int) -> list[dict[s
     return configs
 
 
-DEFAULT_CELL = "default"  # the spec as written: the control every confirmation runs
+DEFAULT_CELL = report.CONTROL_CELL  # the spec as written: the control every confirmation runs
 
 
 def with_control(configs: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
@@ -114,7 +114,7 @@ def with_control(configs: list[dict[str, Any]], spec: Spec) -> list[dict[str, An
             return configs
     control = {
         "cell": DEFAULT_CELL,
-        "config_rank": 0,
+        "config_rank": report.CONTROL_RANK,
         "values": {},
         "source": "spec",
         "sweep_score": float("nan"),
