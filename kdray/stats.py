@@ -347,7 +347,7 @@ def sequential_verdicts(
     used_e: dict[str, float] = {}
     rejected_d: set[str] = set()
     rejected_e: set[str] = set()
-    last: dict[str, tuple[int, int]] = {}
+    last_look: dict[str, int] = {}
     ended = {c for c in arrays if not designs[c].sequential or arrays[c].size >= designs[c].max}
     ended |= set(complete or ())
     for n in sorted({size for d in designs.values() for size in d.looks}):
@@ -366,7 +366,7 @@ def sequential_verdicts(
         rejected_e |= new_e
         for cell in here:
             index = designs[cell].looks.index(n) + 1
-            last[cell] = (index, n)
+            last_look[cell] = index
             if cell in new_d:
                 word = _direction(float(data[cell].mean()), higher_is_better)
                 done[cell] = _decided(word, data[cell], p_d[cell], thr_d[cell], 1.0, index)
@@ -380,8 +380,8 @@ def sequential_verdicts(
         open_cells -= set(done)
     for cell in arrays:
         if cell not in done:
-            index = last.get(cell, (0, 0))[0]
-            done[cell] = _unresolved(arrays[cell], designs[cell], index, cell in ended)
+            look = last_look.get(cell, 0)
+            done[cell] = _unresolved(arrays[cell], designs[cell], look, cell in ended)
             done[cell].family, done[cell].family_size = family, m
     for verdict, values in ((done[c], arrays[c]) for c in arrays if signflip):
         verdict.p_signflip = signflip_p(values[: verdict.n]) if verdict.n >= 2 else math.nan
