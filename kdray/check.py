@@ -94,7 +94,7 @@ def preflight(
             ("searched settings", lambda: _searched_check(spec, command)),
             ("tune.resources", lambda: _resources_check(spec, address, cluster_resources)),
             ("storage", lambda: _storage_check(store)),
-            ("resume", lambda: _resume_check(spec, command, store, resume)),
+            ("resume", lambda: _resume_check(spec, command, store, resume, out)),
         ]
     skip = skip or {}
     return [
@@ -416,7 +416,9 @@ def can_restore(store: str, name: str) -> bool:
     return "://" in store or (Path(store) / name / "tuner.pkl").is_file()
 
 
-def _resume_check(spec: Spec, command: str, store: str, resume: bool) -> tuple[bool | None, str]:
+def _resume_check(
+    spec: Spec, command: str, store: str, resume: bool, out: Path
+) -> tuple[bool | None, str]:
     if not resume:
         return None, "not resuming"
     if command == "ablate" and spec.ablation is not None and spec.ablation.adaptive:
@@ -428,6 +430,11 @@ def _resume_check(spec: Spec, command: str, store: str, resume: bool) -> tuple[b
     if "://" in experiment:
         return None, f"{experiment}: a remote storage, checked when Ray starts"
     if not can_restore(store, results.experiment_name(spec, command)):
+        if results.claimed_before_trials(out, spec, command):
+            return True, (
+                f"{out} holds this experiment, stopped before its first trial (nothing of Ray "
+                "Tune's to continue yet): the trials start"
+            )
         return False, (
             f"--resume: nothing to resume at {experiment} (no Ray Tune experiment there): run "
             "without --resume to start it, or give the --storage/--out it ran with"

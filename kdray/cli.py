@@ -4,23 +4,144 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
+from kdray import faults
 from kdray.spec import Spec, SpecError, load_spec
 
+console = Console()
+
+
+@dataclass
+class _Job:
+    """The command under way, for an I/O failure's paragraph: its arguments, its results
+    folder once known, when it started, and I/O failures in background threads."""
+
+    argv: list[str] = field(default_factory=list)
+    out: Path | None = None
+    started: float = 0.0
+    thread_failures: list[faults.IOFailure] = field(default_factory=list)
+
+
+_JOB = _Job()
+
+
+class _Commands(TyperGroup):
+    """kdray's commands: an I/O failure anywhere in one (a full disk, a read-only or failing
+    file system, in the results folder, a cache or the Ray storage) ends it with one paragraph
+    and exit code 2 instead of a traceback; so does one in a background thread (TensorBoard's
+    writer), which would otherwise print its own traceback and let the command go on."""
+
+    def invoke(self, ctx: Any) -> Any:
+        global _JOB
+        _JOB = _Job(argv=[*ctx._protected_args, *ctx.args], started=time.time())
+        previous = threading.excepthook
+        threading.excepthook = _thread_hook(previous)
+        try:
+            done = super().invoke(ctx)
+        except Exception as error:
+            failure = faults.io_failure(error)
+            if failure is None:
+                raise
+            _io_stop(failure)
+        finally:
+            threading.excepthook = previous
+        if _JOB.thread_failures:
+            _io_stop(_JOB.thread_failures[0])
+        return done
+
+
+def _thread_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    def hook(args: Any) -> None:
+        failure = faults.io_failure(args.exc_value) if args.exc_value is not None else None
+        if failure is None:
+            previous(args)
+        else:
+            _JOB.thread_failures.append(failure)
+
+    return hook
+
+
+def _continue_command(argv: list[str]) -> str:
+    """The command line that carries on after the failure: the same one with ``--resume`` for
+    the commands that resume (never with ``--overwrite``, which would move the results aside
+    again), else the same one with ``--overwrite`` so the half run is replaced."""
+    name = argv[0] if argv else "run"
+    args = [a for a in argv[1:] if a not in ("--overwrite", "--resume")]
+    if name in ("sweep", "ablate", "confirm", "study"):
+        args.append("--resume")
+    elif name == "run":
+        args.append("--overwrite")
+    return shlex.join(["kdray", name, *args])
+
+
+def _kept(out: Path | None) -> str:
+    """What the failed command leaves in its results folder, and where an ``--overwrite`` of
+    this command put the earlier results."""
+    if out is None:
+        return "Nothing of this command's results was written yet."
+    trials = out / "trials.parquet"
+    text = f"No finished results of this command were kept in {out}"
+    if trials.is_file():
+        text = f"Kept: the tables of what finished, in {out}"
+        try:
+            import pandas as pd
+
+            counts = pd.read_parquet(trials, columns=["status"])["status"].value_counts()
+            text += " (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
+        except Exception:  # noqa: BLE001 - the paragraph must not fail on a table it reads
+            pass
+    moved = [
+        p
+        for p in out.parent.glob(f"{out.name}.old-*")
+        if p.is_dir() and p.stat().st_mtime >= _JOB.started - 1
+    ]
+    if moved:
+        text += f"; --overwrite moved the earlier results to {max(moved, key=lambda p: p.name)}"
+    return text + "."
+
+
+def _io_stop(failure: faults.IOFailure) -> None:
+    """End the command with the one paragraph an I/O failure gets, exit code 2."""
+    where = f" writing {failure.path}" if failure.path else ""
+    command = _JOB.argv[0] if _JOB.argv else "kdray"
+    console.print(
+        f"[red]kdray {command} stopped: {failure.reason}{escape(where)}.[/red] Every table, "
+        f"student and cache is written beside its place and renamed in whole, so nothing "
+        f"half-written is used. {escape(_kept(_JOB.out))} Free space on that file system (or "
+        f"write elsewhere: --out, --storage, $KDRAY_CACHE_DIR, $TMPDIR), then continue with: "
+        f"{escape(_continue_command(_JOB.argv))}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    raise typer.Exit(2)
+
+
+def _working_in(folder: Path) -> Path:
+    """Note the command's results folder (for an I/O failure's paragraph) and return it."""
+    _JOB.out = Path(folder)
+    return _JOB.out
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Knowledge distillation from internal representations, at scale.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
 
 
 def _show_kdray_log() -> None:
@@ -97,7 +218,7 @@ def _load(spec_path: Path, overrides: list[str] | None) -> Spec:
 
 
 def _results_dir(spec: Spec, out: Path | None) -> Path:
-    return out or Path("results") / spec.name
+    return _working_in(out or Path("results") / spec.name)
 
 
 def _cluster_resources(address: str | None) -> dict[str, float] | None:
@@ -154,10 +275,21 @@ def run(
     )
     with _settings_errors(), _tensorboard(out_dir) as report:
         result = distill(spec, report=report, output_dir=out_dir, progress=_progress())
+    failure = faults.io_failure_text(result.error) if result.status == "failed" else None
+    if failure is not None:  # the disk filled (or turned read-only) during the run
+        _io_stop(failure)
     trials, epochs = results.write_run(out_dir, spec, result)
     results.write_experiment(out_dir, spec, "run")
     _print_run_summary(spec, result)
     console.print(f"tables: {trials} and {epochs}")
+    if result.status == "oom":
+        console.print(
+            f"[red]run out of memory:[/red] {escape(result.error or '')}\nLower "
+            "train.batch_size (or train.eval_batch_size, data.max_seq_length), or try "
+            "train.precision: bf16.",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
     if result.status != "ok":  # failed, or diverged: the student is not what was asked for
         console.print(f"[red]run {result.status}:[/red] {result.error}")
         raise typer.Exit(1)
@@ -222,8 +354,6 @@ def teacher(
     """Fine-tune (or find in the cache) the spec's teacher and print its dev metrics.
 
     A cached teacher whose files have other sizes than recorded is fine-tuned again."""
-    from rich.markup import escape
-
     from kdray.teacher import TeacherDamagedError, ensure_teacher
 
     spec = _load(spec_path, set_)
@@ -272,6 +402,7 @@ def sweep(
     if not spec.search:
         console.print(f"[red]{spec_path}: no search block; use kdray run for a single run[/red]")
         raise typer.Exit(2)
+    _working_in(out or Path("results") / spec.name)
     console.print(
         f"[bold]kdray sweep[/bold] {spec.name}: {len(spec.search)} searched settings, "
         f"{spec.tune.num_samples} trials, searcher {spec.tune.searcher.kind}, "
@@ -306,13 +437,20 @@ def sweep(
     console.print(f"report: kdray report {out_dir} --plots {out_dir}/plots")
     if outcome.best is not None:
         console.print(f"export the best student: kdray export {out_dir} --to exported/{spec.name}")
-    _finish(code, f"trials: {summary}", f"kdray sweep {spec_path} --resume")
+    _finish(code, f"trials: {summary}", _continue_command(_JOB.argv), trials)
 
 
-def _finish(code: int, summary: str, resume_command: str) -> None:
+def _finish(code: int, summary: str, resume_command: str, trials: Any = None) -> None:
     """The closing line of a sweep or ablation, and its exit code: 130 when trials were cut off
-    (with the command that continues), 1 when none finished, else 0."""
+    (with the command that continues), 1 when none finished, else 0; a trial that ended on an
+    I/O failure (a full disk, a read-only folder) ends the command in its paragraph, exit 2."""
     from kdray.results import EXIT_INTERRUPTED
+
+    errors = trials["error"].dropna() if trials is not None and "error" in trials else []
+    failure = next((f for f in map(faults.io_failure_text, errors) if f is not None), None)
+    if failure is not None:
+        console.print(summary)
+        _io_stop(failure)
 
     if code == EXIT_INTERRUPTED:
         console.print(f"[yellow]{summary}[/yellow]; continue with: {resume_command}")
@@ -366,7 +504,7 @@ def ablate(
     )
     options = {"address": address, "storage": storage, "callbacks": [_trials_table(spec)]}
     name = f"{spec.name}-ablation"
-    out_dir = out or Path("results") / name
+    out_dir = _working_in(out or Path("results") / name)
     from kdray.study import RoundInterrupted
 
     try:
@@ -386,7 +524,7 @@ def ablate(
 
     code, summary = exit_summary(trials)
     console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
-    _finish(code, f"runs: {summary}", f"kdray ablate {spec_path} --resume")
+    _finish(code, f"runs: {summary}", _continue_command(_JOB.argv), trials)
 
 
 def _ablation_cells(spec: Spec, from_sweep: Path | None) -> tuple[list[dict], Any]:
@@ -466,7 +604,7 @@ def confirm(
         configs = _confirm_configs(spec, results_dir, top_k, seeds)
     _show_kdray_log()
     name = f"{spec.name}-confirm"
-    out_dir = out or Path("results") / name
+    out_dir = _working_in(out or Path("results") / name)
     _preflight(
         spec, "confirm", out_dir, address=address, storage=storage, resume=resume,
         overwrite=overwrite,
@@ -537,7 +675,7 @@ def study(
     if not spec.search:
         console.print(f"[red]{spec_path}: no search block; a study starts with a sweep[/red]")
         raise typer.Exit(2)
-    folder = out or Path("results") / spec.name
+    folder = _working_in(out or Path("results") / spec.name)
     console.print(
         f"[bold]kdray study[/bold] {spec.name}: sweep -> confirm -> leave-one-out in {folder}"
         + (" (resuming)" if resume else "")

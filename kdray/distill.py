@@ -24,11 +24,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdray import __version__, algorithms, data, engine, losses, models
+from kdray import __version__, algorithms, data, engine, faults, losses, models
 from kdray.progress import NoProgress, ProgressHook
 from kdray.results import RunResult
 from kdray.schedule import Stage, StageSchedule
 from kdray.spec import Spec, stage_schedule, term_weights
+from kdray.store import atomic_dir
 from kdray.teacher import TeacherInfo, ensure_teacher
 from kdray.teacher_outputs import OutputsFactory, TeacherBatch, TeacherOutputs, outputs_factory
 
@@ -48,7 +49,7 @@ STUDENT_DIR = "student"  # the best student of a finished run, in its output or 
 STATE_VERSION = 2
 
 SaveFn = Callable[[str | Path], None]
-ReportFn = Callable[[dict[str, Any], SaveFn], None]
+ReportFn = Callable[[dict[str, Any], SaveFn | None], None]
 
 
 def selection_metric(spec: Spec) -> str:
@@ -218,6 +219,7 @@ class Run:
             "rng": engine.rng_state(),
         }
         torch.save(state, folder / STATE_FILE)
+        faults.point("distill.checkpoint", folder)
         if self.schedule.finished:
             # the last checkpoint of a finished run carries its best student, so a sweep keeps
             # it beside its tables even when the scheduler stops the trial right after
@@ -229,9 +231,10 @@ class Run:
         if not self.spec.train.save_student or self.best_state is None:
             return None
         target = Path(target)
-        # a copy: save_pretrained removes entries from the mapping it is given
-        self.student.save_pretrained(target, state_dict=dict(self.best_state))
-        self.prepared.tokenizer.save_pretrained(target)
+        with faults.naming(target), atomic_dir(target) as tmp:  # no half student if disk fills
+            # a copy: save_pretrained removes entries from the mapping it is given
+            self.student.save_pretrained(tmp, state_dict=dict(self.best_state))
+            self.prepared.tokenizer.save_pretrained(tmp)
         return target
 
     def restore(self, folder: str | Path) -> None:
@@ -376,6 +379,13 @@ def distill(
         run = setup(spec, progress, teacher_outputs)
         if resume_from is not None:
             run.restore(resume_from)
+            if report is not None and run.records:
+                # the restored epochs again: a crash right after they were first reported may
+                # have kept them from the caller's tables (rows keyed by epoch: no duplicate);
+                # only the last comes with a checkpoint (``save`` None: nothing new to save)
+                for record in run.records[:-1]:
+                    report(copy.deepcopy(record), None)
+                report(copy.deepcopy(run.records[-1]), run.save)
         status, error = _train(run, report, progress)
         return _finish(run, status, error, output_dir, progress, started)
     finally:
@@ -400,11 +410,13 @@ def _train(run: Run, report: ReportFn | None, progress: ProgressHook) -> tuple[s
             progress.log(_epoch_line(record, run.metric))
             if report is not None:
                 report(copy.deepcopy(record), run.save)
+            faults.point("distill.epoch", epoch)
             blown_up = _loss_blown_up(run.records, spec.train.divergence_factor)
             if blown_up:
                 return "diverged", blown_up
     except Exception as error:  # noqa: BLE001 - a failed run is recorded, never lost
-        return "failed", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=8)}"
+        text = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=8)}"
+        return ("oom" if faults.out_of_memory(text) else "failed"), text
     return "ok", None
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdray import __version__
+from kdray import __version__, store
 from kdray.spec import Spec
 from kdray.store import atomic_file, json_cell, write_text_atomic
 
@@ -49,7 +49,7 @@ ID_COLUMNS = ("name", "trial_id", "status", "error", "kdray_version", "spec_fing
 class RunResult:
     """Everything one run produced; :func:`trial_row` and :func:`epoch_rows` turn it into rows."""
 
-    status: str  # ok | diverged | failed (sweeps add pruned, error, interrupted, pending)
+    status: str  # ok | diverged | failed | oom (sweeps add pruned, error, interrupted, pending)
     metric: str  # the selection metric (a dev metric name)
     best_metrics: dict[str, float] = field(default_factory=dict)
     final_metrics: dict[str, float] = field(default_factory=dict)
@@ -365,6 +365,18 @@ def experiment_path(out: Path, storage: str | None, name: str) -> str:
     return f"{ray_store(out, storage).rstrip('/')}/{name}"
 
 
+def claimed_before_trials(out: str | Path, spec: Spec, command: str) -> bool:
+    """Whether ``out`` holds this experiment's record but no trials: a run killed after it
+    claimed the folder and before Ray Tune saved anything (while the teacher trained). A
+    ``--resume`` then starts the trials rather than refusing."""
+    folder = Path(out)
+    record = folder / EXPERIMENT_FILE
+    if not record.is_file() or (folder / TRIALS_FILE).exists():
+        return False
+    stored = _read_record(record)
+    return stored is not None and not _spec_differences(stored, spec, command)
+
+
 def _read_record(path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
@@ -481,6 +493,8 @@ def claim_folder(
     """Make ``out_dir`` this experiment's before any compute: refuse a folder that holds another
     experiment (see :func:`folder_conflict`); ``overwrite`` moves a results folder aside."""
     folder = Path(out_dir)
+    for stale in store.remove_stale_tree(folder):
+        logger.info("removed %s, left half-written by a killed run", stale)
     if resume and overwrite:
         raise ValueError(
             f"give --resume or --overwrite, not both: --resume continues the experiment in "

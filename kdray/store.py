@@ -13,12 +13,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from kdray import faults
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -132,22 +136,110 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(errno, os.strerror(errno), str(a))
 
 
+def _owner() -> str:
+    """``<host>@<pid>``: who made a temporary entry, so a later run can tell one that a killed
+    process left (remove it) from one a live writer is filling (leave it)."""
+    return f"{socket.gethostname()}@{os.getpid()}"
+
+
+#: A temporary entry kdray writes beside a target: ``.<name>.tmp-<host>@<pid>-<random>`` (a
+#: file or folder being written) or ``.<name>.old-<host>@<pid>-<random>`` (an old folder on
+#: its way out).
+_TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(?P<host>[^@/]+)@(?P<pid>\d+)-[^/]*$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of the temporary entries kdray writes beside a target."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left in ``folder`` (this
+    host's only, and only those whose process is gone); returns what was removed. Every cache
+    and results folder calls it before use, so a crash leaves nothing behind for long."""
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    host = socket.gethostname()
+    removed = []
+    for entry in entries:
+        found = _TEMP_NAME.match(entry.name)
+        if not found or found["host"] != host or _alive(int(found["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def remove_stale_tree(folder: str | Path) -> list[Path]:
+    """:func:`remove_stale` in ``folder`` and every folder below it (a results folder before a
+    resume: a killed sweep may have left a half table or student in any of them)."""
+    removed: list[Path] = []
+    for root, _dirs, _files in os.walk(folder):
+        removed += remove_stale(root)
+    return removed
+
+
+def temp_beside(target: str | Path, *, folder: bool = False) -> Path:
+    """A new empty temporary file (or folder) beside ``target``, named so :func:`remove_stale`
+    can clean it up after a crash (it does so here first: a writer tidies the folder it
+    writes in); beside, so the final rename never crosses file systems."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target.parent)
+    prefix = f".{target.name}.tmp-{_owner()}-"
+    if folder:
+        made = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        made.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would become the target's
+        return made
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide tables from a team
+    os.close(fd)
+    return Path(tmp)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it to read it, which
+    races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an error it is
     flushed to disk and replaces ``path`` in one rename (the folder entry flushed too), otherwise
     it is removed and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
-        yield Path(tmp)
+        yield tmp
         _fsync(tmp)
+        faults.point("store.file", path)
         os.replace(tmp, path)
         _fsync(path.parent)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -166,17 +258,17 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     system cannot swap, the old folder is renamed aside first (a short gap, never a half
     folder)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_beside(target, folder=True)
     try:
         yield tmp
         _fsync_tree(tmp)
+        faults.point("store.dir", target)
         if target.exists() and _exchange(tmp, target):
             _fsync(target.parent)
             return  # tmp now holds the old folder: removed below
         old: Path | None = None
         if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}.old-{_owner()}-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
         try:
             os.replace(tmp, target)

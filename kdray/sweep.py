@@ -29,7 +29,7 @@ import ray
 from ray import tune
 from ray.tune import Callback
 
-from kdray import plan, results
+from kdray import faults, plan, results
 from kdray.distill import STUDENT_DIR, distill, selection_metric
 from kdray.plan import OBJECTIVE, RUNG_TIME
 from kdray.progress import TrialsTable
@@ -52,13 +52,37 @@ LOCAL_RAY_ENV = {
 }
 
 
+class _IOFailures(logging.Filter):
+    """Ray Tune logs an exception a callback raised, with its traceback, and goes on: an I/O
+    failure there (a table write on a full disk) is kept instead, for :func:`run_experiment`
+    to end the command with it in one paragraph once Tune has stopped."""
+
+    seen: list[BaseException] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or faults.io_failure(error) is None:
+            return True
+        self.seen.append(error)
+        return False
+
+
+def _keep_io_failures() -> None:
+    for handler in logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _IOFailures) for f in handler.filters):
+            handler.addFilter(_IOFailures())
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to Ray: an existing cluster when ``address`` is given, else an embedded local
     instance bound to 127.0.0.1 with no dashboard. Returns True when kdray started Ray."""
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        # a fault-injection plan (tests) reaches the cluster's workers with the job
+        plan = os.environ.get(faults.PLAN_VAR)
+        runtime_env = {"env_vars": {faults.PLAN_VAR: plan}} if plan else None
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         return False
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -216,7 +240,7 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
         resume_dir = tempfile.mkdtemp(prefix="kdray-resume-")
         checkpoint.to_directory(resume_dir)
 
-    def report(record: dict[str, Any], save: Callable[[str | Path], None]) -> None:
+    def report(record: dict[str, Any], save: Callable[[str | Path], None] | None) -> None:
         # Each record carries the run's best so far (classifier-trained epochs only).
         metrics = {
             **record,
@@ -226,6 +250,9 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
             "node_id": node,
             "status": "running",
         }
+        if save is None:  # an epoch restored from a checkpoint, reported again for the tables
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as folder:
             saving = time.perf_counter()
             save(folder)
@@ -299,6 +326,9 @@ class TableWriter(Callback):
         self.cka: dict[str, list[dict[str, Any]]] = {}
         self.epoch_rows: dict[tuple[str, int], dict[str, Any]] = {}
         self._loaded = False
+        # finished trials whose resume state waits for Tune's next saved experiment state
+        self.to_drop: list[tuple[Any, float]] = []
+        self._drop_checked = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         # Tuner.restore brings this writer back from the pickled run config: it must then
@@ -325,6 +355,21 @@ class TableWriter(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
         self._end(trial, error=_error_text(trial))
+
+    def on_step_end(self, iteration: int, trials: list, **_: Any) -> None:
+        """Delete finished trials' resume state once Tune has saved an experiment state that
+        knows they finished (at most every 10 s): before that, a crash and ``--resume`` would
+        restore them as running and look for their checkpoints."""
+        if not self.to_drop or time.time() - self._drop_checked < 10:
+            return
+        self._drop_checked = time.time()
+        waiting = []
+        for checkpoint, finished in self.to_drop:
+            if _state_saved_after(checkpoint, finished):
+                _drop_checkpoints(checkpoint)
+            else:
+                waiting.append((checkpoint, finished))
+        self.to_drop = waiting
 
     def on_experiment_end(self, trials: list, **_: Any) -> None:
         """At the end (or on Ctrl-C): every trial gets a row, finished or not."""
@@ -357,24 +402,32 @@ class TableWriter(Callback):
     def _end(self, trial: Any, error: str | None) -> None:
         self._load_existing()
         self._set_row(trial, error, ended=True)
+        pruned: list[str] = []
         if error is None:  # finished for good (an errored trial may be resumed: keep its state)
             self._keep_student(trial)
-            if not self.spec.tune.keep_checkpoints:
-                _drop_checkpoints(trial)
-            self._prune_students()
+            if not self.spec.tune.keep_checkpoints and trial.checkpoint is not None:
+                self.to_drop.append((trial.checkpoint, time.time()))
+            pruned = self._prune_students()
         self.write()
+        for (
+            path
+        ) in pruned:  # after the table stops pointing at them: a crash leaves no dangling row
+            shutil.rmtree(path, ignore_errors=True)
 
-    def _prune_students(self) -> None:
-        """Delete the students that ``tune.keep_students`` no longer keeps (a better trial of
-        the same cell finished); their rows keep every metric, with no ``student_path``."""
+    def _prune_students(self) -> list[str]:
+        """The students that ``tune.keep_students`` no longer keeps (a better trial of the same
+        cell finished), for the caller to delete once the table is written; their rows keep
+        every metric, with no ``student_path``."""
         policy = self.spec.tune.keep_students
         keep = plan.students_to_keep(list(self.rows.values()), policy, self.spec.tune.mode)
+        pruned = []
         for trial_id, row in self.rows.items():
             path = row.get("student_path")
             if path and trial_id not in keep and row.get("status") == "ok":
-                shutil.rmtree(path, ignore_errors=True)
+                pruned.append(path)
                 row["student_path"] = None
                 logger.info("trial %s: student not kept (tune.keep_students: %s)", trial_id, policy)
+        return pruned
 
     def _keep_student(self, trial: Any) -> None:
         """Copy the best student of a finished trial (in its last checkpoint) beside the tables,
@@ -430,12 +483,9 @@ class TableWriter(Callback):
             results.write_table(epochs, self.out_dir / results.EPOCHS_FILE)
 
 
-def _drop_checkpoints(trial: Any) -> None:
-    """Delete a finished trial's resume state from the storage (hundreds of MB a trial); its
-    best student was copied beside the tables first."""
-    checkpoint = trial.checkpoint
-    if checkpoint is None:
-        return
+def _drop_checkpoints(checkpoint: Any) -> None:
+    """Delete a finished trial's resume state (``checkpoint`` is its last one) from the storage
+    (hundreds of MB a trial); its best student was copied beside the tables first."""
     import pyarrow.fs as pafs
 
     fs = checkpoint.filesystem
@@ -445,14 +495,55 @@ def _drop_checkpoints(trial: Any) -> None:
             fs.delete_dir(info.path)
 
 
+def _state_saved_after(checkpoint: Any, when: float) -> bool:
+    """Whether Tune saved its experiment state (``experiment_state-*.json`` beside the trial
+    folders) after ``when``: a restore from it then knows the trial finished."""
+    import pyarrow.fs as pafs
+
+    experiment = checkpoint.path.rstrip("/").rsplit("/", 2)[0]
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(experiment))
+    saved = [
+        info.mtime.timestamp()
+        for info in infos
+        if info.base_name.startswith("experiment_state-") and info.mtime is not None
+    ]
+    return bool(saved) and max(saved) > when
+
+
+def drop_finished_checkpoints(experiment: str, trials: pd.DataFrame) -> None:
+    """After ``Tuner.fit`` (which saves the final experiment state): delete the resume state of
+    every trial that ended for good, whatever was still waiting in :class:`TableWriter`."""
+    import pyarrow.fs as pafs
+
+    if "status" not in trials:
+        return
+    ended = set(trials.loc[~trials["status"].isin([*results.UNFINISHED, "error"]), "trial_id"])
+    fs, root = (
+        pafs.FileSystem.from_uri(experiment)
+        if "://" in experiment
+        else (pafs.LocalFileSystem(), experiment)
+    )
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root))
+    except OSError:
+        return
+    for info in infos:
+        if info.type == pafs.FileType.Directory and any(t in info.base_name for t in ended):
+            for inner in fs.get_file_info(pafs.FileSelector(info.path)):
+                if inner.type == pafs.FileType.Directory and inner.base_name.startswith(
+                    "checkpoint_"
+                ):
+                    fs.delete_dir(inner.path)
+
+
 def _trial_status(
     last: dict[str, Any], records: list[dict], epochs: int, error: str | None, ended: bool
 ) -> str:
-    """ok, pruned, diverged/failed (inside the run), error (the trial raised), or
+    """ok, pruned, diverged/failed/oom (inside the run), error or oom (the trial raised), or
     interrupted/pending for a trial cut off before it ended or started."""
     status = last.get("status", "running")
-    if error is not None:
-        return "error"
+    if error is not None:  # the trial raised, or its worker died (Ray's memory monitor, a kill)
+        return "oom" if faults.out_of_memory(error) else "error"
     if status not in ("running", "ok"):
         return status
     done = records[-1]["epoch"] if records else 0
@@ -773,7 +864,10 @@ def run_experiment(
     init_ray(address)
     experiment = results.experiment_path(out, storage, name)
     if resume and not tune.Tuner.can_restore(experiment):
-        raise FileNotFoundError(f"nothing to resume at {experiment}")
+        if not results.claimed_before_trials(out, spec, command):
+            raise FileNotFoundError(f"nothing to resume at {experiment}")
+        logger.info("%s: stopped before its first trial; starting the trials", out)
+        resume = False
     results.write_experiment(out, spec, command)
     teacher, base = _prepare_teacher(spec, store, name)
     base = _prepare_outputs(base, cells, store, name)
@@ -812,9 +906,14 @@ def run_experiment(
             ),
             run_config=run_config,
         )
+    _keep_io_failures()
+    _IOFailures.seen.clear()
     tuner.fit()
+    if _IOFailures.seen:
+        raise _IOFailures.seen[0]
     trials, epochs = results.load(out)
     if not spec.tune.keep_checkpoints:
+        drop_finished_checkpoints(experiment, trials)
         _drop_outputs_cache(trials, store, name)
     return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))
 

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +38,7 @@ from kdray.store import (
     file_digest,
     file_problems,
     file_records,
+    temp_beside,
 )
 
 TEACHER_INFO_FILE = "teacher.json"
@@ -362,7 +362,7 @@ def fetch(location: str, spec: Spec) -> str:
         if not _intact(local):
             fs, path = pafs.FileSystem.from_uri(location)
             # beside the target, so the final rename never crosses filesystems
-            tmp = Path(tempfile.mkdtemp(dir=local.parent))
+            tmp = temp_beside(local, folder=True)
             try:
                 pafs.copy_files(path, str(tmp), source_filesystem=fs)
                 if local.exists():

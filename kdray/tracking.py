@@ -45,7 +45,7 @@ class TensorBoardReport:
         self.folder = Path(folder)
         self.writer = SummaryWriter(str(self.folder), flush_secs=30)
 
-    def __call__(self, record: dict[str, Any], save: Callable[[str | Path], None]) -> None:
+    def __call__(self, record: dict[str, Any], save: Callable[[str | Path], None] | None) -> None:
         step = int(record["epoch"])
         for key, value in scalars(record).items():
             self.writer.add_scalar(key, value, global_step=step)

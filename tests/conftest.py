@@ -74,6 +74,25 @@ def tiny_spec_dict(model: Path, **sections: Any) -> dict[str, Any]:
     return spec
 
 
+@pytest.fixture(scope="session")
+def cluster() -> Any:
+    """Head + one worker node, both on loopback, one CPU each, shared by every test that runs
+    Ray (one Ray instance per test session: two cores do not hold two)."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
 @pytest.fixture
 def one_thread() -> Any:
     """Run torch on one thread: on two shared cores, two threads make tiny models ~100x slower."""

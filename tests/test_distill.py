@@ -408,6 +408,28 @@ def test_resume_reproduces_an_uninterrupted_run(
     assert resumed.epochs_run == full.epochs_run
 
 
+def test_a_resumed_run_reports_its_restored_epochs_again_so_tables_that_missed_them_get_them(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    # a sweep killed right after the last epoch's checkpoint reached Tune, before its tables
+    # were written: the restored trial has nothing left to train, yet its tables need epoch 3
+    spec = _spec(tiny_bert)
+    checkpoint = tmp_path / "ckpt"
+
+    def save_last(record: dict[str, Any], save) -> None:
+        if record["epoch"] == spec.train.epochs:
+            save(checkpoint)
+
+    D.distill(spec, report=save_last)
+    seen: list[tuple[int, bool]] = []
+    resumed = D.distill(
+        spec, resume_from=checkpoint, report=lambda r, save: seen.append((r["epoch"], bool(save)))
+    )
+    assert resumed.status == "ok"
+    # every restored epoch once, only the last with a checkpoint, nothing trained again
+    assert seen == [(e, e == spec.train.epochs) for e in range(1, spec.train.epochs + 1)]
+
+
 class _TouchOnUnpickle:
     """Unpickled with ``weights_only=False``, this creates ``marker``: a stand-in for any code a
     hostile checkpoint could run."""

@@ -26,23 +26,6 @@ from kdray.sweep import OPTUNA_JOURNAL, logger_callbacks, make_scheduler, run_sw
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Any:
-    """Head + one worker node, both on loopback, one CPU each, shared by all sweep tests."""
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(
-        initialize_head=True,
-        connect=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False},
-    )
-    c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
-
-
 def sweep_spec(model: Path, name: str, **extra: Any) -> dict[str, Any]:
     spec = tiny_spec_dict(model, name=name, train={"epochs": 3})
     spec["search"] = {

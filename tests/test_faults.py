@@ -1,0 +1,362 @@
+"""Crash anywhere, lose nothing: fault points, the kill-and-resume harness on a real study, and
+the one-paragraph errors for a full disk, a read-only folder and an out-of-memory run."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import REPO, tiny_spec_dict
+from kdray import fault_harness, faults, store
+from kdray.cli import app
+
+KDRAY = str(Path(sys.executable).parent / "kdray")
+
+
+def _plan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **plan: Any) -> Path:
+    counter = tmp_path / "hits"
+    monkeypatch.setenv(faults.PLAN_VAR, json.dumps({"counter": str(counter), **plan}))
+    return counter
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault points and stale temporary files
+
+
+def test_a_fault_point_does_nothing_without_a_plan(tmp_path: Path) -> None:
+    assert faults.PLAN_VAR not in os.environ
+    faults.point("store.file", tmp_path / "x")  # no error, no file
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fault_point_fires_on_its_nth_matching_pass_only(monkeypatch, tmp_path: Path) -> None:
+    _plan(monkeypatch, tmp_path, site="store.file", match="trials", hit=2, action="enospc")
+    faults.point("store.file", tmp_path / "epochs.parquet")  # another file: not counted
+    faults.point("store.dir", tmp_path / "trials.parquet")  # another site: not counted
+    faults.point("store.file", tmp_path / "trials.parquet")  # first pass
+    with pytest.raises(OSError) as raised:
+        faults.point("store.file", tmp_path / "trials.parquet")
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == str(tmp_path / "trials.parquet")
+    faults.point("store.file", tmp_path / "trials.parquet")  # third pass: not again
+
+
+def test_a_dry_plan_counts_every_points_passes(monkeypatch, tmp_path: Path) -> None:
+    counter = _plan(monkeypatch, tmp_path, action="count")
+    for _ in range(3):
+        faults.point("store.file", "a")
+    faults.point("distill.epoch", 1)
+    assert Path(f"{counter}.store.file").stat().st_size == 3
+    assert Path(f"{counter}.distill.epoch").stat().st_size == 1
+
+
+def test_a_kill_point_sigkills_the_whole_process_group(tmp_path: Path) -> None:
+    # a parent and a child in one session; the child passes the point and kills both
+    child = "import time, sys; from kdray import faults; faults.point('store.dir', 'x')"
+    parent = (
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); "
+        "time.sleep(60)"
+    )
+    pgid_file = tmp_path / "pgid"
+    plan = {"site": "store.dir", "counter": str(tmp_path / "hits"), "pgid_file": str(pgid_file)}
+    env = {**os.environ, faults.PLAN_VAR: json.dumps(plan), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=env, start_new_session=True)
+    pgid_file.write_text(str(proc.pid))
+    assert proc.wait(timeout=60) == -9  # the parent, killed by its child's point
+    assert json.loads(Path(f"{tmp_path / 'hits'}.fired").read_text())["site"] == "store.dir"
+
+
+def test_a_crash_inside_an_atomic_write_leaves_the_old_file_and_a_temp_the_next_write_removes(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "trials.parquet"
+    target.write_text("old")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".trials.parquet.tmp-{host}@{dead.pid}-abc"  # a killed writer's
+    stale.write_text("half")
+    live = tmp_path / f".trials.parquet.tmp-{host}@{os.getpid()}-def"  # a live writer's
+    live.write_text("busy")
+    elsewhere = tmp_path / f".trials.parquet.tmp-otherhost@{dead.pid}-ghi"  # another machine's
+    elsewhere.write_text("theirs")
+    assert target.read_text() == "old"
+    store.write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+    assert not stale.exists()
+    assert live.exists() and elsewhere.exists()
+
+
+def test_files_and_folders_written_atomically_get_the_umask_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        store.write_text_atomic(tmp_path / "a.json", "{}")
+        with store.atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising I/O failures and running out of memory
+
+
+def test_an_io_failure_is_found_behind_wrapping_errors_and_in_library_texts() -> None:
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/x.parquet")
+        except OSError as inner:
+            raise RuntimeError("table write failed") from inner
+    except RuntimeError as outer:
+        found = faults.io_failure(outer)
+    assert found == faults.IOFailure(errno.ENOSPC, "no space left on the device", "/data/x.parquet")
+    text = "SafetensorError: I/O error: Read-only file system (os error 30)"
+    assert faults.io_failure(RuntimeError(text)).code == errno.EROFS
+    assert faults.io_failure(ValueError("lr must be positive")) is None
+    assert faults.io_failure(OSError(errno.ENOENT, "No such file")) is None  # a user's path typo
+
+
+def test_out_of_memory_is_told_apart_from_other_errors() -> None:
+    assert faults.out_of_memory("MemoryError: injected")
+    assert faults.out_of_memory(
+        "RuntimeError: [enforce fail at alloc_cpu.cpp:118] ... "
+        "DefaultCPUAllocator: not enough memory: you tried to allocate"
+    )
+    assert faults.out_of_memory(
+        "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory."
+    )
+    assert not faults.out_of_memory("ValueError: bad layer map")
+    assert not faults.out_of_memory(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: one paragraph, exit 2
+
+
+def _run_spec(tiny_bert: Path, tmp_path: Path) -> Path:
+    spec_file = tmp_path / "spec.yaml"
+    spec = tiny_spec_dict(tiny_bert, train={"epochs": 2}, distill={"algorithm": "soft"})
+    spec_file.write_text(yaml.safe_dump(spec))
+    return spec_file
+
+
+def test_a_full_disk_while_the_student_is_saved_ends_run_in_one_paragraph_with_exit_2(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: Any
+) -> None:
+    spec_file = _run_spec(tiny_bert, tmp_path)
+    out = tmp_path / "out"
+    _plan(monkeypatch, tmp_path, site="store.dir", match="student", action="enospc")
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "kdray run stopped: no space left on the device writing" in text
+    assert str(out / "student") in text
+    assert f"continue with: kdray run {spec_file} --out {out} --overwrite" in text
+    assert not (out / "student").exists()  # nothing half-written
+    assert fault_harness.leftovers(out) == []
+
+
+def test_a_full_disk_after_overwrite_says_where_the_old_results_went(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: Any
+) -> None:
+    spec_file = _run_spec(tiny_bert, tmp_path)
+    out = tmp_path / "out"
+    assert CliRunner().invoke(app, ["run", str(spec_file), "--out", str(out)]).exit_code == 0
+    _plan(monkeypatch, tmp_path, site="store.file", match="trials", action="enospc")
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(out), "--overwrite"])
+    assert result.exit_code == 2, result.output
+    (moved,) = tmp_path.glob("out.old-*")
+    assert (moved / "trials.parquet").exists()  # the earlier run survives, where it says
+    text = " ".join(result.output.split())
+    assert f"--overwrite moved the earlier results to {moved}" in text
+    assert "Traceback" not in result.output
+
+
+def test_a_folder_turning_read_only_mid_run_ends_in_one_paragraph(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: Any
+) -> None:
+    spec_file = _run_spec(tiny_bert, tmp_path)
+    _plan(monkeypatch, tmp_path, site="store.file", match="epochs", action="erofs")
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "the file system is read-only" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_really_full_disk_ends_run_in_one_paragraph(
+    tiny_bert: Path, tmp_path: Path, one_thread: Any
+) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("this machine does not let a test mount a tmpfs")
+    try:
+        spec_file = _run_spec(tiny_bert, tmp_path)
+        result = subprocess.run(
+            [KDRAY, "run", str(spec_file), "--out", str(disk / "out")],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, output[-3000:]
+        assert "no space left on the device" in output and "Traceback" not in output
+        assert fault_harness.leftovers(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_a_run_out_of_memory_is_reported_as_such(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: Any
+) -> None:
+    import pandas as pd
+
+    spec_file = _run_spec(tiny_bert, tmp_path)
+    _plan(monkeypatch, tmp_path, site="distill.epoch", action="memory")
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "run out of memory" in result.output and "train.batch_size" in result.output
+    trials = pd.read_parquet(tmp_path / "out" / "trials.parquet")
+    assert list(trials["status"]) == ["oom"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kill anywhere, resume, compare
+
+
+def fault_study_spec(model: Path, cache: Path) -> dict[str, Any]:
+    """A study whose runs are fixed by the spec (a grid sweep), so a killed-and-resumed study
+    must reproduce the uninterrupted one run by run: 2 sweep trials, the top one and the
+    default confirmed at 2 seeds, a leave-one-out with one change at 2-3 adaptive seeds."""
+    spec = tiny_spec_dict(model, name="faults", train={"epochs": 2})
+    spec["data"]["cache_dir"] = str(cache)
+    spec["distill"] = {"algorithm": "soft"}
+    spec["search"] = {"train.lr": {"grid": [1e-3, 3e-4]}}
+    spec["tune"] = {
+        "num_samples": 1,
+        "searcher": {"grid": {}},
+        "scheduler": {"fifo": {}},
+        "max_concurrent": 2,
+        "resources": {"cpu": 1},
+        "max_failures": 0,
+    }
+    spec["ablation"] = {
+        "components": {"losses": [], "schedule": None, "init": "random", "freeze": False},
+        "seeds": {"min": 2, "max": 3, "step": 1},
+    }
+    spec["study"] = {"confirm": {"top_k": 1, "seeds": 2}, "budget": {"trials": 100}}
+    return spec
+
+
+def _study_command(spec_file: Path, out: Path, address: str, cache: Path) -> Any:
+    argv = [KDRAY, "study", str(spec_file), "--out", str(out), "--address", address]
+    argv += ["--set", f"data.cache_dir={cache}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return fault_harness.Command(argv, out, env, spec_file.parent, marker="study.json")
+
+
+def test_a_study_killed_at_ten_random_moments_resumes_to_the_uninterrupted_result(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(fault_study_spec(tiny_bert, tmp_path / "cache-ref")))
+    reference = _study_command(spec_file, tmp_path / "ref", cluster.address, tmp_path / "cache-ref")
+    dry = fault_harness.dry_run(reference, tmp_path / "dry")
+    assert dry.returncode == 0, (tmp_path / "dry" / "dry.log").read_text()[-3000:]
+    assert {"store.file", "store.dir", "distill.checkpoint", "teacher_outputs.build"} <= set(
+        dry.hits
+    )
+    kills = fault_harness.plan_kills(seed=0, n=10, dry=dry)
+    cache = tmp_path / "cache-killed"
+    killed = _study_command(spec_file, tmp_path / "killed", cluster.address, cache)
+    attempts = fault_harness.run_with_kills(killed, kills, tmp_path / "kills")
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted((tmp_path / "kills").glob("*.log")))
+    assert attempts[-1].returncode == 0, logs[-6000:]
+    landed = [a for a in attempts if a.fired]
+    assert len(landed) >= 6, [(a.kill, a.fired, a.returncode) for a in attempts]
+    assert sum(a.resumed for a in attempts) >= len(landed) - 1
+    assert fault_harness.compare(reference.out, killed.out) == []
+    assert fault_harness.corrupt_files(killed.out, cache) == []
+    assert fault_harness.leftovers(killed.out, cache) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps on the cluster: the results folder, the cache and the Ray storage filling up
+
+
+def _one_trial_sweep(tiny_bert: Path, tmp_path: Path, name: str) -> Path:
+    spec = tiny_spec_dict(tiny_bert, name=name, train={"epochs": 2}, distill={"algorithm": "soft"})
+    spec["data"]["cache_dir"] = str(tmp_path / "cache")
+    spec["search"] = {"train.lr": {"grid": [1e-3]}}
+    spec["tune"] = {
+        "num_samples": 1,
+        "searcher": {"grid": {}},
+        "scheduler": {"fifo": {}},
+        "max_failures": 0,
+    }
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    return spec_file
+
+
+def _sweep_with_plan(
+    spec_file: Path, out: Path, address: str, tmp_path: Path, site: str, match: str, action: str
+) -> subprocess.CompletedProcess:
+    """``kdray sweep`` as its own process (its Ray job carries the plan to the workers)."""
+    plan = {"site": site, "match": match, "action": action, "counter": str(tmp_path / "hits")}
+    env = {**os.environ, faults.PLAN_VAR: json.dumps(plan), "PYTHONPATH": str(REPO)}
+    argv = [KDRAY, "sweep", str(spec_file), "--out", str(out), "--address", address]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.CompletedProcess(argv, done.returncode, done.stdout + done.stderr)
+
+
+@pytest.mark.parametrize(
+    ("site", "match", "where"),
+    [
+        ("store.file", "trials", "the results folder (the driver's table write)"),
+        ("teacher_outputs.build", "", "the teacher-output cache (a Ray task)"),
+        ("distill.checkpoint", "", "a trial's checkpoint (a Ray worker)"),
+    ],
+)
+def test_a_full_disk_anywhere_in_a_sweep_ends_it_in_one_paragraph_with_exit_2(
+    cluster: Any, tiny_bert: Path, tmp_path: Path, site: str, match: str, where: str
+) -> None:
+    spec_file = _one_trial_sweep(tiny_bert, tmp_path, "full")
+    out = tmp_path / "out"
+    result = _sweep_with_plan(spec_file, out, cluster.address, tmp_path, site, match, "enospc")
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 2, (where, result.stdout[-3000:])
+    assert "kdray sweep stopped: no space left on the device" in text, where
+    assert f"--out {out} --address {cluster.address} --resume" in text, where
+    assert "Traceback" not in result.stdout, where
+    assert fault_harness.leftovers(out, tmp_path / "cache") == []
+    assert fault_harness.corrupt_files(out, tmp_path / "cache") == []
+
+
+def test_a_trial_that_runs_out_of_memory_is_oom_in_the_trials_table(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    spec_file = _one_trial_sweep(tiny_bert, tmp_path, "oom")
+    out = tmp_path / "out"
+    result = _sweep_with_plan(
+        spec_file, out, cluster.address, tmp_path, "distill.epoch", "", "memory"
+    )
+    assert result.returncode == 1, result.stdout[-3000:]  # no trial finished
+    assert "1 oom" in result.stdout
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert list(trials["status"]) == ["oom"]
+    assert "MemoryError" in trials["error"].iloc[0]
