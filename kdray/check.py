@@ -254,6 +254,8 @@ class _TeacherFolder:
         config_file = self.folder / "config.json"
         limit = json.loads(config_file.read_text()).get("max_position_embeddings")
         length = self.spec.data.max_seq_length
+        if length == "auto":
+            return True, "auto: the length that keeps 95 % of train whole, chosen before compute"
         if limit is None:
             return None, f"{config_file} gives no max_position_embeddings"
         if length > limit:
@@ -266,20 +268,11 @@ class _TeacherFolder:
     def _truncation(self) -> list[str]:
         """What the length cuts in each split, with a warning above 5 %; nothing when the
         data is not on this machine (the data check says why)."""
-        from kdray import data, models
+        from kdray import data
 
-        glue_dir = self.spec.data.dir or os.environ.get(data.GLUE_DIR_ENV)
-        if not glue_dir or self.folder is None:
+        if self.folder is None:
             return []
-        task = data.get_task(self.spec.task)
-        try:
-            splits = {split: data.read_local(task, glue_dir, split) for split in ("train", "dev")}
-        except (data.DataError, OSError):
-            return []
-        if self.spec.train.max_train_examples:
-            splits["train"] = splits["train"][: self.spec.train.max_train_examples]
-        tokenizer = models.load_tokenizer(str(self.folder))
-        stats = data.split_lengths(splits, tokenizer, self.spec.data.max_seq_length)
+        stats = data.spec_length_stats(self.spec, str(self.folder))
         return [s.describe() for s in stats] + [
             f"WARNING: {s.warning()}" for s in stats if s.warning()
         ]

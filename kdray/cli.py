@@ -211,10 +211,28 @@ StorageOption = Annotated[
 
 def _load(spec_path: Path, overrides: list[str] | None) -> Spec:
     try:
-        return load_spec(spec_path, overrides or [])
+        spec = load_spec(spec_path, overrides or [])
     except SpecError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None
+    return _concrete_length(spec)
+
+
+def _concrete_length(spec: Spec) -> Spec:
+    """``data.max_seq_length: auto`` as the number it stands for, said once, before compute
+    (everything after, caches and fingerprints included, sees the number)."""
+    if spec.data.max_seq_length != "auto":
+        return spec
+    from kdray import data
+
+    with _settings_errors():
+        resolved, stats = data.resolve_max_seq_length(spec)
+    console.print(
+        f"data.max_seq_length auto -> {resolved.data.max_seq_length}: keeps "
+        f"{1 - stats.cut:.1%} of the training examples whole ({stats.describe()})",
+        soft_wrap=True,
+    )
+    return resolved
 
 
 def _results_dir(spec: Spec, out: Path | None) -> Path:
@@ -260,7 +278,7 @@ def run(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run one distillation as the spec says and write its Parquet tables."""
-    from kdray import results
+    from kdray import data, results
     from kdray.distill import distill
 
     spec = _load(spec_path, set_)
@@ -279,7 +297,7 @@ def run(
     if failure is not None:  # the disk filled (or turned read-only) during the run
         _io_stop(failure)
     trials, epochs = results.write_run(out_dir, spec, result)
-    results.write_experiment(out_dir, spec, "run")
+    results.write_experiment(out_dir, spec, "run", data.spec_length_stats(spec))
     _print_run_summary(spec, result)
     console.print(f"tables: {trials} and {epochs}")
     if result.status == "oom":
@@ -557,13 +575,15 @@ def _run_ablation(
 ) -> Any:
     """The trials table of a grid ablation (as before), a fixed-seed leave-one-out, or the
     adaptive rounds of either (then the seeds per cell and why each stopped are printed)."""
-    from kdray import study
+    from kdray import data, study
     from kdray.sweep import run_ablation, run_trials
 
     if adaptive:
+        lengths = data.spec_length_stats(spec)
         trials, decisions = study.run_adaptive(
-            spec, cells, baseline, run_trials, name=name, out_dir=out_dir, **options
-        )
+            spec, cells, baseline, run_trials, name=name, out_dir=out_dir, lengths=lengths,
+            **options,
+        )  # fmt: skip
         for row in study.stop_table(decisions).to_dict("records"):
             console.print(f"  {row['cell']}: {row['seeds']} seeds, {row['stopped']}")
         return trials
@@ -863,6 +883,8 @@ def _print_report_tables(built: Any) -> None:
 
     # Piped or redirected output is not cut to 80 columns: the tables are wide.
     out = console if console.is_terminal else Console(width=240)
+    for line in built.header_lines():
+        out.print(line, highlight=False, soft_wrap=True)
     for heading, body in built.sections():
         if isinstance(body, pd.DataFrame):
             table = Table(title=heading)

@@ -699,10 +699,8 @@ class LengthStats:
         )
 
 
-def length_stats(
-    examples: Sequence[Example], tokenizer: Any, max_seq_length: int, split: str
-) -> LengthStats:
-    """:class:`LengthStats` of ``examples``: every example tokenized whole, pairs as pairs."""
+def _lengths(examples: Sequence[Example], tokenizer: Any) -> list[int]:
+    """Every example's token count, tokenized whole (special tokens included), pairs as pairs."""
     lengths: list[int] = []
     chunk = 2048
     for is_pair in (False, True):
@@ -718,6 +716,17 @@ def length_stats(
                 return_token_type_ids=False,
             )
             lengths += [len(ids) for ids in enc["input_ids"]]
+    return lengths
+
+
+def length_stats(
+    examples: Sequence[Example], tokenizer: Any, max_seq_length: int, split: str
+) -> LengthStats:
+    """:class:`LengthStats` of ``examples``: every example tokenized whole, pairs as pairs."""
+    return _stats(_lengths(examples, tokenizer), split, max_seq_length)
+
+
+def _stats(lengths: list[int], split: str, max_seq_length: int) -> LengthStats:
     values = np.asarray(lengths or [0], dtype=float)
     q = np.percentile(values, [50, 90, 95, 99])
     return LengthStats(
@@ -912,6 +921,66 @@ def split_lengths(
         length_stats(examples[:LENGTH_SAMPLE], tokenizer, max_seq_length, split)
         for split, examples in splits.items()
     )
+
+
+def spec_length_stats(spec: Spec, model_path: str | None = None) -> tuple[LengthStats, ...]:
+    """The train and dev splits' :class:`LengthStats` under the teacher's tokenizer (the
+    pre-flight prints them, ``experiment.json`` and the report keep them); empty when the data
+    or the tokenizer is not on this machine (nothing is downloaded for it)."""
+    from kdray.models import resolve_model_path
+
+    glue_dir = spec.data.dir or os.environ.get(GLUE_DIR_ENV)
+    length = spec.data.max_seq_length
+    if not glue_dir or length == "auto":
+        return ()
+    task = get_task(spec.task)
+    try:
+        splits = {split: read_local(task, glue_dir, split) for split in ("train", "dev")}
+        model = model_path or resolve_model_path(spec.teacher.checkpoint or spec.teacher.model)
+        tokenizer = load_tokenizer(model)
+    except (DataError, OSError, ValueError):
+        return ()
+    if spec.train.max_train_examples:
+        splits["train"] = splits["train"][: spec.train.max_train_examples]
+    return split_lengths(splits, tokenizer, int(length))
+
+
+#: ``data.max_seq_length: auto`` keeps this share of the training examples whole.
+AUTO_LENGTH_KEEPS = 0.95
+
+
+def _position_limit(model_path: str, tokenizer: Any) -> int:
+    """The longest input the teacher takes: its ``max_position_embeddings``, else what its
+    tokenizer says (a huge sentinel when unset), else 512."""
+    config = Path(model_path) / "config.json"
+    if config.is_file():
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+        if isinstance(limit, int):
+            return limit
+    told = getattr(tokenizer, "model_max_length", None)
+    return told if isinstance(told, int) and told < 100_000 else 512
+
+
+def resolve_max_seq_length(spec: Spec) -> tuple[Spec, LengthStats | None]:
+    """A spec with ``data.max_seq_length: auto`` made concrete: the length that keeps
+    :data:`AUTO_LENGTH_KEEPS` of the training examples (its first :data:`LENGTH_SAMPLE`) whole
+    under the teacher's tokenizer, rounded up to a multiple of 8, capped by the teacher's
+    positions; with the training split's :class:`LengthStats` at that length. A spec with a
+    number comes back as it is, with None."""
+    from kdray.models import resolve_model_path
+
+    if spec.data.max_seq_length != "auto":
+        return spec, None
+    task = get_task(spec.task)
+    train = load_examples(task, "train", spec.data.dir)
+    if spec.train.max_train_examples:
+        train = train[: spec.train.max_train_examples]
+    path = resolve_model_path(spec.teacher.checkpoint or spec.teacher.model)
+    tokenizer = load_tokenizer(path)
+    lengths = _lengths(train[:LENGTH_SAMPLE], tokenizer)
+    quantile = float(np.percentile(lengths or [0], 100 * AUTO_LENGTH_KEEPS))
+    length = min(_position_limit(path, tokenizer), max(8, 8 * math.ceil(quantile / 8)))
+    return spec.with_values({"data.max_seq_length": length}), _stats(lengths, "train", length)
 
 
 def examples_fingerprint(*splits: list[Example]) -> str:

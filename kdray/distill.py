@@ -370,6 +370,7 @@ def distill(
     loop ends it with status ``failed`` and the error text, and the epochs so far are kept.
     ``teacher_outputs`` replaces how the run gets its teacher outputs (tests, benchmarks).
     """
+    spec, _ = data.resolve_max_seq_length(spec)  # ``auto`` as a number (the CLI did it already)
     threads = torch.get_num_threads()
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)

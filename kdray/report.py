@@ -1312,12 +1312,10 @@ class Report:
             return f"ranking survived: yes (sweep rank -> confirmed rank: {order})"
         return f"ranking survived: no (sweep rank -> confirmed rank: {order})"
 
-    def to_markdown(self, path: str | Path | None = None) -> str:
-        """The full markdown document; image links relative to ``path`` (the .md file) if given."""
-        base = Path(path).resolve().parent if path is not None else None
+    def header_lines(self) -> list[str]:
+        """What the report is about, as markdown list items: folder, kind, metric, alpha,
+        design, margin, baseline, token lengths and notes (the console shows them too)."""
         lines = [
-            f"# kdray report: {self.results_dir.name}",
-            "",
             f"- results: `{self.results_dir}`",
             f"- kind: {self.kind}; {self.n_ok} of {self.n_trials} runs ok",
             f"- metric: best dev {self.metric} ({self.mode}; from {self.mode_source})",
@@ -1335,7 +1333,14 @@ class Report:
             )
         if self.baseline is not None:
             lines.append(f"- baseline: `{self.baseline}` (from {self.baseline_source})")
+        lines += _length_lines(self.experiment)
         lines += [f"- note: {note}" for note in self.notes]
+        return lines
+
+    def to_markdown(self, path: str | Path | None = None) -> str:
+        """The full markdown document; image links relative to ``path`` (the .md file) if given."""
+        base = Path(path).resolve().parent if path is not None else None
+        lines = [f"# kdray report: {self.results_dir.name}", "", *self.header_lines()]
         for heading, body in self.sections():
             lines += ["", f"## {heading}", ""]
             if isinstance(body, pd.DataFrame) and body.empty:
@@ -1857,6 +1862,18 @@ def build_report(
     if plots_dir is not None:
         _plot(report, trials, epochs, Path(plots_dir))
     return report
+
+
+def _length_lines(experiment: dict[str, Any] | None) -> list[str]:
+    """What ``data.max_seq_length`` cut, per split, as ``experiment.json`` recorded it."""
+    lines = []
+    for split in (experiment or {}).get("lengths") or []:
+        lines.append(
+            f"- token lengths, {split['split']}: {split['cut']:.1%} of {split['n']} cut at "
+            f"{split['max_seq_length']} (median {split['median']:.0f}, p90 {split['p90']:.0f}, "
+            f"p99 {split['p99']:.0f}, max {split['max']}; 95 % whole at {math.ceil(split['p95'])})"
+        )
+    return lines
 
 
 def _family_section(report: Report, folders: list[Any], alpha: float | None) -> None:

@@ -10,6 +10,7 @@ half-written table, and the column set and types are fixed by the first write of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -298,9 +299,12 @@ def write_run(out_dir: str | Path, spec: Spec, result: RunResult) -> tuple[Path,
     return trials, epochs
 
 
-def write_experiment(out_dir: str | Path, spec: Spec, command: str) -> Path:
+def write_experiment(
+    out_dir: str | Path, spec: Spec, command: str, lengths: Iterable[Any] = ()
+) -> Path:
     """``experiment.json``: which command wrote the folder and the full spec it ran (the report
-    reads the ablation baseline and the metric's direction from it)."""
+    reads the ablation baseline and the metric's direction from it), and ``lengths``: each
+    split's token lengths and what ``data.max_seq_length`` cut (``kdray.data.LengthStats``)."""
     record = {
         "command": command,
         "name": spec.name,
@@ -308,6 +312,8 @@ def write_experiment(out_dir: str | Path, spec: Spec, command: str) -> Path:
         "kdray_version": __version__,
         "spec": spec.model_dump(mode="json", by_alias=True),
     }
+    if lengths:
+        record["lengths"] = [dataclasses.asdict(stats) for stats in lengths]
     return write_text_atomic(
         Path(out_dir) / EXPERIMENT_FILE, json.dumps(record, indent=2, sort_keys=True)
     )

@@ -151,7 +151,12 @@ class DataSpec(_Strict):
         description="Local GLUE folder (download_glue_data.py layout); default $KDRAY_GLUE_DIR, "
         "else the Hugging Face hub (nyu-mll/glue).",
     )
-    max_seq_length: int = Field(64, ge=8, le=4096)
+    max_seq_length: Annotated[int, Field(ge=8, le=4096)] | Literal["auto"] = Field(
+        64,
+        description="Tokens per example (pairs cut longest-first), or auto: the length that "
+        "keeps 95 % of the training examples whole, rounded up to a multiple of 8 and capped "
+        "by the teacher's positions (resolved before compute; the resolved number is recorded).",
+    )
     cache_dir: str | None = Field(
         None,
         description="Where tokenised splits and fine-tuned teachers are cached; default "

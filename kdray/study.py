@@ -380,6 +380,7 @@ def run_adaptive(
     resume: bool = False,
     overwrite: bool = False,
     stop_before: Callable[[int], str | None] | None = None,
+    lengths: tuple[Any, ...] = (),
     **run_options: Any,
 ) -> tuple[pd.DataFrame, dict[str, Decision]]:
     """:func:`adaptive_rounds` with each round one experiment in ``out_dir/rounds/round-<k>``
@@ -394,7 +395,7 @@ def run_adaptive(
         raise ValueError("ablation.seeds is a list: give {min, max, step} for adaptive seeds")
     results.claim_folder(out_dir, spec, "ablate", resume=resume, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results.write_experiment(out_dir, spec, "ablate")
+    results.write_experiment(out_dir, spec, "ablate", lengths)
     folders: list[Path] = []
     all_values = [cell["values"] for cell in cells]
 

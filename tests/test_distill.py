@@ -3,6 +3,7 @@ cache, exact repeatability, resuming, divergence, and one run on real RTE rows."
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -745,3 +746,27 @@ def test_cli_run_warns_before_compute_when_max_seq_length_cuts_the_data(
     # 4 of the 5 fixture train rows are longer than 16 tokens
     assert "warning (data.max_seq_length): data.max_seq_length 16 cuts 80% of the train" in text
     assert text.index("warning (data.max_seq_length)") < text.index("kdray run tiny-cut")
+
+
+def test_cli_run_with_auto_length_records_the_number_and_every_splits_lengths(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from kdray.cli import app
+
+    raw = tiny_spec_dict(tiny_bert, name="tiny-auto", data={"max_seq_length": "auto"})
+    raw["train"].update({"diagnostics": False, "epochs": 3})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "experiment.json").read_text())
+    length = record["spec"]["data"]["max_seq_length"]
+    assert isinstance(length, int) and length % 8 == 0  # the number, not "auto"
+    assert f"data.max_seq_length auto -> {length}" in " ".join(result.output.split())
+    lengths = {row["split"]: row for row in record["lengths"]}
+    assert set(lengths) == {"train", "dev"}
+    assert lengths["train"]["max_seq_length"] == length
+    assert lengths["train"]["cut"] <= 0.05  # auto keeps at least 95 % of train whole
+    shown = CliRunner().invoke(app, ["report", str(out)])
+    assert "token lengths, train:" in shown.output and "token lengths, dev:" in shown.output

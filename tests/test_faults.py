@@ -239,7 +239,8 @@ def test_a_run_out_of_memory_is_reported_as_such(
 def fault_study_spec(model: Path, cache: Path) -> dict[str, Any]:
     """A study whose runs are fixed by the spec (a grid sweep), so a killed-and-resumed study
     must reproduce the uninterrupted one run by run: 2 sweep trials, the top one and the
-    default confirmed at 2 seeds, a leave-one-out with one change at 2-3 adaptive seeds."""
+    default confirmed at 2 seeds, a leave-one-out with one change at 2 seeds (one round).
+    ``benchmarks/bench_faults.py`` kills bigger ones, adaptive rounds included, 100+ times."""
     spec = tiny_spec_dict(model, name="faults", train={"epochs": 2})
     spec["data"]["cache_dir"] = str(cache)
     spec["distill"] = {"algorithm": "soft"}
@@ -254,7 +255,7 @@ def fault_study_spec(model: Path, cache: Path) -> dict[str, Any]:
     }
     spec["ablation"] = {
         "components": {"losses": [], "schedule": None, "init": "random", "freeze": False},
-        "seeds": {"min": 2, "max": 3, "step": 1},
+        "seeds": {"min": 2, "max": 2, "step": 1},
     }
     spec["study"] = {"confirm": {"top_k": 1, "seeds": 2}, "budget": {"trials": 100}}
     return spec
@@ -267,7 +268,7 @@ def _study_command(spec_file: Path, out: Path, address: str, cache: Path) -> Any
     return fault_harness.Command(argv, out, env, spec_file.parent, marker="study.json")
 
 
-def test_a_study_killed_at_ten_random_moments_resumes_to_the_uninterrupted_result(
+def test_a_study_killed_at_eight_random_moments_resumes_to_the_uninterrupted_result(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
     spec_file = tmp_path / "spec.yaml"
@@ -278,14 +279,14 @@ def test_a_study_killed_at_ten_random_moments_resumes_to_the_uninterrupted_resul
     assert {"store.file", "store.dir", "distill.checkpoint", "teacher_outputs.build"} <= set(
         dry.hits
     )
-    kills = fault_harness.plan_kills(seed=0, n=10, dry=dry)
+    kills = fault_harness.plan_kills(seed=0, n=8, dry=dry)
     cache = tmp_path / "cache-killed"
     killed = _study_command(spec_file, tmp_path / "killed", cluster.address, cache)
     attempts = fault_harness.run_with_kills(killed, kills, tmp_path / "kills")
     logs = "\n".join(p.read_text()[-1500:] for p in sorted((tmp_path / "kills").glob("*.log")))
     assert attempts[-1].returncode == 0, logs[-6000:]
     landed = [a for a in attempts if a.fired]
-    assert len(landed) >= 6, [(a.kill, a.fired, a.returncode) for a in attempts]
+    assert len(landed) >= 5, [(a.kill, a.fired, a.returncode) for a in attempts]
     assert sum(a.resumed for a in attempts) >= len(landed) - 1
     assert fault_harness.compare(reference.out, killed.out) == []
     assert fault_harness.corrupt_files(killed.out, cache) == []
@@ -345,18 +346,15 @@ def test_a_full_disk_anywhere_in_a_sweep_ends_it_in_one_paragraph_with_exit_2(
     assert fault_harness.corrupt_files(out, tmp_path / "cache") == []
 
 
-def test_a_trial_that_runs_out_of_memory_is_oom_in_the_trials_table(
-    cluster: Any, tiny_bert: Path, tmp_path: Path
-) -> None:
-    import pandas as pd
+def test_a_trial_whose_worker_ray_killed_for_memory_is_oom_not_error() -> None:
+    from kdray.sweep import _trial_status
 
-    spec_file = _one_trial_sweep(tiny_bert, tmp_path, "oom")
-    out = tmp_path / "out"
-    result = _sweep_with_plan(
-        spec_file, out, cluster.address, tmp_path, "distill.epoch", "", "memory"
+    killed = (
+        "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on "
+        "memory. Memory on the node (IP: 127.0.0.1) where the task was running was 23.1GB / "
+        "24.0GB (0.96), which exceeds the memory usage threshold of 0.95."
     )
-    assert result.returncode == 1, result.stdout[-3000:]  # no trial finished
-    assert "1 oom" in result.stdout
-    trials = pd.read_parquet(out / "trials.parquet")
-    assert list(trials["status"]) == ["oom"]
-    assert "MemoryError" in trials["error"].iloc[0]
+    assert _trial_status({}, [], 3, killed, ended=True) == "oom"
+    assert _trial_status({}, [], 3, "ValueError: bad layer map", ended=True) == "error"
+    # inside the run (distill caught a MemoryError): its own status, reported with the records
+    assert _trial_status({"status": "oom"}, [{"epoch": 1}], 3, None, ended=True) == "oom"

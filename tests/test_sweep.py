@@ -655,47 +655,6 @@ def _confirm_and_ablate_alone_repeat_the_study(
     )
 
 
-def test_interrupted_study_resumes_without_losing_or_repeating_sweep_trials(
-    cluster: Any, tiny_bert: Path, tmp_path: Path
-) -> None:
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(study_spec(tiny_bert, "cut")))
-    out = tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    kdray = str(Path(sys.executable).parent / "kdray")
-    cmd = [kdray, "study", str(spec_file), "--out", str(out), "--address", cluster.address]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    trials_file = out / "sweep" / "trials.parquet"
-    # Ctrl-C once the first sweep trial has finished and the second is under way
-    _ctrl_c_when(
-        proc,
-        lambda: trials_file.exists() and (pd.read_parquet(trials_file)["status"] == "ok").any(),
-    )
-    record = json.loads((out / "study.json").read_text())
-    # Tune stops on Ctrl-C and returns: the study records the phase as interrupted, says so in
-    # STUDY.md and exits 130 (a Ctrl-C outside Tune's loop leaves it "running", also resumable)
-    assert record["phases"]["sweep"]["status"] in ("running", "interrupted")
-    if record["phases"]["sweep"]["status"] == "interrupted":
-        assert proc.returncode == 130
-        assert "The sweep phase was interrupted: continue with --resume." in (
-            (out / "STUDY.md").read_text()
-        )
-    assert "confirm" not in record["phases"]
-    before = pd.read_parquet(trials_file)
-    finished_before = set(before.loc[before["status"] == "ok", "trial_id"])
-    assert 1 <= len(finished_before) < 3
-
-    result = _study_cli(str(spec_file), "--out", str(out), "--address", cluster.address, "--resume")
-    assert result.exit_code == 0, result.output[-3000:]
-    _assert_whole_study(out)
-    trials = pd.read_parquet(trials_file)
-    assert len(trials) == 3 and trials["trial_id"].is_unique
-    assert set(trials["status"]) == {"ok"}
-    assert finished_before <= set(trials["trial_id"])
-
-
 @pytest.mark.parametrize(
     ("cpu", "gpu", "max_concurrent", "nodes", "free", "expected"),
     [

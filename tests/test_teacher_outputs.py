@@ -650,5 +650,7 @@ def test_teacher_cache_verify_in_the_spec_reaches_the_cache(
     assert calls[0] == 2  # rebuilt (one batch of 64 per build)
     with pytest.raises(ValueError, match="verify"):
         Spec.model_validate(tiny_spec_dict(teacher_dir, teacher={"cache": {"verify": "fast"}}))
-    sizes = Spec.model_validate(tiny_spec_dict(teacher_dir, teacher={"cache": {"verify": "sizes"}}))
+    sizes = Spec.model_validate(
+        tiny_spec_dict(teacher_dir, teacher={"cache": {"enabled": "on", "verify": "sizes"}})
+    )
     assert sizes.fingerprint() == full.fingerprint()  # how a cache is checked changes no result
