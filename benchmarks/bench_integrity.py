@@ -45,7 +45,11 @@ def main() -> None:
     from kdray.teacher import TeacherInfo, ensure_teacher
     from kdray.teacher_outputs import CacheManifest
 
-    spec = common.build_spec(epochs=1)
+    from kdray.spec import spec_from_dict
+
+    raw = common.spec_dict(epochs=1)
+    raw["teacher"]["cache"] = {"enabled": "on"}  # auto caches from 2 epochs on
+    spec = spec_from_dict(raw, source="<benchmark spec>")
     teacher = ensure_teacher(spec)
     result = distill(spec)  # builds (or reuses) the teacher-output cache, trains one epoch
     epoch_seconds = float(result.records[-1]["train_seconds"])

@@ -349,8 +349,14 @@ def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 # ---------------------------------------------------------------------------------------------
 # Whose folder is it: experiment.json decides before anything is written
 
-RESUMABLE = ("sweep", "ablate", "confirm")  # commands that can continue an experiment
-_KIND = {"run": "run", "sweep": "sweep", "ablate": "ablation", "confirm": "confirmation"}
+RESUMABLE = ("sweep", "ablate", "confirm", "teacher")  # commands that continue an experiment
+_KIND = {
+    "run": "run",
+    "sweep": "sweep",
+    "ablate": "ablation",
+    "confirm": "confirmation",
+    "teacher": "teacher search",
+}
 
 
 def experiment_name(spec: Spec, command: str) -> str:

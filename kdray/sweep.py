@@ -34,7 +34,7 @@ from kdray.distill import STUDENT_DIR, distill, selection_metric
 from kdray.plan import OBJECTIVE, RUNG_TIME
 from kdray.progress import TrialsTable
 from kdray.spec import Spec
-from kdray.store import atomic_dir, json_cell
+from kdray.store import atomic_dir, json_cell, write_text_atomic
 
 logger = logging.getLogger("kdray")
 
@@ -999,3 +999,170 @@ def _ended(
     logger.info("%s: its %d trials have ended already; nothing to resume", name, len(trials))
     experiment = results.experiment_path(out, storage, name)
     return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher search (kdray teacher --search): what it searches and says is kdray.teacher_search
+
+
+def teacher_trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
+    """One teacher-search trial: the teacher fine-tuned with the trial's settings, every
+    epoch's dev metrics reported (ASHA may stop it there); nothing is stored."""
+    from kdray import teacher
+
+    spec, _ = plan.trial_spec(Spec.model_validate(spec_json), config)
+    _use_cpus(spec.tune.resources.cpu)
+    prepared = data.prepare(spec, spec.teacher.model)
+    metric = prepared.task.main_metric
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        tune.report({**record, OBJECTIVE: record[f"best.dev.{metric}"]})
+
+    teacher.train_teacher(spec, prepared, on_epoch=on_epoch)
+
+
+def _confirm_teacher_task(spec_json: dict[str, Any], cpus: float) -> dict[str, Any]:
+    """Runs as a Ray task: the best configuration fine-tuned with one confirmation seed and
+    stored in the teacher cache (or found there)."""
+    from kdray import teacher
+
+    _use_cpus(cpus)
+    spec = Spec.model_validate(spec_json)
+    info = teacher.ensure_teacher(spec)
+    dev = {f"dev.{k}": v for k, v in info.dev_metrics.items()}
+    return {"seed": spec.teacher.seed, "teacher_id": info.id, "path": info.path, **dev}
+
+
+class TeacherTrialLog(Callback):
+    """One log line per ended teacher trial: its best dev metric, epochs and how it ended."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
+        last = trial.last_result or {}
+        logger.info(
+            "teacher trial %s: best dev %s %.4f (epoch %s of %s run)",
+            trial.trial_id,
+            self.metric,
+            last.get(f"best.dev.{self.metric}", math.nan),
+            last.get("best_epoch"),
+            last.get("epoch"),
+        )
+
+
+@dataclass
+class TeacherSearchResult:
+    trials: pd.DataFrame
+    confirm: pd.DataFrame
+    settings: dict[str, Any]
+    out_dir: Path
+
+
+def _teacher_tuner(spec: Spec, out: Path, store: str, name: str, resume: bool) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from kdray import teacher_search
+
+    fn = tune.with_parameters(teacher_trainable, spec_json=spec.model_dump(mode="json"))
+    resources = spec.tune.resources
+    fn = tune.with_resources(fn, {"cpu": resources.cpu, "gpu": resources.gpu})
+    experiment = f"{store.rstrip('/')}/{name}"
+    if resume and tune.Tuner.can_restore(experiment):
+        return tune.Tuner.restore(experiment, trainable=fn, resume_unfinished=True)
+    asha = spec.tune.scheduler.asha
+    scheduler = FIFOScheduler()
+    if asha is not None:
+        horizon = max(teacher_search.max_epochs(spec), asha.grace_period)
+        scheduler = ASHAScheduler(
+            time_attr="epoch", metric=OBJECTIVE, mode="max", max_t=horizon,
+            grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
+        )  # fmt: skip
+    searcher = None
+    if spec.tune.searcher.kind != "grid":
+        storage = optuna_storage(spec, out, fresh=True)
+        searcher = make_searcher(spec, storage=storage, study_name=name)
+    return tune.Tuner(
+        fn,
+        param_space=ray_space(spec) if searcher is None else {},
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=spec.tune.num_samples,
+            max_concurrent_trials=spec.tune.max_concurrent if searcher is None else None,
+        ),  # fmt: skip
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=store,
+            verbose=0,
+            callbacks=[TeacherTrialLog(data.get_task(spec.task).main_metric)],
+            failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
+        ),  # fmt: skip
+    )
+
+
+def _teacher_tables(grid: Any, spec: Spec) -> tuple[list[dict], list[dict]]:
+    """The search's trials and epochs tables from Ray Tune's results (their reported
+    records, not its logs)."""
+    trials, epochs = [], []
+    for result in grid:
+        last = result.metrics or {}
+        trial_id = str(last.get("trial_id"))
+        trial_spec, values = plan.trial_spec(spec, result.config)
+        history = result.metrics_dataframe
+        history = history if history is not None else pd.DataFrame(columns=["epoch"])
+        keep = [c for c in history.columns if c == "epoch" or c.startswith("dev.")]
+        for row in history[keep].to_dict("records"):
+            epochs.append({"name": spec.name, "trial_id": trial_id, **row})
+        ran = int(last.get("epoch") or 0)
+        status = "error" if result.error else "ok" if ran >= trial_spec.teacher.epochs else "pruned"
+        best = {k: v for k, v in last.items() if k.startswith("best.") or k == "best_epoch"}
+        trials.append({
+            "name": spec.name, "trial_id": trial_id, "status": status, "epochs_run": ran,
+            "error": str(result.error) if result.error else None, **best,
+            **{f"param.{k}": json_cell(v) for k, v in values.items()},
+        })  # fmt: skip
+    return trials, epochs
+
+
+def run_teacher_search(
+    spec: Spec,
+    *,
+    address: str | None = None,
+    storage: str | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    seeds: tuple[int, ...] | None = None,
+) -> TeacherSearchResult:
+    """Search the teacher's fine-tuning as Ray Tune trials, then fine-tune the best
+    configuration with fresh seeds into the teacher cache; tables and ``TEACHER.md`` in
+    ``out_dir`` (default ``results/<name>-teacher``)."""
+    from kdray import teacher_search as ts
+
+    problems = ts.search_problems(spec)
+    if problems:
+        raise ValueError("; ".join(problems))
+    name = f"{spec.name}-teacher"
+    out = Path(out_dir) if out_dir else Path("results") / name
+    results.claim_folder(out, spec, "teacher", resume=resume, overwrite=overwrite)
+    store = results.ray_store(out, storage)
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(address)
+    results.write_experiment(out, spec, "teacher")
+    grid = _teacher_tuner(spec, out, store, name, resume).fit()
+    trial_rows, epoch_rows = _teacher_tables(grid, spec)
+    results.write_table(trial_rows, out / ts.SEARCH_FILE)
+    if epoch_rows:
+        results.write_table(epoch_rows, out / results.EPOCHS_FILE)
+    trials = pd.DataFrame(trial_rows)
+    metric = data.get_task(spec.task).main_metric
+    settings = ts.best_settings(trials, metric)
+    task, cpus = _setup_task(spec, _confirm_teacher_task)
+    confirmed = ts.confirm_specs(spec, settings, seeds or ts.CONFIRM_SEEDS)
+    rows = ray.get([task.remote(s.model_dump(mode="json"), cpus) for s in confirmed])
+    results.write_table(rows, out / ts.CONFIRM_FILE)
+    confirm = pd.DataFrame(rows)
+    report = ts.teacher_markdown(spec, trials, confirm, settings, metric)
+    write_text_atomic(out / ts.TEACHER_REPORT, report)
+    return TeacherSearchResult(trials, confirm, settings, out)

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -255,7 +256,42 @@ def fine_tune_teacher(
 ) -> TeacherInfo:
     """Fine-tune ``teacher.model`` on the task with the ``teacher.*`` settings, keep the best
     dev epoch and store it at ``target``."""
+    model, best, history = train_teacher(spec, prepared, progress)
+    model.load_state_dict(best.state)
+    info = {
+        "id": target.name,
+        "dev_metrics": best.metrics,
+        "best_epoch": best.epoch,
+        "history": history,
+        "settings": settings,
+        "kdray_version": __version__,
+    }
+    saved = save_teacher(model.cpu(), prepared.tokenizer, target, info)
+    main = prepared.task.main_metric
+    progress.finish(f"teacher dev {main} {best.metrics[main]:.4f} (epoch {best.epoch})")
+    return saved
+
+
+@dataclass
+class BestEpoch:
+    """The best dev epoch of a teacher fine-tune so far: its number, metrics and weights."""
+
+    epoch: int
+    metrics: dict[str, float]
+    state: dict[str, torch.Tensor]
+
+
+def train_teacher(
+    spec: Spec,
+    prepared: data.Prepared,
+    progress: ProgressHook | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[nn.Module, BestEpoch, list[dict[str, Any]]]:
+    """The fine-tuning loop itself, nothing stored: the model, its best dev epoch and the
+    per-epoch history. ``on_epoch(record)`` after each epoch (a teacher search reports it to
+    Ray Tune, whose scheduler may stop the trial there)."""
     t = spec.teacher
+    progress = progress or NoProgress()
     device = engine.pick_device(spec.train.device)
     engine.seed_everything(t.seed)
     model = models.load_classifier(t.model, prepared.task.num_labels).to(device)
@@ -274,30 +310,22 @@ def fine_tune_teacher(
     )
     dev_loader = engine.make_loader(prepared.dev, spec.train.eval_batch_size, pad)
     main = prepared.task.main_metric
-    best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
-    history = []
+    best: BestEpoch | None = None
+    history: list[dict[str, Any]] = []
     progress.start(f"teacher {spec.task}", steps_per_epoch * t.epochs)
     for epoch in range(1, t.epochs + 1):
         _teacher_epoch(model, opt, prepared, t.batch_size, t.seed * 1000 + epoch, progress, epoch)
         metrics = engine.evaluate(model, dev_loader, prepared.task, device)
         history.append({"epoch": epoch, **{f"dev.{k}": v for k, v in metrics.items()}})
         progress.log(f"teacher epoch {epoch}: dev {main} {metrics[main]:.4f}")
-        if best is None or metrics[main] > best[0]:
+        if best is None or metrics[main] > best.metrics[main]:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            best = (metrics[main], epoch, state, metrics)
+            best = BestEpoch(epoch, metrics, state)
+        if on_epoch is not None:
+            best_so_far = {f"best.dev.{k}": v for k, v in best.metrics.items()}
+            on_epoch({**history[-1], **best_so_far, "best_epoch": best.epoch})
     assert best is not None
-    model.load_state_dict(best[2])
-    info = {
-        "id": target.name,
-        "dev_metrics": best[3],
-        "best_epoch": best[1],
-        "history": history,
-        "settings": settings,
-        "kdray_version": __version__,
-    }
-    saved = save_teacher(model.cpu(), prepared.tokenizer, target, info)
-    progress.finish(f"teacher dev {main} {best[0]:.4f} (epoch {best[1]})")
-    return saved
+    return model, best, history
 
 
 def _teacher_epoch(
