@@ -364,23 +364,41 @@ def teacher(
         bool,
         typer.Option(
             "--verify",
-            help="Check every file of the teacher against the sha256 in its teacher.json "
-            "(without it: the sizes) and exit 1, fine-tuning nothing, if one differs.",
+            help="Exit 1, fine-tuning nothing, if a file of the cached teacher differs from the "
+            "sha256 in its teacher.json (without it: such a teacher is fine-tuned again).",
         ),
     ] = False,
+    search: Annotated[
+        bool,
+        typer.Option(
+            "--search",
+            help="Search the teacher's fine-tuning (the spec's search block: teacher.* and "
+            "data.max_seq_length) as Ray Tune trials, then fine-tune the best configuration "
+            "with seeds 1, 2, 3 into the teacher cache; tables and TEACHER.md in --out.",
+        ),
+    ] = False,
+    address: AddressOption = None,
+    storage: StorageOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="--search: tables folder (default results/<name>-teacher).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="--search: continue an interrupted one.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
-    """Fine-tune (or find in the cache) the spec's teacher and print its dev metrics.
+    """Fine-tune (or find in the cache) the spec's teacher and print its dev metrics; with
+    --search, search its fine-tuning first.
 
-    A cached teacher whose files have other sizes than recorded is fine-tuned again."""
+    A cached teacher whose files differ from their recorded sha256 is fine-tuned again."""
     from kdray.teacher import TeacherDamagedError, ensure_teacher
 
     spec = _load(spec_path, set_)
     _show_kdray_log()
+    if search:
+        _teacher_search(spec, address, storage, out, resume=resume, overwrite=overwrite)
+        return
     with _settings_errors():
         try:
-            info = ensure_teacher(
-                spec, progress=_progress(), verify="full" if verify else "sizes", repair=not verify
-            )
+            info = ensure_teacher(spec, progress=_progress(), verify="full", repair=not verify)
         except TeacherDamagedError as error:
             console.print(f"[red]damaged teacher:[/red] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(1) from None
@@ -397,6 +415,32 @@ def teacher(
         )
     else:
         console.print(f"verified: {len(info.files)} files match the sha256 in teacher.json")
+
+
+def _teacher_search(
+    spec: Spec, address: str | None, storage: str | None, out: Path | None, **options: Any
+) -> None:
+    """``kdray teacher --search``: the trials, then the confirmation seeds, then where the
+    report is and which settings to use."""
+    from kdray.sweep import run_teacher_search
+    from kdray.teacher_search import TEACHER_REPORT, search_problems
+
+    for problem in search_problems(spec):
+        console.print(f"[red]{spec.name}: {problem}[/red]", soft_wrap=True)
+        raise typer.Exit(2)
+    folder = _working_in(out or Path("results") / f"{spec.name}-teacher")
+    console.print(
+        f"[bold]kdray teacher --search[/bold] {spec.name}: {len(spec.search)} searched "
+        f"settings, {spec.tune.num_samples} trials, then the best with 3 seeds, in {folder}"
+    )
+    with _settings_errors():
+        found = run_teacher_search(
+            spec, address=address, storage=storage, out_dir=folder, **options
+        )
+    for row in found.confirm.to_dict("records"):
+        dev = ", ".join(f"{k[4:]} {v:.4f}" for k, v in row.items() if k.startswith("dev."))
+        console.print(f"  seed {row['seed']}: teacher {row['teacher_id']}: dev {dev}")
+    console.print(f"report: {found.out_dir / TEACHER_REPORT}")
 
 
 @app.command()

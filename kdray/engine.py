@@ -108,17 +108,29 @@ def autocast(device: torch.device, precision: str) -> Any:
 # Optimisation
 
 
-def make_optimizer(modules: list[nn.Module], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW without decay on biases and LayerNorm weights, as in BERT fine-tuning."""
-    decay, no_decay = [], []
+def make_optimizer(
+    modules: list[nn.Module],
+    lr: float,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+) -> torch.optim.AdamW:
+    """AdamW without decay on biases and LayerNorm weights, as in BERT fine-tuning;
+    ``lr_scale(parameter name)`` multiplies a parameter's learning rate (layer-wise decay),
+    one group per (decay, scale) pair."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for module in modules:
         for name, param in module.named_parameters():
-            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr)
+            decays = not (name.endswith("bias") or "LayerNorm" in name)
+            scale = lr_scale(name) if lr_scale is not None else 1.0
+            groups.setdefault((decays, scale), []).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
+            for (decays, scale), params in groups.items()
+            if params or scale == 1.0  # the two plain groups always, as checkpoints expect
+        ],
+        lr=lr,
+    )
 
 
 def linear_schedule(
@@ -176,11 +188,12 @@ def make_optimization(
     device: torch.device,
     precision: str,
     clip: Iterable[nn.Parameter] | None = None,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> Optimization:
     """AdamW + linear warm-up/decay + a GradScaler for ``modules``; ``clip`` defaults to every
-    parameter the optimiser holds (in its group order)."""
+    parameter the optimiser holds (in its group order); ``lr_scale`` see :func:`make_optimizer`."""
     precision = precision_to_run(device, precision)
-    optimizer = make_optimizer(modules, lr, weight_decay)
+    optimizer = make_optimizer(modules, lr, weight_decay, lr_scale)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return Optimization(
         optimizer=optimizer,

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +289,20 @@ def encoder_parts(model: nn.Module) -> dict[int, nn.Module]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def layer_lr_scale(model: nn.Module, decay: float) -> Callable[[str], float]:
+    """Layer-wise learning-rate decay for a BERT classifier: the head (pooler, classifier) gets
+    the full rate, encoder layer ``l`` of ``L`` (from 1) ``decay ** (L + 1 - l)``, the
+    embeddings ``decay ** (L + 1)``, so lower, more general layers move less."""
+    total = num_layers(model)
+
+    def scale(name: str) -> float:
+        found = re.search(r"encoder\.layer\.(\d+)\.", name)
+        if found:
+            return decay ** (total - int(found.group(1)))
+        if "embeddings" in name:
+            return decay ** (total + 1)
+        return 1.0
+
+    return scale

@@ -140,6 +140,11 @@ MAX_SEED = 2**32 - 1  # numpy's seed range; torch's is wider
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
+#: Settings added after results were recorded, with their defaults: a spec at the default is
+#: fingerprinted as before the setting existed, so recorded experiments stay resumable.
+LATER_SETTINGS: dict[str, Any] = {"teacher.layer_decay": 1.0}
+
+
 class _Strict(BaseModel):
     # NaN/inf are never a setting: they would pass every bound (NaN) or overflow a schedule.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -192,6 +197,13 @@ class TeacherSpec(_Strict):
     warmup: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0, le=MAX_WEIGHT)
     max_grad_norm: float | None = Field(1.0, gt=0, le=MAX_WEIGHT)
+    layer_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Layer-wise learning-rate decay: the classifier head gets teacher.lr, each "
+        "encoder layer below it this factor more (embeddings last); 1 = one rate for all.",
+    )
     cache: TeacherCacheSpec = TeacherCacheSpec()
 
 
@@ -625,6 +637,9 @@ class Spec(_Strict):
         # How a cache is checked never changes a result: hashed at one value (its first
         # default), so a fingerprint stays what it was whichever check a spec asks for.
         flat["teacher.cache.verify"] = "sizes"
+        for key, default in LATER_SETTINGS.items():  # at its default: as before it existed
+            if flat.get(key) == default:
+                flat.pop(key)
         return content_hash(flat, 16)
 
     def with_values(self, values: dict[str, Any]) -> Spec:

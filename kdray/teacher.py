@@ -146,6 +146,8 @@ def teacher_settings(spec: Spec, data_fingerprint: str) -> dict[str, Any]:
         "max_grad_norm": t.max_grad_norm,
         "precision": spec.train.precision,
         "recipe": RECIPE,
+        # added later: only when set, so the teachers cached before keep their keys
+        **({"layer_decay": t.layer_decay} if t.layer_decay != 1.0 else {}),
     }
 
 
@@ -307,6 +309,7 @@ def train_teacher(
         device=device,
         precision=spec.train.precision,
         clip=model.parameters(),
+        lr_scale=models.layer_lr_scale(model, t.layer_decay) if t.layer_decay != 1.0 else None,
     )
     dev_loader = engine.make_loader(prepared.dev, spec.train.eval_batch_size, pad)
     main = prepared.task.main_metric

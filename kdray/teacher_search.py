@@ -28,6 +28,7 @@ SEARCHABLE = (
     "teacher.weight_decay",
     "teacher.max_grad_norm",
     "teacher.seed",
+    "teacher.layer_decay",
     "data.max_seq_length",
 )
 #: The seeds the best configuration is fine-tuned again with (its own search seed aside).

@@ -1,0 +1,154 @@
+"""kdray teacher --search: what may be searched, which trial wins, the seeds that confirm it,
+and the whole command on the session's Ray cluster with a tiny teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_spec_dict
+from kdray import teacher_search as ts
+from kdray.cli import app
+from kdray.spec import spec_from_dict
+
+
+def _spec(model: Path, search: dict[str, Any]) -> Any:
+    raw = tiny_spec_dict(model, name="ts")
+    raw["search"] = search
+    return spec_from_dict(raw)
+
+
+def test_only_teacher_settings_and_the_length_may_be_searched(tiny_bert: Path) -> None:
+    assert ts.search_problems(_spec(tiny_bert, {"teacher.lr": {"loguniform": [1e-5, 1e-4]}})) == []
+    problems = ts.search_problems(_spec(tiny_bert, {"train.lr": {"loguniform": [1e-5, 1e-4]}}))
+    assert len(problems) == 1 and "train.lr cannot be searched for the teacher" in problems[0]
+
+
+def test_the_best_trial_wins_by_its_best_dev_score_pruned_ones_included() -> None:
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d"],
+            "status": ["ok", "pruned", "error", "ok"],
+            "best.dev.accuracy": [0.60, 0.64, 0.90, 0.62],
+            "param.teacher.lr": [1e-5, 3e-5, 1e-4, 5e-5],
+        }
+    )
+    # c errored: its score does not count; b was stopped early by ASHA but is the best so far
+    assert ts.best_settings(trials, "accuracy") == {"teacher.lr": 3e-5}
+    with pytest.raises(ValueError, match="nothing to confirm"):
+        ts.best_settings(trials[trials["status"] == "error"], "accuracy")
+
+
+def test_the_confirmation_runs_the_best_settings_with_fresh_seeds(tiny_bert: Path) -> None:
+    spec = _spec(tiny_bert, {"teacher.lr": {"loguniform": [1e-5, 1e-4]}})
+    specs = ts.confirm_specs(spec, {"teacher.lr": 3e-5, "teacher.seed": 7}, (1, 2, 3))
+    assert [s.teacher.seed for s in specs] == [1, 2, 3]  # the search's own seed is not reused
+    assert {s.teacher.lr for s in specs} == {3e-5}
+
+
+def test_the_seeds_spread_is_a_t_interval_by_hand() -> None:
+    confirm = pd.DataFrame({"seed": [1, 2, 3], "dev.accuracy": [0.60, 0.62, 0.64]})
+    found = ts.spread(confirm, "accuracy")
+    # mean 0.62, sd 0.02, se 0.02 / sqrt(3); t(0.975, 2) = 4.302653
+    half = 4.302653 * 0.02 / 3**0.5
+    assert found["mean"] == pytest.approx(0.62)
+    assert found["sd"] == pytest.approx(0.02)
+    assert (found["low"], found["high"]) == pytest.approx((0.62 - half, 0.62 + half), abs=1e-6)
+
+
+def test_teacher_search_finds_confirms_and_caches_the_best_teacher(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    raw = tiny_spec_dict(tiny_bert, name="ts", teacher={"epochs": 2})
+    raw["data"]["cache_dir"] = str(tmp_path / "cache")
+    raw["search"] = {"teacher.lr": {"grid": [1e-3, 1e-4]}}
+    raw["tune"] = {
+        "num_samples": 1,
+        "searcher": {"grid": {}},
+        "scheduler": {"asha": {"grace_period": 1, "reduction_factor": 2}},
+        "max_concurrent": 2,
+        "resources": {"cpu": 1},
+    }
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "found"
+    args = ["teacher", str(spec_file), "--search", "--out", str(out), "--address", cluster.address]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output[-3000:]
+    trials = pd.read_parquet(out / ts.SEARCH_FILE)
+    assert sorted(trials["param.teacher.lr"]) == [1e-4, 1e-3]
+    assert set(trials["status"]) <= {"ok", "pruned"} and trials["best.dev.accuracy"].notna().all()
+    epochs = pd.read_parquet(out / "epochs.parquet")
+    assert set(epochs["trial_id"]) == set(trials["trial_id"])
+    confirm = pd.read_parquet(out / ts.CONFIRM_FILE)
+    assert list(confirm["seed"]) == [1, 2, 3] and confirm["teacher_id"].is_unique
+    best_lr = ts.best_settings(trials, "accuracy")["teacher.lr"]
+    for row in confirm.to_dict("records"):  # each one a teacher in the cache, like any other
+        info = json.loads((Path(row["path"]) / "teacher.json").read_text())
+        assert (info["settings"]["lr"], info["settings"]["seed"]) == (best_lr, row["seed"])
+    text = (out / ts.TEACHER_REPORT).read_text()
+    assert "Selection bias" in text and f"--set teacher.lr={best_lr}" in text
+    # the settings TEACHER.md gives find that cached teacher: nothing is fine-tuned again
+    chosen = confirm.sort_values(["dev.accuracy", "seed"], ascending=[False, True]).iloc[0]
+    again = CliRunner().invoke(
+        app,
+        ["teacher", str(spec_file), "--set", f"teacher.lr={best_lr}",
+         "--set", f"teacher.seed={chosen['seed']}"],
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert f"teacher {chosen['teacher_id']}" in again.output
+
+
+def test_layer_decay_gives_the_head_the_full_rate_and_each_lower_layer_less(
+    tiny_bert: Path,
+) -> None:
+    from kdray import engine, models
+
+    model = models.load_classifier(str(tiny_bert), 2)  # 4 encoder layers
+    scale = models.layer_lr_scale(model, 0.5)
+    assert scale("classifier.weight") == 1.0 and scale("bert.pooler.dense.weight") == 1.0
+    assert scale("bert.encoder.layer.3.attention.self.query.weight") == 0.5  # the top layer
+    assert scale("bert.encoder.layer.0.output.dense.bias") == 0.5**4
+    assert scale("bert.embeddings.word_embeddings.weight") == 0.5**5
+    optimizer = engine.make_optimizer([model], 1e-3, 0.01, scale)
+    rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert rates[id(named["bert.embeddings.word_embeddings.weight"])] == pytest.approx(1e-3 / 32)
+    assert rates[id(named["classifier.weight"])] == pytest.approx(1e-3)
+    plain = engine.make_optimizer([model], 1e-3, 0.01)  # without: the two groups as always
+    assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]
+
+
+def test_a_setting_added_later_changes_no_fingerprint_or_teacher_key_at_its_default(
+    tiny_bert: Path,
+) -> None:
+    from kdray import teacher
+    from kdray.store import content_hash
+
+    base = spec_from_dict(tiny_spec_dict(tiny_bert))
+    decayed = base.with_values({"teacher.layer_decay": 0.8})
+    # the fingerprint a spec had before teacher.layer_decay existed: its flat settings without it
+    flat = {k: v for k, v in base.flat().items() if k not in ("name", "teacher.layer_decay")}
+    assert base.fingerprint() == content_hash({**flat, "teacher.cache.verify": "sizes"}, 16)
+    assert decayed.fingerprint() != base.fingerprint()
+    assert "layer_decay" not in teacher.teacher_settings(base, "data")
+    assert teacher.teacher_settings(decayed, "data")["layer_decay"] == 0.8
+
+
+def test_a_teacher_fine_tuned_with_layer_decay_is_cached_under_its_own_key(
+    tiny_bert: Path, tmp_path: Path, one_thread: Any
+) -> None:
+    from kdray.teacher import ensure_teacher
+
+    raw = tiny_spec_dict(tiny_bert, teacher={"layer_decay": 0.8})
+    raw["data"]["cache_dir"] = str(tmp_path / "cache")
+    info = ensure_teacher(spec_from_dict(raw))
+    assert info.settings["layer_decay"] == 0.8
+    plain = ensure_teacher(spec_from_dict({**raw, "teacher": {**raw["teacher"], "layer_decay": 1}}))
+    assert plain.id != info.id
