@@ -18,7 +18,7 @@ from pathlib import Path
 from kdray import results
 from kdray.spec import Spec
 
-EXPERIMENTS = ("sweep", "ablate", "confirm")  # the commands that run Ray Tune trials
+EXPERIMENTS = ("sweep", "ablate", "confirm", "teacher")  # commands running Ray Tune trials
 PLAIN_SENTENCE = "the teacher reads this sentence"  # any real English vocabulary knows it
 LOCAL_MODEL_HINT = (
     "give a local model folder (teacher.model: /path/to/model) or the packaged "
@@ -122,6 +122,13 @@ def _spec_check(spec: Spec, command: str) -> tuple[bool, str]:
         return True, (
             f"valid; {len(spec.search)} searched settings, {spec.tune.num_samples} trials"
         )
+    if command == "teacher":
+        from kdray.teacher_search import search_problems
+
+        problems = search_problems(spec)
+        if problems:
+            return False, "; ".join(problems)
+        return True, f"valid; {len(spec.search)} searched teacher settings"
     if command == "ablate":
         if spec.ablation is not None and spec.ablation.design == "leave_one_out":
             return True, "valid; leave-one-out of the recipe's components"
@@ -305,7 +312,10 @@ def _device_check(spec: Spec, command: str, address: str | None) -> tuple[bool |
 
 def _searched_check(spec: Spec, command: str) -> tuple[bool, str]:
     """The teacher is fine-tuned once per sweep or ablation, before the trials: a teacher
-    setting that varies per trial would never take effect."""
+    setting that varies per trial would never take effect (a teacher search varies only
+    those: the spec check says what it may vary)."""
+    if command == "teacher":
+        return True, "teacher settings only (see spec)"
     keys = (
         list(spec.search)
         if command == "sweep"
@@ -317,7 +327,8 @@ def _searched_check(spec: Spec, command: str) -> tuple[bool, str]:
         return False, (
             f"{', '.join(f'{block}.{k}' for k in teacher)}: the teacher is trained once per "
             f"{'sweep' if command == 'sweep' else 'ablation'}, so a varied teacher setting never "
-            "takes effect; fix it under teacher: (or run one sweep per teacher)"
+            "takes effect; fix it under teacher: (search the teacher itself with kdray teacher "
+            "SPEC --search)"
         )
     return True, f"{len(keys)} varied settings, none of the teacher's"
 

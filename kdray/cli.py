@@ -429,6 +429,7 @@ def _teacher_search(
         console.print(f"[red]{spec.name}: {problem}[/red]", soft_wrap=True)
         raise typer.Exit(2)
     folder = _working_in(out or Path("results") / f"{spec.name}-teacher")
+    _preflight(spec, "teacher", folder, address=address, storage=storage, **options)
     console.print(
         f"[bold]kdray teacher --search[/bold] {spec.name}: {len(spec.search)} searched "
         f"settings, {spec.tune.num_samples} trials, then the best with 3 seeds, in {folder}"
@@ -825,8 +826,8 @@ def check(
     command: Annotated[
         str | None,
         typer.Option(
-            help="run | sweep | ablate (default: sweep with a search block, else "
-            "ablate with an ablation block, else run)."
+            help="run | sweep | ablate | teacher (teacher --search; default: sweep with a "
+            "search block, else ablate with an ablation block, else run)."
         ),
     ] = None,
     address: AddressOption = None,
@@ -843,8 +844,8 @@ def check(
 
     spec = _load(spec_path, set_)
     chosen = command or ("sweep" if spec.search else "ablate" if spec.ablation else "run")
-    if chosen not in ("run", "sweep", "ablate"):
-        console.print(f"[red]--command must be run, sweep or ablate, not {chosen!r}[/red]")
+    if chosen not in ("run", "sweep", "ablate", "teacher"):
+        console.print(f"[red]--command must be run, sweep, ablate or teacher, not {chosen!r}[/red]")
         raise typer.Exit(2)
     with _settings_errors():
         resources = _cluster_resources(address) if chosen != "run" else None

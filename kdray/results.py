@@ -360,9 +360,9 @@ _KIND = {
 
 
 def experiment_name(spec: Spec, command: str) -> str:
-    """The experiment's name: the spec's, with ``-ablation`` for ``kdray ablate`` and
-    ``-confirm`` for ``kdray confirm``."""
-    suffix = {"ablate": "-ablation", "confirm": "-confirm"}.get(command, "")
+    """The experiment's name: the spec's, with ``-ablation`` for ``kdray ablate``,
+    ``-confirm`` for ``kdray confirm`` and ``-teacher`` for ``kdray teacher --search``."""
+    suffix = {"ablate": "-ablation", "confirm": "-confirm", "teacher": "-teacher"}.get(command, "")
     return f"{spec.name}{suffix}"
 
 

@@ -1143,7 +1143,7 @@ def run_teacher_search(
     problems = ts.search_problems(spec)
     if problems:
         raise ValueError("; ".join(problems))
-    name = f"{spec.name}-teacher"
+    name = results.experiment_name(spec, "teacher")
     out = Path(out_dir) if out_dir else Path("results") / name
     results.claim_folder(out, spec, "teacher", resume=resume, overwrite=overwrite)
     store = results.ray_store(out, storage)
