@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import make_tiny_bert, tiny_spec_dict  # noqa: E402  (the tests' fixtures)
+from conftest import grid_tune, make_tiny_bert, tiny_spec_dict  # noqa: E402  (the tests')
 
 KDRAY = str(Path(sys.executable).parent / "kdray")
 
@@ -35,14 +35,7 @@ KDRAY = str(Path(sys.executable).parent / "kdray")
 def _base(model: Path, name: str) -> dict[str, Any]:
     spec = tiny_spec_dict(model, name=name, train={"epochs": 3})
     spec["distill"] = {"algorithm": "sid", "layer_map": "skip"}
-    spec["tune"] = {
-        "num_samples": 1,
-        "searcher": {"grid": {}},
-        "scheduler": {"fifo": {}},
-        "max_concurrent": 2,
-        "resources": {"cpu": 1},
-        "max_failures": 0,
-    }
+    spec["tune"] = grid_tune()
     return spec
 
 

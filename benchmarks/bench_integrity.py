@@ -41,11 +41,10 @@ def main() -> None:
     common.setup_env(args.cache_dir, omp_passive=args.omp_passive)
 
     from kdray.distill import distill
+    from kdray.spec import spec_from_dict
     from kdray.store import cache_root
     from kdray.teacher import TeacherInfo, ensure_teacher
     from kdray.teacher_outputs import CacheManifest
-
-    from kdray.spec import spec_from_dict
 
     raw = common.spec_dict(epochs=1)
     raw["teacher"]["cache"] = {"enabled": "on"}  # auto caches from 2 epochs on

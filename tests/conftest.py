@@ -93,6 +93,20 @@ def cluster() -> Any:
     c.shutdown()
 
 
+def grid_tune(**overrides: Any) -> dict[str, Any]:
+    """A tune block whose trials the spec fixes (a grid, FIFO, no retries): two runs of it run
+    the same trials, so a killed and resumed one can be compared with an uninterrupted one."""
+    return {
+        "num_samples": 1,
+        "searcher": {"grid": {}},
+        "scheduler": {"fifo": {}},
+        "max_concurrent": 2,
+        "resources": {"cpu": 1},
+        "max_failures": 0,
+        **overrides,
+    }
+
+
 @pytest.fixture
 def one_thread() -> Any:
     """Run torch on one thread: on two shared cores, two threads make tiny models ~100x slower."""

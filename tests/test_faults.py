@@ -16,7 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO, tiny_spec_dict
+from conftest import REPO, grid_tune, tiny_spec_dict
 from kdray import fault_harness, faults, store
 from kdray.cli import app
 
@@ -245,14 +245,7 @@ def fault_study_spec(model: Path, cache: Path) -> dict[str, Any]:
     spec["data"]["cache_dir"] = str(cache)
     spec["distill"] = {"algorithm": "soft"}
     spec["search"] = {"train.lr": {"grid": [1e-3, 3e-4]}}
-    spec["tune"] = {
-        "num_samples": 1,
-        "searcher": {"grid": {}},
-        "scheduler": {"fifo": {}},
-        "max_concurrent": 2,
-        "resources": {"cpu": 1},
-        "max_failures": 0,
-    }
+    spec["tune"] = grid_tune()
     spec["ablation"] = {
         "components": {"losses": [], "schedule": None, "init": "random", "freeze": False},
         "seeds": {"min": 2, "max": 2, "step": 1},
@@ -301,12 +294,7 @@ def _one_trial_sweep(tiny_bert: Path, tmp_path: Path, name: str) -> Path:
     spec = tiny_spec_dict(tiny_bert, name=name, train={"epochs": 2}, distill={"algorithm": "soft"})
     spec["data"]["cache_dir"] = str(tmp_path / "cache")
     spec["search"] = {"train.lr": {"grid": [1e-3]}}
-    spec["tune"] = {
-        "num_samples": 1,
-        "searcher": {"grid": {}},
-        "scheduler": {"fifo": {}},
-        "max_failures": 0,
-    }
+    spec["tune"] = grid_tune(max_concurrent=1)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     return spec_file
