@@ -99,7 +99,8 @@ def run_one(what: str, work: Path, address: str, kills: int, seed: int) -> dict[
         seed=seed,
         kills_planned=len(plan),
         attempts=attempts,
-        differences=fh.compare(reference.out, killed.out),
+        differences=fh.compare(reference.out, killed.out)
+        + fh.verdict_differences(reference.out, killed.out),
         corrupt=fh.corrupt_files(killed.out, cache),
         leftovers=fh.leftovers(killed.out, cache),
     )

@@ -337,6 +337,32 @@ def compare(reference: Path, got: Path, rtol: float = 0.0) -> list[str]:
     return problems
 
 
+def verdict_differences(reference: Path, got: Path) -> list[str]:
+    """Where the verdicts of ``got`` differ from the reference's: every folder whose trials
+    compare cells (an ablation, a confirmation) reported by :func:`kdray.report.build_report`
+    on both, each cell's verdict per metric and its interval as printed."""
+    import pandas as pd
+
+    from kdray.report import build_report
+
+    problems = []
+    for ref_trials in sorted(reference.rglob("trials.parquet")):
+        folder = ref_trials.parent.relative_to(reference)
+        if {"ray", "rounds"} & set(folder.parts):
+            continue  # a round's tables are merged into its ablation's, reported there
+        if "cell" not in pd.read_parquet(ref_trials, columns=None).columns:
+            continue
+        theirs, mine = build_report(reference / folder), build_report(got / folder)
+        if theirs.findings is None:
+            continue
+        columns = ["cell", *[c for c in theirs.findings if c.endswith(".verdict")], "interval"]
+        a = theirs.findings[columns].astype(str).sort_values("cell").reset_index(drop=True)
+        b = mine.findings.reindex(columns=columns).astype(str).sort_values("cell")
+        if not a.equals(b.reset_index(drop=True)):
+            problems.append(f"{folder}: verdicts differ:\n{a.to_string()}\n---\n{b.to_string()}")
+    return problems
+
+
 @dataclass
 class Finding:
     """A harness run, for its JSON record: the kills, the attempts, what differed."""

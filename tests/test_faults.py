@@ -282,6 +282,7 @@ def test_a_study_killed_at_eight_random_moments_resumes_to_the_uninterrupted_res
     assert len(landed) >= 5, [(a.kill, a.fired, a.returncode) for a in attempts]
     assert sum(a.resumed for a in attempts) >= len(landed) - 1
     assert fault_harness.compare(reference.out, killed.out) == []
+    assert fault_harness.verdict_differences(reference.out, killed.out) == []
     assert fault_harness.corrupt_files(killed.out, cache) == []
     assert fault_harness.leftovers(killed.out, cache) == []
 
@@ -346,3 +347,28 @@ def test_a_trial_whose_worker_ray_killed_for_memory_is_oom_not_error() -> None:
     assert _trial_status({}, [], 3, "ValueError: bad layer map", ended=True) == "error"
     # inside the run (distill caught a MemoryError): its own status, reported with the records
     assert _trial_status({"status": "oom"}, [{"epoch": 1}], 3, None, ended=True) == "oom"
+
+
+def test_the_harness_comparison_sees_a_lost_a_repeated_and_a_changed_run(tmp_path: Path) -> None:
+    import pandas as pd
+
+    def folder(name: str, rows: list[tuple[str, int, str, float]]) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        trials = pd.DataFrame(rows, columns=["cell", "seed", "trial_id", "best.dev.accuracy"])
+        trials["status"] = "ok"
+        trials.to_parquet(out / "trials.parquet")
+        epochs = trials[["trial_id"]].assign(epoch=1)
+        epochs["dev.accuracy"] = trials["best.dev.accuracy"]
+        epochs.to_parquet(out / "epochs.parquet")
+        return out
+
+    ref = folder("ref", [("a", 1, "t1", 0.5), ("a", 2, "t2", 0.6), ("b", 1, "t3", 0.7)])
+    same = folder("same", [("a", 1, "x1", 0.5), ("a", 2, "x2", 0.6), ("b", 1, "x3", 0.7)])
+    assert fault_harness.compare(ref, same) == []  # other trial ids, same runs: no difference
+    got = folder("got", [("a", 1, "y1", 0.5), ("a", 1, "y4", 0.5), ("b", 1, "y3", 0.71)])
+    found = "\n".join(fault_harness.compare(ref, got))
+    assert "./trials: present more than once" in found  # ("a", 1) twice
+    assert "./trials: in only one of the two runs" in found and "left_only" in found  # ("a", 2)
+    assert "./trials: best.dev.accuracy differs" in found  # b: 0.7 -> 0.71
+    assert "./epochs: dev.accuracy differs" in found
