@@ -8,7 +8,7 @@ timers, resumed with ``--resume`` after each until it finishes (:mod:`kdray.faul
 Writes ``benchmarks/results/bench_faults.json``: per command the kills planned and landed,
 the resumes, and every difference from the reference, corrupt file and leftover temp file.
 
-    python benchmarks/bench_faults.py [--kills 40] [--seed 0] [--only study]
+    python benchmarks/bench_faults.py [--kills 40] [--seed 0] [--only study] [--name NAME]
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=40, help="kills planned per command")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("sweep", "ablate", "study"), action="append")
+    parser.add_argument("--name", default="bench_faults", help="results/<name>.json")
     args = parser.parse_args()
     common.setup_env()
     from ray.cluster_utils import Cluster
@@ -156,7 +157,7 @@ def main() -> None:
         "runs": records,
         "work_folder": str(work),
     }
-    path = common.write_json("bench_faults", payload)
+    path = common.write_json(args.name, payload)
     print(f"{landed} kills landed; wrote {path}")
 
 
