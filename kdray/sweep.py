@@ -13,9 +13,11 @@ decided in :mod:`kdray.plan`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -313,10 +315,11 @@ class TableWriter(Callback):
     """Keeps trials.parquet, epochs.parquet and cka.parquet up to date as trials report and
     finish; rows are keyed by trial id (and epoch), so a resumed sweep never duplicates them."""
 
-    def __init__(self, spec: Spec, out_dir: Path, teacher: Any) -> None:
+    def __init__(self, spec: Spec, out_dir: Path, teacher: Any, experiment: str = "") -> None:
         self.spec = spec
         self.out_dir = out_dir
         self.teacher = teacher
+        self.experiment = experiment  # where Tune keeps it: its checkpoints are pruned here
         self._reset()
 
     def _reset(self) -> None:
@@ -326,17 +329,15 @@ class TableWriter(Callback):
         self.cka: dict[str, list[dict[str, Any]]] = {}
         self.epoch_rows: dict[tuple[str, int], dict[str, Any]] = {}
         self._loaded = False
-        # finished trials whose resume state waits for Tune's next saved experiment state
-        self.to_drop: list[tuple[Any, float]] = []
-        self._drop_checked = 0.0
+        self._pruned = 0.0  # when checkpoints were last pruned
 
     def __getstate__(self) -> dict[str, Any]:
         # Tuner.restore brings this writer back from the pickled run config: it must then
         # read the tables as they are on disk, not carry rows from when it was pickled.
-        return {k: self.__dict__[k] for k in ("spec", "out_dir", "teacher")}
+        return {k: self.__dict__.get(k, "") for k in ("spec", "out_dir", "teacher", "experiment")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"experiment": "", **state})  # "": pickled by an older kdray
         self._reset()
 
     # Tune's hooks
@@ -357,19 +358,14 @@ class TableWriter(Callback):
         self._end(trial, error=_error_text(trial))
 
     def on_step_end(self, iteration: int, trials: list, **_: Any) -> None:
-        """Delete finished trials' resume state once Tune has saved an experiment state that
-        knows they finished (at most every 10 s): before that, a crash and ``--resume`` would
-        restore them as running and look for their checkpoints."""
-        if not self.to_drop or time.time() - self._drop_checked < 10:
+        """Every 10 s: prune checkpoints no saved experiment state needs (see
+        :func:`prune_checkpoints`)."""
+        if not self.experiment or time.time() - self._pruned < 10:
             return
-        self._drop_checked = time.time()
-        waiting = []
-        for checkpoint, finished in self.to_drop:
-            if _state_saved_after(checkpoint, finished):
-                _drop_checkpoints(checkpoint)
-            else:
-                waiting.append((checkpoint, finished))
-        self.to_drop = waiting
+        self._pruned = time.time()
+        prune_checkpoints(
+            self.experiment, self.spec.tune.checkpoint_keep, not self.spec.tune.keep_checkpoints
+        )
 
     def on_experiment_end(self, trials: list, **_: Any) -> None:
         """At the end (or on Ctrl-C): every trial gets a row, finished or not."""
@@ -405,8 +401,6 @@ class TableWriter(Callback):
         pruned: list[str] = []
         if error is None:  # finished for good (an errored trial may be resumed: keep its state)
             self._keep_student(trial)
-            if not self.spec.tune.keep_checkpoints and trial.checkpoint is not None:
-                self.to_drop.append((trial.checkpoint, time.time()))
             pruned = self._prune_students()
         self.write()
         for (
@@ -483,57 +477,61 @@ class TableWriter(Callback):
             results.write_table(epochs, self.out_dir / results.EPOCHS_FILE)
 
 
-def _drop_checkpoints(checkpoint: Any) -> None:
-    """Delete a finished trial's resume state (``checkpoint`` is its last one) from the storage
-    (hundreds of MB a trial); its best student was copied beside the tables first."""
+def _saved_state(fs: Any, experiment: str) -> dict[str, tuple[str, set[str]]]:
+    """``trial_id -> (status, checkpoint folders it names)`` in the experiment state a
+    ``Tuner.restore`` would read now (the newest ``experiment_state-*.json``)."""
     import pyarrow.fs as pafs
 
-    fs = checkpoint.filesystem
-    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-            fs.delete_dir(info.path)
+    names = sorted(
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(experiment))
+        if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json")
+    )
+    if not names:
+        return {}
+    with fs.open_input_stream(names[-1]) as handle:
+        state = json.loads(handle.read())
+    found = {}
+    for item in state.get("trial_data", []):
+        trial = json.loads(item[0]) if isinstance(item[0], str) else item[0]
+        named = set(re.findall(r"checkpoint_\d{6}", json.dumps(item)))
+        found[str(trial.get("trial_id"))] = (str(trial.get("status")), named)
+    return found
 
 
-def _state_saved_after(checkpoint: Any, when: float) -> bool:
-    """Whether Tune saved its experiment state (``experiment_state-*.json`` beside the trial
-    folders) after ``when``: a restore from it then knows the trial finished."""
+def prune_checkpoints(experiment: str, keep: int, drop_ended: bool) -> None:
+    """Delete checkpoints (hundreds of MB each) that no restore can need: for a trial that the
+    saved experiment state says finished (``TERMINATED``), all of them when ``drop_ended`` (its
+    best student was copied beside the tables first); for any other trial, those older than its
+    newest ``keep`` that the saved state does not name. Tune's own ``num_to_keep`` is not used:
+    it deletes a checkpoint before the state that stops naming it is saved, and a crash in
+    between leaves a state that cannot be restored."""
     import pyarrow.fs as pafs
 
-    experiment = checkpoint.path.rstrip("/").rsplit("/", 2)[0]
-    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(experiment))
-    saved = [
-        info.mtime.timestamp()
-        for info in infos
-        if info.base_name.startswith("experiment_state-") and info.mtime is not None
-    ]
-    return bool(saved) and max(saved) > when
-
-
-def drop_finished_checkpoints(experiment: str, trials: pd.DataFrame) -> None:
-    """After ``Tuner.fit`` (which saves the final experiment state): delete the resume state of
-    every trial that ended for good, whatever was still waiting in :class:`TableWriter`."""
-    import pyarrow.fs as pafs
-
-    if "status" not in trials:
-        return
-    ended = set(trials.loc[~trials["status"].isin([*results.UNFINISHED, "error"]), "trial_id"])
     fs, root = (
         pafs.FileSystem.from_uri(experiment)
         if "://" in experiment
         else (pafs.LocalFileSystem(), experiment)
     )
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root))
-    except OSError:
+        saved = _saved_state(fs, root)
+        folders = fs.get_file_info(pafs.FileSelector(root))
+    except (OSError, ValueError):  # not there yet, or a state being written: next time
         return
-    for info in infos:
-        if info.type == pafs.FileType.Directory and any(t in info.base_name for t in ended):
-            for inner in fs.get_file_info(pafs.FileSelector(info.path)):
-                if inner.type == pafs.FileType.Directory and inner.base_name.startswith(
-                    "checkpoint_"
-                ):
-                    fs.delete_dir(inner.path)
+    for folder in folders:
+        trial_id = next((t for t in saved if f"_{t}_" in folder.base_name), None)
+        if folder.type != pafs.FileType.Directory or trial_id is None:
+            continue
+        status, named = saved[trial_id]
+        checkpoints = sorted(
+            info.base_name
+            for info in fs.get_file_info(pafs.FileSelector(folder.path))
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        )
+        needed = set() if drop_ended and status == "TERMINATED" else {*named, *checkpoints[-keep:]}
+        for name in checkpoints:
+            if name not in needed:
+                fs.delete_dir(f"{folder.path}/{name}")
 
 
 def _trial_status(
@@ -880,9 +878,9 @@ def run_experiment(
     run_config = tune.RunConfig(
         name=name,
         storage_path=store,
-        callbacks=[TableWriter(base, out, teacher), *loggers, *(callbacks or [])],
+        callbacks=[TableWriter(base, out, teacher, experiment), *loggers, *(callbacks or [])],
         failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.tune.checkpoint_keep),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # kdray prunes, safely
         verbose=0,
     )
     # only the loggers tune.loggers names (Ray adds CSV, JSON and TensorBoard ones otherwise)
@@ -914,7 +912,7 @@ def run_experiment(
         raise _IOFailures.seen[0]
     trials, epochs = results.load(out)
     if not spec.tune.keep_checkpoints:
-        drop_finished_checkpoints(experiment, trials)
+        prune_checkpoints(experiment, spec.tune.checkpoint_keep, drop_ended=True)
         _drop_outputs_cache(trials, store, name)
     return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))
 

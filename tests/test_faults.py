@@ -372,3 +372,40 @@ def test_the_harness_comparison_sees_a_lost_a_repeated_and_a_changed_run(tmp_pat
     assert "./trials: in only one of the two runs" in found and "left_only" in found  # ("a", 2)
     assert "./trials: best.dev.accuracy differs" in found  # b: 0.7 -> 0.71
     assert "./epochs: dev.accuracy differs" in found
+
+
+def test_checkpoints_are_pruned_only_when_no_saved_experiment_state_needs_them(
+    tmp_path: Path,
+) -> None:
+    from kdray.sweep import prune_checkpoints
+
+    experiment = tmp_path / "exp"
+
+    def trial(trial_id: str, checkpoints: list[int]) -> Path:
+        folder = experiment / f"distill_trainable_{trial_id}_0_lr=0.1"
+        for n in checkpoints:
+            (folder / f"checkpoint_{n:06d}").mkdir(parents=True)
+        return folder
+
+    def state(trial_id: str, status: str, named: int) -> list[Any]:
+        meta = {"checkpoint_manager": f"{experiment}/x/checkpoint_{named:06d}"}
+        return [json.dumps({"trial_id": trial_id, "status": status}), json.dumps(meta)]
+
+    done, running, unknown = (
+        trial("a_00000", [0, 1, 2]),
+        trial("a_00001", [0, 1, 2, 3]),
+        trial("a_00002", [0, 1, 2]),
+    )
+    old = {"trial_data": [state("a_00000", "RUNNING", 2), state("a_00001", "RUNNING", 0)]}
+    (experiment / "experiment_state-2026-12-06_10-00-00.json").write_text(json.dumps(old))
+    newest = {"trial_data": [state("a_00000", "TERMINATED", 2), state("a_00001", "RUNNING", 1)]}
+    (experiment / "experiment_state-2026-12-06_11-00-00.json").write_text(json.dumps(newest))
+    prune_checkpoints(str(experiment), keep=2, drop_ended=True)
+    left = {f.name: sorted(c.name[-1] for c in f.iterdir()) for f in (done, running, unknown)}
+    assert left == {
+        done.name: [],  # finished in the state a restore reads: nothing to restore
+        running.name: ["1", "2", "3"],  # the one the state names, and the newest two
+        unknown.name: ["0", "1", "2"],  # not in the saved state yet: left alone
+    }
+    prune_checkpoints(str(experiment), keep=2, drop_ended=False)  # tune.keep_checkpoints
+    assert sorted(c.name[-1] for c in running.iterdir()) == ["1", "2", "3"]
