@@ -1031,11 +1031,30 @@ def _confirm_teacher_task(spec_json: dict[str, Any], cpus: float) -> dict[str, A
     return {"seed": spec.teacher.seed, "teacher_id": info.id, "path": info.path, **dev}
 
 
-class TeacherTrialLog(Callback):
-    """One log line per ended teacher trial: its best dev metric, epochs and how it ended."""
+class TeacherEpochs(Callback):
+    """The teacher search's epochs table (``epochs.parquet``), written as trials report (rows
+    keyed by trial and epoch: a resumed search adds to it, never twice), and one log line per
+    ended trial."""
 
-    def __init__(self, metric: str) -> None:
-        self.metric = metric
+    def __init__(self, spec: Spec, out_dir: Path) -> None:
+        self.spec = spec
+        self.out_dir = out_dir
+        self.metric = data.get_task(spec.task).main_metric
+        self.rows: dict[tuple[str, int], dict[str, Any]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # restored: read the table from disk again
+        return {**self.__dict__, "rows": None}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any):
+        if self.rows is None:
+            found = results.load_tables(self.out_dir)["epochs"]
+            self.rows = {(r["trial_id"], int(r["epoch"])): r for r in found}
+        kept = {k: v for k, v in result.items() if k.startswith(("dev.", "best.")) or k == "epoch"}
+        self.rows[(trial.trial_id, int(result["epoch"]))] = {
+            "name": self.spec.name, "trial_id": trial.trial_id, **kept
+        }  # fmt: skip
+        rows = [row for _, row in sorted(self.rows.items())]
+        results.write_table(rows, self.out_dir / results.EPOCHS_FILE)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
         last = trial.last_result or {}
@@ -1093,34 +1112,28 @@ def _teacher_tuner(spec: Spec, out: Path, store: str, name: str, resume: bool) -
             name=name,
             storage_path=store,
             verbose=0,
-            callbacks=[TeacherTrialLog(data.get_task(spec.task).main_metric)],
+            callbacks=[TeacherEpochs(spec, out)],
             failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
         ),  # fmt: skip
     )
 
 
-def _teacher_tables(grid: Any, spec: Spec) -> tuple[list[dict], list[dict]]:
-    """The search's trials and epochs tables from Ray Tune's results (their reported
-    records, not its logs)."""
-    trials, epochs = [], []
+def _teacher_trials(grid: Any, spec: Spec) -> list[dict[str, Any]]:
+    """The search's trials table from Ray Tune's results (each trial's last reported record:
+    its best dev metrics so far and the epochs it ran)."""
+    trials = []
     for result in grid:
         last = result.metrics or {}
-        trial_id = str(last.get("trial_id"))
         trial_spec, values = plan.trial_spec(spec, result.config)
-        history = result.metrics_dataframe
-        history = history if history is not None else pd.DataFrame(columns=["epoch"])
-        keep = [c for c in history.columns if c == "epoch" or c.startswith("dev.")]
-        for row in history[keep].to_dict("records"):
-            epochs.append({"name": spec.name, "trial_id": trial_id, **row})
         ran = int(last.get("epoch") or 0)
         status = "error" if result.error else "ok" if ran >= trial_spec.teacher.epochs else "pruned"
         best = {k: v for k, v in last.items() if k.startswith("best.") or k == "best_epoch"}
         trials.append({
-            "name": spec.name, "trial_id": trial_id, "status": status, "epochs_run": ran,
-            "error": str(result.error) if result.error else None, **best,
+            "name": spec.name, "trial_id": str(last.get("trial_id")), "status": status,
+            "epochs_run": ran, "error": str(result.error) if result.error else None, **best,
             **{f"param.{k}": json_cell(v) for k, v in values.items()},
         })  # fmt: skip
-    return trials, epochs
+    return trials
 
 
 def run_teacher_search(
@@ -1149,10 +1162,8 @@ def run_teacher_search(
     init_ray(address)
     results.write_experiment(out, spec, "teacher")
     grid = _teacher_tuner(spec, out, store, name, resume).fit()
-    trial_rows, epoch_rows = _teacher_tables(grid, spec)
+    trial_rows = _teacher_trials(grid, spec)
     results.write_table(trial_rows, out / ts.SEARCH_FILE)
-    if epoch_rows:
-        results.write_table(epoch_rows, out / results.EPOCHS_FILE)
     trials = pd.DataFrame(trial_rows)
     metric = data.get_task(spec.task).main_metric
     settings = ts.best_settings(trials, metric)
