@@ -21,7 +21,7 @@ import pandas as pd
 
 from kdray import plan, report, results, stats, study
 from kdray.spec import AblationSpec, AdaptiveSeeds, Spec, StudyBudgetSpec
-from kdray.store import write_text_atomic
+from kdray.store import remove_stale_tree, write_text_atomic
 
 logger = logging.getLogger("kdray")
 
@@ -59,8 +59,11 @@ def write_study(folder: str | Path, record: dict[str, Any]) -> Path:
 
 def claim_study(folder: Path, spec: Spec, resume: bool) -> dict[str, Any]:
     """The record of a new study in ``folder``, or of the one ``resume`` continues; a folder
-    that already holds something is refused with the ways out."""
+    that already holds something is refused with the ways out. Temporary files that a killed
+    run left are removed first (a study killed while writing its first record is no study)."""
     record_file = folder / STUDY_FILE
+    for stale in remove_stale_tree(folder):
+        logger.info("removed %s, left half-written by a killed run", stale)
     if resume:
         if not record_file.exists():
             raise ValueError(

@@ -792,6 +792,23 @@ def test_resume_without_a_study_says_there_is_nothing_to_continue(tmp_path: Path
         chain.run_study(_study_spec(), tmp_path / "s", {}, resume=True)
 
 
+def test_a_study_killed_while_writing_its_first_record_starts_again(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from kdray import chain
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "s"
+    folder.mkdir()
+    half = folder / f".study.json.tmp-{socket.gethostname()}@{dead.pid}-abc"
+    half.write_text('{"name": ')  # the only thing a kill left: no study.json yet
+    record = chain.claim_study(folder, _study_spec(), resume=False)
+    assert record["phases"] == {} and not half.exists()
+
+
 def test_a_spent_hours_budget_names_the_hours_it_allowed_and_used() -> None:
     from kdray import chain
     from kdray.spec import StudyBudgetSpec
