@@ -352,6 +352,9 @@ def verdict_differences(reference: Path, got: Path) -> list[str]:
             continue  # a round's tables are merged into its ablation's, reported there
         if "cell" not in pd.read_parquet(ref_trials, columns=None).columns:
             continue
+        if not (got / folder / "trials.parquet").exists():
+            problems.append(f"{folder}: no trials.parquet, so no verdicts")
+            continue
         theirs, mine = build_report(reference / folder), build_report(got / folder)
         if theirs.findings is None:
             continue
