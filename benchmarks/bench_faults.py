@@ -9,6 +9,7 @@ Writes ``benchmarks/results/bench_faults.json``: per command the kills planned a
 the resumes, and every difference from the reference, corrupt file and leftover temp file.
 
     python benchmarks/bench_faults.py [--kills 40] [--seed 0] [--only study] [--name NAME]
+    python benchmarks/bench_faults.py --site teacher_outputs.build --name bench_faults-cache
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def _command(what: str, spec_file: Path, out: Path, address: str, cache: Path) -
 specs_cache: dict[str, tuple[str, str, dict[str, Any]]] = {}
 
 
-def run_one(what: str, work: Path, address: str, kills: int, seed: int) -> dict[str, Any]:
+def run_one(
+    what: str, work: Path, address: str, kills: int, seed: int, site: str | None = None
+) -> dict[str, Any]:
     from kdray import fault_harness as fh
 
     _, _, spec = specs_cache[what]
@@ -90,6 +93,8 @@ def run_one(what: str, work: Path, address: str, kills: int, seed: int) -> dict[
     if dry.returncode != 0:
         raise RuntimeError(f"the reference {what} failed: see {work / f'{what}-dry'}/dry.log")
     plan = fh.plan_kills(seed, kills, dry)
+    if site:  # every pass of one fault point, one kill each (points the draw rarely picks)
+        plan = [fh.Kill(site, hit=hit) for hit in range(1, dry.hits.get(site, 0) + 1)]
     cache = work / f"cache-{what}-killed"
     killed = _command(what, spec_file, work / f"{what}-killed", address, cache)
     started = time.perf_counter()
@@ -125,6 +130,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("sweep", "ablate", "study"), action="append")
     parser.add_argument("--name", default="bench_faults", help="results/<name>.json")
+    parser.add_argument("--site", help="kill at every pass of this fault point instead")
     args = parser.parse_args()
     common.setup_env()
     from ray.cluster_utils import Cluster
@@ -140,7 +146,8 @@ def main() -> None:
     records = []
     try:
         for index, what in enumerate(args.only or ("sweep", "ablate", "study")):
-            records.append(run_one(what, work, cluster.address, args.kills, args.seed + index))
+            seed = args.seed + index
+            records.append(run_one(what, work, cluster.address, args.kills, seed, args.site))
     finally:
         cluster.shutdown()
     landed = sum(r["kills_landed"] for r in records)
