@@ -62,8 +62,7 @@ def claim_study(folder: Path, spec: Spec, resume: bool) -> dict[str, Any]:
     that already holds something is refused with the ways out. Temporary files that a killed
     run left are removed first (a study killed while writing its first record is no study)."""
     record_file = folder / STUDY_FILE
-    for stale in remove_stale_tree(folder):
-        logger.info("removed %s, left half-written by a killed run", stale)
+    remove_stale_tree(folder)
     if resume:
         if not record_file.exists():
             raise ValueError(

@@ -77,11 +77,14 @@ def _thread_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
 
 def _continue_command(argv: list[str]) -> str:
     """The command line that carries on after the failure: the same one with ``--resume`` for
-    the commands that resume (never with ``--overwrite``, which would move the results aside
-    again), else the same one with ``--overwrite`` so the half run is replaced."""
+    the commands that resume (a study, and :data:`kdray.results.RESUMABLE`: a teacher search,
+    not a plain ``kdray teacher``; never with ``--overwrite``, which would move the results
+    aside again), else the same one with ``--overwrite`` so the half run is replaced."""
+    from kdray.results import RESUMABLE
+
     name = argv[0] if argv else "run"
     args = [a for a in argv[1:] if a not in ("--overwrite", "--resume")]
-    if name in ("sweep", "ablate", "confirm", "study"):
+    if name == "study" or (name in RESUMABLE and (name != "teacher" or "--search" in args)):
         args.append("--resume")
     elif name == "run":
         args.append("--overwrite")
@@ -422,13 +425,12 @@ def _teacher_search(
 ) -> None:
     """``kdray teacher --search``: the trials, then the confirmation seeds, then where the
     report is and which settings to use."""
+    from kdray.results import experiment_name
     from kdray.sweep import run_teacher_search
-    from kdray.teacher_search import TEACHER_REPORT, search_problems
+    from kdray.teacher_search import TEACHER_REPORT
 
-    for problem in search_problems(spec):
-        console.print(f"[red]{spec.name}: {problem}[/red]", soft_wrap=True)
-        raise typer.Exit(2)
-    folder = _working_in(out or Path("results") / f"{spec.name}-teacher")
+    folder = _working_in(out or Path("results") / experiment_name(spec, "teacher"))
+    # its spec check refuses a search block that varies anything but the teacher (exit 2)
     _preflight(spec, "teacher", folder, address=address, storage=storage, **options)
     console.print(
         f"[bold]kdray teacher --search[/bold] {spec.name}: {len(spec.search)} searched "
@@ -500,10 +502,10 @@ def sweep(
     console.print(f"report: kdray report {out_dir} --plots {out_dir}/plots")
     if outcome.best is not None:
         console.print(f"export the best student: kdray export {out_dir} --to exported/{spec.name}")
-    _finish(code, f"trials: {summary}", _continue_command(_JOB.argv), trials)
+    _finish(code, f"trials: {summary}", trials)
 
 
-def _finish(code: int, summary: str, resume_command: str, trials: Any = None) -> None:
+def _finish(code: int, summary: str, trials: Any = None) -> None:
     """The closing line of a sweep or ablation, and its exit code: 130 when trials were cut off
     (with the command that continues), 1 when none finished, else 0; a trial that ended on an
     I/O failure (a full disk, a read-only folder) ends the command in its paragraph, exit 2."""
@@ -516,7 +518,9 @@ def _finish(code: int, summary: str, resume_command: str, trials: Any = None) ->
         _io_stop(failure)
 
     if code == EXIT_INTERRUPTED:
-        console.print(f"[yellow]{summary}[/yellow]; continue with: {resume_command}")
+        console.print(
+            f"[yellow]{summary}[/yellow]; continue with: {escape(_continue_command(_JOB.argv))}"
+        )
     elif code:
         console.print(f"[red]{summary}[/red]")
     else:
@@ -580,14 +584,14 @@ def ablate(
         console.print(
             f"[yellow]round {stop.round_index} of the adaptive seeds was interrupted "
             f"({len(stop.trials)} of {stop.planned} trials so far have rows): continue with "
-            f"kdray ablate {spec_path} --resume (and the same --set options)[/yellow]"
+            f"{escape(_continue_command(_JOB.argv))}[/yellow]"
         )
         raise typer.Exit(130) from None
     from kdray.results import exit_summary
 
     code, summary = exit_summary(trials)
     console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
-    _finish(code, f"runs: {summary}", _continue_command(_JOB.argv), trials)
+    _finish(code, f"runs: {summary}", trials)
 
 
 def _ablation_cells(spec: Spec, from_sweep: Path | None) -> tuple[list[dict], Any]:
@@ -763,7 +767,7 @@ def study(
     if outcome.interrupted:
         console.print(
             f"[yellow]the {outcome.interrupted} phase was interrupted: continue with "
-            f"kdray study {spec_path} --resume[/yellow]"
+            f"{escape(_continue_command(_JOB.argv))}[/yellow]"
         )
         raise typer.Exit(130)
 

@@ -8,6 +8,7 @@ Local files follow the layout written by the widely used ``download_glue_data.py
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -923,26 +924,45 @@ def split_lengths(
     )
 
 
+def _teacher_tokenizer_path(spec: Spec) -> str:
+    """The folder whose tokenizer a run's examples are measured (and cut) with."""
+    from kdray.models import resolve_model_path
+
+    return resolve_model_path(spec.teacher.checkpoint or spec.teacher.model)
+
+
 def spec_length_stats(spec: Spec, model_path: str | None = None) -> tuple[LengthStats, ...]:
     """The train and dev splits' :class:`LengthStats` under the teacher's tokenizer (the
     pre-flight prints them, ``experiment.json`` and the report keep them); empty when the data
-    or the tokenizer is not on this machine (nothing is downloaded for it)."""
-    from kdray.models import resolve_model_path
-
+    or the tokenizer is not on this machine (nothing is downloaded for it). Measured once per
+    process for the same data, tokenizer and length: the pre-flight's numbers serve the
+    experiment record that follows."""
     glue_dir = spec.data.dir or os.environ.get(GLUE_DIR_ENV)
     length = spec.data.max_seq_length
     if not glue_dir or length == "auto":
         return ()
-    task = get_task(spec.task)
+    try:
+        model = model_path or _teacher_tokenizer_path(spec)
+    except (OSError, ValueError):
+        return ()
+    return _measured_lengths(
+        spec.task, str(glue_dir), str(model), int(length), spec.train.max_train_examples
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _measured_lengths(
+    task_name: str, glue_dir: str, model: str, length: int, max_train: int | None
+) -> tuple[LengthStats, ...]:
+    task = get_task(task_name)
     try:
         splits = {split: read_local(task, glue_dir, split) for split in ("train", "dev")}
-        model = model_path or resolve_model_path(spec.teacher.checkpoint or spec.teacher.model)
         tokenizer = load_tokenizer(model)
     except (DataError, OSError, ValueError):
         return ()
-    if spec.train.max_train_examples:
-        splits["train"] = splits["train"][: spec.train.max_train_examples]
-    return split_lengths(splits, tokenizer, int(length))
+    if max_train:
+        splits["train"] = splits["train"][:max_train]
+    return split_lengths(splits, tokenizer, length)
 
 
 #: ``data.max_seq_length: auto`` keeps this share of the training examples whole.
@@ -967,15 +987,13 @@ def resolve_max_seq_length(spec: Spec) -> tuple[Spec, LengthStats | None]:
     under the teacher's tokenizer, rounded up to a multiple of 8, capped by the teacher's
     positions; with the training split's :class:`LengthStats` at that length. A spec with a
     number comes back as it is, with None."""
-    from kdray.models import resolve_model_path
-
     if spec.data.max_seq_length != "auto":
         return spec, None
     task = get_task(spec.task)
     train = load_examples(task, "train", spec.data.dir)
     if spec.train.max_train_examples:
         train = train[: spec.train.max_train_examples]
-    path = resolve_model_path(spec.teacher.checkpoint or spec.teacher.model)
+    path = _teacher_tokenizer_path(spec)
     tokenizer = load_tokenizer(path)
     lengths = _lengths(train[:LENGTH_SAMPLE], tokenizer)
     quantile = float(np.percentile(lengths or [0], 100 * AUTO_LENGTH_KEEPS))

@@ -17,6 +17,7 @@ readable and every cache file matching its recorded sha256; no temporary file le
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -31,8 +32,6 @@ from kdray import faults, store
 #: rest is identity, timing and paths): trials-table columns with these prefixes and names.
 _TRIAL_COLUMNS = ("status", "best_epoch", "epochs_run", "best.", "final.", "diag.", "teacher.dev.")
 _EPOCH_COLUMNS = ("stage", "lr", "is_best", "loss.", "dev.")
-#: Files a run may leave that need no check of their own (Ray's state, logs, plots).
-_READERS = (".parquet", ".json", ".safetensors")
 
 
 #: About how long a kdray command takes to start (imports, joining Ray) on two cores: timer
@@ -103,17 +102,11 @@ def _launch(command: Command, plan: dict[str, Any] | None, log: Path, resume: bo
 
 
 def _kill_group(proc: Any) -> None:
+    """SIGKILL the command and everything it started (its own process group)."""
     try:
-        signal_group(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def signal_group(pgid: int) -> None:
-    """SIGKILL the process group ``pgid`` (a command started in its own session)."""
-    import os
-
-    os.killpg(pgid, signal.SIGKILL)
 
 
 def _wait(proc: Any, timeout: float) -> int:

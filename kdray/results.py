@@ -505,8 +505,7 @@ def claim_folder(
     """Make ``out_dir`` this experiment's before any compute: refuse a folder that holds another
     experiment (see :func:`folder_conflict`); ``overwrite`` moves a results folder aside."""
     folder = Path(out_dir)
-    for stale in store.remove_stale_tree(folder):
-        logger.info("removed %s, left half-written by a killed run", stale)
+    store.remove_stale_tree(folder)  # what killed writers left
     if resume and overwrite:
         raise ValueError(
             f"give --resume or --overwrite, not both: --resume continues the experiment in "

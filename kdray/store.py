@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from kdray import faults
+
+logger = logging.getLogger("kdray")
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -182,6 +185,7 @@ def remove_stale(folder: str | Path) -> list[Path]:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+        logger.info("removed %s, left half-written by a killed run", entry)
         removed.append(entry)
     return removed
 

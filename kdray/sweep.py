@@ -176,18 +176,26 @@ def make_searcher(
     return ConcurrencyLimiter(searcher, max_concurrent=spec.tune.max_concurrent)
 
 
-def make_scheduler(spec: Spec, metric: str = OBJECTIVE) -> Any:
-    """ASHA on classifier epochs (:data:`~kdray.plan.RUNG_TIME`), or FIFO."""
+def make_scheduler(
+    spec: Spec,
+    metric: str = OBJECTIVE,
+    *,
+    time_attr: str = RUNG_TIME,
+    horizon: int | None = None,
+    mode: str | None = None,
+) -> Any:
+    """ASHA on classifier epochs (:data:`~kdray.plan.RUNG_TIME`, up to the most a trial can
+    run), or on ``time_attr`` up to ``horizon`` (a teacher search: teacher epochs); or FIFO."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     asha = spec.tune.scheduler.asha
     if asha is None:
         return FIFOScheduler()
     return ASHAScheduler(
-        time_attr=RUNG_TIME,
+        time_attr=time_attr,
         metric=metric,
-        mode=spec.tune.mode,
-        max_t=max(plan.max_epochs(spec), asha.grace_period),
+        mode=mode or spec.tune.mode,
+        max_t=max(horizon or plan.max_epochs(spec), asha.grace_period),
         grace_period=asha.grace_period,
         reduction_factor=asha.reduction_factor,
     )
@@ -403,9 +411,8 @@ class TableWriter(Callback):
             self._keep_student(trial)
             pruned = self._prune_students()
         self.write()
-        for (
-            path
-        ) in pruned:  # after the table stops pointing at them: a crash leaves no dangling row
+        # deleted after the table stops naming them: a crash leaves no row pointing at nothing
+        for path in pruned:
             shutil.rmtree(path, ignore_errors=True)
 
     def _prune_students(self) -> list[str]:
@@ -765,7 +772,9 @@ class TrialPlan:
     max_concurrent: int | None
 
 
-def _sweep_plan(base: Spec, out: Path) -> TrialPlan:
+def _sweep_plan(base: Spec, out: Path, scheduler: Any = None) -> TrialPlan:
+    """The search block's trials: Optuna (its study in ``out``) or Ray's grid, and
+    ``scheduler`` (default :func:`make_scheduler`'s)."""
     searcher = None
     if base.tune.searcher.kind != "grid":
         storage = optuna_storage(base, out, fresh=True)
@@ -773,7 +782,7 @@ def _sweep_plan(base: Spec, out: Path) -> TrialPlan:
     return TrialPlan(
         param_space=ray_space(base) if searcher is None else {},
         searcher=searcher,
-        scheduler=make_scheduler(base),
+        scheduler=scheduler or make_scheduler(base),
         num_samples=base.tune.num_samples,
         # the Optuna searcher is wrapped in a ConcurrencyLimiter already
         max_concurrent=base.tune.max_concurrent if searcher is None else None,
@@ -1076,41 +1085,31 @@ class TeacherSearchResult:
     out_dir: Path
 
 
-def _teacher_tuner(spec: Spec, out: Path, store: str, name: str, resume: bool) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
+def _teacher_tuner(spec: Spec, out: Path, storage: str | None, name: str, resume: bool) -> Any:
     from kdray import teacher_search
 
     fn = tune.with_parameters(teacher_trainable, spec_json=spec.model_dump(mode="json"))
     resources = spec.tune.resources
     fn = tune.with_resources(fn, {"cpu": resources.cpu, "gpu": resources.gpu})
-    experiment = f"{store.rstrip('/')}/{name}"
+    experiment = results.experiment_path(out, storage, name)
     if resume and tune.Tuner.can_restore(experiment):
         return tune.Tuner.restore(experiment, trainable=fn, resume_unfinished=True)
-    asha = spec.tune.scheduler.asha
-    scheduler = FIFOScheduler()
-    if asha is not None:
-        horizon = max(teacher_search.max_epochs(spec), asha.grace_period)
-        scheduler = ASHAScheduler(
-            time_attr="epoch", metric=OBJECTIVE, mode="max", max_t=horizon,
-            grace_period=asha.grace_period, reduction_factor=asha.reduction_factor,
-        )  # fmt: skip
-    searcher = None
-    if spec.tune.searcher.kind != "grid":
-        storage = optuna_storage(spec, out, fresh=True)
-        searcher = make_searcher(spec, storage=storage, study_name=name)
+    # ASHA on teacher epochs; the best dev score so far, always higher is better
+    horizon = teacher_search.max_epochs(spec)
+    scheduler = make_scheduler(spec, time_attr="epoch", horizon=horizon, mode="max")
+    chosen = _sweep_plan(spec, out, scheduler)
     return tune.Tuner(
         fn,
-        param_space=ray_space(spec) if searcher is None else {},
+        param_space=chosen.param_space,
         tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=spec.tune.num_samples,
-            max_concurrent_trials=spec.tune.max_concurrent if searcher is None else None,
+            search_alg=chosen.searcher,
+            scheduler=chosen.scheduler,
+            num_samples=chosen.num_samples,
+            max_concurrent_trials=chosen.max_concurrent,
         ),  # fmt: skip
         run_config=tune.RunConfig(
             name=name,
-            storage_path=store,
+            storage_path=results.ray_store(out, storage),
             verbose=0,
             callbacks=[TeacherEpochs(spec, out)],
             failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
@@ -1157,11 +1156,10 @@ def run_teacher_search(
     name = results.experiment_name(spec, "teacher")
     out = Path(out_dir) if out_dir else Path("results") / name
     results.claim_folder(out, spec, "teacher", resume=resume, overwrite=overwrite)
-    store = results.ray_store(out, storage)
     out.mkdir(parents=True, exist_ok=True)
     init_ray(address)
     results.write_experiment(out, spec, "teacher")
-    grid = _teacher_tuner(spec, out, store, name, resume).fit()
+    grid = _teacher_tuner(spec, out, storage, name, resume).fit()
     trial_rows = _teacher_trials(grid, spec)
     results.write_table(trial_rows, out / ts.SEARCH_FILE)
     trials = pd.DataFrame(trial_rows)
