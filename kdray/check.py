@@ -149,6 +149,14 @@ def _data_check(spec: Spec) -> tuple[bool | None, str]:
     folder or $KDRAY_GLUE_DIR; else the hub, which offline can only serve from its cache."""
     from kdray import data
 
+    if spec.data.source is not None:
+        task = data.task_of(spec)  # reads and checks every row of both splits
+        train, dev = data.spec_examples(spec, "train"), data.spec_examples(spec, "dev")
+        return True, (
+            f"{len(train)} train, {len(dev)} dev examples ({spec.data.source.format}: "
+            f"{task.local_files['train']}; {task.local_files['dev']}); labels "
+            f"{', '.join(task.labels)}"
+        )
     task = data.get_task(spec.task)
     glue_dir = spec.data.dir or os.environ.get(data.GLUE_DIR_ENV) or None
     if glue_dir is not None:

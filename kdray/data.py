@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdray import sources
 from kdray.models import load_tokenizer
 from kdray.store import atomic_file, cache_root
 
 if TYPE_CHECKING:
-    from kdray.spec import Spec
+    from kdray.spec import SourceSpec, Spec
 
 __all__ = [
     "TASKS",
@@ -46,6 +47,8 @@ __all__ = [
     "prepare",
     "read_local",
     "read_test",
+    "spec_examples",
+    "task_of",
     "tokenize",
 ]
 
@@ -534,6 +537,68 @@ def load_examples(
     return load_hub(task, split)
 
 
+def task_of(spec: Spec) -> GlueTask:
+    """The spec's task: a GLUE task, or one made from ``data.source`` (labels from the data)."""
+    if spec.data.source is None:
+        return get_task(spec.task)
+    source = spec.data.source
+    read = _read_source(spec)
+    names = read.label_names
+    if "f1" in source.metrics and len(names) != 2:
+        raise DataError(
+            f"data.source.metrics: f1 is the second label's F1 and needs two labels; "
+            f"{spec.task} has {len(names)} ({', '.join(names)}): use f1_macro"
+        )
+    wheres = {split: read.splits[split].where for split in sources.SPLITS}
+    return GlueTask(
+        name=spec.task,
+        hub_columns=tuple(source.text),
+        labels=names,
+        metrics=tuple(source.metrics),
+        main_metric=source.metrics[0],
+        dev_split="dev",
+        local_dir=spec.task,
+        local_files=MappingProxyType(wheres),
+        hub_splits=MappingProxyType(dict(source.splits)),
+        file_columns=MappingProxyType({}),
+    )
+
+
+def _read_source(spec: Spec) -> sources.SourceData:
+    """``data.source`` read and checked, its problems as :class:`DataError`."""
+    assert spec.data.source is not None
+    try:
+        return sources.read(spec.data.source)
+    except sources.SourceError as error:
+        raise DataError(str(error)) from None
+
+
+def spec_examples(spec: Spec, split: str) -> list[Example]:
+    """A split of the spec's data (``train`` or ``dev``): its own source, else GLUE from
+    ``data.dir``, ``$KDRAY_GLUE_DIR`` or the hub (``train.max_train_examples`` not applied)."""
+    return read_examples(spec.task, split, spec.data.dir, spec.data.source)
+
+
+def read_examples(
+    task: str, split: str, glue_dir: str | None, source: SourceSpec | None
+) -> list[Example]:
+    """:func:`spec_examples` from the data settings alone (what a cache can key on)."""
+    if source is None:
+        return load_examples(get_task(task), split, glue_dir)
+    try:
+        read = sources.read(source)
+    except sources.SourceError as error:
+        raise DataError(str(error)) from None
+    if split not in read.splits:
+        raise DataError(f"{task}: no split {split!r} (splits: {', '.join(read.splits)})")
+    part = read.splits[split]
+    texts_b = part.text_b if part.text_b is not None else [None] * len(part.text_a)
+    return [
+        Example(a, b, y)
+        for a, b, y in zip(part.text_a, texts_b, read.label_ids(split), strict=True)
+    ]
+
+
 def compute_metrics(task: str | GlueTask, predictions: Any, labels: Any) -> dict[str, float]:
     """Score predictions with the task's GLUE metrics (keys exactly ``task.metrics``).
 
@@ -565,6 +630,10 @@ def compute_metrics(task: str | GlueTask, predictions: Any, labels: Any) -> dict
             out[name] = float(accuracy_score(gold, preds))
         elif name == "f1":
             out[name] = float(f1_score(gold, preds, average="binary", pos_label=1, zero_division=0))
+        elif name == "f1_macro":
+            out[name] = float(
+                f1_score(gold, preds, average="macro", labels=range(t.num_labels), zero_division=0)
+            )
         elif name == "matthews":
             out[name] = float(matthews_corrcoef(gold, preds))
         else:  # pragma: no cover - guarded by the TASKS table
@@ -911,6 +980,7 @@ class Prepared:
     data_fingerprint: str
 
 
+SPLIT_NAMES = ("train", "dev")
 LENGTH_SAMPLE = 20000  # lengths are measured on at most this many examples of a split
 
 
@@ -939,24 +1009,32 @@ def spec_length_stats(spec: Spec, model_path: str | None = None) -> tuple[Length
     experiment record that follows."""
     glue_dir = spec.data.dir or os.environ.get(GLUE_DIR_ENV)
     length = spec.data.max_seq_length
-    if not glue_dir or length == "auto":
+    if (not glue_dir and spec.data.source is None) or length == "auto":
         return ()
     try:
         model = model_path or _teacher_tokenizer_path(spec)
     except (OSError, ValueError):
         return ()
+    source = spec.data.source.model_dump_json() if spec.data.source else None
     return _measured_lengths(
-        spec.task, str(glue_dir), str(model), int(length), spec.train.max_train_examples
+        spec.task, glue_dir, source, str(model), int(length), spec.train.max_train_examples
     )
 
 
 @functools.lru_cache(maxsize=8)
 def _measured_lengths(
-    task_name: str, glue_dir: str, model: str, length: int, max_train: int | None
+    task: str,
+    glue_dir: str | None,
+    source_json: str | None,
+    model: str,
+    length: int,
+    max_train: int | None,
 ) -> tuple[LengthStats, ...]:
-    task = get_task(task_name)
+    from kdray.spec import SourceSpec
+
+    source = SourceSpec.model_validate_json(source_json) if source_json else None
     try:
-        splits = {split: read_local(task, glue_dir, split) for split in ("train", "dev")}
+        splits = {split: read_examples(task, split, glue_dir, source) for split in SPLIT_NAMES}
         tokenizer = load_tokenizer(model)
     except (DataError, OSError, ValueError):
         return ()
@@ -989,8 +1067,7 @@ def resolve_max_seq_length(spec: Spec) -> tuple[Spec, LengthStats | None]:
     number comes back as it is, with None."""
     if spec.data.max_seq_length != "auto":
         return spec, None
-    task = get_task(spec.task)
-    train = load_examples(task, "train", spec.data.dir)
+    train = spec_examples(spec, "train")
     if spec.train.max_train_examples:
         train = train[: spec.train.max_train_examples]
     path = _teacher_tokenizer_path(spec)
@@ -1014,11 +1091,11 @@ def examples_fingerprint(*splits: list[Example]) -> str:
 def prepare(spec: Spec, tokenizer_name: str) -> Prepared:
     """The spec's train (``train.max_train_examples`` first rows) and dev splits, tokenised
     with ``tokenizer_name``'s tokenizer through the on-disk cache."""
-    task = get_task(spec.task)
-    train_ex = load_examples(task, "train", spec.data.dir)
+    task = task_of(spec)
+    train_ex = spec_examples(spec, "train")
     if spec.train.max_train_examples:
         train_ex = train_ex[: spec.train.max_train_examples]
-    dev_ex = load_examples(task, "dev", spec.data.dir)
+    dev_ex = spec_examples(spec, "dev")
     tokenizer = load_tokenizer(tokenizer_name)
     cache = cache_root(spec.data.cache_dir) / "tokenized"
     length = spec.data.max_seq_length

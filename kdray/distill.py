@@ -54,7 +54,7 @@ ReportFn = Callable[[dict[str, Any], SaveFn | None], None]
 
 def selection_metric(spec: Spec) -> str:
     """The dev metric that picks the best epoch (and trial): tune.metric or the task's main."""
-    task = data.get_task(spec.task)
+    task = data.task_of(spec)
     metric = (spec.tune.metric or task.main_metric).removeprefix("dev.")
     if metric not in task.metrics:
         raise ValueError(

@@ -160,7 +160,7 @@ def export_student(
     run = open_run(results_dir, trial=trial, best=best)
     target = Path(to)
     _check_target(target, run)
-    task = data.get_task(run.spec.task)
+    task = data.task_of(run.spec)
     with models.quiet_loading():
         model = AutoModelForSequenceClassification.from_pretrained(run.student)
         tokenizer = AutoTokenizer.from_pretrained(run.student)
@@ -380,7 +380,7 @@ def model_card(run: RunFolder) -> str:
     """The exported folder's README.md: what the student is, how it was made, how good it is,
     and how to make it again."""
     spec, row = run.spec, run.row
-    task = data.get_task(spec.task)
+    task = data.task_of(spec)
     labels = ", ".join(f"{i} `{name}`" for i, name in enumerate(task.labels))
     teacher_metrics = ", ".join(f"{m} {_fmt(row.get(f'teacher.dev.{m}'))}" for m in task.metrics)
     teacher_model = spec.teacher.checkpoint or spec.teacher.model
@@ -484,6 +484,12 @@ def _source(path: Path, task: str | None, max_seq_length: int | None, split: str
         raise ExportError(
             f"{path} was distilled for {spec.task}, not {task}; leave out --task or use a model "
             f"trained on {task}"
+        )
+    if spec is not None and spec.data.source is not None:
+        raise ExportError(
+            f"{path}: {spec.task} is your own data (data.source), not a GLUE task: kdray predict "
+            "writes GLUE test-server files only; load the exported student with transformers "
+            "to predict on your data"
         )
     length = max_seq_length or (spec.data.max_seq_length if spec else DEFAULT_MAX_SEQ_LENGTH)
     glue_task = data.get_task(spec.task if spec else task)  # type: ignore[arg-type]

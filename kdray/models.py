@@ -70,15 +70,21 @@ def load_tokenizer(name: str) -> Any:
         return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
-def load_classifier(name: str, num_labels: int) -> nn.Module:
-    """A sequence classifier with eager attention, so attention probabilities come out of it."""
+def load_classifier(name: str, num_labels: int, *, new_head: bool = False) -> nn.Module:
+    """A sequence classifier with eager attention, so attention probabilities come out of it.
+
+    ``new_head``: a checkpoint about to be fine-tuned may carry a head of another size (a model
+    fine-tuned on another task): it gets a fresh one. A fine-tuned teacher must fit as it is."""
     path = resolve_model_path(name)
     try:
         with quiet_loading(), warnings.catch_warnings():
             # a refused pickle is reported below in its own words, not torch's protocol note
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, attn_implementation="eager"
+                path,
+                num_labels=num_labels,
+                attn_implementation="eager",
+                ignore_mismatched_sizes=new_head,
             )
     except Exception as error:  # noqa: BLE001 - a refused pickle surfaces as several types
         refused = pickle_refusal(path, error)

@@ -142,7 +142,7 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 #: Settings added after results were recorded, with their defaults: a spec at the default is
 #: fingerprinted as before the setting existed, so recorded experiments stay resumable.
-LATER_SETTINGS: dict[str, Any] = {"teacher.layer_decay": 1.0}
+LATER_SETTINGS: dict[str, Any] = {"teacher.layer_decay": 1.0, "data.source": None}
 
 
 class _Strict(BaseModel):
@@ -150,7 +150,79 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
+SourceMetric = Literal["accuracy", "f1", "f1_macro", "matthews"]
+
+
+class SourceSpec(_Strict):
+    """A task of the user's own: where its labelled examples are and which columns hold what
+    (read through Hugging Face ``datasets``; :mod:`kdray.sources`)."""
+
+    format: Literal["csv", "json", "parquet", "disk", "hub"] = Field(
+        ...,
+        description="csv, json (JSON Lines), parquet: local files (files:); disk: a folder "
+        "written by datasets' save_to_disk (path:); hub: a Hugging Face dataset id (path:, "
+        "config:), offline only from the datasets cache.",
+    )
+    files: dict[Literal["train", "dev"], str] | None = Field(
+        None, description="csv/json/parquet: the train and dev files (relative: to where kdray runs)."
+    )
+    path: str | None = Field(None, description="disk: the folder; hub: the dataset id.")
+    config: str | None = Field(None, description="hub: the dataset's configuration name.")
+    splits: dict[Literal["train", "dev"], str] = Field(
+        default_factory=lambda: {"train": "train", "dev": "validation"},
+        description="disk/hub: the dataset's split names for kdray's train and dev.",
+    )
+    text: list[str] = Field(
+        ..., min_length=1, max_length=2, description="The text column, or the two of a pair."
+    )
+    label: str = Field("label", description="The label column.")
+    labels: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="The label names in id order; default the dataset's ClassLabel names, "
+        "else the train split's values sorted.",
+    )
+    metrics: list[SourceMetric] = Field(
+        default_factory=lambda: ["accuracy"],
+        min_length=1,
+        description="Dev metrics, the first the main one; f1 is the second label's (two "
+        "labels only), f1_macro averages every label's.",
+    )
+
+    @model_validator(mode="after")
+    def _where_for_format(self) -> SourceSpec:
+        if self.format in ("csv", "json", "parquet"):
+            if self.files is None or set(self.files) != {"train", "dev"}:
+                raise ValueError(
+                    f"format {self.format} reads local files: give files: {{train: <file>, "
+                    "dev: <file>}"
+                )
+            if self.path is not None:
+                raise ValueError(f"format {self.format} reads files:, not path: (drop path)")
+        else:
+            if not self.path:
+                what = "a datasets save_to_disk folder" if self.format == "disk" else "a dataset id"
+                raise ValueError(f"format {self.format} needs path: ({what})")
+            if self.files is not None:
+                raise ValueError(f"format {self.format} reads path:, not files: (drop files)")
+        if self.config is not None and self.format != "hub":
+            raise ValueError("config: is a hub dataset's configuration (format: hub only)")
+        if len(set(self.text)) != len(self.text) or self.label in self.text:
+            raise ValueError("text: and label: name different columns")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: give each label name once")
+        if "f1" in self.metrics and self.labels is not None and len(self.labels) != 2:
+            raise ValueError("metrics: f1 is for two labels; use f1_macro")
+        return self
+
+
 class DataSpec(_Strict):
+    source: SourceSpec | None = Field(
+        None,
+        description="Your own data instead of a GLUE task: files, a datasets folder or a hub "
+        "dataset, with its text and label columns (task: then names it).",
+    )
     dir: str | None = Field(
         None,
         description="Local GLUE folder (download_glue_data.py layout); default $KDRAY_GLUE_DIR, "
@@ -596,7 +668,12 @@ class StudySpec(_Strict):
 
 class Spec(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    task: Literal["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli"]
+    task: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="A GLUE task (cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli), or the name "
+        "of your own task read from data.source.",
+    )
     data: DataSpec = DataSpec()
     teacher: TeacherSpec = TeacherSpec()
     student: StudentSpec = StudentSpec()
@@ -614,6 +691,16 @@ class Spec(_Strict):
         return (
             str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         )
+
+    @model_validator(mode="after")
+    def _task_is_glue_or_has_a_source(self) -> Spec:
+        """A GLUE name reads GLUE; any other name needs data.source to say where its data is."""
+        if self.data.source is None and self.task not in GLUE_TASKS:
+            raise ValueError(
+                f"task: {self.task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); for your "
+                "own data give data.source (format, files or path, text, label)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _enough_epochs_for_stages(self) -> Spec:
@@ -638,7 +725,7 @@ class Spec(_Strict):
         # default), so a fingerprint stays what it was whichever check a spec asks for.
         flat["teacher.cache.verify"] = "sizes"
         for key, default in LATER_SETTINGS.items():  # at its default: as before it existed
-            if flat.get(key) == default:
+            if key in flat and flat[key] == default:
                 flat.pop(key)
         return content_hash(flat, 16)
 
@@ -975,9 +1062,25 @@ def load_spec(
     if isinstance(raw, dict):
         for key, value in values.items():
             _set_dotted(raw, key, value)
-    return _validate(raw, str(path))
+    return _absolute_source(_validate(raw, str(path)))
 
 
 def spec_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
     """Validate an in-memory spec (tests, notebooks) with the same errors as a file."""
-    return _validate(copy.deepcopy(raw), source)
+    return _absolute_source(_validate(copy.deepcopy(raw), source))
+
+
+def _absolute_source(spec: Spec) -> Spec:
+    """``data.source`` files (and a disk folder) made absolute against where kdray runs, so
+    Ray workers, whose working folder differs, read the same files."""
+    source = spec.data.source
+    if source is None:
+        return spec
+    values: dict[str, Any] = {}
+    if source.files is not None:
+        values["data.source.files"] = {
+            split: str(Path(file).expanduser().absolute()) for split, file in source.files.items()
+        }
+    if source.format == "disk" and source.path:
+        values["data.source.path"] = str(Path(source.path).expanduser().absolute())
+    return spec.with_values(values) if values else spec

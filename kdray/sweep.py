@@ -1048,7 +1048,7 @@ class TeacherEpochs(Callback):
     def __init__(self, spec: Spec, out_dir: Path) -> None:
         self.spec = spec
         self.out_dir = out_dir
-        self.metric = data.get_task(spec.task).main_metric
+        self.metric = data.task_of(spec).main_metric
         self.rows: dict[tuple[str, int], dict[str, Any]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # restored: read the table from disk again
@@ -1163,7 +1163,7 @@ def run_teacher_search(
     trial_rows = _teacher_trials(grid, spec)
     results.write_table(trial_rows, out / ts.SEARCH_FILE)
     trials = pd.DataFrame(trial_rows)
-    metric = data.get_task(spec.task).main_metric
+    metric = data.task_of(spec).main_metric
     settings = ts.best_settings(trials, metric)
     task, cpus = _setup_task(spec, _confirm_teacher_task)
     confirmed = ts.confirm_specs(spec, settings, seeds or ts.CONFIRM_SEEDS)

@@ -296,7 +296,7 @@ def train_teacher(
     progress = progress or NoProgress()
     device = engine.pick_device(spec.train.device)
     engine.seed_everything(t.seed)
-    model = models.load_classifier(t.model, prepared.task.num_labels).to(device)
+    model = models.load_classifier(t.model, prepared.task.num_labels, new_head=True).to(device)
     pad = prepared.tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(prepared.train) / t.batch_size)
     opt = engine.make_optimization(
