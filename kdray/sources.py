@@ -209,7 +209,9 @@ def _is_int(text: str) -> bool:
     return True
 
 
-def _check_labels(source: SourceSpec, split: SourceSplit, names: tuple[str, ...], name: str) -> None:
+def _check_labels(
+    source: SourceSpec, split: SourceSplit, names: tuple[str, ...], name: str
+) -> None:
     """Every label is a known one: a dev label the training data never shows cannot be learnt."""
     known = set(names)
     unknown = [i for i, label in enumerate(split.labels) if label not in known]

@@ -165,7 +165,8 @@ class SourceSpec(_Strict):
         "config:), offline only from the datasets cache.",
     )
     files: dict[Literal["train", "dev"], str] | None = Field(
-        None, description="csv/json/parquet: the train and dev files (relative: to where kdray runs)."
+        None,
+        description="csv/json/parquet: the train and dev files (relative: to where kdray runs).",
     )
     path: str | None = Field(None, description="disk: the folder; hub: the dataset id.")
     config: str | None = Field(None, description="hub: the dataset's configuration name.")
