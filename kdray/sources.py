@@ -102,15 +102,23 @@ def _dataset(source: SourceSpec, split: str) -> Any:
         return datasets.load_dataset(source.path, source.config, split=name)
     except SourceError:
         raise
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):  # datasets' words for an empty split
+            raise _unreadable(source, where, error) from None
+        raise SourceError(f"{where}: the split has no rows; give a file with examples") from None
     except Exception as error:  # the reader's own words, with where and what to check
-        raise SourceError(
-            f"data.source ({source.format}): could not read {where}: {type(error).__name__}: "
-            f"{error}. Check the path and format (hub datasets offline: only from the datasets "
-            "cache)"
-        ) from None
+        raise _unreadable(source, where, error) from None
     finally:
         if bars:
             datasets.enable_progress_bars()
+
+
+def _unreadable(source: SourceSpec, where: str, error: Exception) -> SourceError:
+    return SourceError(
+        f"data.source ({source.format}): could not read {where}: {type(error).__name__}: "
+        f"{error}. Check the path and format (hub datasets offline: only from the datasets "
+        "cache)"
+    )
 
 
 def _pick_split(loaded: Any, name: str, where: str, key: str) -> Any:
