@@ -972,16 +972,42 @@ def export(
         str | None, typer.Option(help="The trial to export (a kdray run folder has one: run).")
     ] = None,
     best: Annotated[bool, typer.Option("--best", help="Export the best trial.")] = False,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub",
+            metavar="REPO",
+            help="Then upload the folder to this Hub model repo (user-or-org/name; created if "
+            "missing). Needs a token (hf auth login or HF_TOKEN) and HF_HUB_OFFLINE unset.",
+        ),
+    ] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the Hub repo private (with --push-to-hub).")
+    ] = False,
+    revision: Annotated[
+        str | None,
+        typer.Option(help="The Hub branch to push to, created if missing (default main)."),
+    ] = None,
 ) -> None:
-    """Write the run's best student as a Hugging Face folder with a model card and its spec."""
-    from kdray.export import CARD_FILE, export_student
+    """Write the run's best student as a Hugging Face folder with a model card and its spec,
+    and optionally push it to the Hugging Face Hub."""
+    from kdray.export import CARD_FILE, check_push, export_student
+    from kdray.export import push_to_hub as push
 
     if trial is not None and best:
         console.print("[red]give --trial ID or --best, not both[/red]")
         raise typer.Exit(2)
+    if push_to_hub is None and (private or revision is not None):
+        console.print("[red]--private and --revision go with --push-to-hub REPO[/red]")
+        raise typer.Exit(2)
     with _settings_errors():
+        if push_to_hub is not None:
+            check_push(push_to_hub)  # before the export: a push that cannot work writes nothing
         folder = export_student(results_dir, to, trial=trial, best=best)
-    console.print(f"exported {results_dir} -> {folder} (model card: {folder / CARD_FILE})")
+        console.print(f"exported {results_dir} -> {folder} (model card: {folder / CARD_FILE})")
+        if push_to_hub is not None:
+            url = push(folder, push_to_hub, private=private, revision=revision)
+            console.print(f"pushed {folder} -> {url}", highlight=False, soft_wrap=True)
 
 
 @app.command()

