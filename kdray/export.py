@@ -372,9 +372,31 @@ def teacher_origin(model: str) -> tuple[str | None, str | None]:
     return hub_id, licence if isinstance(licence, str) else None
 
 
+@dataclass(frozen=True)
+class _Dataset:
+    """The data a student was distilled on, as its card names it."""
+
+    hub_id: str | None  # a Hub dataset id (GLUE's, or a hub source's); None for local files
+    title: str  # "GLUE RTE", "user/reviews (default)", "reviews (csv files)"
+    config: str | None
+    dev_split: str
+
+
+def _dataset(spec: Spec, task: data.GlueTask) -> _Dataset:
+    source = spec.data.source
+    if source is None:
+        return _Dataset(data.HUB_DATASET, f"GLUE {task.local_dir}", task.name, task.dev_split)
+    if source.format == "hub":
+        config = f" ({source.config})" if source.config else ""
+        return _Dataset(source.path, f"{source.path}{config}", source.config, source.splits["dev"])
+    return _Dataset(None, f"{task.name} ({source.format} data)", None, "dev")
+
+
 def _eval_results(run: RunFolder, task: data.GlueTask) -> list[Any]:
     """The trial's dev metrics as the Hub's model-index entries (missing ones left out)."""
     from huggingface_hub import EvalResult
+
+    where = _dataset(run.spec, task)
 
     found = []
     for name in task.metrics:
@@ -385,10 +407,10 @@ def _eval_results(run: RunFolder, task: data.GlueTask) -> list[Any]:
             EvalResult(
                 task_type="text-classification",
                 task_name="Text Classification",
-                dataset_type=data.HUB_DATASET,
-                dataset_name=f"GLUE {task.local_dir}",
-                dataset_config=task.name,
-                dataset_split=task.dev_split,
+                dataset_type=where.hub_id or task.name,
+                dataset_name=where.title,
+                dataset_config=where.config,
+                dataset_split=where.dev_split,
                 metric_type=HUB_METRIC_IDS.get(name, name),
                 metric_name=f"dev {name}",
                 metric_value=value,
@@ -418,17 +440,19 @@ def card_data(run: RunFolder) -> Any:
     model, license, dataset, metrics, pipeline) and the dev results as its model-index."""
     from huggingface_hub import ModelCardData
 
-    task = data.get_task(run.spec.task)
+    task = data.task_of(run.spec)
     base_model, licence = teacher_origin(run.spec.teacher.model)
     metrics = [HUB_METRIC_IDS.get(m, m) for m in task.metrics]
+    hub_id = _dataset(run.spec, task).hub_id
+    glue = ["glue"] if run.spec.data.source is None else []
     return ModelCardData(
         base_model=base_model,
         license=licence,
         language=["en"],
         library_name="transformers",
         pipeline_tag="text-classification",
-        tags=["kdray", "knowledge-distillation", "bert", "glue", task.name],
-        datasets=[data.HUB_DATASET],
+        tags=["kdray", "knowledge-distillation", "bert", *glue, task.name],
+        datasets=[hub_id] if hub_id else None,
         metrics=metrics,
         model_name=run.spec.name,
         eval_results=_eval_results(run, task) or None,
@@ -455,18 +479,34 @@ def _use_and_reproduce(run: RunFolder, task: data.GlueTask, teacher_model: str) 
         "## Reproduce",
         "",
         f"`{SPEC_FILE}` in this folder is the full spec of the run. With kdray {version} "
-        "installed and GLUE in the download_glue_data.py layout:",
+        + (
+            "installed and GLUE in the download_glue_data.py layout:"
+            if spec.data.source is None
+            else "installed and the data its data.source names:"
+        ),
         "",
         "```bash",
         f"kdray run {SPEC_FILE} --out results/{spec.name}",
         f"kdray export results/{spec.name} --to {spec.name}-student",
         "```",
         "",
-        f"The spec names the teacher `{teacher_model}` and the GLUE folder `{spec.data.dir}` "
-        "as they were where the run ran (a null folder means `$KDRAY_GLUE_DIR`); point them "
-        "elsewhere with `--set teacher.model=...` and `--set data.dir=...`.",
+        _where_data_was(spec, teacher_model),
         "",
     ]
+
+
+def _where_data_was(spec: Spec, teacher_model: str) -> str:
+    if spec.data.source is not None:
+        return (
+            f"The spec names the teacher `{teacher_model}` and the data ("
+            f"`data.source`) as they were where the run ran; point them elsewhere with "
+            "`--set teacher.model=...` and `--set data.source.files.train=...` (or `path`)."
+        )
+    return (
+        f"The spec names the teacher `{teacher_model}` and the GLUE folder `{spec.data.dir}` "
+        "as they were where the run ran (a null folder means `$KDRAY_GLUE_DIR`); point them "
+        "elsewhere with `--set teacher.model=...` and `--set data.dir=...`."
+    )
 
 
 def model_card(run: RunFolder) -> str:
@@ -486,8 +526,9 @@ def _card_body(run: RunFolder) -> str:
     labels = ", ".join(f"{i} `{name}`" for i, name in enumerate(task.labels))
     teacher_metrics = ", ".join(f"{m} {_fmt(row.get(f'teacher.dev.{m}'))}" for m in task.metrics)
     teacher_model = spec.teacher.checkpoint or spec.teacher.model
+    title = _dataset(spec, task).title
     lines = [
-        f"# {spec.name}: a {spec.student.layers}-layer student for GLUE {task.local_dir}",
+        f"# {spec.name}: a {spec.student.layers}-layer student for {title}",
         "",
         f"Distilled with kdray {row.get('kdray_version') or __version__} "
         f"(algorithm `{spec.distill.algorithm}`) from the teacher `{teacher_model}`; "
@@ -496,7 +537,7 @@ def _card_body(run: RunFolder) -> str:
         "",
         "## Task",
         "",
-        f"GLUE {task.local_dir} ({'sentence pairs' if task.is_pair else 'single sentences'}), "
+        f"{title} ({'sentence pairs' if task.is_pair else 'single sentences'}), "
         f"labels {labels}; inputs truncated to {spec.data.max_seq_length} tokens.",
         "",
         "## Teacher",

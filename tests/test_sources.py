@@ -232,3 +232,31 @@ def test_kdray_study_runs_sweep_confirm_and_ablation_on_a_csv_task(
     student = next((out / "sweep" / "students").iterdir())  # the sweep's best trial's
     config = json.loads((student / "config.json").read_text())
     assert len(config["id2label"]) == 3
+
+
+def test_a_csv_tasks_student_exports_with_a_card_that_names_its_own_data(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    from huggingface_hub import ModelCard
+    from typer.testing import CliRunner
+
+    from kdray.cli import app
+
+    raw = tiny_spec_dict(tiny_bert, train={"epochs": 2}, distill={"algorithm": "soft"})
+    raw.update(task="reviews", data={"source": csv_source(reviews_csv(tmp_path)),
+                                     "max_seq_length": 32})  # fmt: skip
+    (tmp_path / "reviews.yaml").write_text(yaml.safe_dump(raw))
+    cli = CliRunner()
+    ran = cli.invoke(app, ["run", str(tmp_path / "reviews.yaml"), "--out", str(tmp_path / "r")])
+    assert ran.exit_code == 0, ran.output[-2000:]
+    done = cli.invoke(app, ["export", str(tmp_path / "r"), "--to", str(tmp_path / "student")])
+    assert done.exit_code == 0, done.output[-2000:]
+    card = ModelCard.load(tmp_path / "student" / "README.md")
+    trials = pd.read_parquet(tmp_path / "r" / "trials.parquet")
+    (result,) = card.data.eval_results
+    assert result.dataset_name == "reviews (csv data)" and result.dataset_type == "reviews"
+    assert result.metric_value == pytest.approx(trials["best.dev.accuracy"].iloc[0])
+    assert card.data.datasets is None and "glue" not in card.data.tags
+    assert "labels 0 `neg`, 1 `neutral`, 2 `pos`" in card.text and "GLUE" not in card.text
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
