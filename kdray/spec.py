@@ -500,14 +500,32 @@ class ResourcesSpec(_Strict):
     gpu: float = Field(0, ge=0, le=1024)
 
 
-TrackingLogger = Literal["tensorboard", "csv", "json", "mlflow"]
+TrackingLogger = Literal["tensorboard", "csv", "json", "mlflow", "wandb"]
 
 
 class MlflowSpec(_Strict):
     tracking_uri: str | None = Field(
-        None, description="Default: a local file store, file:<results folder>/mlruns."
+        None,
+        description="Default: a local SQLite store, sqlite:///<results folder>/mlflow.db "
+        "(MLflow 3 refuses its old file store unless told to).",
     )
     experiment: str | None = Field(None, description="Default: the spec's name.")
+
+
+class WandbSpec(_Strict):
+    """Weights & Biases runs, one per trial. Offline by default: the runs stay in ``dir`` and
+    nothing leaves the machine unless the spec says ``mode: online`` (``wandb sync`` uploads
+    offline runs later)."""
+
+    project: str | None = Field(None, description="Default: the spec's name.")
+    group: str | None = Field(None, description="Default: the experiment's name.")
+    entity: str | None = Field(None, description="Default: W&B's (your default entity).")
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: runs written under dir only; online: streamed to W&B "
+        "(needs wandb login).",
+    )
+    dir: str | None = Field(None, description="Default: <results folder>/wandb.")
 
 
 class TuneSpec(_Strict):
@@ -541,9 +559,11 @@ class TuneSpec(_Strict):
     loggers: list[TrackingLogger] = Field(
         default_factory=lambda: ["tensorboard", "csv"],
         description="Ray Tune's logger callbacks, one event file/table per trial in the "
-        "experiment folder; mlflow needs pip install 'kdray[mlflow]'.",
+        "experiment folder; mlflow needs pip install 'kdray[mlflow]', wandb "
+        "pip install 'kdray[wandb]'.",
     )
     mlflow: MlflowSpec = MlflowSpec()
+    wandb: WandbSpec = WandbSpec()
 
     @field_validator("loggers")
     @classmethod

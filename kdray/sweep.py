@@ -5,7 +5,7 @@ trials, one Ray task fine-tunes (or finds) the teacher and copies it into the sw
 another builds the teacher-output caches the trials will read. Ray Tune callbacks, module-level
 classes so Ray pickles them by reference, keep the Parquet tables (:class:`TableWriter`) and the
 live trials table (:class:`LiveTrials`) up to date; Ray Tune's own logger callbacks write each
-trial's curves for TensorBoard, CSV/JSON or MLflow (``tune.loggers``); the Optuna study lives
+trial's curves for TensorBoard, CSV/JSON, MLflow or W&B (``tune.loggers``); the Optuna study lives
 in a journal file or database so a resumed sweep's sampler keeps its history; ``Tuner.restore``
 resumes an interrupted experiment. What runs (search space, ablation cells, best trial) is
 decided in :mod:`kdray.plan`.
@@ -604,29 +604,96 @@ def logger_callbacks(spec: Spec, out: Path, name: str) -> list[Any]:
             made.append(CSVLoggerCallback())
         elif kind == "json":
             made.append(JsonLoggerCallback())
-        else:
+        elif kind == "mlflow":
             made.append(_mlflow_callback(spec, out, name))
+        else:
+            made.append(_wandb_callback(spec, out, name))
     return made
 
 
-def _mlflow_callback(spec: Spec, out: Path, name: str) -> Any:
-    """MLflow runs, one per trial, in ``tune.mlflow.tracking_uri`` (default a local file store
-    in the results folder: nothing leaves the machine unless the spec says so)."""
+def _require(package: str, logger_name: str) -> None:
+    """An optional tracker named in ``tune.loggers`` but not installed fails before Ray starts,
+    saying how to install it."""
     try:
-        import mlflow  # noqa: F401
+        __import__(package)
     except ImportError:
         raise ValueError(
-            "tune.loggers: mlflow needs the mlflow package: pip install 'kdray[mlflow]' "
-            "(or take mlflow out of tune.loggers)"
+            f"tune.loggers: {logger_name} needs the {package} package: "
+            f"pip install 'kdray[{logger_name}]' (or take {logger_name} out of tune.loggers)"
         ) from None
+
+
+#: MLflow's usage telemetry is on by default (HTTPS to MLflow's servers): off, unless the user's
+#: environment says otherwise.
+MLFLOW_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+#: The MLflow store's file in a sweep's results folder (``tune.mlflow.tracking_uri`` unset).
+MLFLOW_DB = "mlflow.db"
+
+
+def _mlflow_callback(spec: Spec, out: Path, name: str) -> Any:
+    """MLflow runs, one per trial, in ``tune.mlflow.tracking_uri`` (default a local SQLite store
+    in the results folder: nothing leaves the machine unless the spec says so; MLflow 3 refuses
+    its old ``file:`` store unless ``MLFLOW_ALLOW_FILE_STORE`` is set)."""
+    for key, value in MLFLOW_ENV.items():
+        os.environ.setdefault(key, value)  # before mlflow is imported: its client reads them
+    _require("mlflow", "mlflow")
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     settings = spec.tune.mlflow
     return MLflowLoggerCallback(
-        tracking_uri=settings.tracking_uri or (out.resolve() / "mlruns").as_uri(),
+        tracking_uri=settings.tracking_uri or f"sqlite:///{out.resolve() / MLFLOW_DB}",
         experiment_name=settings.experiment or name,
         save_artifact=False,
     )
+
+
+#: Set in W&B's logging actor (a Ray worker, which does not inherit the driver's environment),
+#: unless already set: no crash reports to W&B's Sentry, no git calls, quiet console.
+WANDB_ENV = {"WANDB_ERROR_REPORTING": "false", "WANDB_DISABLE_GIT": "true", "WANDB_SILENT": "true"}
+
+#: wandb.init settings: kdray logs the epochs' results only. System metrics and machine info
+#: are off (their probes include a cloud metadata address), as are git, code saving and console
+#: capture (the actor's output is Ray's, not the trial's).
+WANDB_SETTINGS = {
+    "disable_git": True,
+    "save_code": False,
+    "disable_code": True,
+    "console": "off",
+    "x_disable_stats": True,
+    "x_disable_machine_info": True,
+}
+
+
+def _wandb_callback(spec: Spec, out: Path, name: str) -> Any:
+    """W&B runs, one per trial (id = trial id), through Ray's ``WandbLoggerCallback``: offline
+    by default, under ``<results folder>/wandb/`` (``tune.wandb.dir`` is W&B's ``dir``, which
+    gets the ``wandb/`` folder), so nothing leaves the machine unless the spec says so."""
+    _require("wandb", "wandb")
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    settings = spec.tune.wandb
+    root = Path(settings.dir).resolve() if settings.dir else out.resolve()
+
+    class LocalWandbActor(_WandbLoggingActor):  # type: ignore[misc]
+        """Ray's per-trial W&B actor (local: Ray pickles it by value, so importing kdray.sweep
+        does not import wandb), with kdray's environment set and W&B's folder made first."""
+
+        def run(self) -> None:
+            for key, value in WANDB_ENV.items():
+                os.environ.setdefault(key, value)
+            root.mkdir(parents=True, exist_ok=True)
+            super().run()
+
+    callback = WandbLoggerCallback(
+        project=settings.project or name,
+        group=settings.group,
+        entity=settings.entity,
+        mode=settings.mode,
+        dir=str(root),
+        settings=dict(WANDB_SETTINGS),
+    )
+    callback._logger_actor_cls = LocalWandbActor  # Ray's hook for the actor class
+    return callback
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,7 +932,7 @@ def run_experiment(
     selection_metric(spec)  # a metric the task does not have fails before Ray starts
     spec, _ = data.resolve_max_seq_length(spec)  # ``auto`` as a number (the CLI did it already)
     out = Path(out_dir) if out_dir else Path("results") / name
-    loggers = logger_callbacks(spec, out, name)  # mlflow missing fails here, before Ray
+    loggers = logger_callbacks(spec, out, name)  # mlflow/wandb missing fails here, before Ray
     results.claim_folder(out, spec, command, resume=resume, overwrite=overwrite)
     store = results.ray_store(out, storage)
     out.mkdir(parents=True, exist_ok=True)

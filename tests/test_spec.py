@@ -140,7 +140,8 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
         ({"distill": {"stages": {"advance": "never"}}}, "distill.stages.advance", "'plateau'"),
         ({"student": {"hidden_size": 64}}, "student", "init: random"),
         ({"name": "has space"}, "name", "pattern"),
-        ({"tune": {"loggers": ["wandb"]}}, "tune.loggers.0", "'json' or 'mlflow'"),
+        ({"tune": {"loggers": ["neptune"]}}, "tune.loggers.0", "'mlflow' or 'wandb'"),
+        ({"tune": {"wandb": {"mode": "shared"}}}, "tune.wandb.mode", "'offline' or 'online'"),
         ({"tune": {"loggers": ["csv", "csv"]}}, "tune.loggers", "repeated: csv"),
         ({"tune": {"mlflow": {"uri": "x"}}}, "tune.mlflow.uri", "tracking_uri, experiment"),
         (
@@ -689,6 +690,9 @@ def test_tracking_defaults_are_tensorboard_and_csv_with_a_local_optuna_journal()
     tune = spec_from_dict(BASE).tune
     assert tune.loggers == ["tensorboard", "csv"]
     assert tune.mlflow.tracking_uri is None and tune.mlflow.experiment is None
+    # W&B stays on the machine unless the spec says online; project etc. default at run time
+    assert tune.wandb.mode == "offline"
+    assert tune.wandb.project is None and tune.wandb.dir is None
     assert tune.searcher.optuna.storage is None  # <results folder>/optuna.journal
     url = "postgresql+psycopg://kd@127.0.0.1/optuna"
     given = {"searcher": {"optuna": {"storage": url}}, "loggers": ["json", "mlflow"]}

@@ -82,18 +82,31 @@ def test_loggers_are_ray_tunes_own_callbacks_in_the_order_given(
     assert [type(c) for c in logger_callbacks(spec, tmp_path, "loggers")] == [JsonLoggerCallback]
 
 
-def test_mlflow_logger_without_mlflow_says_how_to_install_it(
+def test_wandb_logger_stays_offline_under_the_results_folder_unless_the_spec_says_otherwise(
     tiny_bert: Path, tmp_path: Path
 ) -> None:
-    try:
-        import mlflow  # noqa: F401
+    from ray.air.integrations.wandb import WandbLoggerCallback
 
-        pytest.skip("mlflow is installed")
-    except ImportError:
-        pass
-    spec = spec_from_dict(sweep_spec(tiny_bert, "mlf", tune={"loggers": ["tensorboard", "mlflow"]}))
-    with pytest.raises(ValueError, match=r"tune\.loggers: .*pip install 'kdray\[mlflow\]'"):
-        run_sweep(spec, out_dir=tmp_path / "out")  # before Ray starts: no cluster needed
+    spec = spec_from_dict(sweep_spec(tiny_bert, "wb", tune={"loggers": ["wandb"]}))
+    (made,) = logger_callbacks(spec, tmp_path, "wb")
+    assert isinstance(made, WandbLoggerCallback)
+    assert (made.project, made.group) == ("wb", None)  # None: Ray's default, the experiment
+    assert made.kwargs["mode"] == "offline" and made.kwargs["dir"] == str(tmp_path.resolve())
+    assert made.kwargs["settings"]["x_disable_stats"] and made.kwargs["settings"]["disable_git"]
+    given = {"project": "kd", "entity": "lab", "mode": "online", "dir": str(tmp_path / "w")}
+    (made,) = logger_callbacks(spec.with_values({"tune.wandb": given}), tmp_path, "wb")
+    assert (made.project, made.kwargs["entity"], made.kwargs["mode"]) == ("kd", "lab", "online")
+    assert made.kwargs["dir"] == str((tmp_path / "w").resolve())
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_a_tracker_that_is_not_installed_is_refused_before_ray_saying_how_to_install_it(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracker: str
+) -> None:
+    monkeypatch.setitem(sys.modules, tracker, None)  # import mlflow/wandb raises ImportError
+    raw = sweep_spec(tiny_bert, "untracked", tune={"loggers": ["tensorboard", tracker]})
+    with pytest.raises(ValueError, match=rf"tune\.loggers: .*pip install 'kdray\[{tracker}\]'"):
+        run_sweep(spec_from_dict(raw), out_dir=tmp_path / "out")  # before Ray: no cluster needed
     assert not (tmp_path / "out").exists()
 
 
