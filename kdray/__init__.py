@@ -19,3 +19,25 @@ def _passive_openmp() -> None:
 
 
 _passive_openmp()
+
+#: ``kdray.<name>`` from Python, imported on first use so ``import kdray`` stays light (no
+#: torch, no Ray): run and load from :mod:`kdray.api`; ``kdray.sweep(spec)`` is the
+#: :mod:`kdray.sweep` module itself, which a call runs (:func:`kdray.sweep.search`); a report
+#: is ``kdray.report.build_report(folder)``.
+_API = ("run", "load", "as_spec", "Results")
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from kdray import api
+
+        return getattr(api, name)
+    if name == "sweep":
+        import importlib
+
+        return importlib.import_module("kdray.sweep")
+    raise AttributeError(f"module 'kdray' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API, "sweep"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shlex
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -281,26 +280,20 @@ def run(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run one distillation as the spec says and write its Parquet tables."""
-    from kdray import data, results
-    from kdray.distill import distill
+    from kdray import results
+    from kdray.api import execute_run
 
     spec = _load(spec_path, set_)
     _show_kdray_log()
     out_dir = _results_dir(spec, out)
     _preflight(spec, "run", out_dir, overwrite=overwrite)
-    with _settings_errors():
-        results.claim_folder(out_dir, spec, "run", overwrite=overwrite)
     console.print(
         f"[bold]kdray run[/bold] {spec.name}: {spec.task}, {spec.distill.algorithm}, "
         f"teacher {spec.teacher.model} -> {spec.student.layers} layers, {spec.train.epochs} epochs"
     )
-    with _settings_errors(), _tensorboard(out_dir) as report:
-        result = distill(spec, report=report, output_dir=out_dir, progress=_progress())
-    failure = faults.io_failure_text(result.error) if result.status == "failed" else None
-    if failure is not None:  # the disk filled (or turned read-only) during the run
-        _io_stop(failure)
-    trials, epochs = results.write_run(out_dir, spec, result)
-    results.write_experiment(out_dir, spec, "run", data.spec_length_stats(spec))
+    with _settings_errors():
+        result = execute_run(spec, out_dir, overwrite=overwrite, progress=_progress())
+    trials, epochs = (out_dir / name for name in (results.TRIALS_FILE, results.EPOCHS_FILE))
     _print_run_summary(spec, result)
     console.print(f"tables: {trials} and {epochs}")
     if result.status == "oom":
@@ -314,17 +307,6 @@ def run(
     if result.status != "ok":  # failed, or diverged: the student is not what was asked for
         console.print(f"[red]run {result.status}:[/red] {result.error}")
         raise typer.Exit(1)
-
-
-def _tensorboard(out_dir: Path) -> Any:
-    """The run's epoch curves as TensorBoard events in ``<results>/tensorboard``; an earlier
-    run's events there are removed first (the folder holds one run, like its tables)."""
-    from kdray.tracking import TENSORBOARD_DIR, TensorBoardReport
-
-    folder = out_dir / TENSORBOARD_DIR
-    if folder.is_dir():
-        shutil.rmtree(folder)
-    return TensorBoardReport(folder)
 
 
 def _print_run_summary(spec: Spec, result: Any) -> None:

@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import stats
 
 import kdray.stats as st
+from kdray import results
 from kdray.algorithms import INTERNAL
 from kdray.results import is_missing
 
@@ -39,7 +40,6 @@ __all__ = [
     "cell_summary",
     "cka_means",
     "learning_curves",
-    "load_results",
     "paired_comparison",
     "parameter_importance",
     "plot_cells",
@@ -91,18 +91,6 @@ _DIAG_SUMMARY = ("diag.cka.mean", "diag.attention_kl.mean", "diag.agreement")
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(trials, epochs)`` of a results folder (or of a file's folder); ``kdray.results.load``.
-
-    A path that does not exist is an error here, not a lookup in its parent folder.
-    """
-    from kdray.results import load
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no results at {path}")
-    return load(path)
 
 
 def _folder(path: str | Path) -> Path:
@@ -1811,7 +1799,7 @@ def build_report(
     column) raise ``ValueError`` saying what is missing.
     """
     results_dir = Path(results_dir)
-    trials, epochs = load_results(results_dir)
+    trials, epochs = results.load(results_dir)
     folder = _folder(results_dir)
     experiment = read_experiment(folder)
     alpha, alpha_source = _report_alpha(alpha, experiment)
@@ -1920,7 +1908,7 @@ def family_verdicts(folders: Sequence[str | Path], alpha: float | None = None) -
         if built.baseline is None or built.comparison is None or built.design is None:
             raise ValueError(f"{folder}: no paired comparison with a baseline to pool")
         modes[str(folder)] = built.mode
-        trials, _ = load_results(folder)
+        trials, _ = results.load(folder)
         _, pairs = paired_differences(trials, built.baseline, built.metric)
         for cell, frame in pairs.items():
             key = f"{Path(folder).name}: {cell}"

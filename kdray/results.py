@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -334,16 +334,34 @@ def load_tables(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(trials, epochs)`` DataFrames of a results folder (or of the folder holding a file)."""
+class Results(NamedTuple):
+    """A results folder's tables (``trials, epochs = kdray.load(folder)`` unpacks them).
+
+    ``trials``: one row per run (trial, ablation cell x seed, confirmed configuration x seed):
+    ``trial_id``, ``status``, every run setting as a dotted column (``distill.algorithm``,
+    ``train.lr``, ...), ``param.<key>`` for searched ones, ``best.dev.<metric>``,
+    ``best_epoch``, ``teacher.dev.<metric>``, ``cell``/``seed`` in ablations. ``epochs``: one
+    row per trial and epoch: ``trial_id``, ``epoch``, ``stage``, ``loss.<term>``,
+    ``dev.<metric>``, ``lr``, ``examples_per_s``. README "Results tables" lists every column.
+    """
+
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+
+
+def load(path: str | Path) -> Results:
+    """The tables of a results folder (or of the folder holding a file); a path that does not
+    exist is an error, not a lookup in its parent folder."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no results at {path}")
     folder = path if path.is_dir() else path.parent
     trials_file, epochs_file = folder / TRIALS_FILE, folder / EPOCHS_FILE
     if not trials_file.exists():
         raise FileNotFoundError(f"no {TRIALS_FILE} in {folder}")
     trials = pd.read_parquet(trials_file)
     epochs = pd.read_parquet(epochs_file) if epochs_file.exists() else pd.DataFrame()
-    return trials, epochs
+    return Results(trials, epochs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +33,12 @@ import ray
 from ray import tune
 from ray.tune import Callback
 
-from kdray import data, faults, plan, results
+from kdray import check, data, faults, plan, results
+from kdray.api import SpecLike, as_spec
 from kdray.distill import STUDENT_DIR, distill, selection_metric
 from kdray.plan import OBJECTIVE, RUNG_TIME
 from kdray.progress import TrialsTable
+from kdray.results import Results
 from kdray.spec import Spec
 from kdray.store import atomic_dir, json_cell, write_text_atomic
 
@@ -1240,3 +1244,53 @@ def run_teacher_search(
     report = ts.teacher_markdown(spec, trials, confirm, settings, metric)
     write_text_atomic(out / ts.TEACHER_REPORT, report)
     return TeacherSearchResult(trials, confirm, settings, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# kdray.sweep(spec) from Python
+
+
+def search(
+    spec: SpecLike,
+    *,
+    out: str | Path | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> Results:
+    """``kdray sweep`` from Python: the pre-flight (a failed check raises
+    :class:`kdray.check.PreflightError` before any compute), the search, its tables read back
+    (``trials, epochs = kdray.sweep(spec)``)."""
+    spec = as_spec(spec, overrides)
+    if not spec.search:
+        raise ValueError(f"{spec.name}: no search block; use kdray.run for a single run")
+    out_dir = Path(out) if out else check.default_out_dir(spec, "sweep")
+    resources = cluster_resources(address) if address else None
+    checks = check.preflight(
+        spec,
+        command="sweep",
+        out_dir=out_dir,
+        address=address,
+        storage=storage,
+        resume=resume,
+        overwrite=overwrite,
+        cluster_resources=resources,
+    )
+    check.raise_failed(checks)
+    outcome = run_sweep(
+        spec, address=address, storage=storage, out_dir=out_dir, resume=resume, overwrite=overwrite
+    )
+    return results.load(outcome.out_dir)
+
+
+class _CallableModule(types.ModuleType):
+    """``kdray.sweep(spec)`` runs :func:`search`: Python makes a package's attribute its
+    submodule of that name once it is imported, so the module answers the call itself."""
+
+    def __call__(self, spec: SpecLike, **options: Any) -> Results:
+        return search(spec, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

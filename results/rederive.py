@@ -20,7 +20,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(RESULTS.parent))  # this checkout's kdray
 
-from kdray import chain, report  # noqa: E402
+from kdray import chain, report, results  # noqa: E402
 from kdray.spec import Spec  # noqa: E402
 
 # folder -> the other folders of its question (its family)
@@ -72,8 +72,8 @@ def control() -> str:
     from kdray import stats
 
     folder, cell, other, default = CONTROL
-    mine = report.load_results(Path("results") / folder)[0]
-    theirs = report.load_results(Path("results") / other)[0]
+    mine = results.load(Path("results") / folder)[0]
+    theirs = results.load(Path("results") / other)[0]
 
     def scores(trials: pd.DataFrame, name: str) -> pd.Series:
         rows = trials[(trials["cell"] == name) & (trials["status"] == "ok")]

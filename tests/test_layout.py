@@ -168,8 +168,8 @@ def test_the_test_extra_names_every_package_the_tests_import() -> None:
     names = {
         re.split(r"[\s<>=!~\[;]", req, maxsplit=1)[0].lower().replace("_", "-") for req in declared
     }
-    local = {"kdray", "conftest", "record_runs", "_common"} | {
-        p.stem for p in (REPO / "benchmarks").glob("*.py")
+    local = {"kdray", "_common"} | {
+        p.stem for folder in ("benchmarks", "tests") for p in (REPO / folder).glob("*.py")
     }
     distributions = importlib.metadata.packages_distributions()
     missing = {}
