@@ -101,10 +101,12 @@ class GlueTask:
     # column the row id the GLUE server expects back).
     test_files: Mapping[str, str] = field(default_factory=dict, hash=False, repr=False)
     test_columns: tuple[str, ...] = field(default=(), repr=False)
+    # A score to predict (STS-B): one output, ``labels`` its single name, float labels.
+    regression: bool = False
 
     @property
     def num_labels(self) -> int:
-        """Size of the classifier head."""
+        """Size of the classifier head (1 for a regression: the score)."""
         return len(self.labels)
 
     @property
@@ -148,6 +150,7 @@ def _task(
     dev_columns: tuple[str, ...] | None = None,
     mnli: bool = False,
     skip_malformed_rows: bool = False,
+    regression: bool = False,
 ) -> GlueTask:
     """Build a task with the usual train/dev split names so the table below stays readable."""
     files = {"train": "train.tsv", "dev": "dev.tsv"}
@@ -185,6 +188,7 @@ def _task(
         skip_malformed_rows=skip_malformed_rows,
         test_files=MappingProxyType(tests),
         test_columns=test_columns,
+        regression=regression,
     )
 
 
@@ -202,6 +206,8 @@ _MNLI_PREFIX = (
     "sentence1",
     "sentence2",
 )
+
+_STSB_COLUMNS = ("index", "genre", "filename", "year", "old_index", "source1", "source2")
 
 TASKS: dict[str, GlueTask] = {
     "cola": _task(
@@ -312,10 +318,23 @@ TASKS: dict[str, GlueTask] = {
         label_column="label",
         label_values=_BIN,
     ),
+    "stsb": _task(
+        "stsb",
+        hub_columns=("sentence1", "sentence2"),
+        labels=("score",),
+        metrics=("pearson", "spearman"),
+        main_metric="pearson",
+        local_dir="STS-B",
+        columns=(*_STSB_COLUMNS, "sentence1", "sentence2", "score"),
+        text_columns=("sentence1", "sentence2"),
+        test_columns=(*_STSB_COLUMNS, "sentence1", "sentence2"),
+        label_column="score",
+        label_values=(),
+        regression=True,
+    ),
 }
 
 _UNSUPPORTED = {
-    "stsb": "STS-B is a regression task; kdray only distils classification tasks",
     "ax": "AX is a test-only diagnostic set without training data",
 }
 
@@ -335,11 +354,12 @@ def get_task(name: str | GlueTask) -> GlueTask:
 
 @dataclass(frozen=True)
 class Example:
-    """One example; ``label`` is an id in ``GlueTask.labels`` order (-1: an unlabelled test row)."""
+    """One example; ``label`` is an id in ``GlueTask.labels`` order (-1: an unlabelled test row),
+    or a regression task's score."""
 
     text_a: str
     text_b: str | None
-    label: int
+    label: int | float  # a float score for a regression task
 
 
 def _check_split(task: GlueTask, split: str) -> None:
@@ -404,6 +424,17 @@ def _tsv_rows(
         raise DataError(f"{path}: malformed TSV ({e})") from e
 
 
+def _score(value: Any, where: str) -> float:
+    """A regression label as a finite float, or an error naming where it was."""
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        score = math.nan
+    if not math.isfinite(score):
+        raise DataError(f"{where}: the score {value!r} is not a finite number")
+    return score
+
+
 def read_local(task: str | GlueTask, glue_dir: str | Path, split: str) -> list[Example]:
     """Read one labelled split from a download_glue_data.py-style folder.
 
@@ -424,9 +455,12 @@ def read_local(task: str | GlueTask, glue_dir: str | Path, split: str) -> list[E
     malformed = skipped if t.skip_malformed_rows else None
     for line, row in _tsv_rows(path, columns, has_header=t.file_has_header, skipped=malformed):
         value = row[label_idx]
+        text_b = row[text_idx[1]] if len(text_idx) == 2 else None
+        if t.regression:
+            examples.append(Example(row[text_idx[0]], text_b, _score(value, f"{path}:{line}")))
+            continue
         if value not in label_ids:
             raise DataError(f"{path}:{line}: unknown label {value!r} (allowed: {allowed})")
-        text_b = row[text_idx[1]] if len(text_idx) == 2 else None
         examples.append(Example(row[text_idx[0]], text_b, label_ids[value]))
 
     if skipped:
@@ -508,14 +542,18 @@ def load_hub(task: str | GlueTask, split: str) -> list[Example]:
             f"Face hub: {why} ({type(e).__name__}: {e}). To use local files instead: {_FIX_HINT}"
         ) from e
 
+    texts_a = ds[t.hub_columns[0]]
+    texts_b = ds[t.hub_columns[1]] if t.is_pair else [None] * len(texts_a)
+    if t.regression:
+        where = f"{HUB_DATASET}/{t.name} split '{hub_split}'"
+        scores = [_score(y, f"{where} row {i}") for i, y in enumerate(ds["label"])]
+        return [Example(a, b, y) for a, b, y in zip(texts_a, texts_b, scores, strict=True)]
     names = getattr(ds.features.get("label"), "names", None)
     if names is not None and tuple(names) != t.labels:
         raise DataError(
             f"{HUB_DATASET}/{t.name}: hub label names {tuple(names)} differ from the expected "
             f"{t.labels}; refusing to guess the mapping"
         )
-    texts_a = ds[t.hub_columns[0]]
-    texts_b = ds[t.hub_columns[1]] if t.is_pair else [None] * len(texts_a)
     labels = ds["label"]
     bad = [i for i, y in enumerate(labels) if not 0 <= int(y) < t.num_labels]
     if bad:
@@ -544,7 +582,8 @@ def task_of(spec: Spec) -> GlueTask:
     source = spec.data.source
     read = _read_source(spec)
     names = read.label_names
-    if "f1" in source.metrics and len(names) != 2:
+    metrics = source.dev_metrics
+    if "f1" in metrics and len(names) != 2:
         raise DataError(
             f"data.source.metrics: f1 is the second label's F1 and needs two labels; "
             f"{spec.task} has {len(names)} ({', '.join(names)}): use f1_macro"
@@ -554,13 +593,14 @@ def task_of(spec: Spec) -> GlueTask:
         name=spec.task,
         hub_columns=tuple(source.text),
         labels=names,
-        metrics=tuple(source.metrics),
-        main_metric=source.metrics[0],
+        metrics=metrics,
+        main_metric=metrics[0],
         dev_split="dev",
         local_dir=spec.task,
         local_files=MappingProxyType(wheres),
         hub_splits=MappingProxyType(dict(source.splits)),
         file_columns=MappingProxyType({}),
+        regression=source.type == "regression",
     )
 
 
@@ -610,6 +650,8 @@ def compute_metrics(task: str | GlueTask, predictions: Any, labels: Any) -> dict
     t = get_task(task)
     preds = _as_numpy(predictions)
     gold = _as_numpy(labels)
+    if t.regression:
+        return _regression_metrics(t, preds, gold)
     if preds.ndim == 2:
         preds = preds.argmax(axis=-1)
     if preds.ndim != 1 or gold.ndim != 1:
@@ -641,6 +683,33 @@ def compute_metrics(task: str | GlueTask, predictions: Any, labels: Any) -> dict
     return out
 
 
+def _regression_metrics(t: GlueTask, preds: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Pearson and Spearman correlations of predicted and gold scores (``[N]`` or ``[N, 1]``
+    outputs); NaN where a side is constant (no correlation is defined)."""
+    from scipy import stats
+
+    if preds.ndim == 2 and preds.shape[1] == 1:
+        preds = preds[:, 0]
+    if preds.ndim != 1 or gold.ndim != 1 or len(preds) != len(gold):
+        raise ValueError(
+            f"expected [N] (or [N, 1]) predictions and [N] scores, got shapes {preds.shape} "
+            f"and {gold.shape}"
+        )
+    if len(gold) < 2:
+        raise ValueError("correlations need at least two examples")
+    preds, gold = preds.astype(np.float64), gold.astype(np.float64)
+    constant = np.ptp(preds) == 0 or np.ptp(gold) == 0
+    out: dict[str, float] = {}
+    for name in t.metrics:
+        if name == "pearson":
+            out[name] = math.nan if constant else float(stats.pearsonr(preds, gold).statistic)
+        elif name == "spearman":
+            out[name] = math.nan if constant else float(stats.spearmanr(preds, gold).statistic)
+        else:  # pragma: no cover - guarded by the spec
+            raise ValueError(f"unknown regression metric {name!r}")
+    return out
+
+
 def _as_numpy(x: Any) -> np.ndarray:
     """Accept tensors (on any device), arrays and lists alike."""
     if isinstance(x, torch.Tensor):
@@ -658,7 +727,7 @@ class TokenizedSplit(Dataset):
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]]
-    labels: list[int]
+    labels: list[int] | list[float]  # floats: a regression task's scores
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)
@@ -882,9 +951,16 @@ def _table_checksum(table: Any) -> str:
         values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         digest.update(lengths.tobytes())
         digest.update(values.tobytes())
-    labels = table.column("labels").to_numpy().astype(np.int64)
-    digest.update(labels.tobytes())
+    labels = table.column("labels").to_numpy()  # int64 ids, or float64 scores
+    digest.update(labels.astype(np.float64 if labels.dtype.kind == "f" else np.int64).tobytes())
     return digest.hexdigest()
+
+
+def _label_type(labels: list[int] | list[float]) -> Any:
+    """Arrow's type for the labels: int64 class ids, float64 regression scores."""
+    import pyarrow as pa
+
+    return pa.float64() if any(isinstance(y, float) for y in labels) else pa.int64()
 
 
 def _write_cache(path: Path, key: str, split: TokenizedSplit) -> None:
@@ -895,7 +971,7 @@ def _write_cache(path: Path, key: str, split: TokenizedSplit) -> None:
         {
             "input_ids": pa.array(split.input_ids, type=pa.list_(pa.int32())),
             "token_type_ids": pa.array(split.token_type_ids, type=pa.list_(pa.int8())),
-            "labels": pa.array(split.labels, type=pa.int64()),
+            "labels": pa.array(split.labels, type=_label_type(split.labels)),
         }
     )
     table = table.replace_schema_metadata(
@@ -942,6 +1018,13 @@ def tokenize(
     return split
 
 
+def _labels(values: list[Any]) -> torch.Tensor:
+    """Class ids as int64; regression scores as float32 (what the MSE losses take)."""
+    if any(isinstance(y, float) for y in values):
+        return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor([int(y) for y in values], dtype=torch.long)
+
+
 def collate(batch: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest sequence (dynamic padding wastes less compute than max_len)."""
     if not batch:
@@ -960,7 +1043,7 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, tor
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "token_type_ids": token_type_ids,
-        "labels": torch.tensor([int(item["labels"]) for item in batch], dtype=torch.long),
+        "labels": _labels([item["labels"] for item in batch]),
         "index": torch.tensor([int(item["index"]) for item in batch], dtype=torch.long),
     }
 

@@ -261,14 +261,16 @@ def _diagnose(
     cka = pd.DataFrame(matrix, index=pd.Index(s_labels, name="student"), columns=t_labels)
     cka.columns.name = "teacher"
     mapped = {i: float(matrix[i - 1, layer_map[i - 1] - 1]) for i in range(1, n_student + 1)}
+    # a regression's one output has no predicted label to agree on: NaN, not a false 1.0
+    counted = n if s_out is not None and s_out.logits.shape[-1] > 1 else math.nan
     return Diagnostics(
         cka=cka,
         attention_kl={i: total / n for i, total in kl_sums.items()},
-        agreement=agree / n,
+        agreement=agree / counted,
         mapped_cka=mapped,
         layer_map=list(layer_map),
-        student_accuracy=student_right / n,
-        teacher_accuracy=teacher_right / n,
+        student_accuracy=student_right / counted,
+        teacher_accuracy=teacher_right / counted,
         n_examples=n,
         rows=rows,
     )

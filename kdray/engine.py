@@ -316,7 +316,7 @@ def evaluate(
 ) -> dict[str, float]:
     """The task's dev metrics of ``model`` over ``loader``."""
     logits, labels = predict(model, loader, device)
-    return data.compute_metrics(task, logits.argmax(-1), labels)
+    return data.compute_metrics(task, logits, labels)  # argmax there, or a regression's scores
 
 
 # ---------------------------------------------------------------------------------------------

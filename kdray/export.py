@@ -173,7 +173,8 @@ def export_student(
     _check_labels(model.config.num_labels, task, run.student)
     model.config.id2label = dict(enumerate(task.labels))
     model.config.label2id = {name: i for i, name in enumerate(task.labels)}
-    model.config.problem_type = "single_label_classification"
+    # a regression's pipeline returns the raw score, not a sigmoid of it
+    model.config.problem_type = "regression" if task.regression else "single_label_classification"
     model.config.finetuning_task = task.name
     # kdray trains students without attention-probability dropout (see
     # models.disable_attention_dropout); whoever fine-tunes the export gets the usual default.
@@ -337,7 +338,11 @@ def _cka_section(row: dict[str, Any]) -> list[str]:
 
 
 # Metric ids on the Hub (https://hf.co/metrics) where kdray's name differs.
-HUB_METRIC_IDS = {"matthews": "matthews_correlation"}
+HUB_METRIC_IDS = {
+    "matthews": "matthews_correlation",
+    "pearson": "pearsonr",
+    "spearman": "spearmanr",
+}
 # A README's code that loads the model by its Hub id: from_pretrained('org/name') and the like.
 _LOADED_ID = re.compile(
     r"(?:from_pretrained|SentenceTransformer)\(\s*['\"]([\w.-]+(?:/[\w.-]+)?)['\"]"
@@ -523,7 +528,11 @@ def _card_body(run: RunFolder) -> str:
     """The card's markdown below the metadata."""
     spec, row = run.spec, run.row
     task = data.task_of(spec)
-    labels = ", ".join(f"{i} `{name}`" for i, name in enumerate(task.labels))
+    labels = (
+        f"one output, the score `{task.labels[0]}` (regression)"
+        if task.regression
+        else "labels " + ", ".join(f"{i} `{name}`" for i, name in enumerate(task.labels))
+    )
     teacher_metrics = ", ".join(f"{m} {_fmt(row.get(f'teacher.dev.{m}'))}" for m in task.metrics)
     teacher_model = spec.teacher.checkpoint or spec.teacher.model
     title = _dataset(spec, task).title
@@ -538,7 +547,7 @@ def _card_body(run: RunFolder) -> str:
         "## Task",
         "",
         f"{title} ({'sentence pairs' if task.is_pair else 'single sentences'}), "
-        f"labels {labels}; inputs truncated to {spec.data.max_seq_length} tokens.",
+        f"{labels}; inputs truncated to {spec.data.max_seq_length} tokens.",
         "",
         "## Teacher",
         "",
@@ -757,7 +766,7 @@ def predict_glue(
         tokens = data.tokenize(examples, tokenizer, src.max_seq_length)
         loader = engine.make_loader(tokens, batch_size, tokenizer.pad_token_id or 0)
         logits, _ = engine.predict(model, loader, run_device)
-        return logits.argmax(-1)
+        return logits[:, 0] if t.regression else logits.argmax(-1)
 
     for name in splits:
         if split == "test":
@@ -773,8 +782,13 @@ def predict_glue(
             ids, preds = [str(i) for i in range(len(examples))], predict(examples)
             gold = [ex.label for ex in examples]
             result.metrics[name] = data.compute_metrics(t, preds, gold)
+        shown = (
+            [f"{score:.3f}" for score in preds]
+            if t.regression
+            else [t.file_label_values[p] for p in preds]
+        )
         result.files[name] = _write_predictions(
-            result.out_dir / t.submission_file(name), ids, [t.file_label_values[p] for p in preds]
+            result.out_dir / t.submission_file(name), ids, shown
         )
         result.rows[name] = len(ids)
     if result.metrics:

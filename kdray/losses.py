@@ -49,11 +49,15 @@ def soft_label_loss(
     Shapes: ``student_logits`` and ``teacher_logits`` are ``[B, C]``. The KL is summed over
     classes and averaged over the batch; the ``T**2`` factor (Hinton et al. 2015) keeps the
     gradient scale independent of the temperature, so the term's weight can be swept separately.
-    Returns a float32 scalar.
+    A regression (``C == 1``, STS-B) has no distribution to soften: the term is the mean squared
+    difference of the two predicted scores (the teacher's score as the soft target) and the
+    temperature does not apply. Returns a float32 scalar.
     """
     _check_logits("soft_label_loss", student_logits, teacher_logits)
     if not temperature > 0:
         raise ValueError(f"soft_label_loss: temperature must be > 0, got {temperature}")
+    if student_logits.shape[-1] == 1:
+        return F.mse_loss(student_logits.float(), teacher_logits.detach().float())
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
@@ -61,16 +65,19 @@ def soft_label_loss(
 
 
 def hard_label_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy against the gold labels, averaged over the batch.
+    """Cross-entropy against the gold labels, averaged over the batch; for a regression
+    (``C == 1``) the mean squared error against the gold scores.
 
-    Shapes: ``student_logits`` ``[B, C]``, ``labels`` ``[B]`` (class indices). Returns a float32
-    scalar.
+    Shapes: ``student_logits`` ``[B, C]``, ``labels`` ``[B]`` (class indices, or float scores
+    when ``C == 1``). Returns a float32 scalar.
     """
     if student_logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != student_logits.shape[0]:
         raise ValueError(
             "hard_label_loss: expected logits [B, C] and labels [B], got "
             f"{tuple(student_logits.shape)} and {tuple(labels.shape)}"
         )
+    if student_logits.shape[-1] == 1:
+        return F.mse_loss(student_logits[:, 0].float(), labels.float())
     return F.cross_entropy(student_logits.float(), labels.long())
 
 

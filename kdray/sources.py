@@ -12,6 +12,7 @@ tokenisers or torch: :mod:`kdray.data` turns what this module reads into example
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,25 +29,31 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class SourceSplit:
-    """One split's columns as read: texts (``text_b`` None for single texts) and label names."""
+    """One split's columns as read: texts (``text_b`` None for single texts) and label names,
+    or a regression's scores."""
 
     where: str
     text_a: tuple[str, ...]
     text_b: tuple[str, ...] | None
     labels: tuple[str, ...]
+    scores: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
 class SourceData:
-    """Both splits of a source and the label names in id order."""
+    """Both splits of a source and the label names in id order (a regression: its one score
+    column's name)."""
 
     label_names: tuple[str, ...]
     splits: dict[str, SourceSplit]
 
-    def label_ids(self, split: str) -> list[int]:
-        """The split's labels as ids in ``label_names`` order."""
+    def label_ids(self, split: str) -> list[int] | list[float]:
+        """The split's labels as ids in ``label_names`` order, or its scores."""
+        part = self.splits[split]
+        if part.scores is not None:
+            return list(part.scores)
         index = {name: i for i, name in enumerate(self.label_names)}
-        return [index[name] for name in self.splits[split].labels]
+        return [index[name] for name in part.labels]
 
 
 def read(source: SourceSpec) -> SourceData:
@@ -63,6 +70,8 @@ def _read(source_json: str) -> SourceData:
         split: _split(source, table, _where(source, split), class_names)
         for split, table in tables.items()
     }
+    if source.type == "regression":
+        return SourceData(label_names=(source.label,), splits=splits)
     names = _label_names(source, splits["train"], class_names)
     for split in SPLITS:
         _check_labels(source, splits[split], names, split)
@@ -160,8 +169,29 @@ def _split(
     texts = [_texts(table[column], column, where) for column in source.text]
     raw = table[source.label]
     _no_nulls(raw, source.label, where, "label")
+    text_b = texts[1] if len(texts) == 2 else None
+    if source.type == "regression":
+        return SourceSplit(where, texts[0], text_b, (), _scores(raw, source.label, where))
     labels = tuple(_label_name(value, class_names) for value in raw)
-    return SourceSplit(where, texts[0], texts[1] if len(texts) == 2 else None, labels)
+    return SourceSplit(where, texts[0], text_b, labels)
+
+
+def _scores(values: list[Any], column: str, where: str) -> tuple[float, ...]:
+    """A regression's label column as finite floats; the first value that is not one fails."""
+    scores = []
+    for row, value in enumerate(values):
+        try:
+            score = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            score = math.nan
+        if not math.isfinite(score):
+            raise SourceError(
+                f"data.source.label: {where}: the score column {column!r} holds {value!r} at "
+                f"row {row}, not a finite number; a regression needs numeric scores (or use "
+                "type: classification for label names)"
+            )
+        scores.append(score)
+    return tuple(scores)
 
 
 def _texts(values: list[Any], column: str, where: str) -> tuple[str, ...]:

@@ -150,8 +150,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
-SourceMetric = Literal["accuracy", "f1", "f1_macro", "matthews"]
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli", "stsb")
+SourceMetric = Literal["accuracy", "f1", "f1_macro", "matthews", "pearson", "spearman"]
+REGRESSION_METRICS = ("pearson", "spearman")
 
 
 class SourceSpec(_Strict):
@@ -177,19 +178,32 @@ class SourceSpec(_Strict):
     text: list[str] = Field(
         ..., min_length=1, max_length=2, description="The text column, or the two of a pair."
     )
-    label: str = Field("label", description="The label column.")
+    type: Literal["classification", "regression"] = Field(
+        "classification",
+        description="regression: the label column holds a score (STS-B style): one output, "
+        "MSE against the gold and the teacher's scores, Pearson and Spearman on dev.",
+    )
+    label: str = Field("label", description="The label (or score) column.")
     labels: list[str] | None = Field(
         None,
         min_length=2,
         description="The label names in id order; default the dataset's ClassLabel names, "
         "else the train split's values sorted.",
     )
-    metrics: list[SourceMetric] = Field(
-        default_factory=lambda: ["accuracy"],
+    metrics: list[SourceMetric] | None = Field(
+        None,
         min_length=1,
-        description="Dev metrics, the first the main one; f1 is the second label's (two "
-        "labels only), f1_macro averages every label's.",
+        description="Dev metrics, the first the main one; default accuracy (regression: "
+        "pearson, spearman). f1 is the second label's (two labels only), f1_macro averages "
+        "every label's.",
     )
+
+    @property
+    def dev_metrics(self) -> tuple[str, ...]:
+        """The metrics as given, else the type's defaults."""
+        if self.metrics:
+            return tuple(self.metrics)
+        return REGRESSION_METRICS if self.type == "regression" else ("accuracy",)
 
     @model_validator(mode="after")
     def _where_for_format(self) -> SourceSpec:
@@ -213,7 +227,21 @@ class SourceSpec(_Strict):
             raise ValueError("text: and label: name different columns")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("labels: give each label name once")
-        if "f1" in self.metrics and self.labels is not None and len(self.labels) != 2:
+        wrong = [
+            m for m in self.dev_metrics if (m in REGRESSION_METRICS) != (self.type == "regression")
+        ]
+        if wrong:
+            allowed = (
+                "pearson, spearman"
+                if self.type == "regression"
+                else ("accuracy, f1, f1_macro, matthews")
+            )
+            raise ValueError(
+                f"metrics: {', '.join(wrong)} not for a {self.type} task (allowed: {allowed})"
+            )
+        if self.type == "regression" and self.labels is not None:
+            raise ValueError("labels: a regression has scores, not label names (drop labels)")
+        if "f1" in self.dev_metrics and self.labels is not None and len(self.labels) != 2:
             raise ValueError("metrics: f1 is for two labels; use f1_macro")
         return self
 
@@ -692,7 +720,7 @@ class Spec(_Strict):
     task: str = Field(
         ...,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-        description="A GLUE task (cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli), or the name "
+        description="A GLUE task (cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli, stsb), or the name "
         "of your own task read from data.source.",
     )
     data: DataSpec = DataSpec()
