@@ -57,12 +57,25 @@ class SourceData:
 
 
 def read(source: SourceSpec) -> SourceData:
-    """Both splits, checked (cached per process: a sweep's pre-flight and run read once)."""
-    return _read(source.model_dump_json())
+    """Both splits, checked (cached per process while the files stay as they were: a sweep's
+    pre-flight and run read once, a notebook that fixes a file reads it again)."""
+    return _read(source.model_dump_json(), _stamp(source))
+
+
+def _stamp(source: SourceSpec) -> tuple[tuple[str, int, int], ...]:
+    """Size and modification time of every local file a source reads."""
+    if source.files is not None:
+        paths = [Path(f).expanduser() for f in source.files.values()]
+    elif source.format == "disk":
+        paths = sorted(Path(source.path or "").expanduser().rglob("*"))
+    else:
+        return ()
+    found = [(p, p.stat()) for p in paths if p.is_file()]
+    return tuple((str(p), st.st_size, st.st_mtime_ns) for p, st in found)
 
 
 @functools.lru_cache(maxsize=4)
-def _read(source_json: str) -> SourceData:
+def _read(source_json: str, stamp: tuple[tuple[str, int, int], ...]) -> SourceData:
     source = SourceSpec.model_validate_json(source_json)
     tables = {split: _dataset(source, split) for split in SPLITS}
     class_names = _class_label_names(tables["train"], source)

@@ -573,7 +573,7 @@ def _study_cli(*args: str) -> Any:
     return CliRunner().invoke(app, ["study", *args])
 
 
-def _assert_whole_study(out: Path) -> str:
+def _assert_whole_study(out: Path, metric: str = "accuracy") -> str:
     """Every phase done, its report written, and STUDY.md linking them."""
     record = json.loads((out / "study.json").read_text())
     assert {p: e["status"] for p, e in record["phases"].items()} == dict.fromkeys(
@@ -581,7 +581,7 @@ def _assert_whole_study(out: Path) -> str:
     )
     text = (out / "STUDY.md").read_text()
     assert "Phases: sweep done; confirm done; ablation done." in text
-    assert "Confirmed dev accuracy: " in text and "`init=random`" in text
+    assert f"Confirmed dev {metric}: " in text and "`init=random`" in text
     for phase in ("sweep", "confirm", "ablation"):
         assert f"- {phase}: [{phase}/REPORT.md]({phase}/REPORT.md)" in text
         assert (out / phase / "REPORT.md").exists()
