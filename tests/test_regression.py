@@ -109,10 +109,10 @@ def stsb_study(model: Path) -> dict[str, Any]:
 def test_kdray_study_on_stsb_and_its_export_predict_the_dev_scores_it_recorded(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
+    from test_sweep import _assert_whole_study, _study_cli
     from typer.testing import CliRunner
 
     from kdray.cli import app
-    from test_sweep import _assert_whole_study, _study_cli
 
     spec_file = tmp_path / "stsb-study.yaml"
     spec_file.write_text(yaml.safe_dump(stsb_study(tiny_bert)))
