@@ -53,9 +53,11 @@ ReportFn = Callable[[dict[str, Any], SaveFn | None], None]
 
 
 def selection_metric(spec: Spec) -> str:
-    """The dev metric that picks the best epoch (and trial): tune.metric or the task's main."""
+    """The dev metric that picks the best epoch (and trial): tune.metric, the first of
+    tune.objectives, or the task's main."""
     task = data.task_of(spec)
-    metric = (spec.tune.metric or task.main_metric).removeprefix("dev.")
+    first = spec.tune.objectives[0].metric if spec.tune.objectives else None
+    metric = (spec.tune.metric or first or task.main_metric).removeprefix("dev.")
     if metric not in task.metrics:
         raise ValueError(
             f"tune.metric {metric!r} is not a dev metric of {task.name} "

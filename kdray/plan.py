@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdray import results
+from kdray import pareto, results
 from kdray.spec import Distribution, Spec
 from kdray.store import json_cell
 
@@ -227,13 +227,22 @@ def _best_matching(trials: pd.DataFrame, values: dict[str, Any], spec: Spec) -> 
     return best_trial(rows, spec.tune.mode) if not rows.empty else None
 
 
-def students_to_keep(rows: list[dict[str, Any]], policy: str | int, mode: str) -> set[str]:
+def students_to_keep(
+    rows: list[dict[str, Any]],
+    policy: str | int,
+    mode: str,
+    objectives: list[dict[str, Any]] | None = None,
+) -> set[str]:
     """Trial ids whose student a ``tune.keep_students`` policy keeps: the best ``K`` ok trials
     (``best`` is 1) of each group, where a group is an ablation ``cell``, a confirmed
-    configuration (``config_rank``) or, in a sweep, all trials, ranked by :func:`rank_key`."""
+    configuration (``config_rank``) or, in a sweep, all trials, ranked by :func:`rank_key`.
+    With ``objectives`` (a multi-objective sweep), ``best`` keeps every trial on the Pareto
+    front, so any of them can be exported."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("student_path")]
     if policy == "all":
         return {str(r["trial_id"]) for r in ok}
+    if objectives and policy == "best" and ok:
+        return {str(t) for t in pareto.front(pd.DataFrame(ok), objectives)["trial_id"]}
     top = 0 if policy == "none" else 1 if policy == "best" else int(policy)
     groups: dict[Any, list[dict[str, Any]]] = {}
     for row in ok:

@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+import kdray.pareto as pareto
+import kdray.results as results
 import kdray.stats as st
-from kdray import results
 from kdray.algorithms import INTERNAL
 from kdray.results import is_missing
 
@@ -813,6 +814,25 @@ def cka_means(cka_long: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
     return means.reset_index(drop=True)
 
 
+def plot_pareto(trials: pd.DataFrame, objectives: list[dict[str, Any]], path: str | Path) -> Path:
+    """Every finished trial on the first two objectives, the Pareto front (over all the
+    objectives) drawn as a line through its trials and labelled with their ids."""
+    x, y = (pareto.column(o["metric"]) for o in objectives[:2])
+    ok = _ok(trials)
+    chosen = pareto.front(trials, objectives).sort_values(x)
+    fig = _figure(6, 4.5)
+    ax = fig.add_subplot()
+    ax.scatter(pd.to_numeric(ok[x], errors="coerce"), pd.to_numeric(ok[y], errors="coerce"),
+               color="0.7", label="trials")  # fmt: skip
+    ax.plot(chosen[x], chosen[y], "o-", color="C3", label="Pareto front")
+    for trial_id, at_x, at_y in zip(chosen["trial_id"], chosen[x], chosen[y], strict=True):
+        ax.annotate(str(trial_id), (at_x, at_y), fontsize=7)
+    ax.set_xlabel(f"{objectives[0]['metric']} ({objectives[0]['mode']})")
+    ax.set_ylabel(f"{objectives[1]['metric']} ({objectives[1]['mode']})")
+    ax.legend()
+    return _save(fig, path)
+
+
 def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str | None = None) -> Path:
     """PNG: one annotated CKA heatmap (student x teacher layer) per group of ``cka_means``
     (``by=None``: per cell, else per algorithm), in rows of at most three panels.
@@ -1234,6 +1254,8 @@ class Report:
     equivalence: float | None = None  # the equivalence margin (ablation.equivalence)
     design: st.Design | None = None  # how the verdicts were decided (kdray.stats)
     family: pd.DataFrame | None = None  # one question across folders: the joint verdicts
+    pareto: pd.DataFrame | None = None  # a multi-objective sweep's non-dominated trials
+    objectives: list[dict[str, Any]] = field(default_factory=list)  # tune.objectives
 
     def sections(self) -> list[tuple[str, str | pd.DataFrame]]:
         """``(heading, frame or prose)`` in document order: one source for every output format."""
@@ -1273,6 +1295,15 @@ class Report:
                     f"Adaptive seeds: seeds per cell and why each stopped (alpha {self.alpha:g}, "
                     f"equivalence margin {self.equivalence:g})",
                     self.stopping,
+                )
+            )
+        if self.pareto is not None:
+            named = ", ".join(f"{o['metric']} ({o['mode']})" for o in self.objectives)
+            out.append(
+                (
+                    f"Pareto front: {len(self.pareto)} trials that no other beats on every "
+                    f"objective ({named}); export any with kdray export --trial",
+                    self.pareto,
                 )
             )
         if self.sweep is not None:
@@ -1564,6 +1595,8 @@ def _plot(report: Report, trials: pd.DataFrame, epochs: pd.DataFrame, plots: Pat
         )
     if report.cka is not None and not report.cka.empty:
         report.plots["cka"] = plot_cka(report.cka, plots / "cka.png", by=report.group)
+    if report.pareto is not None and len(report.objectives) >= 2:
+        report.plots["pareto"] = plot_pareto(trials, report.objectives, plots / "pareto.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1882,6 +1915,10 @@ def _sweep_sections(report: Report, trials: pd.DataFrame, top: int) -> None:
         report.best = best_per(trials, "distill.algorithm", metric, mode=mode)
     searched = searched_settings(ok, report.experiment)
     report.importance = parameter_importance(trials, searched, metric, mode=mode)
+    spec = (report.experiment or {}).get("spec") or {}
+    report.objectives = list((spec.get("tune") or {}).get("objectives") or [])
+    if report.objectives:
+        report.pareto = pareto.front(trials, report.objectives)
     finished = int(pd.to_numeric(ok[_metric_column(ok, metric)], errors="coerce").notna().sum())
     if finished < MIN_IMPORTANCE_TRIALS:
         report.notes.append(

@@ -466,7 +466,7 @@ RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 
 class OptunaSearcherSpec(_Strict):
-    sampler: Literal["tpe", "random", "cmaes", "qmc"] = "tpe"
+    sampler: Literal["tpe", "random", "cmaes", "qmc", "nsga2"] = "tpe"
     seed: Seed | None = 0
     storage: str | None = Field(
         None,
@@ -556,6 +556,22 @@ class WandbSpec(_Strict):
     dir: str | None = Field(None, description="Default: <results folder>/wandb.")
 
 
+#: Objectives measured on the student rather than on dev: its parameter count, and its CPU
+#: latency per example (:mod:`kdray.footprint`).
+FOOTPRINT_OBJECTIVES = ("params", "latency_ms")
+
+
+class ObjectiveSpec(_Strict):
+    """One objective of a multi-objective sweep."""
+
+    metric: str = Field(
+        ...,
+        description="A dev metric of the task (accuracy, f1, pearson, ...), params (student "
+        "parameters) or latency_ms (median CPU milliseconds per example, measured by kdray).",
+    )
+    mode: Literal["max", "min"]
+
+
 class TuneSpec(_Strict):
     metric: str | None = Field(
         None, description="A dev metric of the task; default its main metric."
@@ -592,6 +608,45 @@ class TuneSpec(_Strict):
     )
     mlflow: MlflowSpec = MlflowSpec()
     wandb: WandbSpec = WandbSpec()
+    objectives: list[ObjectiveSpec] = Field(
+        default_factory=list,
+        max_length=3,
+        description="Two or three objectives for a multi-objective search (Optuna's TPE, "
+        "NSGA-II, random or QMC sampler; FIFO scheduler): the first a dev metric (it also picks "
+        "each trial's best epoch), the others dev metrics, params or latency_ms. The report "
+        "lists and draws the Pareto front.",
+    )
+
+    @model_validator(mode="after")
+    def _objectives_fit(self) -> TuneSpec:
+        """A multi-objective search must be one Optuna (or grid) and FIFO can run."""
+        if not self.objectives:
+            return self
+        metrics = [o.metric.removeprefix("dev.") for o in self.objectives]
+        first = self.objectives[0]
+        problems = []
+        if len(metrics) < 2:
+            problems.append("give two or three objectives (one is tune.metric and tune.mode)")
+        if len(set(metrics)) != len(metrics):
+            problems.append("give each objective's metric once")
+        if metrics[0] in FOOTPRINT_OBJECTIVES:
+            problems.append(f"the first objective picks each trial's best epoch: a dev metric, "
+                            f"not {metrics[0]}")  # fmt: skip
+        if self.metric is not None and self.metric.removeprefix("dev.") != metrics[0]:
+            problems.append(f"tune.metric {self.metric!r} differs from the first objective "
+                            f"{metrics[0]!r}: drop tune.metric")  # fmt: skip
+        if self.mode != first.mode:
+            problems.append(f"tune.mode {self.mode} differs from the first objective's mode "
+                            f"{first.mode}: set tune.mode: {first.mode}")  # fmt: skip
+        if self.scheduler.kind != "fifo":
+            problems.append("ASHA stops trials by one metric; a multi-objective search runs "
+                            "every trial out: use scheduler: {fifo: {}}")  # fmt: skip
+        optuna = self.searcher.optuna
+        if self.searcher.kind == "optuna" and optuna is not None and optuna.sampler == "cmaes":
+            problems.append("the CMA-ES sampler has one objective: use nsga2, tpe, random or qmc")
+        if problems:
+            raise ValueError("objectives: " + "; ".join(problems))
+        return self
 
     @field_validator("loggers")
     @classmethod

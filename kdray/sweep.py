@@ -33,7 +33,7 @@ import ray
 from ray import tune
 from ray.tune import Callback
 
-from kdray import check, data, faults, plan, results
+from kdray import check, data, faults, footprint, pareto, plan, results
 from kdray.api import SpecLike, as_spec
 from kdray.distill import STUDENT_DIR, distill, selection_metric
 from kdray.plan import OBJECTIVE, RUNG_TIME
@@ -163,21 +163,34 @@ def make_searcher(
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
     }
     points = [
         {k: json_cell(v) for k, v in point.items() if k in spec.search}
         for point in spec.tune.points_to_evaluate
     ]
+    metrics, modes = objective_keys(spec, metric)
     searcher = OptunaSearch(
         space=plan.OptunaSpace(spec),
-        metric=metric,
-        mode=spec.tune.mode,
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
         sampler=samplers[kind](),
         points_to_evaluate=points or None,
         storage=storage,
         study_name=study_name or spec.name,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=spec.tune.max_concurrent)
+
+
+def objective_keys(spec: Spec, metric: str = OBJECTIVE) -> tuple[list[str], list[str]]:
+    """The result keys Optuna optimises and their modes: ``metric`` (the best dev metric so
+    far), then each further objective of ``tune.objectives`` (``student_params``,
+    ``latency_ms`` or ``best.dev.<metric>``, as every report of a trial carries them)."""
+    keys, modes = [metric], [spec.tune.mode]
+    for objective in spec.tune.objectives[1:]:
+        keys.append(pareto.column(objective.metric))
+        modes.append(objective.mode)
+    return keys, modes
 
 
 def make_scheduler(
@@ -247,6 +260,7 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
         local = teacher.fetch(spec.teacher.checkpoint, spec)
         spec = spec.with_values({"teacher.checkpoint": local})
     metric = selection_metric(spec)
+    measured = _footprint(spec)
 
     checkpoint = tune.get_checkpoint()
     resume_dir: str | None = None
@@ -263,6 +277,7 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
             OBJECTIVE: record.get(f"best.dev.{metric}", math.nan),
             "node_id": node,
             "status": "running",
+            **measured,
         }
         if save is None:  # an epoch restored from a checkpoint, reported again for the tables
             tune.report(metrics)
@@ -280,7 +295,16 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
     if result.status != "ok" or not result.records:
         # Diverged or raised inside the loop: record it and end the trial normally (a retry
         # would fail the same way); a lost worker is retried by Ray from the checkpoint.
-        tune.report(_final_report(result.status, result.error, node, started))
+        tune.report({**_final_report(result.status, result.error, node, started), **measured})
+
+
+def _footprint(spec: Spec) -> dict[str, float]:
+    """The student's CPU latency when an objective asks for it (measured before training, on
+    the trial's node and threads), else nothing."""
+    if not any(o.metric == "latency_ms" for o in spec.tune.objectives):
+        return {}
+    teacher_path = spec.teacher.checkpoint or spec.teacher.model
+    return footprint.measure(spec, teacher_path, data.task_of(spec).num_labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +332,7 @@ _RAY_KEYS = {
     RUNG_TIME,
     TB_STEP,
     "node_id",
+    "latency_ms",
 }
 
 
@@ -424,7 +449,10 @@ class TableWriter(Callback):
         cell finished), for the caller to delete once the table is written; their rows keep
         every metric, with no ``student_path``."""
         policy = self.spec.tune.keep_students
-        keep = plan.students_to_keep(list(self.rows.values()), policy, self.spec.tune.mode)
+        objectives = [o.model_dump() for o in self.spec.tune.objectives]
+        keep = plan.students_to_keep(
+            list(self.rows.values()), policy, self.spec.tune.mode, objectives
+        )
         pruned = []
         for trial_id, row in self.rows.items():
             path = row.get("student_path")
@@ -472,6 +500,8 @@ class TableWriter(Callback):
             ablation = trial.config["ablation"]
             extra = {k: v for k, v in ablation.items() if k != "values"}  # cell, seed, ...
         extra["node_id"] = last.get("node_id")
+        if "latency_ms" in last:  # measured for tune.objectives
+            extra["latency_ms"] = last["latency_ms"]
         extra["num_failures"] = getattr(trial, "num_failures", 0)
         self.rows[trial.trial_id] = results.trial_row(
             spec, result, trial_id=trial.trial_id, extra=extra

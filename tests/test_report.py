@@ -904,6 +904,7 @@ def test_report_imports_no_kdray_module_but_the_torch_free_results_and_registry(
         "kdray.results",
         "kdray.algorithms",
         "kdray.stats",
+        "kdray.pareto",
     }
     assert not {"torch", "transformers", "ray"} & {m.split(".")[0] for m in modules}
     check = "import sys, kdray.report; assert 'torch' not in sys.modules, 'torch imported'"

@@ -1,0 +1,106 @@
+"""Tests for multi-objective sweeps: the Pareto front (kdray.pareto), the objectives' spec, the
+latency measurement (kdray.footprint) and a two-objective sweep end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import grid_tune, tiny_spec_dict
+from kdray import pareto
+from kdray.spec import SpecError, spec_from_dict
+
+TWO = [{"metric": "accuracy", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}]
+
+
+def test_a_trial_is_dominated_when_another_is_as_good_everywhere_and_better_somewhere() -> None:
+    # (accuracy max, latency min): b beats a on both; c trades accuracy for speed; d ties c
+    values = np.array([[0.60, 5.0], [0.70, 4.0], [0.65, 2.0], [0.65, 2.0], [np.nan, 1.0]])
+    assert list(pareto.dominated(values, ["max", "min"])) == [True, False, False, False, True]
+
+
+def test_the_front_lists_finished_non_dominated_trials_best_first() -> None:
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d"],
+            "status": ["ok", "ok", "ok", "error"],
+            "best.dev.accuracy": [0.6, 0.7, 0.65, 0.9],
+            "latency_ms": [5.0, 4.0, 2.0, 0.1],
+            "param.student.layers": [3, 3, 1, 1],
+        }
+    )
+    front = pareto.front(trials, TWO)
+    assert list(front["trial_id"]) == ["b", "c"]  # d errored: not a candidate
+    assert list(front.columns) == [
+        "trial_id", "best.dev.accuracy", "latency_ms", "param.student.layers"
+    ]  # fmt: skip
+    params = [{"metric": "accuracy", "mode": "max"}, {"metric": "params", "mode": "min"}]
+    assert pareto.column("params") == "student_params" and pareto.front(trials, params).empty
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ({"objectives": TWO[:1]}, "give two or three objectives"),
+        ({"objectives": TWO[::-1]}, "the first objective picks each trial's best epoch"),
+        ({"objectives": TWO, "scheduler": {"asha": {}}}, "use scheduler: {fifo: {}}"),
+        ({"objectives": TWO, "mode": "min"}, "set tune.mode: max"),
+        ({"objectives": TWO, "searcher": {"optuna": {"sampler": "cmaes"}}}, "CMA-ES sampler"),
+        ({"objectives": [*TWO, TWO[1]]}, "give each objective's metric once"),
+    ],
+)
+def test_objectives_that_cannot_run_are_refused_with_the_fix(
+    tiny_bert: Path, tune: dict[str, Any], message: str
+) -> None:
+    raw = tiny_spec_dict(tiny_bert)
+    raw["tune"] = {"scheduler": {"fifo": {}}, **tune}
+    with pytest.raises(SpecError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        spec_from_dict(raw)
+
+
+def test_latency_grows_with_the_students_layers(tiny_bert: Path) -> None:
+    from kdray import footprint
+
+    measured = {}
+    for layers in (1, 4):
+        raw = tiny_spec_dict(tiny_bert, student={"layers": layers, "init": "teacher"})
+        raw["distill"] = {"algorithm": "soft"}
+        spec = spec_from_dict(raw)
+        model = footprint.student_architecture(spec, str(tiny_bert), 2)
+        assert model.config.num_hidden_layers == layers
+        measured[layers] = footprint.cpu_latency_ms(model, 32, rounds=30)
+    assert 0 < measured[1] < measured[4]
+
+
+def test_a_two_objective_sweep_writes_its_front_and_keeps_each_front_students(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    import kdray
+    from kdray.cli import app
+    from kdray.report import build_report
+
+    raw = tiny_spec_dict(tiny_bert, name="pareto", train={"epochs": 1})
+    raw["distill"] = {"algorithm": "soft"}
+    raw["search"] = {"student.layers": {"grid": [1, 3]}, "train.lr": {"grid": [1e-4, 1e-3]}}
+    raw["tune"] = grid_tune(objectives=TWO, max_concurrent=1)
+    out = tmp_path / "sweep"
+    trials, _ = kdray.sweep(raw, out=out, address=cluster.address)
+    assert len(trials) == 4 and trials["latency_ms"].gt(0).all()
+    report = build_report(out, plots_dir=tmp_path / "plots")
+    expected = pareto.front(trials, TWO)
+    assert list(report.pareto["trial_id"]) == list(expected["trial_id"])
+    assert (tmp_path / "plots" / "pareto.png").stat().st_size > 0
+    assert "Pareto front" in report.to_markdown()
+    kept = set(trials.loc[trials["student_path"].notna(), "trial_id"])
+    assert kept == set(expected["trial_id"])  # every front trial can be exported
+    last = expected["trial_id"].iloc[-1]
+    done = CliRunner().invoke(
+        app, ["export", str(out), "--trial", str(last), "--to", str(tmp_path / "student")]
+    )
+    assert done.exit_code == 0, done.output[-2000:]
