@@ -305,7 +305,11 @@ def _recipe_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[st
             lines += _settings_lines(values)
         return lines
     sweep = phase_trials(folder, "sweep")
-    best = None if sweep.empty else plan.best_trial(sweep, spec.tune.mode)
+    best = (
+        None
+        if sweep.empty
+        else plan.best_trial(sweep, spec.tune.mode, spec.tune.seeds_per_trial > 1)
+    )
     if best is None:
         return [*lines, "No phase has finished yet: nothing is known so far."]
     metric = _metric(spec, sweep)

@@ -95,7 +95,7 @@ def open_run(folder: str | Path, *, trial: str | None = None, best: bool = False
             f"{experiment_file}: its spec no longer loads with kdray {__version__} ({error}); "
             "re-run it with the kdray version that wrote it"
         ) from error
-    row = _pick_trial(path, trials, trial, base.tune.mode)
+    row = _pick_trial(path, trials, trial, base.tune.mode, base.tune.seeds_per_trial > 1)
     spec = base.with_values(_row_settings(row, base)) if len(trials) > 1 else base
     student = path / STUDENT_DIR
     if experiment.get("command", "run") != "run":
@@ -122,15 +122,18 @@ def open_run(folder: str | Path, *, trial: str | None = None, best: bool = False
     return RunFolder(path, row, spec, spec_dict, student, cka)
 
 
-def _pick_trial(path: Path, trials: pd.DataFrame, trial: str | None, mode: str) -> dict:
-    """The trial named by ``trial``, else the best ok one."""
+def _pick_trial(
+    path: Path, trials: pd.DataFrame, trial: str | None, mode: str, by_mean: bool = False
+) -> dict:
+    """The trial named by ``trial``, else the best ok one (``by_mean``: the best seed of the
+    configuration with the best seed mean)."""
     if trial is not None:
         chosen = trials[trials["trial_id"] == trial]
         if chosen.empty:
             shown = ", ".join(map(str, trials["trial_id"].head(10)))
             raise ExportError(f"{path}: no trial {trial!r} (trials: {shown}); or use --best")
         return chosen.iloc[0].to_dict()
-    best = plan.best_trial(trials, mode)
+    best = plan.best_trial(trials, mode, by_mean)
     if best is None:
         counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
         raise ExportError(f"{path}: no trial finished ok ({counts}): nothing to export")

@@ -28,6 +28,7 @@ from kdray.store import json_cell
 
 OBJECTIVE = "objective"  # best dev metric so far over classifier-trained epochs; NaN before
 RUNG_TIME = "kd_epoch"  # epochs in which the classifier was trained (ASHA's time axis)
+SEED_INDEX = "__trial_index__"  # Ray Tune's Repeater: which repeat of a configuration a trial is
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +125,8 @@ def trial_spec(base: Spec, config: dict[str, Any]) -> tuple[Spec, dict[str, Any]
         return base.with_values(values), values
     sampled = {k: v for k, v in config.items() if k in base.search}
     values = active_values(base, sampled)
+    if SEED_INDEX in config:  # tune.seeds_per_trial: the i-th paired seed of a configuration
+        values["train.seed"] = base.train.seed + int(config[SEED_INDEX])
     return base.with_values(values), values
 
 
@@ -270,8 +273,11 @@ def rank_key(row: dict[str, Any], mode: str) -> tuple[float, float, str, str]:
     return score("best"), score("final"), fingerprint, str(row.get("trial_id", ""))
 
 
-def best_trial(trials: pd.DataFrame, mode: str = "max") -> dict[str, Any] | None:
-    """The ok trial with the best value of its selection metric, as a row dict."""
+def best_trial(
+    trials: pd.DataFrame, mode: str = "max", by_mean: bool = False
+) -> dict[str, Any] | None:
+    """The ok trial with the best value of its selection metric, as a row dict; ``by_mean``
+    (``tune.seeds_per_trial`` > 1): the best seed of the configuration with the best mean."""
     ok = trials[trials["status"] == "ok"] if "status" in trials else trials
     if ok.empty:
         return None
@@ -282,4 +288,8 @@ def best_trial(trials: pd.DataFrame, mode: str = "max") -> dict[str, Any] | None
     ok = ok.dropna(subset=[column]).reset_index(drop=True)  # labels may repeat (concatenated)
     if ok.empty:
         return None
+    if by_mean:
+        means = results.seed_means(ok, column)
+        best = means.sort_values("mean", ascending=mode == "min", kind="stable").iloc[0]
+        ok = ok[[results.config_key(r) == best["config"] for r in ok.to_dict("records")]]
     return min(ok.to_dict("records"), key=lambda row: rank_key(row, mode))

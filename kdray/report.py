@@ -1255,6 +1255,7 @@ class Report:
     design: st.Design | None = None  # how the verdicts were decided (kdray.stats)
     family: pd.DataFrame | None = None  # one question across folders: the joint verdicts
     pareto: pd.DataFrame | None = None  # a multi-objective sweep's non-dominated trials
+    seeds: pd.DataFrame | None = None  # tune.seeds_per_trial: each configuration's seed spread
     objectives: list[dict[str, Any]] = field(default_factory=list)  # tune.objectives
 
     def sections(self) -> list[tuple[str, str | pd.DataFrame]]:
@@ -1304,6 +1305,14 @@ class Report:
                     f"Pareto front: {len(self.pareto)} trials that no other beats on every "
                     f"objective ({named}); export any with kdray export --trial",
                     self.pareto,
+                )
+            )
+        if self.seeds is not None:
+            out.append(
+                (
+                    "Configurations over their paired seeds (the searcher saw each mean; best "
+                    "mean first)",
+                    self.seeds,
                 )
             )
         if self.sweep is not None:
@@ -1907,6 +1916,14 @@ def _family_section(report: Report, folders: list[Any], alpha: float | None) -> 
     )
 
 
+def _seed_table(ok: pd.DataFrame, column: str, mode: str) -> pd.DataFrame:
+    """Each configuration's searched values, seeds, mean, sd, min and max, best mean first."""
+    table = results.seed_means(ok, column)
+    values = pd.DataFrame([json.loads(key) for key in table["config"]], index=table.index)
+    table = pd.concat([values, table.drop(columns="config")], axis=1)
+    return table.sort_values("mean", ascending=mode == "min", kind="stable").reset_index(drop=True)
+
+
 def _sweep_sections(report: Report, trials: pd.DataFrame, top: int) -> None:
     """A sweep's best trials, best trial per algorithm and importance of what it searched."""
     metric, mode, ok = report.metric, report.mode, _ok(trials)
@@ -1919,6 +1936,8 @@ def _sweep_sections(report: Report, trials: pd.DataFrame, top: int) -> None:
     report.objectives = list((spec.get("tune") or {}).get("objectives") or [])
     if report.objectives:
         report.pareto = pareto.front(trials, report.objectives)
+    if int((spec.get("tune") or {}).get("seeds_per_trial") or 1) > 1:
+        report.seeds = _seed_table(ok, _metric_column(ok, metric), mode)
     finished = int(pd.to_numeric(ok[_metric_column(ok, metric)], errors="coerce").notna().sum())
     if finished < MIN_IMPORTANCE_TRIALS:
         report.notes.append(

@@ -538,3 +538,23 @@ def claim_folder(
     problem = folder_conflict(folder, spec, command, resume=resume)
     if problem:
         raise ValueError(problem)
+
+
+def config_key(row: dict[str, Any]) -> str:
+    """A trial's configuration: its searched values (``param.*``) but the seed, as JSON."""
+    values = {
+        k: json_cell(v) for k, v in sorted(row.items())
+        if k.startswith("param.") and k != "param.train.seed"
+    }  # fmt: skip
+    return json.dumps(values)
+
+
+def seed_means(trials: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per configuration (:func:`config_key`) of the ok trials: seeds, mean, sd, min, max of
+    ``column``: what a seed-averaged sweep's searcher saw, and how far its seeds spread."""
+    ok = trials[trials["status"] == "ok"] if "status" in trials else trials
+    keys = [config_key(row) for row in ok.to_dict("records")]
+    values = pd.to_numeric(ok[column], errors="coerce")
+    grouped = values.groupby(pd.Series(keys, index=ok.index), sort=False)
+    table = grouped.agg(seeds="count", mean="mean", sd="std", min="min", max="max")
+    return table.rename_axis("config").reset_index()

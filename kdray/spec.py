@@ -608,6 +608,15 @@ class TuneSpec(_Strict):
     )
     mlflow: MlflowSpec = MlflowSpec()
     wandb: WandbSpec = WandbSpec()
+    seeds_per_trial: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Run each configuration the searcher proposes with this many paired seeds "
+        "(train.seed, train.seed + 1, ...; Ray Tune's Repeater): the searcher sees their mean, "
+        "the report their spread, the best configuration is the best mean. num_samples counts "
+        "configurations. FIFO scheduler only.",
+    )
     objectives: list[ObjectiveSpec] = Field(
         default_factory=list,
         max_length=3,
@@ -616,6 +625,22 @@ class TuneSpec(_Strict):
         "each trial's best epoch), the others dev metrics, params or latency_ms. The report "
         "lists and draws the Pareto front.",
     )
+
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> TuneSpec:
+        if self.seeds_per_trial == 1:
+            return self
+        problems = []
+        if self.scheduler.kind != "fifo":
+            problems.append("ASHA would stop some seeds of a configuration and bias its mean: "
+                            "use scheduler: {fifo: {}}")  # fmt: skip
+        if self.searcher.kind == "grid":
+            problems.append("a grid has no searcher to average for: add train.seed to the grid")
+        if self.objectives:
+            problems.append("the seed mean is of one objective: drop tune.objectives")
+        if problems:
+            raise ValueError("seeds_per_trial: " + "; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _objectives_fit(self) -> TuneSpec:

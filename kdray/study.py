@@ -66,13 +66,18 @@ def confirm_configs(trials: pd.DataFrame, spec: Spec, top_k: int) -> list[dict[s
     first by the sweep's metric and mode, as cells ``rank1``, ``rank2``, ...
 
     A configuration sampled twice counts once, with its best trial's score: the question is
-    which settings to keep, not which trial was luckiest.
+    which settings to keep, not which trial was luckiest. A seed-averaged sweep
+    (``tune.seeds_per_trial``) ranks and scores each configuration by its seeds' mean, as its
+    searcher did.
     """
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
     column = _metric_column(trials, spec)
     ok = trials[trials["status"] == "ok"] if "status" in trials else trials
     ok = ok.dropna(subset=[column])
+    if spec.tune.seeds_per_trial > 1:
+        means = results.seed_means(ok, column).set_index("config")["mean"]
+        ok = ok.assign(**{column: [means[results.config_key(r)] for r in ok.to_dict("records")]})
     ok = ok.sort_values(column, ascending=spec.tune.mode == "min", kind="stable")
     configs: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -158,7 +163,7 @@ def recipe_from_results(trials: pd.DataFrame, spec: Spec) -> tuple[dict[str, Any
             return {}, f"confirmed:{DEFAULT_CELL} ({winner['cell']} {control.word} than it)"
         rows = trials[trials["cell"] == winner["cell"]]
         return json.loads(rows.iloc[0][CONFIG_VALUES]), f"confirmed:{winner['cell']}"
-    best = plan.best_trial(trials, spec.tune.mode)
+    best = plan.best_trial(trials, spec.tune.mode, spec.tune.seeds_per_trial > 1)
     if best is None:
         raise ValueError("the results have no ok trial with a metric value to take a recipe from")
     return plan.sampled_settings(best, spec, exclude={"train.seed"}), f"sweep:{best['trial_id']}"

@@ -179,6 +179,10 @@ def make_searcher(
         storage=storage,
         study_name=study_name or spec.name,
     )
+    if spec.tune.seeds_per_trial > 1:  # the searcher sees each configuration's seed mean
+        from ray.tune.search import Repeater
+
+        searcher = Repeater(searcher, repeat=spec.tune.seeds_per_trial, set_index=True)
     return ConcurrencyLimiter(searcher, max_concurrent=spec.tune.max_concurrent)
 
 
@@ -884,7 +888,7 @@ def _sweep_plan(base: Spec, out: Path, scheduler: Any = None) -> TrialPlan:
         param_space=ray_space(base) if searcher is None else {},
         searcher=searcher,
         scheduler=scheduler or make_scheduler(base),
-        num_samples=base.tune.num_samples,
+        num_samples=base.tune.num_samples * base.tune.seeds_per_trial,  # Ray counts trials
         # the Optuna searcher is wrapped in a ConcurrencyLimiter already
         max_concurrent=base.tune.max_concurrent if searcher is None else None,
     )
@@ -1024,7 +1028,13 @@ def run_experiment(
     if not spec.tune.keep_checkpoints:
         prune_checkpoints(experiment, spec.tune.checkpoint_keep, drop_ended=True)
         _drop_outputs_cache(trials, store, name)
-    return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))
+    return SweepResult(
+        trials,
+        epochs,
+        out,
+        experiment,
+        plan.best_trial(trials, spec.tune.mode, spec.tune.seeds_per_trial > 1),
+    )
 
 
 def _drop_outputs_cache(trials: pd.DataFrame, store: str, name: str) -> None:
@@ -1106,7 +1116,13 @@ def _ended(
         return None
     logger.info("%s: its %d trials have ended already; nothing to resume", name, len(trials))
     experiment = results.experiment_path(out, storage, name)
-    return SweepResult(trials, epochs, out, experiment, plan.best_trial(trials, spec.tune.mode))
+    return SweepResult(
+        trials,
+        epochs,
+        out,
+        experiment,
+        plan.best_trial(trials, spec.tune.mode, spec.tune.seeds_per_trial > 1),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

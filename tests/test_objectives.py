@@ -1,5 +1,5 @@
-"""Tests for multi-objective sweeps: the Pareto front (kdray.pareto), the objectives' spec, the
-latency measurement (kdray.footprint) and a two-objective sweep end to end."""
+"""Tests for what a sweep's searcher optimises beyond one score of one seed: several objectives
+(the Pareto front, kdray.pareto; latency, kdray.footprint) and a seed-averaged objective."""
 
 from __future__ import annotations
 
@@ -104,3 +104,50 @@ def test_a_two_objective_sweep_writes_its_front_and_keeps_each_front_students(
         app, ["export", str(out), "--trial", str(last), "--to", str(tmp_path / "student")]
     )
     assert done.exit_code == 0, done.output[-2000:]
+
+
+def test_a_seed_averaged_sweep_shows_the_searcher_each_configurations_mean(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    import kdray
+    from kdray import plan, results
+    from kdray.report import build_report
+
+    raw = tiny_spec_dict(tiny_bert, name="seeds", train={"epochs": 1, "seed": 7})
+    raw["distill"] = {"algorithm": "soft"}
+    raw["search"] = {"train.lr": {"loguniform": [1e-4, 1e-3]}}
+    raw["tune"] = {"num_samples": 2, "seeds_per_trial": 2, "scheduler": {"fifo": {}},
+                   "searcher": {"optuna": {"sampler": "tpe", "seed": 0}},
+                   "max_concurrent": 1, "resources": {"cpu": 1}, "max_failures": 0}  # fmt: skip
+    out = tmp_path / "sweep"
+    trials, _ = kdray.sweep(raw, out=out, address=cluster.address)
+    assert len(trials) == 4 and set(trials["status"]) == {"ok"}
+    for _, group in trials.groupby("param.train.lr"):
+        assert sorted(group["param.train.seed"]) == [7, 8]  # the same paired seeds
+    means = results.seed_means(trials, "best.dev.accuracy")
+    assert list(means["seeds"]) == [2, 2]
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
+    study = optuna.load_study(study_name="seeds", storage=storage)
+    told = sorted(t.value for t in study.trials if t.state.name == "COMPLETE")
+    assert told == pytest.approx(sorted(means["mean"]))
+    best = plan.best_trial(trials, "max", by_mean=True)  # the best mean's best seed
+    assert results.config_key(best) == means.loc[means["mean"].idxmax(), "config"]
+    report = build_report(out)
+    assert list(report.seeds["seeds"]) == [2, 2]
+    assert report.seeds["mean"].iloc[0] == pytest.approx(means["mean"].max())
+
+
+def test_seeds_per_trial_needs_fifo_a_searcher_and_one_objective(tiny_bert: Path) -> None:
+    raw = tiny_spec_dict(tiny_bert)
+    for tune, message in (
+        ({"seeds_per_trial": 2, "scheduler": {"asha": {}}}, "bias its mean"),
+        ({"seeds_per_trial": 2, "scheduler": {"fifo": {}}, "searcher": {"grid": {}}},
+         "add train.seed to the grid"),
+        ({"seeds_per_trial": 2, "scheduler": {"fifo": {}}, "objectives": TWO},
+         "the seed mean is of one objective"),
+    ):  # fmt: skip
+        with pytest.raises(SpecError, match=message):
+            spec_from_dict({**raw, "tune": tune})
