@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForSequenceClassification,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
 
 from kdray.spec import LayerChoice
@@ -70,19 +76,26 @@ def load_tokenizer(name: str) -> Any:
         return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
-def load_classifier(name: str, num_labels: int, *, new_head: bool = False) -> nn.Module:
+def load_classifier(
+    name: str, num_labels: int, *, new_head: bool = False, pooling: str | None = None
+) -> nn.Module:
     """A sequence classifier with eager attention, so attention probabilities come out of it.
 
     ``new_head``: a checkpoint about to be fine-tuned may carry a head of another size (a model
-    fine-tuned on another task): it gets a fresh one. A fine-tuned teacher must fit as it is."""
+    fine-tuned on another task): it gets a fresh one. A fine-tuned teacher must fit as it is.
+    ``pooling``: ``mean`` gives a BERT a mean-pooled head (:class:`MeanPooledBert`), kept in
+    its config (``kdray_pooling``) so the saved teacher loads with it again; None: as saved."""
     path = resolve_model_path(name)
     try:
         with quiet_loading(), warnings.catch_warnings():
             # a refused pickle is reported below in its own words, not torch's protocol note
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            model = AutoModelForSequenceClassification.from_pretrained(
+            config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+            config.kdray_pooling = pooling or getattr(config, "kdray_pooling", "cls")
+            cls = _classifier_class(config)
+            model = cls.from_pretrained(
                 path,
-                num_labels=num_labels,
+                config=config,
                 attn_implementation="eager",
                 ignore_mismatched_sizes=new_head,
             )
@@ -101,6 +114,51 @@ def load_classifier(name: str, num_labels: int, *, new_head: bool = False) -> nn
         )
         raise ModelError(f"cannot load model {name!r}{hint}: {error}") from error
     return model
+
+
+def _classifier_class(config: Any) -> Any:
+    """AutoModelForSequenceClassification, or :class:`MeanPooledBert` for ``mean`` pooling."""
+    if config.kdray_pooling == "cls":
+        return AutoModelForSequenceClassification
+    if config.model_type != "bert":
+        raise ModelError(
+            f"teacher.pooling: mean is built for BERT models; this one is {config.model_type!r}: "
+            "use pooling: cls"
+        )
+    return MeanPooledBert
+
+
+class MeanPooledBert(BertForSequenceClassification):
+    """A BERT classifier on the attention-masked mean of its last layer instead of the [CLS]
+    pooler: the head a sentence-embedding checkpoint was trained for. Hidden states and
+    attentions come out as BERT's, so distillation reads it like any teacher."""
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutput:
+        out = self.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        last = out.last_hidden_state
+        if attention_mask is None:
+            attention_mask = torch.ones(last.shape[:2], device=last.device)
+        mask = attention_mask.unsqueeze(-1).to(last.dtype)
+        pooled = (last * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        logits = self.classifier(self.dropout(pooled))
+        return SequenceClassifierOutput(
+            logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
 
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "model.pt", "model.pth")
@@ -235,7 +293,9 @@ def disable_attention_dropout(model: nn.Module) -> None:
 
 
 def _config_with(config: Any, **overrides: Any) -> Any:
-    new = AutoConfig.for_model(**{**config.to_dict(), **overrides})
+    """A student's config from its teacher's: students keep the [CLS] head whatever the
+    teacher's pooling (``kdray_pooling``)."""
+    new = AutoConfig.for_model(**{**config.to_dict(), "kdray_pooling": "cls", **overrides})
     new._attn_implementation = "eager"
     return new
 

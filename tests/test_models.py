@@ -361,3 +361,24 @@ def test_a_teacher_whose_weights_are_a_code_running_pickle_is_refused_in_one_par
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "weights-only loading refuses" in " ".join(result.output.split())
     assert not marker.exists()  # nothing it carried ran
+
+
+def test_a_mean_pooled_teacher_classifies_the_masked_mean_and_loads_back_as_one(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from kdray.models import MeanPooledBert, build_student, load_classifier
+
+    teacher = load_classifier(str(tiny_bert), 2, new_head=True, pooling="mean").eval()
+    assert isinstance(teacher, MeanPooledBert)
+    ids = torch.tensor([[101, 2023, 2003, 102, 0], [101, 7592, 102, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        last = out.hidden_states[-1]
+        by_hand = torch.stack([last[0, :4].mean(0), last[1, :3].mean(0)])  # real tokens only
+        assert torch.allclose(out.logits, teacher.classifier(by_hand), atol=1e-6)
+    teacher.save_pretrained(tmp_path / "teacher")
+    again = load_classifier(str(tmp_path / "teacher"), 2)
+    assert isinstance(again, MeanPooledBert)  # the saved config keeps the head
+    student = build_student(again, layers=2, init="teacher", init_layers="skip", num_labels=2)
+    assert student.config.kdray_pooling == "cls" and not isinstance(student, MeanPooledBert)
