@@ -29,6 +29,7 @@ SEARCHABLE = (
     "teacher.max_grad_norm",
     "teacher.seed",
     "teacher.layer_decay",
+    "teacher.pooling",
     "data.max_seq_length",
 )
 #: The seeds the best configuration is fine-tuned again with (its own search seed aside).
