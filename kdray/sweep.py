@@ -997,28 +997,7 @@ def run_experiment(
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # kdray prunes, safely
         verbose=0,
     )
-    # only the loggers tune.loggers names (Ray adds CSV, JSON and TensorBoard ones otherwise)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    if resume:
-        tuner = tune.Tuner.restore(
-            experiment, trainable=fn, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        chosen = make_plan(base, out)
-        tuner = tune.Tuner(
-            fn,
-            param_space=chosen.param_space,
-            tune_config=tune.TuneConfig(
-                search_alg=chosen.searcher,
-                scheduler=chosen.scheduler,
-                num_samples=chosen.num_samples,
-                max_concurrent_trials=chosen.max_concurrent,
-                # A trial after the first runs in a worker that has torch, transformers and
-                # kdray imported already: seconds saved per trial (see benchmarks/README.md).
-                reuse_actors=True,
-            ),
-            run_config=run_config,
-        )
+    tuner = _tuner(fn, run_config, experiment, make_plan(base, out) if not resume else None)
     _keep_io_failures()
     _IOFailures.seen.clear()
     tuner.fit()
@@ -1028,12 +1007,32 @@ def run_experiment(
     if not spec.tune.keep_checkpoints:
         prune_checkpoints(experiment, spec.tune.checkpoint_keep, drop_ended=True)
         _drop_outputs_cache(trials, store, name)
-    return SweepResult(
-        trials,
-        epochs,
-        out,
-        experiment,
-        plan.best_trial(trials, spec.tune.mode, spec.tune.seeds_per_trial > 1),
+    by_mean = spec.tune.seeds_per_trial > 1
+    best = plan.best_trial(trials, spec.tune.mode, by_mean)
+    return SweepResult(trials, epochs, out, experiment, best)
+
+
+def _tuner(fn: Any, run_config: Any, experiment: str, chosen: TrialPlan | None) -> Any:
+    """A new Tuner for ``chosen``'s trials, or (``chosen`` None) the experiment restored."""
+    # only the loggers tune.loggers names (Ray adds CSV, JSON and TensorBoard ones otherwise)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    if chosen is None:
+        return tune.Tuner.restore(
+            experiment, trainable=fn, resume_unfinished=True, resume_errored=True
+        )
+    return tune.Tuner(
+        fn,
+        param_space=chosen.param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=chosen.searcher,
+            scheduler=chosen.scheduler,
+            num_samples=chosen.num_samples,
+            max_concurrent_trials=chosen.max_concurrent,
+            # A trial after the first runs in a worker that has torch, transformers and
+            # kdray imported already: seconds saved per trial (see benchmarks/README.md).
+            reuse_actors=True,
+        ),
+        run_config=run_config,
     )
 
 

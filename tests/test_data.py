@@ -41,8 +41,9 @@ SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "glue"
 # Task registry
 
 
-def test_registry_has_the_eight_classification_tasks() -> None:
-    assert set(TASKS) == {"cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli"}
+def test_registry_has_the_eight_classification_tasks_and_stsb() -> None:
+    assert set(TASKS) == {"cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli", "stsb"}
+    assert [t.name for t in TASKS.values() if t.regression] == ["stsb"]
     for name, task in TASKS.items():
         assert task.name == name
         assert task.num_labels == len(task.labels)
@@ -81,11 +82,10 @@ def test_unknown_task_lists_allowed_names() -> None:
         get_task("squad")
 
 
-def test_stsb_is_not_supported() -> None:
-    with pytest.raises(DataError, match="not supported.*regression"):
-        get_task("stsb")
-    with pytest.raises(DataError, match="not supported"):
-        get_task("STS-B")
+def test_stsb_is_spelt_as_the_glue_folder_too_and_ax_is_not_supported() -> None:
+    assert get_task("STS-B") is TASKS["stsb"]
+    with pytest.raises(DataError, match="not supported: AX is a test-only diagnostic set"):
+        get_task("ax")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +178,12 @@ EXPECTED: dict[str, dict[str, tuple[int, str, str | None, list[int]]]] = {
             [1, 0, 0, 1, 1],
         ),
     },
+    "stsb": {
+        "train": (8, "A man is playing a guitar.", "A man plays the guitar.",
+                  [4.8, 4.2, 0.4, 3.6, 3.9, 0.0, 1.8, 4.6]),
+        "dev": (6, "A boy is riding a bicycle.", "A child rides a bike.",
+                [4.4, 0.2, 3.2, 3.4, 0.6, 2.0]),
+    },  # fmt: skip
 }
 
 
@@ -191,7 +197,8 @@ def test_fixture_parses(task: str, split: str) -> None:
     assert examples[0] == Example(text_a, text_b, labels[0])
     assert [ex.label for ex in examples] == labels
     assert all((ex.text_b is None) == (not TASKS[task].is_pair) for ex in examples)
-    assert all(0 <= ex.label < TASKS[task].num_labels for ex in examples)
+    if not TASKS[task].regression:  # a regression's labels are scores
+        assert all(0 <= ex.label < TASKS[task].num_labels for ex in examples)
 
 
 def test_every_task_has_fixtures() -> None:
@@ -332,6 +339,7 @@ TEST_FIXTURES = {
     ("qnli", "test"): (3, "0", "2", "When was the tower built?"),
     ("rte", "test"): (3, "0", "2", "The museum reopened in March after a two-year renovation."),
     ("wnli", "test"): (2, "0", "1", "The ball broke the table because it was heavy."),
+    ("stsb", "test"): (4, "0", "3", "A horse is running."),
 }
 
 
@@ -393,6 +401,7 @@ def test_submission_file_names_are_the_glue_servers() -> None:
         "qnli": "QNLI.tsv",
         "rte": "RTE.tsv",
         "wnli": "WNLI.tsv",
+        "stsb": "STS-B.tsv",
     }
     assert TASKS["mnli"].submission_file("test_mismatched") == "MNLI-mm.tsv"
     assert TASKS["mnli"].submission_file("dev_mismatched") == "MNLI-mm.tsv"

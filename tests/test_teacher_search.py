@@ -132,13 +132,16 @@ def test_a_setting_added_later_changes_no_fingerprint_or_teacher_key_at_its_defa
     from kdray.store import content_hash
 
     base = spec_from_dict(tiny_spec_dict(tiny_bert))
-    decayed = base.with_values({"teacher.layer_decay": 0.8})
-    # the fingerprint a spec had before teacher.layer_decay existed: its flat settings without it
-    flat = {k: v for k, v in base.flat().items() if k not in ("name", "teacher.layer_decay")}
+    later = ("teacher.layer_decay", "teacher.pooling", "data.source")
+    # the fingerprint a spec had before these existed: its flat settings without them
+    flat = {k: v for k, v in base.flat().items() if k not in ("name", *later)}
     assert base.fingerprint() == content_hash({**flat, "teacher.cache.verify": "sizes"}, 16)
-    assert decayed.fingerprint() != base.fingerprint()
-    assert "layer_decay" not in teacher.teacher_settings(base, "data")
-    assert teacher.teacher_settings(decayed, "data")["layer_decay"] == 0.8
+    for key, value in (("teacher.layer_decay", 0.8), ("teacher.pooling", "mean")):
+        changed = base.with_values({key: value})
+        assert changed.fingerprint() != base.fingerprint()
+        name = key.split(".")[1]
+        assert name not in teacher.teacher_settings(base, "data")
+        assert teacher.teacher_settings(changed, "data")[name] == value
 
 
 def test_a_teacher_fine_tuned_with_layer_decay_is_cached_under_its_own_key(
