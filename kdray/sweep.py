@@ -13,6 +13,7 @@ decided in :mod:`kdray.plan`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -1336,6 +1337,10 @@ class _CallableModule(types.ModuleType):
 
     def __call__(self, spec: SpecLike, **options: Any) -> Results:
         return search(spec, **options)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # pickled by name like any module (a Ray closure may hold it): imported again there
+        return importlib.import_module, (self.__name__,)
 
 
 sys.modules[__name__].__class__ = _CallableModule
