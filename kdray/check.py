@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kdray import results
 from kdray.spec import Spec
@@ -67,7 +69,7 @@ def preflight(
     storage: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    cluster_resources: dict[str, float] | None = None,
+    cluster_resources: dict[str, Any] | None = None,
     skip: dict[str, str] | None = None,
 ) -> list[Check]:
     """Every check that applies to ``kdray <command>`` on ``spec`` (``run``, ``sweep`` or
@@ -94,6 +96,7 @@ def preflight(
             ("searched settings", lambda: _searched_check(spec, command)),
             ("tune.resources", lambda: _resources_check(spec, address, cluster_resources)),
             ("storage", lambda: _storage_check(store)),
+            ("shared storage", lambda: _shared_check(address, storage, cluster_resources)),
             ("resume", lambda: _resume_check(spec, command, store, resume, out)),
         ]
     skip = skip or {}
@@ -349,13 +352,31 @@ def _machine_resources() -> dict[str, float]:
 
 
 def _resources_check(
-    spec: Spec, address: str | None, cluster: dict[str, float] | None
+    spec: Spec, address: str | None, cluster: dict[str, Any] | None
 ) -> tuple[bool, str]:
-    """A trial that asks for more than the whole machine (or cluster) has never starts: Ray
-    keeps it pending, waiting for resources that never come."""
+    """A trial that asks for more than any one node (or this machine) has never starts: Ray
+    keeps it pending, waiting for resources that never come. A trial runs on one node, so a
+    cluster's totals are not enough: some node must hold all of it."""
     have = cluster if cluster is not None else _machine_resources()
     where = f"the cluster at {address}" if cluster is not None else "this machine"
     need = spec.tune.resources
+    nodes = (cluster or {}).get("nodes") or []
+    if nodes:
+        fits = [n for n in nodes if n.get("CPU", 0) >= need.cpu and n.get("GPU", 0) >= need.gpu]
+        if not fits:
+            shown = "; ".join(
+                f"{n.get('address') or '?'}: {n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU"
+                for n in nodes[:8]
+            )
+            return False, (
+                f"tune.resources asks {need.cpu:g} CPU and {need.gpu:g} GPU per trial, but no "
+                f"node of {where} has both ({shown}): a trial runs on one node, so lower "
+                "tune.resources to what one node has, or add a larger node"
+            )
+        return True, (
+            f"{need.cpu:g} CPU, {need.gpu:g} GPU per trial; {len(fits)} of {len(nodes)} nodes "
+            f"of {where} fit one"
+        )
     cpus, gpus = float(have.get("CPU", 0)), float(have.get("GPU", 0))
     if need.gpu > 0 and gpus == 0:
         return False, (
@@ -376,6 +397,41 @@ def _resources_check(
     return (
         True,
         f"{need.cpu:g} CPU, {need.gpu:g} GPU per trial; {where}: {cpus:g} CPU, {gpus:g} GPU",
+    )
+
+
+def _is_this_machine(address: str) -> bool:
+    """Whether a node address is this machine (loopback, or one of its own addresses)."""
+    if not address or address.startswith("127.") or address in ("localhost", "::1"):
+        return True
+    try:
+        own = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        own = set()
+    return address in own
+
+
+def _shared_check(
+    address: str | None, storage: str | None, cluster: dict[str, Any] | None
+) -> tuple[bool | None, str]:
+    """Trials on another machine read the teacher, its outputs and their checkpoints from the
+    experiment's storage: the driver's own disk is not theirs (Ray fails at the first
+    checkpoint)."""
+    if not address:
+        return None, "no --address: every trial runs on this machine"
+    if storage:
+        if "://" in storage:
+            return True, f"{storage}: a store every node reaches"
+        return True, f"{storage}: a folder every node must mount at this path"
+    away = [n["address"] for n in (cluster or {}).get("nodes") or []
+            if not _is_this_machine(n.get("address", ""))]  # fmt: skip
+    if not away:
+        return True, "every node of the cluster is this machine: its disk is shared"
+    return False, (
+        f"--address {address}: nodes {', '.join(sorted(set(away))[:5])} are other machines, "
+        "which cannot read this machine's folders. Give --storage with a location every node "
+        "reaches: s3://bucket/kdray (or gs://, abfs://, ...) or a folder every node mounts at "
+        "the same path (NFS, Lustre)"
     )
 
 

@@ -241,7 +241,7 @@ def _results_dir(spec: Spec, out: Path | None) -> Path:
     return _working_in(out or Path("results") / spec.name)
 
 
-def _cluster_resources(address: str | None) -> dict[str, float] | None:
+def _cluster_resources(address: str | None) -> dict[str, Any] | None:
     if not address:
         return None
     from kdray.sweep import cluster_resources

@@ -1049,11 +1049,21 @@ def _drop_outputs_cache(trials: pd.DataFrame, store: str, name: str) -> None:
         logger.info("deleted the teacher-output cache %s: every trial has ended", root)
 
 
-def cluster_resources(address: str) -> dict[str, float]:
-    """What the Ray cluster at ``address`` offers (``CPU``, ``GPU``, ...), for the pre-flight
-    checks; joins the cluster (which the sweep then uses) and starts nothing."""
+def cluster_resources(address: str) -> dict[str, Any]:
+    """What the Ray cluster at ``address`` offers (``CPU``, ``GPU``, ... in total) and, under
+    ``nodes``, each alive node's address and resources (a trial must fit on one node), for the
+    pre-flight checks; joins the cluster (which the sweep then uses) and starts nothing."""
     init_ray(address)
-    return {key: float(value) for key, value in ray.cluster_resources().items()}
+    totals: dict[str, Any] = {k: float(v) for k, v in ray.cluster_resources().items()}
+    totals["nodes"] = [
+        {
+            "address": node.get("NodeManagerAddress", ""),
+            **{k: float(v) for k, v in node.get("Resources", {}).items() if k in ("CPU", "GPU")},
+        }
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    return totals
 
 
 def run_trials(

@@ -173,6 +173,54 @@ def test_a_trial_asking_for_a_gpu_the_machine_lacks_is_refused(
     assert "the cluster at auto: 16 CPU, 2 GPU" in checks["tune.resources"].detail
 
 
+def test_a_trial_must_fit_on_one_node_not_on_the_clusters_totals(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec = _spec(tiny_bert, search=SEARCH, tune={"resources": {"cpu": 4, "gpu": 1}})
+    # 8 CPU and 2 GPU in total, but the GPU nodes have 2 CPUs each and the big node no GPU
+    nodes = [
+        {"address": "10.0.0.1", "CPU": 4.0},
+        {"address": "10.0.0.2", "CPU": 2.0, "GPU": 1.0},
+        {"address": "10.0.0.3", "CPU": 2.0, "GPU": 1.0},
+    ]
+    cluster = {"CPU": 8.0, "GPU": 2.0, "nodes": nodes}
+    checks = _checks(
+        spec, tmp_path, "sweep", address="ray://h:10001", storage="s3://b/k",
+        cluster_resources=cluster,
+    )  # fmt: skip
+    detail = _failed(checks)["tune.resources"]
+    assert "asks 4 CPU and 1 GPU per trial, but no node of the cluster at ray://h:10001" in detail
+    assert "10.0.0.2: 2 CPU, 1 GPU" in detail and "a trial runs on one node" in detail
+    nodes[1]["CPU"] = 4.0
+    checks = _checks(
+        spec, tmp_path, "sweep", address="ray://h:10001", storage="s3://b/k",
+        cluster_resources=cluster,
+    )  # fmt: skip
+    assert checks["tune.resources"].ok is True
+    assert checks["tune.resources"].detail.endswith(
+        "1 of 3 nodes of the cluster at ray://h:10001 fit one"
+    )
+
+
+def test_other_machines_in_the_cluster_need_storage_they_all_reach(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec = _spec(tiny_bert, search=SEARCH)
+    remote = {"CPU": 4.0, "nodes": [{"address": "127.0.0.1", "CPU": 2.0},
+                                    {"address": "10.9.8.7", "CPU": 2.0}]}  # fmt: skip
+    checks = _checks(spec, tmp_path, "sweep", address="10.9.8.1:6379", cluster_resources=remote)
+    detail = _failed(checks)["shared storage"]
+    assert detail.startswith("--address 10.9.8.1:6379: nodes 10.9.8.7 are other machines")
+    assert "Give --storage with a location every node reaches: s3://bucket/kdray" in detail
+    given = _checks(spec, tmp_path, "sweep", address="10.9.8.1:6379", storage="s3://b/kdray",
+                    cluster_resources=remote)  # fmt: skip
+    assert given["shared storage"].ok is True
+    local = {"CPU": 2.0, "nodes": [{"address": "127.0.0.1", "CPU": 1.0}] * 2}
+    alone = _checks(spec, tmp_path, "sweep", address="auto", cluster_resources=local)
+    assert alone["shared storage"].ok is True
+    assert _checks(spec, tmp_path, "sweep")["shared storage"].ok is None  # no --address
+
+
 def test_an_unwritable_storage_is_refused(tiny_bert: Path, tmp_path: Path, monkeypatch) -> None:
     spec = _spec(tiny_bert, search=SEARCH)
     blocker = tmp_path / "a-file"
