@@ -97,6 +97,7 @@ def preflight(
             ("tune.resources", lambda: _resources_check(spec, address, cluster_resources)),
             ("storage", lambda: _storage_check(store)),
             ("shared storage", lambda: _shared_check(address, storage, cluster_resources)),
+            ("kdray on every node", lambda: _builds_check(cluster_resources)),
             ("resume", lambda: _resume_check(spec, command, store, resume, out)),
         ]
     skip = skip or {}
@@ -432,6 +433,24 @@ def _shared_check(
         "which cannot read this machine's folders. Give --storage with a location every node "
         "reaches: s3://bucket/kdray (or gs://, abfs://, ...) or a folder every node mounts at "
         "the same path (NFS, Lustre)"
+    )
+
+
+def _builds_check(cluster: dict[str, Any] | None) -> tuple[bool | None, str]:
+    """Every node must run the driver's kdray (version and source): another one would unpickle
+    the trials' settings into other code, or fail with a pickling traceback mid-sweep."""
+    nodes = (cluster or {}).get("nodes") or []
+    mine = (cluster or {}).get("driver_kdray")
+    if not nodes or mine is None:
+        return None, "no --address: this machine's kdray runs every trial"
+    other = [n for n in nodes if n.get("kdray") != mine]
+    if not other:
+        return True, f"{len(nodes)} nodes run kdray {mine} (version+source hash), as this driver"
+    shown = "; ".join(f"{n.get('address') or '?'}: {n.get('kdray')}" for n in other[:5])
+    return False, (
+        f"this driver runs kdray {mine} but {len(other)} of {len(nodes)} nodes do not ({shown}). "
+        "Install this checkout on them (pip install -c constraints.txt -e .), or ship it with "
+        "the job: tune.runtime_env: {working_dir: ., excludes: [results, .venv, .git]}"
     )
 
 

@@ -241,13 +241,13 @@ def _results_dir(spec: Spec, out: Path | None) -> Path:
     return _working_in(out or Path("results") / spec.name)
 
 
-def _cluster_resources(address: str | None) -> dict[str, Any] | None:
+def _cluster_resources(address: str | None, spec: Spec) -> dict[str, Any] | None:
     if not address:
         return None
     from kdray.sweep import cluster_resources
 
     try:
-        return cluster_resources(address)
+        return cluster_resources(address, spec.tune.runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ValueError(f"cannot join the Ray cluster at --address {address}: {error}") from None
 
@@ -258,7 +258,7 @@ def _preflight(spec: Spec, command: str, out: Path | None, **options: Any) -> No
     from kdray.check import failed, preflight
 
     with _settings_errors():
-        resources = _cluster_resources(options.get("address"))
+        resources = _cluster_resources(options.get("address"), spec)
     checks = preflight(spec, command=command, out_dir=out, cluster_resources=resources, **options)
     if failed(checks):
         console.print(f"[red]kdray {command} {spec.name}: pre-flight checks failed[/red]")
@@ -834,7 +834,7 @@ def check(
         console.print(f"[red]--command must be run, sweep, ablate or teacher, not {chosen!r}[/red]")
         raise typer.Exit(2)
     with _settings_errors():
-        resources = _cluster_resources(address) if chosen != "run" else None
+        resources = _cluster_resources(address, spec) if chosen != "run" else None
     checks = preflight(
         spec, command=chosen, out_dir=out, address=address, storage=storage, resume=resume,
         overwrite=overwrite, cluster_resources=resources,

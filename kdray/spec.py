@@ -567,6 +567,12 @@ class WandbSpec(_Strict):
     dir: str | None = Field(None, description="Default: <results folder>/wandb.")
 
 
+#: What a Ray runtime_env may hold (Ray's documented fields).
+RUNTIME_ENV_KEYS = (
+    "working_dir", "py_modules", "excludes", "pip", "uv", "conda", "env_vars", "image_uri",
+    "config",
+)  # fmt: skip
+
 #: Objectives measured on the student rather than on dev: its parameter count, and its CPU
 #: latency per example (:mod:`kdray.footprint`).
 FOOTPRINT_OBJECTIVES = ("params", "latency_ms")
@@ -619,6 +625,12 @@ class TuneSpec(_Strict):
     )
     mlflow: MlflowSpec = MlflowSpec()
     wandb: WandbSpec = WandbSpec()
+    runtime_env: dict[str, Any] | None = Field(
+        None,
+        description="Ray's runtime_env for a cluster joined with --address: working_dir "
+        "(ship this checkout, excludes: [results, .venv]), pip (install on each node), "
+        "env_vars, ...; default none: kdray must already be installed on every node.",
+    )
     seeds_per_trial: int = Field(
         1,
         ge=1,
@@ -636,6 +648,17 @@ class TuneSpec(_Strict):
         "each trial's best epoch), the others dev metrics, params or latency_ms. The report "
         "lists and draws the Pareto front.",
     )
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _known_runtime_env(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        unknown = sorted(set(value or {}) - set(RUNTIME_ENV_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown runtime_env keys {', '.join(unknown)} (allowed: "
+                f"{', '.join(RUNTIME_ENV_KEYS)})"
+            )
+        return value
 
     @model_validator(mode="after")
     def _seeds_fit(self) -> TuneSpec:

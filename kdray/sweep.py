@@ -80,16 +80,23 @@ def _keep_io_failures() -> None:
             handler.addFilter(_IOFailures())
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to Ray: an existing cluster when ``address`` is given, else an embedded local
-    instance bound to 127.0.0.1 with no dashboard. Returns True when kdray started Ray."""
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+) -> bool:
+    """Connect to Ray: an existing cluster when ``address`` is given (with the spec's
+    ``tune.runtime_env``), else an embedded local instance bound to 127.0.0.1 with no
+    dashboard. Returns True when kdray started Ray."""
     if ray.is_initialized():
         return False
     if address:
+        env = dict(runtime_env or {})
         # a fault-injection plan (tests) reaches the cluster's workers with the job
         plan = os.environ.get(faults.PLAN_VAR)
-        runtime_env = {"env_vars": {faults.PLAN_VAR: plan}} if plan else None
-        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        if plan:
+            env["env_vars"] = {**env.get("env_vars", {}), faults.PLAN_VAR: plan}
+        ray.init(address=address, log_to_driver=False, runtime_env=env or None)
         return False
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -975,7 +982,7 @@ def run_experiment(
     results.claim_folder(out, spec, command, resume=resume, overwrite=overwrite)
     store = results.ray_store(out, storage)
     out.mkdir(parents=True, exist_ok=True)
-    init_ray(address)
+    init_ray(address, runtime_env=spec.tune.runtime_env)
     experiment = results.experiment_path(out, storage, name)
     if resume and not tune.Tuner.can_restore(experiment):
         if not results.claimed_before_trials(out, spec, command):
@@ -1049,21 +1056,62 @@ def _drop_outputs_cache(trials: pd.DataFrame, store: str, name: str) -> None:
         logger.info("deleted the teacher-output cache %s: every trial has ended", root)
 
 
-def cluster_resources(address: str) -> dict[str, Any]:
+def cluster_resources(address: str, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the Ray cluster at ``address`` offers (``CPU``, ``GPU``, ... in total) and, under
-    ``nodes``, each alive node's address and resources (a trial must fit on one node), for the
-    pre-flight checks; joins the cluster (which the sweep then uses) and starts nothing."""
-    init_ray(address)
+    ``nodes``, each alive node's address, resources (a trial must fit on one node) and the
+    kdray it runs (:func:`kdray_build`, or why it has none), for the pre-flight checks; joins
+    the cluster (which the sweep then uses)."""
+    init_ray(address, runtime_env=runtime_env)
     totals: dict[str, Any] = {k: float(v) for k, v in ray.cluster_resources().items()}
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    builds = _node_builds([node["NodeID"] for node in alive])
     totals["nodes"] = [
         {
             "address": node.get("NodeManagerAddress", ""),
             **{k: float(v) for k, v in node.get("Resources", {}).items() if k in ("CPU", "GPU")},
+            "kdray": build,
         }
-        for node in ray.nodes()
-        if node.get("Alive")
+        for node, build in zip(alive, builds, strict=True)
     ]
+    totals["driver_kdray"] = kdray_build()
     return totals
+
+
+def kdray_build() -> str:
+    """This process's kdray: its version and a hash of its source files, so two checkouts of
+    one version that differ are told apart."""
+    from kdray import __version__
+    from kdray.store import content_hash
+
+    root = Path(__file__).parent
+    sources = [[p.name, p.read_text(encoding="utf-8")] for p in sorted(root.glob("*.py"))]
+    return f"{__version__}+{content_hash(sources, 10)}"
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _build_on_node() -> str:
+    return kdray_build()
+
+
+def _node_builds(node_ids: list[str], timeout: float = 120.0) -> list[str]:
+    """Each node's :func:`kdray_build`, run there (no CPU asked); an error (kdray not
+    importable there) as its text."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    refs = [
+        _build_on_node.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+        ).remote()
+        for node in node_ids
+    ]
+    builds = []
+    for ref in refs:
+        try:
+            builds.append(ray.get(ref, timeout=timeout))
+        except Exception as error:  # noqa: BLE001 - whatever stops kdray loading there
+            cause = getattr(error, "cause", None) or error
+            builds.append(f"error: {type(cause).__name__}: {str(cause).splitlines()[0][:200]}")
+    return builds
 
 
 def run_trials(
@@ -1284,7 +1332,7 @@ def run_teacher_search(
     out = Path(out_dir) if out_dir else Path("results") / name
     results.claim_folder(out, spec, "teacher", resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    init_ray(address)
+    init_ray(address, runtime_env=spec.tune.runtime_env)
     results.write_experiment(out, spec, "teacher")
     grid = _teacher_tuner(spec, out, storage, name, resume).fit()
     trial_rows = _teacher_trials(grid, spec)
@@ -1323,7 +1371,7 @@ def search(
     if not spec.search:
         raise ValueError(f"{spec.name}: no search block; use kdray.run for a single run")
     out_dir = Path(out) if out else check.default_out_dir(spec, "sweep")
-    resources = cluster_resources(address) if address else None
+    resources = cluster_resources(address, spec.tune.runtime_env) if address else None
     checks = check.preflight(
         spec,
         command="sweep",

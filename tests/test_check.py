@@ -360,3 +360,41 @@ def test_the_pre_flight_warns_when_max_seq_length_cuts_more_than_five_percent(
     assert checks["data.max_seq_length"].ok is True  # a warning, not a refusal
     assert "train: 80.0% of 5 cut at 16" in detail  # 4 of the 5 fixture train rows exceed 16
     assert "WARNING: data.max_seq_length 16 cuts 80% of the train examples (longest 21" in detail
+
+
+def test_a_node_running_other_kdray_code_is_refused_with_how_to_ship_it(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec = _spec(tiny_bert, search=SEARCH)
+    nodes = [
+        {"address": "127.0.0.1", "CPU": 1.0, "kdray": "0.1.0+aaaa"},
+        {"address": "127.0.0.1", "CPU": 1.0, "kdray": "error: ModuleNotFoundError: No module"},
+    ]
+    cluster = {"CPU": 2.0, "nodes": nodes, "driver_kdray": "0.1.0+aaaa"}
+    checks = _checks(spec, tmp_path, "sweep", address="auto", cluster_resources=cluster)
+    detail = _failed(checks)["kdray on every node"]
+    assert detail.startswith("this driver runs kdray 0.1.0+aaaa but 1 of 2 nodes do not")
+    assert "ModuleNotFoundError" in detail and "tune.runtime_env: {working_dir: ." in detail
+    nodes[1]["kdray"] = "0.1.0+aaaa"
+    checks = _checks(spec, tmp_path, "sweep", address="auto", cluster_resources=cluster)
+    assert checks["kdray on every node"].ok is True
+
+
+def test_every_node_of_a_real_cluster_reports_the_drivers_kdray(cluster: Any) -> None:
+    from kdray import sweep
+
+    found = sweep.cluster_resources(cluster.address)
+    assert len(found["nodes"]) == 2
+    assert {node["kdray"] for node in found["nodes"]} == {sweep.kdray_build()}
+    assert found["driver_kdray"] == sweep.kdray_build()
+    assert all(node["address"] == "127.0.0.1" and node["CPU"] == 1.0 for node in found["nodes"])
+
+
+def test_runtime_env_takes_rays_fields_only(tiny_bert: Path) -> None:
+    from kdray.spec import SpecError, spec_from_dict
+
+    raw = tiny_spec_dict(tiny_bert)
+    ok = spec_from_dict({**raw, "tune": {"runtime_env": {"working_dir": ".", "pip": ["x"]}}})
+    assert ok.tune.runtime_env == {"working_dir": ".", "pip": ["x"]}
+    with pytest.raises(SpecError, match="unknown runtime_env keys workdir"):
+        spec_from_dict({**raw, "tune": {"runtime_env": {"workdir": "."}}})
