@@ -1005,6 +1005,8 @@ def run_experiment(
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # kdray prunes, safely
         verbose=0,
     )
+    # only the loggers tune.loggers names (Ray adds CSV, JSON and TensorBoard ones otherwise)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     tuner = _tuner(fn, run_config, experiment, make_plan(base, out) if not resume else None)
     _keep_io_failures()
     _IOFailures.seen.clear()
@@ -1022,8 +1024,6 @@ def run_experiment(
 
 def _tuner(fn: Any, run_config: Any, experiment: str, chosen: TrialPlan | None) -> Any:
     """A new Tuner for ``chosen``'s trials, or (``chosen`` None) the experiment restored."""
-    # only the loggers tune.loggers names (Ray adds CSV, JSON and TensorBoard ones otherwise)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if chosen is None:
         return tune.Tuner.restore(
             experiment, trainable=fn, resume_unfinished=True, resume_errored=True
@@ -1267,29 +1267,19 @@ def _teacher_tuner(spec: Spec, out: Path, storage: str | None, name: str, resume
     resources = spec.tune.resources
     fn = tune.with_resources(fn, {"cpu": resources.cpu, "gpu": resources.gpu})
     experiment = results.experiment_path(out, storage, name)
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=results.ray_store(out, storage),
+        verbose=0,
+        callbacks=[TeacherEpochs(spec, out)],
+        failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
+    )
     if resume and tune.Tuner.can_restore(experiment):
-        return tune.Tuner.restore(experiment, trainable=fn, resume_unfinished=True)
+        return _tuner(fn, run_config, experiment, None)
     # ASHA on teacher epochs; the best dev score so far, always higher is better
     horizon = teacher_search.max_epochs(spec)
     scheduler = make_scheduler(spec, time_attr="epoch", horizon=horizon, mode="max")
-    chosen = _sweep_plan(spec, out, scheduler)
-    return tune.Tuner(
-        fn,
-        param_space=chosen.param_space,
-        tune_config=tune.TuneConfig(
-            search_alg=chosen.searcher,
-            scheduler=chosen.scheduler,
-            num_samples=chosen.num_samples,
-            max_concurrent_trials=chosen.max_concurrent,
-        ),  # fmt: skip
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=results.ray_store(out, storage),
-            verbose=0,
-            callbacks=[TeacherEpochs(spec, out)],
-            failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
-        ),  # fmt: skip
-    )
+    return _tuner(fn, run_config, experiment, _sweep_plan(spec, out, scheduler))
 
 
 def _teacher_trials(grid: Any, spec: Spec) -> list[dict[str, Any]]:
