@@ -422,6 +422,18 @@ def _teacher_search(
         found = run_teacher_search(
             spec, address=address, storage=storage, out_dir=folder, **options
         )
+    if found.interrupted:
+        from kdray.results import EXIT_INTERRUPTED
+
+        done = (
+            int((~found.trials["status"].isin(["interrupted"])).sum()) if len(found.trials) else 0
+        )
+        console.print(
+            f"[yellow]teacher search interrupted: {done} of {spec.tune.num_samples} trials "
+            f"ended, nothing confirmed yet[/yellow]; continue with: "
+            f"{escape(_continue_command(_JOB.argv))}"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
     for row in found.confirm.to_dict("records"):
         dev = ", ".join(f"{k[4:]} {v:.4f}" for k, v in row.items() if k.startswith("dev."))
         console.print(f"  seed {row['seed']}: teacher {row['teacher_id']}: dev {dev}")

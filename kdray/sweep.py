@@ -1258,6 +1258,7 @@ class TeacherSearchResult:
     confirm: pd.DataFrame
     settings: dict[str, Any]
     out_dir: Path
+    interrupted: bool = False  # trials cut off: nothing confirmed; --resume continues
 
 
 def _teacher_tuner(spec: Spec, out: Path, storage: str | None, name: str, resume: bool) -> Any:
@@ -1290,7 +1291,12 @@ def _teacher_trials(grid: Any, spec: Spec) -> list[dict[str, Any]]:
         last = result.metrics or {}
         trial_spec, values = plan.trial_spec(spec, result.config)
         ran = int(last.get("epoch") or 0)
-        status = "error" if result.error else "ok" if ran >= trial_spec.teacher.epochs else "pruned"
+        status = (
+            "error" if result.error
+            else "interrupted" if not last.get("done")  # cut off: neither finished nor stopped
+            else "ok" if ran >= trial_spec.teacher.epochs
+            else "pruned"
+        )  # fmt: skip
         best = {k: v for k, v in last.items() if k.startswith("best.") or k == "best_epoch"}
         trials.append({
             "name": spec.name, "trial_id": str(last.get("trial_id")), "status": status,
@@ -1328,6 +1334,9 @@ def run_teacher_search(
     trial_rows = _teacher_trials(grid, spec)
     results.write_table(trial_rows, out / ts.SEARCH_FILE)
     trials = pd.DataFrame(trial_rows)
+    if len(trials) < spec.tune.num_samples or trials["status"].isin(results.UNFINISHED).any():
+        # interrupted (Ctrl-C, a lost driver): no confirmation of a half-searched space
+        return TeacherSearchResult(trials, pd.DataFrame(), {}, out, interrupted=True)
     metric = data.task_of(spec).main_metric
     settings = ts.best_settings(trials, metric)
     task, cpus = _setup_task(spec, _confirm_teacher_task)

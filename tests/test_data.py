@@ -179,10 +179,18 @@ EXPECTED: dict[str, dict[str, tuple[int, str, str | None, list[int]]]] = {
         ),
     },
     "stsb": {
-        "train": (8, "A man is playing a guitar.", "A man plays the guitar.",
-                  [4.8, 4.2, 0.4, 3.6, 3.9, 0.0, 1.8, 4.6]),
-        "dev": (6, "A boy is riding a bicycle.", "A child rides a bike.",
-                [4.4, 0.2, 3.2, 3.4, 0.6, 2.0]),
+        "train": (
+            8,
+            "A man is playing a guitar.",
+            "A man plays the guitar.",
+            [4.8, 4.2, 0.4, 3.6, 3.9, 0.0, 1.8, 4.6],
+        ),
+        "dev": (
+            6,
+            "A boy is riding a bicycle.",
+            "A child rides a bike.",
+            [4.4, 0.2, 3.2, 3.4, 0.6, 2.0],
+        ),
     },  # fmt: skip
 }
 

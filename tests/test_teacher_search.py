@@ -155,3 +155,35 @@ def test_a_teacher_fine_tuned_with_layer_decay_is_cached_under_its_own_key(
     assert info.settings["layer_decay"] == 0.8
     plain = ensure_teacher(spec_from_dict({**raw, "teacher": {**raw["teacher"], "layer_decay": 1}}))
     assert plain.id != info.id
+
+
+def test_an_interrupted_teacher_search_confirms_nothing_and_says_how_to_continue(
+    cluster: Any, tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from kdray import sweep
+
+    raw = tiny_spec_dict(tiny_bert, name="cut", teacher={"epochs": 2})
+    raw["search"] = {"teacher.lr": {"loguniform": [1e-4, 1e-3]}}
+    raw["tune"] = {"num_samples": 3, "scheduler": {"fifo": {}}, "resources": {"cpu": 1}}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    # what Tune's fit() gives back after Ctrl-C: one trial ended, one cut off mid-way
+    ended = {"trial_id": "a", "epoch": 2, "done": True, "best.dev.accuracy": 0.6}
+    cut = {"trial_id": "b", "epoch": 1, "done": False, "best.dev.accuracy": 0.7}
+    grid = [SimpleNamespace(metrics=m, config={"teacher.lr": 1e-4}, error=None)
+            for m in (ended, cut)]  # fmt: skip
+    monkeypatch.setattr(sweep, "_teacher_tuner", lambda *_: SimpleNamespace(fit=lambda: grid))
+    out = tmp_path / "cut"
+    args = ["teacher", str(spec_file), "--search", "--out", str(out), "--address", cluster.address]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output[-3000:]
+    words = " ".join(result.output.split())
+    assert "teacher search interrupted: 1 of 3 trials ended, nothing confirmed yet" in words
+    assert "--resume" in words
+    trials = pd.read_parquet(out / ts.SEARCH_FILE)
+    assert dict(zip(trials["trial_id"], trials["status"], strict=True)) == {
+        "a": "ok", "b": "interrupted"
+    }  # fmt: skip
+    assert not (out / ts.CONFIRM_FILE).exists() and not (out / ts.TEACHER_REPORT).exists()
