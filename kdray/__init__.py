@@ -20,6 +20,19 @@ def _passive_openmp() -> None:
 
 _passive_openmp()
 
+
+def build() -> str:
+    """This installation's kdray: its version and a hash of its source files, so two checkouts
+    of one version that differ are told apart (the pre-flight compares every Ray node's with the
+    driver's). Standard library only: a node answers without importing torch or Ray."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"{__version__}+{digest.hexdigest()[:10]}"
+
 #: ``kdray.<name>`` from Python, imported on first use so ``import kdray`` stays light (no
 #: torch, no Ray): run and load from :mod:`kdray.api`; ``kdray.sweep(spec)`` is the
 #: :mod:`kdray.sweep` module itself, which a call runs (:func:`kdray.sweep.search`); a report

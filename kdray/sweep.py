@@ -34,6 +34,7 @@ import ray
 from ray import tune
 from ray.tune import Callback
 
+import kdray
 from kdray import check, data, faults, footprint, pareto, plan, results
 from kdray.api import SpecLike, as_spec
 from kdray.distill import STUDENT_DIR, distill, selection_metric
@@ -1059,7 +1060,7 @@ def _drop_outputs_cache(trials: pd.DataFrame, store: str, name: str) -> None:
 def cluster_resources(address: str, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the Ray cluster at ``address`` offers (``CPU``, ``GPU``, ... in total) and, under
     ``nodes``, each alive node's address, resources (a trial must fit on one node) and the
-    kdray it runs (:func:`kdray_build`, or why it has none), for the pre-flight checks; joins
+    kdray it runs (:func:`kdray.build`, or why it has none), for the pre-flight checks; joins
     the cluster (which the sweep then uses)."""
     init_ray(address, runtime_env=runtime_env)
     totals: dict[str, Any] = {k: float(v) for k, v in ray.cluster_resources().items()}
@@ -1073,28 +1074,17 @@ def cluster_resources(address: str, runtime_env: dict[str, Any] | None = None) -
         }
         for node, build in zip(alive, builds, strict=True)
     ]
-    totals["driver_kdray"] = kdray_build()
+    totals["driver_kdray"] = kdray.build()
     return totals
 
 
-def kdray_build() -> str:
-    """This process's kdray: its version and a hash of its source files, so two checkouts of
-    one version that differ are told apart."""
-    from kdray import __version__
-    from kdray.store import content_hash
-
-    root = Path(__file__).parent
-    sources = [[p.name, p.read_text(encoding="utf-8")] for p in sorted(root.glob("*.py"))]
-    return f"{__version__}+{content_hash(sources, 10)}"
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def _build_on_node() -> str:
-    return kdray_build()
+#: Each node's kdray build, run there; ``kdray.build`` needs only the standard library, so a
+#: node answers in a fresh worker without importing torch.
+_build_on_node = ray.remote(num_cpus=0, max_retries=0)(kdray.build)
 
 
 def _node_builds(node_ids: list[str], timeout: float = 120.0) -> list[str]:
-    """Each node's :func:`kdray_build`, run there (no CPU asked); an error (kdray not
+    """Each node's :func:`kdray.build`, run there (no CPU asked); an error (kdray not
     importable there) as its text."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -381,12 +381,13 @@ def test_a_node_running_other_kdray_code_is_refused_with_how_to_ship_it(
 
 
 def test_every_node_of_a_real_cluster_reports_the_drivers_kdray(cluster: Any) -> None:
+    import kdray
     from kdray import sweep
 
     found = sweep.cluster_resources(cluster.address)
     assert len(found["nodes"]) == 2
-    assert {node["kdray"] for node in found["nodes"]} == {sweep.kdray_build()}
-    assert found["driver_kdray"] == sweep.kdray_build()
+    assert {node["kdray"] for node in found["nodes"]} == {kdray.build()}
+    assert found["driver_kdray"] == kdray.build()
     assert all(node["address"] == "127.0.0.1" and node["CPU"] == 1.0 for node in found["nodes"])
 
 
