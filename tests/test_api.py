@@ -5,14 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 import yaml
 
 import kdray
-from conftest import REPO, grid_tune, tiny_spec_dict
+from conftest import REPO, tiny_spec_dict
 from kdray import results
 from kdray.check import PreflightError
 
@@ -74,21 +73,3 @@ def test_a_failed_pre_flight_raises_before_any_compute_naming_each_check(
         kdray.run(raw, out=tmp_path / "out")
     assert [check.name for check in info.value.failed] == ["data"]
     assert not (tmp_path / "out").exists()
-
-
-def test_kdray_sweep_is_callable_and_returns_the_sweeps_tables(
-    cluster: Any, tiny_bert: Path, tmp_path: Path
-) -> None:
-    raw = tiny_spec_dict(
-        tiny_bert, name="api-sweep", train={"epochs": 1}, distill={"algorithm": "soft"}
-    )
-    raw["search"] = {"train.lr": {"grid": [1e-4, 1e-3]}}
-    raw["tune"] = grid_tune()
-    trials, epochs = kdray.sweep(raw, out=tmp_path / "sweep", address=cluster.address)
-    assert sorted(trials["param.train.lr"]) == [1e-4, 1e-3]
-    assert set(trials["status"]) == {"ok"} and len(epochs) == 2
-    import kdray.sweep as module
-
-    assert kdray.sweep is module and module.search.__name__ == "search"
-    with pytest.raises(ValueError, match="no search block; use kdray.run"):
-        kdray.sweep(tiny_spec_dict(tiny_bert), out=tmp_path / "none")

@@ -123,8 +123,13 @@ def test_a_seed_averaged_sweep_shows_the_searcher_each_configurations_mean(
                    "searcher": {"optuna": {"sampler": "tpe", "seed": 0}},
                    "max_concurrent": 1, "resources": {"cpu": 1}, "max_failures": 0}  # fmt: skip
     out = tmp_path / "sweep"
-    trials, _ = kdray.sweep(raw, out=out, address=cluster.address)
+    trials, _ = kdray.sweep(raw, out=out, address=cluster.address)  # the module, called
     assert len(trials) == 4 and set(trials["status"]) == {"ok"}
+    import kdray.sweep as module
+
+    assert kdray.sweep is module and results.load(out).trials.equals(trials)
+    with pytest.raises(ValueError, match="no search block; use kdray.run"):
+        kdray.sweep(tiny_spec_dict(tiny_bert), out=tmp_path / "none")
     for _, group in trials.groupby("param.train.lr"):
         assert sorted(group["param.train.seed"]) == [7, 8]  # the same paired seeds
     means = results.seed_means(trials, "best.dev.accuracy")

@@ -134,5 +134,6 @@ def test_kdray_study_on_stsb_and_its_export_predict_the_dev_scores_it_recorded(
     assert predicted.exit_code == 0, predicted.output[-2000:]
     metrics = json.loads((tmp_path / "pred" / "metrics.json").read_text())["dev"]
     best = sweep.loc[sweep["best.dev.pearson"].idxmax()]
-    assert metrics["pearson"] == pytest.approx(best["best.dev.pearson"], abs=1e-5)
-    assert metrics["spearman"] == pytest.approx(best["best.dev.spearman"], abs=1e-5)
+    # other batches, other float sums: tiny students' near-flat scores move the 5th decimal
+    assert metrics["pearson"] == pytest.approx(best["best.dev.pearson"], abs=1e-4)
+    assert metrics["spearman"] == pytest.approx(best["best.dev.spearman"], abs=1e-4)

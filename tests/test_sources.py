@@ -209,31 +209,6 @@ def test_a_glue_spec_keeps_the_fingerprint_it_had_before_data_source_existed() -
     assert spec.data.source is None and spec.fingerprint() == "c7943da39bf22e46"
 
 
-def test_kdray_study_runs_sweep_confirm_and_ablation_on_a_csv_task(
-    cluster: Any, tiny_bert: Path, tmp_path: Path
-) -> None:
-    from test_sweep import _assert_whole_study, _study_cli, study_spec
-
-    raw = study_spec(tiny_bert, "reviews-study")
-    raw["task"] = "reviews"
-    raw["data"] = {"source": csv_source(reviews_csv(tmp_path)), "max_seq_length": 32}
-    raw["study"]["confirm"]["top_k"] = 1
-    raw["tune"]["num_samples"] = 2
-    spec_file = tmp_path / "reviews-study.yaml"
-    spec_file.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "study"
-    result = _study_cli(str(spec_file), "--out", str(out), "--address", cluster.address)
-    assert result.exit_code == 0, result.output[-3000:]
-    _assert_whole_study(out)
-    for phase in ("sweep", "confirm", "ablation"):
-        trials = pd.read_parquet(out / phase / "trials.parquet")
-        assert set(trials["status"]) == {"ok"} and set(trials["task"]) == {"reviews"}
-        assert trials["best.dev.accuracy"].between(0, 1).all()
-    student = next((out / "sweep" / "students").iterdir())  # the sweep's best trial's
-    config = json.loads((student / "config.json").read_text())
-    assert len(config["id2label"]) == 3
-
-
 def test_a_csv_tasks_student_exports_with_a_card_that_names_its_own_data(
     tmp_path: Path, tiny_bert: Path
 ) -> None:

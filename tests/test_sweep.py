@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, tiny_spec_dict
+from conftest import FIXTURE_GLUE, REPO, tiny_spec_dict
 from kdray.plan import OBJECTIVE, RUNG_TIME, OptunaSpace, active_values
 from kdray.spec import spec_from_dict
 from kdray.sweep import OPTUNA_JOURNAL, logger_callbacks, make_scheduler, run_sweep, setup_cpus
@@ -588,15 +588,39 @@ def _assert_whole_study(out: Path, metric: str = "accuracy") -> str:
     return text
 
 
+def _rte_fixture_as_csv(folder: Path) -> dict[str, Any]:
+    """The fixture's RTE rows as CSV files of the user's own (``data.source``): the same
+    examples and label order, so the study below runs as on the GLUE files."""
+    import csv
+
+    from kdray import data
+
+    files = {}
+    for split in ("train", "dev"):
+        path = folder / f"rte-{split}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["premise", "hypothesis", "label"])
+            for ex in data.read_local("rte", FIXTURE_GLUE, split):
+                writer.writerow([ex.text_a, ex.text_b, data.TASKS["rte"].labels[ex.label]])
+        files[split] = str(path)
+    return {"format": "csv", "files": files, "text": ["premise", "hypothesis"]}
+
+
 def test_study_runs_sweep_confirm_and_leave_one_out_and_writes_study_md(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
+    # on a CSV task of the user's own (data.source): the whole chain, as on GLUE files
+    raw = study_spec(tiny_bert, "chain")
+    raw.update(task="rte-csv", data={"source": _rte_fixture_as_csv(tmp_path), "max_seq_length": 32})
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(study_spec(tiny_bert, "chain")))
+    spec_file.write_text(yaml.safe_dump(raw))
     out = tmp_path / "chain"
     result = _study_cli(str(spec_file), "--out", str(out), "--address", cluster.address)
     assert result.exit_code == 0, result.output[-3000:]
     text = _assert_whole_study(out)
+    for phase in ("sweep", "confirm", "ablation"):
+        assert set(pd.read_parquet(out / phase / "trials.parquet")["task"]) == {"rte-csv"}
     confirmed = pd.read_parquet(out / "confirm" / "trials.parquet")
     assert set(confirmed["seed"]) == {1, 2} and set(confirmed["status"]) == {"ok"}
     assert set(confirmed["cell"]) == {"rank1", "rank2", "default"}
