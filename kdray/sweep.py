@@ -424,7 +424,8 @@ class TableWriter(Callback):
             row = self.rows.get(trial.trial_id)
             if row is None or row["status"] in results.UNFINISHED:
                 error = _error_text(trial) if trial.status == "ERROR" else None
-                self._set_row(trial, error, ended=False)
+                # a trial Tune restored as ended whose row a kill kept from the table
+                self._set_row(trial, error, ended=trial.status == "TERMINATED")
         self.write()
 
     # rows
@@ -521,14 +522,17 @@ class TableWriter(Callback):
         )
 
     def write(self) -> None:
+        """The tables, the trials table last: a trial's row is what says it is recorded, so a
+        kill between two writes leaves its epochs without a row (rebuilt from them on resume),
+        never a row whose epochs are lost for good."""
         rows = sorted(self.rows.values(), key=lambda r: str(r["trial_id"]))
         cka = [row for _, trial_rows in sorted(self.cka.items()) for row in trial_rows]
         if cka:
             results.write_table(cka, self.out_dir / results.CKA_FILE)
         epochs = [row for _, row in sorted(self.epoch_rows.items(), key=lambda kv: kv[0])]
-        results.write_table(rows, self.out_dir / results.TRIALS_FILE)
         if epochs:
             results.write_table(epochs, self.out_dir / results.EPOCHS_FILE)
+        results.write_table(rows, self.out_dir / results.TRIALS_FILE)
 
 
 def _saved_state(fs: Any, experiment: str) -> dict[str, tuple[str, set[str]]]:

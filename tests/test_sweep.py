@@ -715,3 +715,21 @@ def test_the_teacher_task_gets_the_cpus_of_all_concurrent_trials_that_a_node_can
     cpu: float, gpu: float, max_concurrent: int, nodes: list[float], free: float, expected: float
 ) -> None:
     assert setup_cpus(cpu, gpu, max_concurrent, nodes, free) == expected
+
+
+def test_the_trials_table_is_written_after_the_epochs_it_stands_for(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between two table writes must never leave a trial's row without its epochs (a
+    resumed experiment does not run an ended trial again to report them)."""
+    from kdray import results
+    from kdray.sweep import TableWriter
+
+    writer = TableWriter(spec_from_dict(tiny_spec_dict(tiny_bert)), tmp_path, teacher=None)
+    writer.rows = {"t1": {"trial_id": "t1", "status": "ok"}}
+    writer.epoch_rows = {("t1", 1): {"trial_id": "t1", "epoch": 1}}
+    writer.cka = {"t1": [{"trial_id": "t1", "student_layer": 1}]}
+    written: list[str] = []
+    monkeypatch.setattr(results, "write_table", lambda rows, path: written.append(path.name))
+    writer.write()
+    assert written == [results.CKA_FILE, results.EPOCHS_FILE, results.TRIALS_FILE]
