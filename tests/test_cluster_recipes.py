@@ -99,16 +99,22 @@ def test_the_slurm_script_starts_head_then_workers_then_the_sweep_against_the_he
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    lines = [line for line in log.read_text().splitlines() if not line.startswith("srun")]
-    assert lines[0].startswith("ray on node-a: start --head --node-ip-address=10.1.0.1 --port=6379")
-    workers = sorted(line.split(":")[0] for line in lines[1:3])
-    assert workers == ["ray on node-b", "ray on node-c"]
-    assert all("start --address=10.1.0.1:6379" in line for line in lines[1:3])
-    assert lines[3] == (
+    # the shims run in the background as the script's do: their lines may come in any order
+    lines = sorted(line for line in log.read_text().splitlines() if not line.startswith("srun"))
+    head = [line for line in lines if "--head" in line]
+    assert len(head) == 1
+    assert head[0].startswith("ray on node-a: start --head --node-ip-address=10.1.0.1 --port=6379")
+    workers = [line for line in lines if "start --address=10.1.0.1:6379" in line]
+    assert sorted(line.split(":")[0] for line in workers) == ["ray on node-b", "ray on node-c"]
+    (sweep_line,) = [line for line in lines if line.startswith("kdray: ")]
+    assert sweep_line == (
         "kdray: sweep search_spaces/rte.yaml --address 10.1.0.1:6379 --storage /shared/kd/ray "
         "--out /shared/kd/results/rte"
     )
-    sweep = shlex.split(lines[3].removeprefix("kdray: "))
+    text = script.read_text()  # and in the script: the head, then the workers, then the sweep
+    order = ["ray start --head", 'for node in "${nodes[@]:1}"', 'kdray sweep "$spec"']
+    assert [text.index(step) for step in order] == sorted(text.index(step) for step in order)
+    sweep = shlex.split(sweep_line.removeprefix("kdray: "))
     assert {w for w in sweep if w.startswith("--")} <= _sweep_options()
 
 
