@@ -491,7 +491,7 @@ def sweep(
         )
     out_dir = outcome.out_dir
     console.print(
-        f"tables: {out_dir}/trials.parquet and epochs.parquet (pandas: kdray.results.load)"
+        f"tables: {out_dir}/trials.parquet and epochs.parquet (pandas: kdray.load)"
     )
     console.print(f"report: kdray report {out_dir} --plots {out_dir}/plots")
     if outcome.best is not None:
