@@ -33,6 +33,7 @@ def build() -> str:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return f"{__version__}+{digest.hexdigest()[:10]}"
 
+
 #: ``kdray.<name>`` from Python, imported on first use so ``import kdray`` stays light (no
 #: torch, no Ray): run and load from :mod:`kdray.api`; ``kdray.sweep(spec)`` is the
 #: :mod:`kdray.sweep` module itself, which a call runs (:func:`kdray.sweep.search`); a report

@@ -490,9 +490,7 @@ def sweep(
             f"{outcome.best[f'best.dev.{metric}']:.4f} with {params}"
         )
     out_dir = outcome.out_dir
-    console.print(
-        f"tables: {out_dir}/trials.parquet and epochs.parquet (pandas: kdray.load)"
-    )
+    console.print(f"tables: {out_dir}/trials.parquet and epochs.parquet (pandas: kdray.load)")
     console.print(f"report: kdray report {out_dir} --plots {out_dir}/plots")
     if outcome.best is not None:
         console.print(f"export the best student: kdray export {out_dir} --to exported/{spec.name}")

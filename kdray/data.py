@@ -580,7 +580,7 @@ def task_of(spec: Spec) -> GlueTask:
     if spec.data.source is None:
         return get_task(spec.task)
     source = spec.data.source
-    read = _read_source(spec)
+    read = _read_source(source)
     names = read.label_names
     metrics = source.dev_metrics
     if "f1" in metrics and len(names) != 2:
@@ -604,11 +604,10 @@ def task_of(spec: Spec) -> GlueTask:
     )
 
 
-def _read_source(spec: Spec) -> sources.SourceData:
+def _read_source(source: SourceSpec) -> sources.SourceData:
     """``data.source`` read and checked, its problems as :class:`DataError`."""
-    assert spec.data.source is not None
     try:
-        return sources.read(spec.data.source)
+        return sources.read(source)
     except sources.SourceError as error:
         raise DataError(str(error)) from None
 
@@ -625,10 +624,7 @@ def read_examples(
     """:func:`spec_examples` from the data settings alone (what a cache can key on)."""
     if source is None:
         return load_examples(get_task(task), split, glue_dir)
-    try:
-        read = sources.read(source)
-    except sources.SourceError as error:
-        raise DataError(str(error)) from None
+    read = _read_source(source)
     if split not in read.splits:
         raise DataError(f"{task}: no split {split!r} (splits: {', '.join(read.splits)})")
     part = read.splits[split]
