@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdray import results
+from kdray import remote, results
 from kdray.spec import Spec
 
 EXPERIMENTS = ("sweep", "ablate", "confirm", "teacher")  # commands running Ray Tune trials
@@ -455,9 +455,16 @@ def _builds_check(cluster: dict[str, Any] | None) -> tuple[bool | None, str]:
 
 
 def _storage_check(store: str) -> tuple[bool | None, str]:
-    if "://" in store:
-        return None, f"{store}: a remote storage, not checked here"
-    return _writable(Path(store), "storage")
+    if remote.is_remote(store):
+        problem = remote.probe(store)
+        if problem is None:
+            return True, f"{store}: writable (a file written and removed)"
+        return False, (
+            f"{store}: cannot write there ({problem}). Check the bucket exists and this "
+            "machine's credentials and endpoint (for S3: AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or ?endpoint_override=host:port&scheme=http)"
+        )
+    return _writable(Path(store.removeprefix("file://")), "storage")
 
 
 def _writable(path: Path, what: str) -> tuple[bool, str]:
@@ -513,7 +520,7 @@ def _resume_check(
             "adaptive seeds: each round is its own experiment (rounds/round-<k>); rounds already "
             "run are continued, the rest start"
         )
-    experiment = f"{store.rstrip('/')}/{results.experiment_name(spec, command)}"
+    experiment = remote.join(store, results.experiment_name(spec, command))
     if "://" in experiment:
         return None, f"{experiment}: a remote storage, checked when Ray starts"
     if not can_restore(store, results.experiment_name(spec, command)):

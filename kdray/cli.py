@@ -492,9 +492,23 @@ def sweep(
     out_dir = outcome.out_dir
     console.print(f"tables: {out_dir}/trials.parquet and epochs.parquet (pandas: kdray.load)")
     console.print(f"report: kdray report {out_dir} --plots {out_dir}/plots")
+    _copy_results(out_dir, storage, spec.name)
     if outcome.best is not None:
         console.print(f"export the best student: kdray export {out_dir} --to exported/{spec.name}")
     _finish(code, f"trials: {summary}", trials)
+
+
+def _copy_results(out_dir: Path, storage: str | None, name: str) -> None:
+    """With ``--storage``, the whole results folder copied there (each experiment's tables were
+    copied as they were written), so report and export work from the storage alone."""
+    if not storage:
+        return
+    from kdray import remote
+
+    location = remote.results_location(storage, name)
+    with _settings_errors():
+        remote.Mirror(out_dir, location).push()
+    console.print(f"also in the storage: kdray report {location}", highlight=False, soft_wrap=True)
 
 
 def _finish(code: int, summary: str, trials: Any = None) -> None:
@@ -583,6 +597,7 @@ def ablate(
 
     code, summary = exit_summary(trials)
     console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
+    _copy_results(out_dir, storage, name)
     _finish(code, f"runs: {summary}", trials)
 
 
@@ -678,6 +693,7 @@ def confirm(
     counts = outcome.trials["status"].value_counts().to_dict()
     console.print("runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
+    _copy_results(out_dir, storage, name)
 
 
 def _confirm_configs(spec: Spec, sweep_dir: Path, top_k: int, seeds: int) -> list[dict]:
@@ -754,6 +770,7 @@ def study(
     with _settings_errors():
         outcome = chain.run_study(spec, folder, runners, resume=resume)
     console.print(f"study: {folder / chain.STUDY_REPORT}")
+    _copy_results(folder, storage, f"{spec.name}-study")
     if outcome.stopped:
         console.print(f"[yellow]{outcome.stopped}[/yellow]")
     if outcome.interrupted:
@@ -863,7 +880,14 @@ def check(
 
 @app.command()
 def report(
-    results_dir: Annotated[Path, typer.Argument(help="A results folder (trials.parquet).")],
+    results_dir: Annotated[
+        str,
+        typer.Argument(
+            help="A results folder (trials.parquet), or where --storage copied it "
+            "(s3://.../<name>-results).",
+            metavar="RESULTS",
+        ),
+    ],
     format_: Annotated[str, typer.Option("--format", help="table | markdown | csv")] = "table",
     plots: Annotated[Path | None, typer.Option(help="Write PNG plots into this folder.")] = None,
     baseline: Annotated[
@@ -904,8 +928,8 @@ def report(
         raise typer.Exit(2)
     with _settings_errors():
         built = build_report(
-            results_dir, baseline=baseline, plots_dir=plots, fmt=format_, mode=mode, alpha=alpha,
-            family_with=family_with or (),
+            _results_folder(results_dir), baseline=baseline, plots_dir=plots, fmt=format_,
+            mode=mode, alpha=alpha, family_with=family_with or (),
         )  # fmt: skip
     if format_ == "table":
         _print_report_tables(built)
@@ -917,6 +941,15 @@ def report(
         console.print(f"saved {output}")
     for name, path in built.plots.items():
         console.print(f"plot {name}: {path}")
+
+
+def _results_folder(given: str) -> Path:
+    """A results folder named by a local path, or by its copy in the storage (downloaded)."""
+    from kdray import remote
+
+    if remote.is_remote(given):
+        console.print(f"reading {given} from the storage", highlight=False)
+    return remote.local_results(given)
 
 
 def _print_report_tables(built: Any) -> None:
@@ -957,7 +990,11 @@ def _fmt(value: Any) -> str:
 @app.command()
 def export(
     results_dir: Annotated[
-        Path, typer.Argument(help="A kdray run results folder.", metavar="RESULTS")
+        str,
+        typer.Argument(
+            help="A kdray results folder, or where --storage copied it (s3://.../<name>-results).",
+            metavar="RESULTS",
+        ),
     ],
     to: Annotated[Path, typer.Option("--to", help="The Hugging Face model folder to write.")],
     trial: Annotated[
@@ -995,7 +1032,7 @@ def export(
     with _settings_errors():
         if push_to_hub is not None:
             check_push(push_to_hub)  # before the export: a push that cannot work writes nothing
-        folder = export_student(results_dir, to, trial=trial, best=best)
+        folder = export_student(_results_folder(results_dir), to, trial=trial, best=best)
         console.print(f"exported {results_dir} -> {folder} (model card: {folder / CARD_FILE})")
         if push_to_hub is not None:
             url = push(folder, push_to_hub, private=private, revision=revision)

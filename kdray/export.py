@@ -99,7 +99,7 @@ def open_run(folder: str | Path, *, trial: str | None = None, best: bool = False
     spec = base.with_values(_row_settings(row, base)) if len(trials) > 1 else base
     student = path / STUDENT_DIR
     if experiment.get("command", "run") != "run":
-        student = Path(row.get("student_path") or path / results.STUDENTS_DIR / row["trial_id"])
+        student = _kept_student(path, row)
     if not (student / "config.json").is_file():
         if row.get("status") == "ok" and student != path / STUDENT_DIR:
             raise ExportError(
@@ -120,6 +120,17 @@ def open_run(folder: str | Path, *, trial: str | None = None, best: bool = False
         cka = cka[cka["trial_id"] == row["trial_id"]]
     spec_dict = spec.model_dump(mode="json", by_alias=True)
     return RunFolder(path, row, spec, spec_dict, student, cka)
+
+
+def _kept_student(path: Path, row: dict[str, Any]) -> Path:
+    """Where a sweep's or ablation's trial kept its student: the path its row names, or, for a
+    folder copied elsewhere (pulled from the storage, moved), the ``students/<trial_id>`` inside
+    it (an adaptive ablation keeps them in its round folders)."""
+    named = Path(row.get("student_path") or path / results.STUDENTS_DIR / row["trial_id"])
+    if (named / "config.json").is_file():
+        return named
+    inside = sorted(path.rglob(f"{results.STUDENTS_DIR}/{row['trial_id']}/config.json"))
+    return inside[0].parent if inside and row.get("student_path") else named
 
 
 def _pick_trial(

@@ -9,8 +9,9 @@ The plan is JSON::
     {"site": "store.file", "match": "trials.parquet", "hit": 3, "action": "kill",
      "counter": "/tmp/x/hits", "pgid": 12345}
 
-``action: count`` only counts every point's passes, in ``<counter>.<site>`` files (how a
-harness learns where a run can be cut). ``hit``: fire on the n-th time any process of the run
+``slow: {site: seconds}`` sleeps that long at every pass of a site (a slow step, so that a
+test can act while a run is in the middle of it). ``action: count`` only counts every point's
+passes, in ``<counter>.<site>`` files (how a harness learns where a run can be cut). ``hit``: fire on the n-th time any process of the run
 passes a matching point (counted in the ``counter`` file, so Ray workers and the driver share
 one count). ``action``: ``kill`` (SIGKILL to the process group ``pgid``, or the one whose id is
 in the file ``pgid_file``: the whole command, then to this process, as a pre-emption would), or
@@ -30,6 +31,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,8 @@ def point(site: str, detail: str | Path = "") -> None:
     plan = _plan()
     if plan is None:
         return
+    if site in plan.get("slow", {}):  # a slow step, so that a test can act in the middle
+        time.sleep(float(plan["slow"][site]))
     if plan.get("action") == "count":  # a dry run: how often each point is passed
         _count(f"{plan['counter']}.{site}")
         return

@@ -80,6 +80,7 @@ _NOT_SETTINGS = {
     "seed",
     "precision",  # what ran (train.precision is what was asked)
     "node_id",  # where Ray ran the trial
+    "resumed_from_epoch",  # restarted from a checkpoint (a lost worker, a --resume)
 }
 _RESULT_PREFIXES = ("best.", "final.", "teacher.", "diag.")
 # Settings that describe where/how a run was executed, not what it was: never "parameters".

@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdray import __version__, store
+from kdray import __version__, remote, store
 from kdray.spec import Spec
 from kdray.store import atomic_file, json_cell, write_text_atomic
 
@@ -350,9 +350,10 @@ class Results(NamedTuple):
 
 
 def load(path: str | Path) -> Results:
-    """The tables of a results folder (or of the folder holding a file); a path that does not
-    exist is an error, not a lookup in its parent folder."""
-    path = Path(path)
+    """The tables of a results folder (or of the folder holding a file, or of a folder that
+    ``--storage`` copied to a URI); a path that does not exist is an error, not a lookup in its
+    parent folder."""
+    path = remote.local_results(path)
     if not path.exists():
         raise FileNotFoundError(f"no results at {path}")
     folder = path if path.is_dir() else path.parent
@@ -392,7 +393,7 @@ def ray_store(out: Path, storage: str | None) -> str:
 
 def experiment_path(out: Path, storage: str | None, name: str) -> str:
     """The Ray Tune experiment ``name`` of the results folder ``out`` (see :func:`ray_store`)."""
-    return f"{ray_store(out, storage).rstrip('/')}/{name}"
+    return remote.join(ray_store(out, storage), name)
 
 
 def claimed_before_trials(out: str | Path, spec: Spec, command: str) -> bool:

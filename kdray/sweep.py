@@ -35,7 +35,7 @@ from ray import tune
 from ray.tune import Callback
 
 import kdray
-from kdray import check, data, faults, footprint, pareto, plan, results
+from kdray import check, data, faults, footprint, pareto, plan, remote, results
 from kdray.api import SpecLike, as_spec
 from kdray.distill import STUDENT_DIR, distill, selection_metric
 from kdray.plan import OBJECTIVE, RUNG_TIME
@@ -277,9 +277,11 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
 
     checkpoint = tune.get_checkpoint()
     resume_dir: str | None = None
+    restored: dict[str, int] = {}  # after a restart: the last epoch the checkpoint brought back
     if checkpoint is not None:
         resume_dir = tempfile.mkdtemp(prefix="kdray-resume-")
         checkpoint.to_directory(resume_dir)
+        restored["resumed_from_epoch"] = 0
 
     def report(record: dict[str, Any], save: Callable[[str | Path], None] | None) -> None:
         # Each record carries the run's best so far (classifier-trained epochs only).
@@ -293,13 +295,15 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
             **measured,
         }
         if save is None:  # an epoch restored from a checkpoint, reported again for the tables
-            tune.report(metrics)
+            restored["resumed_from_epoch"] = record["epoch"]
+            tune.report({**metrics, **restored})
             return
         with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as folder:
             saving = time.perf_counter()
             save(folder)
             # what a resumable trial costs over a direct run, per epoch (Ray then copies it)
             metrics["checkpoint_seconds"] = time.perf_counter() - saving
+            metrics.update(restored)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     result = distill(spec, report=report, resume_from=resume_dir)
@@ -346,6 +350,7 @@ _RAY_KEYS = {
     TB_STEP,
     "node_id",
     "latency_ms",
+    "resumed_from_epoch",
 }
 
 
@@ -365,11 +370,19 @@ class TableWriter(Callback):
     """Keeps trials.parquet, epochs.parquet and cka.parquet up to date as trials report and
     finish; rows are keyed by trial id (and epoch), so a resumed sweep never duplicates them."""
 
-    def __init__(self, spec: Spec, out_dir: Path, teacher: Any, experiment: str = "") -> None:
+    def __init__(
+        self,
+        spec: Spec,
+        out_dir: Path,
+        teacher: Any,
+        experiment: str = "",
+        mirror: remote.Mirror | None = None,
+    ) -> None:
         self.spec = spec
         self.out_dir = out_dir
         self.teacher = teacher
         self.experiment = experiment  # where Tune keeps it: its checkpoints are pruned here
+        self.mirror = mirror  # with --storage: the tables and students copied there too
         self._reset()
 
     def _reset(self) -> None:
@@ -384,10 +397,12 @@ class TableWriter(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tuner.restore brings this writer back from the pickled run config: it must then
         # read the tables as they are on disk, not carry rows from when it was pickled.
-        return {k: self.__dict__.get(k, "") for k in ("spec", "out_dir", "teacher", "experiment")}
+        keys = ("spec", "out_dir", "teacher", "experiment", "mirror")
+        return {k: self.__dict__.get(k) for k in keys}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"experiment": "", **state})  # "": pickled by an older kdray
+        # defaults: pickled by an older kdray
+        self.__dict__.update({"experiment": "", "mirror": None, **state})
         self._reset()
 
     # Tune's hooks
@@ -517,6 +532,8 @@ class TableWriter(Callback):
         if "latency_ms" in last:  # measured for tune.objectives
             extra["latency_ms"] = last["latency_ms"]
         extra["num_failures"] = getattr(trial, "num_failures", 0)
+        if "resumed_from_epoch" in last:  # restarted (a lost worker, a --resume): from where
+            extra["resumed_from_epoch"] = last["resumed_from_epoch"]
         self.rows[trial.trial_id] = results.trial_row(
             spec, result, trial_id=trial.trial_id, extra=extra
         )
@@ -533,6 +550,11 @@ class TableWriter(Callback):
         if epochs:
             results.write_table(epochs, self.out_dir / results.EPOCHS_FILE)
         results.write_table(rows, self.out_dir / results.TRIALS_FILE)
+        if self.mirror is not None:
+            try:
+                self.mirror.push()
+            except OSError as error:  # the local tables are whole; the next write tries again
+                logger.warning("could not copy the tables to %s: %s", self.mirror.location, error)
 
 
 def _saved_state(fs: Any, experiment: str) -> dict[str, tuple[str, set[str]]]:
@@ -835,7 +857,7 @@ def _prepare_teacher(spec: Spec, store: str, name: str) -> tuple[Any, Spec]:
     trials' base spec then points at that copy."""
     from kdray.teacher import TeacherInfo
 
-    location = f"{store.rstrip('/')}/{name}-teacher"
+    location = remote.join(store, f"{name}-teacher")
     task, cpus = _setup_task(spec, _teacher_task)
     model = spec.teacher.model
     logger.info("teacher: fine-tuning %s on %s, or reusing it (%g CPUs)", model, spec.task, cpus)
@@ -857,7 +879,7 @@ def _prepare_outputs(base: Spec, cells: list[dict] | None, store: str, name: str
     variants = plan.cache_variants(base, cells)
     if not variants or "://" in store:
         return base
-    root = f"{store.rstrip('/')}/{name}-teacher-outputs"
+    root = remote.join(store, f"{name}-teacher-outputs")
     build, cpus = _setup_task(base, _teacher_outputs_task)
     logger.info("teacher outputs: caching them for %d layer set(s)", len(variants))
     started = time.time()
@@ -1005,7 +1027,11 @@ def run_experiment(
     run_config = tune.RunConfig(
         name=name,
         storage_path=store,
-        callbacks=[TableWriter(base, out, teacher, experiment), *loggers, *(callbacks or [])],
+        callbacks=[
+            TableWriter(base, out, teacher, experiment, _mirror(out, storage, name)),
+            *loggers,
+            *(callbacks or []),
+        ],
         failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # kdray prunes, safely
         verbose=0,
@@ -1018,6 +1044,10 @@ def run_experiment(
     tuner.fit()
     if _IOFailures.seen:
         raise _IOFailures.seen[0]
+    if address and address.startswith("ray://") and storage:
+        # Ray Client ran the Tuner (and its table writer) on the head node: the tables come
+        # back by the storage
+        remote.pull_results(remote.results_location(storage, name), into=out)
     trials, epochs = results.load(out)
     if not spec.tune.keep_checkpoints:
         prune_checkpoints(experiment, spec.tune.checkpoint_keep, drop_ended=True)
@@ -1025,6 +1055,15 @@ def run_experiment(
     by_mean = spec.tune.seeds_per_trial > 1
     best = plan.best_trial(trials, spec.tune.mode, by_mean)
     return SweepResult(trials, epochs, out, experiment, best)
+
+
+def _mirror(out: Path, storage: str | None, name: str) -> remote.Mirror | None:
+    """With ``--storage``, the results folder is copied there as it is written
+    (``<storage>/<name>-results``): readable from the storage alone, and under Ray Client the
+    way the tables reach the machine that ran ``kdray``."""
+    if not storage:
+        return None
+    return remote.Mirror(out.resolve(), remote.results_location(storage, name))
 
 
 def _tuner(fn: Any, run_config: Any, experiment: str, chosen: TrialPlan | None) -> Any:
@@ -1055,7 +1094,7 @@ def _drop_outputs_cache(trials: pd.DataFrame, store: str, name: str) -> None:
     of an interrupted experiment keeps it, and a rerun builds it again."""
     if "status" not in trials or trials["status"].isin(results.UNFINISHED).any():
         return
-    root = Path(f"{store.rstrip('/')}/{name}-teacher-outputs")
+    root = Path(remote.join(store, f"{name}-teacher-outputs"))
     if "://" not in store and root.is_dir():
         shutil.rmtree(root, ignore_errors=True)
         logger.info("deleted the teacher-output cache %s: every trial has ended", root)

@@ -390,7 +390,9 @@ def fetch(location: str, spec: Spec) -> str:
         return location.removeprefix("file://")
     import pyarrow.fs as pafs
 
-    local = cache_root(spec.data.cache_dir) / "sweep-teachers" / Path(location).name
+    # one copy per storage location (the same experiment name in two storages is two teachers)
+    named = f"{Path(location.partition('?')[0]).name}-{content_hash(location, 12)}"
+    local = cache_root(spec.data.cache_dir) / "sweep-teachers" / named
     local.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(local.parent / f".{local.name}.lock")):
         if not _intact(local):

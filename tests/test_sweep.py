@@ -545,6 +545,7 @@ def test_dead_worker_is_retried_from_its_checkpoint(
     # epochs 1-2 before the crash, epoch 3 after the restore from the epoch-2 checkpoint
     assert sorted(epochs["epoch"]) == [1, 2, 3]
     assert trial["epochs_run"] == 3
+    assert trial["resumed_from_epoch"] == 2  # the table says where it went on from
 
 
 def study_spec(model: Path, name: str) -> dict[str, Any]:

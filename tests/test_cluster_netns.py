@@ -1,0 +1,210 @@
+"""kdray on a real multi-host Ray cluster: a head and two worker hosts, each in a network
+namespace of its own with its own address, folders and kdray cache, and an S3 object store
+(moto's server) on a fourth host as the experiments' storage. A worker host is killed mid-trial;
+the trial goes on on the other host from its checkpoint in the store, no row is lost, and the
+tables and students are read back from the store alone on another host.
+
+Runs as root where ``ip netns`` is permitted (CI's machine); elsewhere it is skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from netns_cluster import Hosts, hosts, tool, unavailable, wait_for
+
+from conftest import FIXTURE_GLUE, tiny_spec_dict
+
+WHY_NOT = unavailable()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no network namespaces: {WHY_NOT}")
+
+BUCKET = "kdray"
+STORAGE = f"s3://{BUCKET}/experiments"
+S3_PORT = 5000
+
+
+def _s3_env(h: Hosts) -> dict[str, str]:
+    """What every host knows of the object store, as a cluster's machines would be set up."""
+    return {
+        "AWS_ACCESS_KEY_ID": "kdray-test",
+        "AWS_SECRET_ACCESS_KEY": "kdray-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{h.address['s3']}:{S3_PORT}",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no probe of a cloud metadata address
+    }
+
+
+def _start_store(h: Hosts) -> None:
+    h.popen(
+        "s3", [tool("moto_server"), "-H", h.address["s3"], "-p", str(S3_PORT)],
+        h.work["s3"] / "moto.log",
+    )  # fmt: skip
+    create = (
+        "import boto3, os; boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])"
+        f".create_bucket(Bucket='{BUCKET}')"
+    )
+
+    def made() -> bool:
+        return h.run("head", [sys.executable, "-c", create], timeout=30)[0] == 0
+
+    wait_for(made, 60, "the S3 store", every=1)
+
+
+def _start_node(h: Hosts, name: str, temp: Path | None = None) -> None:
+    """``ray start`` on host ``name``: the head (no CPUs: trials run on the workers) or a
+    worker with one CPU."""
+    args = ["--node-ip-address", h.address[name], "--disable-usage-stats"]
+    args += ["--temp-dir", str(temp or h.temp[name])]
+    if name == "head":
+        args += ["--head", "--port", "6379", "--num-cpus", "0", "--include-dashboard", "false"]
+    else:
+        args += ["--address", f"{h.address['head']}:6379", "--num-cpus", "1"]
+    code, output = h.run(name, [tool("ray"), "start", *args], timeout=120)
+    assert code == 0, output[-3000:]
+
+
+def _alive_workers(h: Hosts) -> int:
+    count = (
+        f"import ray; ray.init(address='{h.address['head']}:6379', log_to_driver=False); "
+        "print(sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU')))"
+    )
+    code, output = h.run("head", [sys.executable, "-c", count], timeout=60)
+    return int(output.strip().splitlines()[-1]) if code == 0 else 0
+
+
+@pytest.fixture(scope="module")
+def cluster_hosts(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("hosts")
+    with hosts(["head", "w1", "w2", "s3"], root) as h:
+        h.env.update(_s3_env(h))
+        # a dead host is noticed in seconds, not Ray's default half minute
+        h.env.update(
+            RAY_health_check_period_ms="500",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="3",
+        )
+        _start_store(h)
+        _start_node(h, "head")
+        _start_node(h, "w1")
+        _start_node(h, "w2")
+        wait_for(lambda: _alive_workers(h) == 2, 60, "two worker hosts")
+        yield h
+
+
+def _spec_file(h: Hosts, model: Path, name: str, **sections: Any) -> Path:
+    spec = tiny_spec_dict(model, name=name, **sections)
+    spec["data"] = {"dir": str(FIXTURE_GLUE), "max_seq_length": 32}
+    path = h.work["head"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _kdray(h: Hosts, host: str, *args: str, timeout: float = 300, **env: str) -> str:
+    code, output = h.run(host, [tool("kdray"), *args], timeout=timeout, **env)
+    assert code == 0, f"kdray {' '.join(args)} on {host} exited {code}:\n{output[-4000:]}"
+    return output
+
+
+def _cluster_args(h: Hosts) -> list[str]:
+    return ["--address", f"{h.address['head']}:6379", "--storage", STORAGE]
+
+
+def test_a_sweep_survives_losing_a_worker_host_and_its_tables_come_back_from_s3(
+    cluster_hosts: Hosts, tiny_bert: Path
+) -> None:
+    h = cluster_hosts
+    tune = {
+        "num_samples": 1,
+        "searcher": {"grid": {}},
+        "scheduler": {"fifo": {}},
+        "max_concurrent": 2,
+        "resources": {"cpu": 1},
+        "max_failures": 2,
+    }
+    search = {"distill.algorithm": {"grid": ["soft", "sid"]}}
+    spec = _spec_file(h, tiny_bert, "netns", search=search, tune=tune, train={"epochs": 3})
+    counter = h.work["head"] / "hits"
+    # each epoch takes a second, so the host dies mid-trial whatever the machine's speed
+    plan = json.dumps({"action": "count", "counter": str(counter), "slow": {"distill.epoch": 1}})
+    out = h.work["head"] / "results" / "netns"
+    args = ["sweep", str(spec), "--out", str(out), *_cluster_args(h)]
+    sweep = h.popen(
+        "head", [tool("kdray"), *args], h.work["head"] / "sweep.log", KDRAY_FAULT_PLAN=plan
+    )
+    epochs_done = Path(f"{counter}.distill.epoch")
+    # both trials (one per worker host) are past their first epoch, checkpointed in S3
+    wait_for(lambda: epochs_done.exists() and epochs_done.stat().st_size >= 2, 240, "epochs")
+    assert h.kill("w1") > 0
+    assert sweep.wait(timeout=300) == 0, (h.work["head"] / "sweep.log").read_text()[-4000:]
+
+    trials = pd.read_parquet(out / "trials.parquet")
+    epochs = pd.read_parquet(out / "epochs.parquet")
+    assert sorted(trials["distill.algorithm"]) == ["sid", "soft"]
+    assert set(trials["status"]) == {"ok"}
+    retried = trials[trials["num_failures"] >= 1]
+    assert len(retried) == 1  # the killed host's trial, retried on the other host
+    # ...from its last checkpoint in S3 (at least epoch 1 was checkpointed before the kill)
+    assert retried["resumed_from_epoch"].iloc[0] >= 1
+    assert trials["node_id"].nunique() == 1  # both ended on the host that is left
+    for _, row in trials.iterrows():  # every epoch once: nothing lost, nothing doubled
+        mine = epochs[epochs["trial_id"] == row["trial_id"]]
+        assert sorted(mine["epoch"]) == [1, 2, 3]
+    log = (h.work["head"] / "sweep.log").read_text()
+    assert f"also in the storage: kdray report {STORAGE}/netns-results" in log
+
+    # Another host with nothing of the head's: the tables and a student from S3 alone
+    read = (
+        "import json, kdray; r = kdray.load('" + STORAGE + "/netns-results'); "
+        "print(json.dumps(sorted(r.trials['trial_id'])), len(r.epochs))"
+    )
+    code, output = h.run("w2", [sys.executable, "-c", read], timeout=120)
+    assert code == 0, output[-3000:]
+    assert output.strip().splitlines()[-1] == f"{json.dumps(sorted(trials['trial_id']))} 6"
+    report = _kdray(h, "w2", "report", f"{STORAGE}/netns-results", "--format", "csv")
+    assert "sid" in report and "soft" in report
+    exported = h.work["w2"] / "exported"
+    _kdray(h, "w2", "export", f"{STORAGE}/netns-results", "--best", "--to", str(exported))
+    assert (exported / "config.json").is_file() and (exported / "README.md").is_file()
+
+
+def test_an_adaptive_ablation_runs_across_both_worker_hosts_with_s3_storage(
+    cluster_hosts: Hosts, tiny_bert: Path
+) -> None:
+    h = cluster_hosts
+    if not h.pids("w1"):  # the host the sweep above lost comes back as a new Ray node
+        h.temp["w1-again"] = Path(tempfile.mkdtemp(prefix=f"{h.tag}w1b-"))  # removed at the end
+        _start_node(h, "w1", temp=h.temp["w1-again"])
+        wait_for(lambda: _alive_workers(h) == 2, 60, "two worker hosts")
+    tune = {
+        "num_samples": 1,
+        "searcher": {"grid": {}},
+        "scheduler": {"fifo": {}},
+        "max_concurrent": 2,
+        "resources": {"cpu": 1},
+        "max_failures": 2,
+    }
+    ablation = {
+        "axes": {"distill.algorithm": ["soft", "idal"]},
+        "seeds": {"min": 2, "max": 2, "step": 1},  # adaptive rounds: one is enough here
+    }
+    spec = _spec_file(
+        h, tiny_bert, "netns", tune=tune, ablation=ablation, train={"epochs": 2},
+        distill={"algorithm": "soft"},
+    )  # fmt: skip
+    out = h.work["head"] / "results" / "netns-ablation"
+    output = _kdray(h, "head", "ablate", str(spec), "--out", str(out), *_cluster_args(h))
+    assert "2 cells x 2 seeds = 4 adaptive seeds, first round" in output
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert set(trials["status"]) == {"ok"} and len(trials) >= 4
+    assert trials["node_id"].nunique() == 2  # both worker hosts ran cells
+    location = f"{STORAGE}/netns-ablation-results"
+    assert f"also in the storage: kdray report {location}" in output
+    report = _kdray(h, "w2", "report", location, "--format", "csv")
+    assert "idal" in report
