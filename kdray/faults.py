@@ -9,14 +9,15 @@ The plan is JSON::
     {"site": "store.file", "match": "trials.parquet", "hit": 3, "action": "kill",
      "counter": "/tmp/x/hits", "pgid": 12345}
 
-``slow: {site: seconds}`` sleeps that long at every pass of a site (a slow step, so that a
-test can act while a run is in the middle of it). ``action: count`` only counts every point's
-passes, in ``<counter>.<site>`` files (how a harness learns where a run can be cut). ``hit``: fire on the n-th time any process of the run
-passes a matching point (counted in the ``counter`` file, so Ray workers and the driver share
-one count). ``action``: ``kill`` (SIGKILL to the process group ``pgid``, or the one whose id is
-in the file ``pgid_file``: the whole command, then to this process, as a pre-emption would), or
-``enospc``, ``eio``, ``erofs`` (raise that ``OSError``, as a full disk, a failing one or a
-read-only remount would), or ``memory`` (raise ``MemoryError``).
+``slow: {site: seconds}`` sleeps that long at every pass of a site (a slow step, so that a test
+can act while a run is in the middle of it). ``action: count`` only counts every point's
+passes, in ``<counter>.<site>`` files (how a harness learns where a run can be cut). ``hit``:
+fire on the n-th time any process of the run passes a matching point (counted in the
+``counter`` file, so Ray workers and the driver share one count). ``action``: ``kill`` (SIGKILL
+to the process group ``pgid``, or the one whose id is in the file ``pgid_file``: the whole
+command, then to this process, as a pre-emption would), or ``enospc``, ``eio``, ``erofs``
+(raise that ``OSError``, as a full disk, a failing one or a read-only remount would), or
+``memory`` (raise ``MemoryError``).
 
 :func:`io_failure` finds the I/O error behind an exception (also inside the text of errors that
 Ray, safetensors or Arrow re-raise without the ``OSError``), so the CLI can end in one
