@@ -281,7 +281,6 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
     if checkpoint is not None:
         resume_dir = tempfile.mkdtemp(prefix="kdray-resume-")
         checkpoint.to_directory(resume_dir)
-        restored["resumed_from_epoch"] = 0
 
     def report(record: dict[str, Any], save: Callable[[str | Path], None] | None) -> None:
         # Each record carries the run's best so far (classifier-trained epochs only).
@@ -295,9 +294,11 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
             **measured,
         }
         if save is None:  # an epoch restored from a checkpoint, reported again for the tables
-            restored["resumed_from_epoch"] = record["epoch"]
-            tune.report({**metrics, **restored})
+            tune.report(metrics)
             return
+        if resume_dir is not None and not restored:
+            # the first report with a checkpoint after a restore: the checkpoint's own epoch
+            restored["resumed_from_epoch"] = record["epoch"]
         with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as folder:
             saving = time.perf_counter()
             save(folder)

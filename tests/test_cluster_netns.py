@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +56,16 @@ def _start_store(h: Hosts) -> None:
     wait_for(made, 60, "the S3 store", every=1)
 
 
-def _start_node(h: Hosts, name: str, temp: Path | None = None) -> None:
+def _start_node(h: Hosts, name: str, temp: Path | None = None, **env: str) -> None:
     """``ray start`` on host ``name``: the head (no CPUs: trials run on the workers) or a
-    worker with one CPU."""
+    worker with one CPU; ``env`` reaches every process Ray starts there."""
     args = ["--node-ip-address", h.address[name], "--disable-usage-stats"]
     args += ["--temp-dir", str(temp or h.temp[name])]
     if name == "head":
         args += ["--head", "--port", "6379", "--num-cpus", "0", "--include-dashboard", "false"]
     else:
         args += ["--address", f"{h.address['head']}:6379", "--num-cpus", "1"]
-    code, output = h.run(name, [tool("ray"), "start", *args], timeout=120)
+    code, output = h.run(name, [tool("ray"), "start", *args], timeout=120, **env)
     assert code == 0, output[-3000:]
 
 
@@ -79,10 +78,16 @@ def _alive_workers(h: Hosts) -> int:
     return int(output.strip().splitlines()[-1]) if code == 0 else 0
 
 
+def _epoch_plan(counter: Path) -> str:
+    """Every epoch on this host counted (``<counter>.distill.epoch``) and a second long, so a
+    test can kill a host while its trial is mid-way whatever the machine's speed."""
+    return json.dumps({"action": "count", "counter": str(counter), "slow": {"distill.epoch": 1}})
+
+
 @pytest.fixture(scope="module")
 def cluster_hosts(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("hosts")
-    with hosts(["head", "w1", "w2", "s3"], root) as h:
+    with hosts(["head", "w1", "w2", "s3", "laptop"], root) as h:
         h.env.update(_s3_env(h))
         # a dead host is noticed in seconds, not Ray's default half minute
         h.env.update(
@@ -92,8 +97,8 @@ def cluster_hosts(tmp_path_factory: pytest.TempPathFactory) -> Any:
         )
         _start_store(h)
         _start_node(h, "head")
-        _start_node(h, "w1")
-        _start_node(h, "w2")
+        for worker in ("w1", "w2"):  # each host counts its own epochs, a second each
+            _start_node(h, worker, KDRAY_FAULT_PLAN=_epoch_plan(h.work[worker] / "hits"))
         wait_for(lambda: _alive_workers(h) == 2, 60, "two worker hosts")
         yield h
 
@@ -116,80 +121,40 @@ def _cluster_args(h: Hosts) -> list[str]:
     return ["--address", f"{h.address['head']}:6379", "--storage", STORAGE]
 
 
-def test_a_sweep_survives_losing_a_worker_host_and_its_tables_come_back_from_s3(
-    cluster_hosts: Hosts, tiny_bert: Path
-) -> None:
-    h = cluster_hosts
-    tune = {
+def _grid_tune(max_failures: int) -> dict[str, Any]:
+    return {
         "num_samples": 1,
         "searcher": {"grid": {}},
         "scheduler": {"fifo": {}},
         "max_concurrent": 2,
         "resources": {"cpu": 1},
-        "max_failures": 2,
+        "max_failures": max_failures,
     }
-    search = {"distill.algorithm": {"grid": ["soft", "sid"]}}
-    spec = _spec_file(h, tiny_bert, "netns", search=search, tune=tune, train={"epochs": 3})
-    counter = h.work["head"] / "hits"
-    # each epoch takes a second, so the host dies mid-trial whatever the machine's speed
-    plan = json.dumps({"action": "count", "counter": str(counter), "slow": {"distill.epoch": 1}})
-    out = h.work["head"] / "results" / "netns"
-    args = ["sweep", str(spec), "--out", str(out), *_cluster_args(h)]
-    sweep = h.popen(
-        "head", [tool("kdray"), *args], h.work["head"] / "sweep.log", KDRAY_FAULT_PLAN=plan
-    )
-    epochs_done = Path(f"{counter}.distill.epoch")
-    # both trials (one per worker host) are past their first epoch, checkpointed in S3
-    wait_for(lambda: epochs_done.exists() and epochs_done.stat().st_size >= 2, 240, "epochs")
-    assert h.kill("w1") > 0
-    assert sweep.wait(timeout=300) == 0, (h.work["head"] / "sweep.log").read_text()[-4000:]
 
-    trials = pd.read_parquet(out / "trials.parquet")
-    epochs = pd.read_parquet(out / "epochs.parquet")
-    assert sorted(trials["distill.algorithm"]) == ["sid", "soft"]
-    assert set(trials["status"]) == {"ok"}
-    retried = trials[trials["num_failures"] >= 1]
-    assert len(retried) == 1  # the killed host's trial, retried on the other host
-    # ...from its last checkpoint in S3 (at least epoch 1 was checkpointed before the kill)
-    assert retried["resumed_from_epoch"].iloc[0] >= 1
-    assert trials["node_id"].nunique() == 1  # both ended on the host that is left
-    for _, row in trials.iterrows():  # every epoch once: nothing lost, nothing doubled
-        mine = epochs[epochs["trial_id"] == row["trial_id"]]
-        assert sorted(mine["epoch"]) == [1, 2, 3]
-    log = (h.work["head"] / "sweep.log").read_text()
-    assert f"also in the storage: kdray report {STORAGE}/netns-results" in log
 
-    # Another host with nothing of the head's: the tables and a student from S3 alone
-    read = (
-        "import json, kdray; r = kdray.load('" + STORAGE + "/netns-results'); "
-        "print(json.dumps(sorted(r.trials['trial_id'])), len(r.epochs))"
+def _laptop_sweep(h: Hosts, spec: Path, private: Path) -> Any:
+    """``kdray sweep`` through Ray Client from the laptop host, into an --out folder on a tmpfs
+    that only this command sees (the head's writes to the same path land elsewhere), then
+    ``kdray.load`` of that folder, printed as JSON."""
+    out = private / "out"
+    check = (
+        f"import json, kdray; r = kdray.load('{out}'); "
+        "print(json.dumps(r.trials[['trial_id', 'status']].to_dict('records')), len(r.epochs))"
     )
-    code, output = h.run("w2", [sys.executable, "-c", read], timeout=120)
-    assert code == 0, output[-3000:]
-    assert output.strip().splitlines()[-1] == f"{json.dumps(sorted(trials['trial_id']))} 6"
-    report = _kdray(h, "w2", "report", f"{STORAGE}/netns-results", "--format", "csv")
-    assert "sid" in report and "soft" in report
-    exported = h.work["w2"] / "exported"
-    _kdray(h, "w2", "export", f"{STORAGE}/netns-results", "--best", "--to", str(exported))
-    assert (exported / "config.json").is_file() and (exported / "README.md").is_file()
+    address = f"ray://{h.address['head']}:10001"
+    script = (
+        f"mount -t tmpfs kdray-laptop {private} && "
+        f"{tool('kdray')} sweep {spec} --out {out} --address {address} --storage {STORAGE} && "
+        f'{sys.executable} -c "{check}"'
+    )
+    return h.popen("laptop", ["sh", "-c", script], h.work["laptop"] / "sweep.log")
 
 
 def test_an_adaptive_ablation_runs_across_both_worker_hosts_with_s3_storage(
     cluster_hosts: Hosts, tiny_bert: Path
 ) -> None:
-    h = cluster_hosts
-    if not h.pids("w1"):  # the host the sweep above lost comes back as a new Ray node
-        h.temp["w1-again"] = Path(tempfile.mkdtemp(prefix=f"{h.tag}w1b-"))  # removed at the end
-        _start_node(h, "w1", temp=h.temp["w1-again"])
-        wait_for(lambda: _alive_workers(h) == 2, 60, "two worker hosts")
-    tune = {
-        "num_samples": 1,
-        "searcher": {"grid": {}},
-        "scheduler": {"fifo": {}},
-        "max_concurrent": 2,
-        "resources": {"cpu": 1},
-        "max_failures": 2,
-    }
+    h = cluster_hosts  # both worker hosts (the next test kills one)
+    tune = _grid_tune(2)
     ablation = {
         "axes": {"distill.algorithm": ["soft", "idal"]},
         "seeds": {"min": 2, "max": 2, "step": 1},  # adaptive rounds: one is enough here
@@ -208,3 +173,55 @@ def test_an_adaptive_ablation_runs_across_both_worker_hosts_with_s3_storage(
     assert f"also in the storage: kdray report {location}" in output
     report = _kdray(h, "w2", "report", location, "--format", "csv")
     assert "idal" in report
+
+
+def test_a_sweep_from_another_machine_survives_losing_a_worker_host_and_lives_in_s3(
+    cluster_hosts: Hosts, tiny_bert: Path
+) -> None:
+    """Ray Client (``--address ray://``) from a laptop host: the Tuner and its table writer run
+    on the head, and the laptop's --out folder gets the tables back by the storage. A worker
+    host dies mid-trial: its trial goes on on the other host from its checkpoint in S3. Then a
+    third host reads the tables and exports the student from S3 alone."""
+    h = cluster_hosts
+    search = {"distill.algorithm": {"grid": ["soft", "sid"]}}
+    spec = _spec_file(h, tiny_bert, "netns", search=search, tune=_grid_tune(2), train={"epochs": 3})
+    private = h.work["laptop"] / "private"
+    private.mkdir()
+    sweep = _laptop_sweep(h, spec, private)
+    w1_epochs = h.work["w1"] / "hits.distill.epoch"
+    # w1's trial is past its first epoch (checkpointed in S3) and has two to go
+    wait_for(w1_epochs.exists, 240, "an epoch on w1")
+    assert h.kill("w1") > 0
+    log = h.work["laptop"] / "sweep.log"
+    assert sweep.wait(timeout=300) == 0, log.read_text()[-4000:]
+
+    # the head's copy, at the same path on the shared disk (the laptop's is on its tmpfs)
+    out = private / "out"
+    trials = pd.read_parquet(out / "trials.parquet")
+    epochs = pd.read_parquet(out / "epochs.parquet")
+    assert sorted(trials["distill.algorithm"]) == ["sid", "soft"]
+    assert set(trials["status"]) == {"ok"}
+    retried = trials[trials["num_failures"] >= 1]
+    assert len(retried) == 1  # the killed host's trial, retried on the other host
+    # ...from its last checkpoint in S3 (at least epoch 1 was checkpointed before the kill)
+    assert retried["resumed_from_epoch"].iloc[0] >= 1
+    assert trials["node_id"].nunique() == 1  # both ended on the host that is left
+    for _, row in trials.iterrows():  # every epoch once: nothing lost, nothing doubled
+        assert sorted(epochs[epochs["trial_id"] == row["trial_id"]]["epoch"]) == [1, 2, 3]
+    # the laptop's own folder holds the same rows, brought back from S3
+    rows = json.dumps([{"trial_id": t, "status": "ok"} for t in trials["trial_id"]])
+    text = log.read_text()
+    assert text.strip().splitlines()[-1] == f"{rows} 6"
+    assert f"also in the storage: kdray report {STORAGE}/netns-results" in text
+
+    # another host with nothing of theirs: the tables and a student from S3 alone
+    read = (
+        f"import json, kdray; r = kdray.load('{STORAGE}/netns-results'); "
+        "print(json.dumps(sorted(r.trials['trial_id'])), len(r.epochs))"
+    )
+    code, output = h.run("w2", [sys.executable, "-c", read], timeout=120)
+    assert code == 0, output[-3000:]
+    assert output.strip().splitlines()[-1] == f"{json.dumps(sorted(trials['trial_id']))} 6"
+    exported = h.work["w2"] / "exported"
+    _kdray(h, "w2", "export", f"{STORAGE}/netns-results", "--best", "--to", str(exported))
+    assert (exported / "config.json").is_file() and (exported / "README.md").is_file()
