@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdray import sources
+from kdray import remote, sources
 from kdray.models import load_tokenizer
-from kdray.store import atomic_file, cache_root
+from kdray.store import atomic_file, cache_root, file_digest
 
 if TYPE_CHECKING:
     from kdray.spec import SourceSpec, Spec
@@ -1185,3 +1185,67 @@ def prepare(spec: Spec, tokenizer_name: str) -> Prepared:
         dev=tokenize(dev_ex, tokenizer, length, cache),
         data_fingerprint=examples_fingerprint(train_ex, dev_ex),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data on a cluster: it travels by the experiment's storage
+
+
+def publish(spec: Spec, root: str) -> Spec:
+    """The spec with its data copied under ``root`` (the experiment's remote storage) and named
+    there: the GLUE task's folder (``data.dir``) or the source's files or datasets folder.
+    The copy's location holds a hash of the files, so a node's local copy
+    (:func:`localize`) is never stale. A hub dataset is left as it is (each node's hub
+    cache)."""
+    source = spec.data.source
+    if source is None:
+        glue_dir = spec.data.dir or os.environ.get(GLUE_DIR_ENV)
+        if not glue_dir or remote.is_remote(glue_dir):
+            return spec
+        task = get_task(spec.task)
+        folder = Path(glue_dir).expanduser() / task.local_dir
+        # every split file there is (train, dev, MNLI's mismatched dev, test for predictions)
+        files = [folder / f for f in task.local_files.values() if (folder / f).is_file()]
+        stored = remote.join(root, _files_hash(files))
+        for path in files:
+            remote.upload(path, remote.join(stored, task.local_dir, path.name))
+        return spec.with_values({"data.dir": stored})
+    if source.files is not None and not any(map(remote.is_remote, source.files.values())):
+        files = [Path(f) for f in source.files.values()]
+        stored = remote.join(root, _files_hash(files))
+        uris = {}
+        for split, path in source.files.items():
+            uris[split] = remote.join(stored, f"{split}-{Path(path).name}")
+            remote.upload(path, uris[split])
+        return spec.with_values({"data.source.files": uris})
+    if source.format == "disk" and source.path and not remote.is_remote(source.path):
+        folder = Path(source.path)
+        stored = remote.join(root, _files_hash(sorted(p for p in folder.rglob("*") if p.is_file())))
+        remote.upload(folder, remote.join(stored, folder.name))
+        return spec.with_values({"data.source.path": remote.join(stored, folder.name)})
+    return spec
+
+
+def _files_hash(files: list[Path]) -> str:
+    return hashlib.sha256("".join(file_digest(p) for p in files).encode()).hexdigest()[:16]
+
+
+def localize(spec: Spec) -> Spec:
+    """The spec with data that :func:`publish` put in a remote storage downloaded to this
+    machine (once per machine, in kdray's cache) and named by its local path."""
+    root = cache_root(spec.data.cache_dir) / "storage-data"
+
+    def local(location: str) -> str:
+        return str(remote.download(location, root / remote.local_name(location)))
+
+    source = spec.data.source
+    if source is None:
+        if spec.data.dir and remote.is_remote(spec.data.dir):
+            return spec.with_values({"data.dir": local(spec.data.dir)})
+        return spec
+    if source.files is not None and any(map(remote.is_remote, source.files.values())):
+        files = {s: local(f) if remote.is_remote(f) else f for s, f in source.files.items()}
+        return spec.with_values({"data.source.files": files})
+    if source.path and remote.is_remote(source.path):
+        return spec.with_values({"data.source.path": local(source.path)})
+    return spec

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,49 @@ def probe(location: str) -> str | None:
     except (OSError, ValueError) as error:
         return " ".join(str(error).split())[:300]
     return None
+
+
+def local_name(location: str) -> str:
+    """A folder name for a node's copy of ``location``: its last part and a hash of the whole
+    (the same name in two storages is two copies)."""
+    return f"{Path(location.partition('?')[0]).name}-{content_hash(location, 12)}"
+
+
+def upload(local: str | Path, location: str) -> None:
+    """Copy a local file or folder to ``location`` (a path or URI), replacing what is there."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    fs.create_dir(path.rsplit("/", 1)[0] if Path(local).is_file() else path, recursive=True)
+    pafs.copy_files(str(local), path, destination_filesystem=fs)
+
+
+def download(location: str, local: Path, intact: Callable[[Path], bool] | None = None) -> Path:
+    """A local copy of the file or folder at ``location``, downloaded once per machine:
+    concurrent processes wait on a file lock beside ``local``, the copy is written beside it
+    and renamed into place, and an existing copy is kept while ``intact`` says it is whole
+    (default: it exists)."""
+    import filelock
+    import pyarrow.fs as pafs
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(local.parent / f".{local.name}.lock")):
+        if local.exists() and (intact or Path.exists)(local):
+            return local
+        fs, path = filesystem(location)
+        folder = fs.get_file_info(path).type == pafs.FileType.Directory
+        tmp = temp_beside(local, folder=folder)
+        try:
+            pafs.copy_files(path, str(tmp), source_filesystem=fs)
+            if local.is_dir():
+                shutil.rmtree(local)
+            os.replace(tmp, local)
+        finally:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+    return local
 
 
 def results_location(storage: str, name: str) -> str:

@@ -1246,10 +1246,12 @@ def _absolute_source(spec: Spec) -> Spec:
     if source is None:
         return spec
     values: dict[str, Any] = {}
+
+    def absolute(path: str) -> str:  # a URI (s3://...) is read as it is
+        return path if "://" in path else str(Path(path).expanduser().absolute())
+
     if source.files is not None:
-        values["data.source.files"] = {
-            split: str(Path(file).expanduser().absolute()) for split, file in source.files.items()
-        }
+        values["data.source.files"] = {split: absolute(f) for split, f in source.files.items()}
     if source.format == "disk" and source.path:
-        values["data.source.path"] = str(Path(source.path).expanduser().absolute())
+        values["data.source.path"] = absolute(source.path)
     return spec.with_values(values) if values else spec

@@ -272,6 +272,7 @@ def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, sta
     if spec.teacher.checkpoint:
         local = teacher.fetch(spec.teacher.checkpoint, spec)
         spec = spec.with_values({"teacher.checkpoint": local})
+    spec = data.localize(spec)  # data the sweep put in a remote storage, copied to this node
     metric = selection_metric(spec)
     measured = _footprint(spec)
 
@@ -814,7 +815,7 @@ def _teacher_task(spec_json: dict[str, Any], target: str, cpus: float = 1) -> di
     from kdray import teacher
 
     _use_cpus(cpus)
-    spec = Spec.model_validate(spec_json)
+    spec = data.localize(Spec.model_validate(spec_json))
     info = teacher.ensure_teacher(spec)
     teacher.publish(info, target)
     return {"id": info.id, "dev_metrics": info.dev_metrics, "settings": info.settings}
@@ -1018,6 +1019,8 @@ def run_experiment(
         logger.info("%s: stopped before its first trial; starting the trials", out)
         resume = False
     results.write_experiment(out, spec, command, data.spec_length_stats(spec))
+    if remote.is_remote(store):  # the nodes read the data from the storage too
+        spec = data.publish(spec, remote.join(store, f"{name}-data"))
     teacher, base = _prepare_teacher(spec, store, name)
     base = _prepare_outputs(base, cells, store, name)
     fn = tune.with_parameters(

@@ -19,17 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import filelock
 import torch
 from torch import nn
 
-from kdray import __version__, data, engine, losses, models
+from kdray import __version__, data, engine, losses, models, remote
 from kdray.progress import NoProgress, ProgressHook
 from kdray.spec import Spec
 from kdray.store import (
@@ -39,7 +37,6 @@ from kdray.store import (
     file_digest,
     file_problems,
     file_records,
-    temp_beside,
 )
 
 TEACHER_INFO_FILE = "teacher.json"
@@ -384,29 +381,12 @@ def publish(info: TeacherInfo, location: str) -> None:
 
 def fetch(location: str, spec: Spec) -> str:
     """A local folder holding the sweep's teacher: the location itself when it is local, else a
-    copy downloaded once per node; concurrent trials on one node wait on a file lock instead
-    of racing on the final rename."""
-    if "://" not in location or location.startswith("file://"):
+    copy downloaded once per node (checked against its teacher.json, fetched again if cut
+    short or corrupted)."""
+    if not remote.is_remote(location):
         return location.removeprefix("file://")
-    import pyarrow.fs as pafs
-
-    # one copy per storage location (the same experiment name in two storages is two teachers)
-    named = f"{Path(location.partition('?')[0]).name}-{content_hash(location, 12)}"
-    local = cache_root(spec.data.cache_dir) / "sweep-teachers" / named
-    local.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(local.parent / f".{local.name}.lock")):
-        if not _intact(local):
-            fs, path = pafs.FileSystem.from_uri(location)
-            # beside the target, so the final rename never crosses filesystems
-            tmp = temp_beside(local, folder=True)
-            try:
-                pafs.copy_files(path, str(tmp), source_filesystem=fs)
-                if local.exists():
-                    shutil.rmtree(local)
-                tmp.rename(local)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return str(local)
+    local = cache_root(spec.data.cache_dir) / "sweep-teachers" / remote.local_name(location)
+    return str(remote.download(location, local, intact=_intact))
 
 
 def _intact(folder: Path) -> bool:

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import FIXTURE_GLUE, REPO, tiny_spec_dict
-from kdray import check, results
+from kdray import check, remote, results
 from kdray.check import Check, preflight
 from kdray.spec import spec_from_dict
 
@@ -173,8 +173,15 @@ def test_a_trial_asking_for_a_gpu_the_machine_lacks_is_refused(
     assert "the cluster at auto: 16 CPU, 2 GPU" in checks["tune.resources"].detail
 
 
+@pytest.fixture
+def unprobed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storage URIs below are names, not places: nothing is written there (the probe of a
+    real store is tested against an S3 server in test_remote.py)."""
+    monkeypatch.setattr(remote, "probe", lambda location: None)
+
+
 def test_a_trial_must_fit_on_one_node_not_on_the_clusters_totals(
-    tiny_bert: Path, tmp_path: Path
+    tiny_bert: Path, tmp_path: Path, unprobed: None
 ) -> None:
     spec = _spec(tiny_bert, search=SEARCH, tune={"resources": {"cpu": 4, "gpu": 1}})
     # 8 CPU and 2 GPU in total, but the GPU nodes have 2 CPUs each and the big node no GPU
@@ -203,7 +210,7 @@ def test_a_trial_must_fit_on_one_node_not_on_the_clusters_totals(
 
 
 def test_other_machines_in_the_cluster_need_storage_they_all_reach(
-    tiny_bert: Path, tmp_path: Path
+    tiny_bert: Path, tmp_path: Path, unprobed: None
 ) -> None:
     spec = _spec(tiny_bert, search=SEARCH)
     remote = {"CPU": 4.0, "nodes": [{"address": "127.0.0.1", "CPU": 2.0},

@@ -133,18 +133,21 @@ def _grid_tune(max_failures: int) -> dict[str, Any]:
 
 
 def _laptop_sweep(h: Hosts, spec: Path, private: Path) -> Any:
-    """``kdray sweep`` through Ray Client from the laptop host, into an --out folder on a tmpfs
-    that only this command sees (the head's writes to the same path land elsewhere), then
-    ``kdray.load`` of that folder, printed as JSON."""
+    """``kdray sweep`` through Ray Client from the laptop host, its data and --out folder on a
+    tmpfs that only this command sees (the head's writes to the same path land on the shared
+    disk instead), then ``kdray.load`` of that folder, printed as JSON."""
     out = private / "out"
     check = (
         f"import json, kdray; r = kdray.load('{out}'); "
         "print(json.dumps(r.trials[['trial_id', 'status']].to_dict('records')), len(r.epochs))"
     )
     address = f"ray://{h.address['head']}:10001"
+    glue = private / "glue"  # the data too: no other host can read it but by S3
     script = (
-        f"mount -t tmpfs kdray-laptop {private} && "
-        f"{tool('kdray')} sweep {spec} --out {out} --address {address} --storage {STORAGE} && "
+        f"mount -t tmpfs kdray-laptop {private} && mkdir {glue} && "
+        f"cp -r {FIXTURE_GLUE / 'RTE'} {glue}/ && "
+        f"{tool('kdray')} sweep {spec} --out {out} --address {address} --storage {STORAGE} "
+        f"--set data.dir={glue} && "
         f'{sys.executable} -c "{check}"'
     )
     return h.popen("laptop", ["sh", "-c", script], h.work["laptop"] / "sweep.log")
@@ -187,10 +190,11 @@ def test_a_sweep_from_another_machine_survives_losing_a_worker_host_and_lives_in
     spec = _spec_file(h, tiny_bert, "netns", search=search, tune=_grid_tune(2), train={"epochs": 3})
     private = h.work["laptop"] / "private"
     private.mkdir()
-    sweep = _laptop_sweep(h, spec, private)
     w1_epochs = h.work["w1"] / "hits.distill.epoch"
+    before = w1_epochs.stat().st_size if w1_epochs.exists() else 0  # the ablation's epochs
+    sweep = _laptop_sweep(h, spec, private)
     # w1's trial is past its first epoch (checkpointed in S3) and has two to go
-    wait_for(w1_epochs.exists, 240, "an epoch on w1")
+    wait_for(lambda: w1_epochs.exists() and w1_epochs.stat().st_size > before, 240, "w1 epoch")
     assert h.kill("w1") > 0
     log = h.work["laptop"] / "sweep.log"
     assert sweep.wait(timeout=300) == 0, log.read_text()[-4000:]
@@ -200,6 +204,7 @@ def test_a_sweep_from_another_machine_survives_losing_a_worker_host_and_lives_in
     trials = pd.read_parquet(out / "trials.parquet")
     epochs = pd.read_parquet(out / "epochs.parquet")
     assert sorted(trials["distill.algorithm"]) == ["sid", "soft"]
+    assert trials["data.dir"].str.startswith(f"{STORAGE}/netns-data/").all()
     assert set(trials["status"]) == {"ok"}
     retried = trials[trials["num_failures"] >= 1]
     assert len(retried) == 1  # the killed host's trial, retried on the other host
