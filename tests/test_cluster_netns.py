@@ -19,7 +19,7 @@ import pytest
 import yaml
 from netns_cluster import Hosts, hosts, tool, unavailable, wait_for
 
-from conftest import FIXTURE_GLUE, tiny_spec_dict
+from conftest import FIXTURE_GLUE, grid_tune, tiny_spec_dict
 
 WHY_NOT = unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no network namespaces: {WHY_NOT}")
@@ -121,17 +121,6 @@ def _cluster_args(h: Hosts) -> list[str]:
     return ["--address", f"{h.address['head']}:6379", "--storage", STORAGE]
 
 
-def _grid_tune(max_failures: int) -> dict[str, Any]:
-    return {
-        "num_samples": 1,
-        "searcher": {"grid": {}},
-        "scheduler": {"fifo": {}},
-        "max_concurrent": 2,
-        "resources": {"cpu": 1},
-        "max_failures": max_failures,
-    }
-
-
 def _laptop_sweep(h: Hosts, spec: Path, private: Path) -> Any:
     """``kdray sweep`` through Ray Client from the laptop host, its data and --out folder on a
     tmpfs that only this command sees (the head's writes to the same path land on the shared
@@ -157,7 +146,7 @@ def test_an_adaptive_ablation_runs_across_both_worker_hosts_with_s3_storage(
     cluster_hosts: Hosts, tiny_bert: Path
 ) -> None:
     h = cluster_hosts  # both worker hosts (the next test kills one)
-    tune = _grid_tune(2)
+    tune = grid_tune(max_failures=2)
     ablation = {
         "axes": {"distill.algorithm": ["soft", "idal"]},
         "seeds": {"min": 2, "max": 2, "step": 1},  # adaptive rounds: one is enough here
@@ -187,7 +176,9 @@ def test_a_sweep_from_another_machine_survives_losing_a_worker_host_and_lives_in
     third host reads the tables and exports the student from S3 alone."""
     h = cluster_hosts
     search = {"distill.algorithm": {"grid": ["soft", "sid"]}}
-    spec = _spec_file(h, tiny_bert, "netns", search=search, tune=_grid_tune(2), train={"epochs": 3})
+    spec = _spec_file(
+        h, tiny_bert, "netns", search=search, tune=grid_tune(max_failures=2), train={"epochs": 3}
+    )
     private = h.work["laptop"] / "private"
     private.mkdir()
     w1_epochs = h.work["w1"] / "hits.distill.epoch"
