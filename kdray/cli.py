@@ -944,11 +944,10 @@ def report(
 
 
 def _results_folder(given: str) -> Path:
-    """A results folder named by a local path, or by its copy in the storage (downloaded)."""
+    """A results folder named by a local path, or by its copy in the storage (downloaded; said
+    in kdray's log, so that ``--format csv`` on stdout stays CSV)."""
     from kdray import remote
 
-    if remote.is_remote(given):
-        console.print(f"reading {given} from the storage", highlight=False)
     return remote.local_results(given)
 
 
