@@ -918,6 +918,7 @@ def report(
     ] = None,
 ) -> None:
     """Summarise a sweep or an ablation: statistics, paired comparisons, importance, plots."""
+    from kdray.remote import local_results
     from kdray.report import build_report
 
     if format_ not in ("table", "markdown", "csv"):
@@ -928,7 +929,7 @@ def report(
         raise typer.Exit(2)
     with _settings_errors():
         built = build_report(
-            _results_folder(results_dir), baseline=baseline, plots_dir=plots, fmt=format_,
+            local_results(results_dir), baseline=baseline, plots_dir=plots, fmt=format_,
             mode=mode, alpha=alpha, family_with=family_with or (),
         )  # fmt: skip
     if format_ == "table":
@@ -941,14 +942,6 @@ def report(
         console.print(f"saved {output}")
     for name, path in built.plots.items():
         console.print(f"plot {name}: {path}")
-
-
-def _results_folder(given: str) -> Path:
-    """A results folder named by a local path, or by its copy in the storage (downloaded; said
-    in kdray's log, so that ``--format csv`` on stdout stays CSV)."""
-    from kdray import remote
-
-    return remote.local_results(given)
 
 
 def _print_report_tables(built: Any) -> None:
@@ -1021,6 +1014,7 @@ def export(
     and optionally push it to the Hugging Face Hub."""
     from kdray.export import CARD_FILE, check_push, export_student
     from kdray.export import push_to_hub as push
+    from kdray.remote import local_results
 
     if trial is not None and best:
         console.print("[red]give --trial ID or --best, not both[/red]")
@@ -1031,7 +1025,7 @@ def export(
     with _settings_errors():
         if push_to_hub is not None:
             check_push(push_to_hub)  # before the export: a push that cannot work writes nothing
-        folder = export_student(_results_folder(results_dir), to, trial=trial, best=best)
+        folder = export_student(local_results(results_dir), to, trial=trial, best=best)
         console.print(f"exported {results_dir} -> {folder} (model card: {folder / CARD_FILE})")
         if push_to_hub is not None:
             url = push(folder, push_to_hub, private=private, revision=revision)

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from kdray import remote, sources
 from kdray.models import load_tokenizer
-from kdray.store import atomic_file, cache_root, file_digest
+from kdray.store import atomic_file, cache_root, content_hash, file_digest
 
 if TYPE_CHECKING:
     from kdray.spec import SourceSpec, Spec
@@ -1195,8 +1195,8 @@ def publish(spec: Spec, root: str) -> Spec:
     """The spec with its data copied under ``root`` (the experiment's remote storage) and named
     there: the GLUE task's folder (``data.dir``) or the source's files or datasets folder.
     The copy's location holds a hash of the files, so a node's local copy
-    (:func:`localize`) is never stale. A hub dataset is left as it is (each node's hub
-    cache)."""
+    (:func:`localize`) is never stale and a copy already there is not uploaded again. A hub
+    dataset is left as it is (each node's hub cache)."""
     source = spec.data.source
     if source is None:
         glue_dir = spec.data.dir or os.environ.get(GLUE_DIR_ENV)
@@ -1206,28 +1206,30 @@ def publish(spec: Spec, root: str) -> Spec:
         folder = Path(glue_dir).expanduser() / task.local_dir
         # every split file there is (train, dev, MNLI's mismatched dev, test for predictions)
         files = [folder / f for f in task.local_files.values() if (folder / f).is_file()]
-        stored = remote.join(root, _files_hash(files))
-        for path in files:
-            remote.upload(path, remote.join(stored, task.local_dir, path.name))
+        stored = _store(root, files, {p: f"{task.local_dir}/{p.name}" for p in files})
         return spec.with_values({"data.dir": stored})
     if source.files is not None and not any(map(remote.is_remote, source.files.values())):
-        files = [Path(f) for f in source.files.values()]
-        stored = remote.join(root, _files_hash(files))
-        uris = {}
-        for split, path in source.files.items():
-            uris[split] = remote.join(stored, f"{split}-{Path(path).name}")
-            remote.upload(path, uris[split])
+        named = {Path(f): f"{split}-{Path(f).name}" for split, f in source.files.items()}
+        stored = _store(root, list(named), named)
+        uris = {split: remote.join(stored, named[Path(f)]) for split, f in source.files.items()}
         return spec.with_values({"data.source.files": uris})
     if source.format == "disk" and source.path and not remote.is_remote(source.path):
         folder = Path(source.path)
-        stored = remote.join(root, _files_hash(sorted(p for p in folder.rglob("*") if p.is_file())))
-        remote.upload(folder, remote.join(stored, folder.name))
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        stored = _store(root, files, {folder: folder.name})
         return spec.with_values({"data.source.path": remote.join(stored, folder.name)})
     return spec
 
 
-def _files_hash(files: list[Path]) -> str:
-    return hashlib.sha256("".join(file_digest(p) for p in files).encode()).hexdigest()[:16]
+def _store(root: str, files: list[Path], uploads: dict[Path, str]) -> str:
+    """``root/<hash of files>``, holding each of ``uploads`` (a local file or folder -> its
+    name there); a file already there is kept, since its name is its content (a folder, which
+    a killed upload may have left half, is uploaded again)."""
+    stored = remote.join(root, content_hash([file_digest(p) for p in files], 16))
+    for local, name in uploads.items():
+        if local.is_dir() or not remote.exists(remote.join(stored, name)):
+            remote.upload(local, remote.join(stored, name))
+    return stored
 
 
 def localize(spec: Spec) -> Spec:

@@ -18,7 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdray.store import atomic_dir, cache_root, content_hash, is_temp_name, temp_beside
+from kdray.store import (
+    atomic_dir,
+    atomic_file,
+    cache_root,
+    content_hash,
+    is_temp_name,
+    temp_beside,
+)
 
 logger = logging.getLogger("kdray")
 
@@ -70,6 +77,14 @@ def local_name(location: str) -> str:
     return f"{Path(location.partition('?')[0]).name}-{content_hash(location, 12)}"
 
 
+def exists(location: str) -> bool:
+    """Whether a file or folder is at ``location``."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
 def upload(local: str | Path, location: str) -> None:
     """Copy a local file or folder to ``location`` (a path or URI), replacing what is there."""
     import pyarrow.fs as pafs
@@ -93,17 +108,8 @@ def download(location: str, local: Path, intact: Callable[[Path], bool] | None =
             return local
         fs, path = filesystem(location)
         folder = fs.get_file_info(path).type == pafs.FileType.Directory
-        tmp = temp_beside(local, folder=folder)
-        try:
+        with (atomic_dir if folder else atomic_file)(local) as tmp:
             pafs.copy_files(path, str(tmp), source_filesystem=fs)
-            if local.is_dir():
-                shutil.rmtree(local)
-            os.replace(tmp, local)
-        finally:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
     return local
 
 

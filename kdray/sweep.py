@@ -590,11 +590,7 @@ def prune_checkpoints(experiment: str, keep: int, drop_ended: bool) -> None:
     between leaves a state that cannot be restored."""
     import pyarrow.fs as pafs
 
-    fs, root = (
-        pafs.FileSystem.from_uri(experiment)
-        if "://" in experiment
-        else (pafs.LocalFileSystem(), experiment)
-    )
+    fs, root = remote.filesystem(experiment)
     try:
         saved = _saved_state(fs, root)
         folders = fs.get_file_info(pafs.FileSelector(root))

@@ -366,17 +366,9 @@ def _teacher_epoch(
 # A sweep's copy of the teacher
 
 
-def _as_uri(path: str) -> str:
-    return path if "://" in path else Path(path).resolve().as_uri()
-
-
 def publish(info: TeacherInfo, location: str) -> None:
     """Copy a teacher folder into a sweep's storage (a path or a pyarrow filesystem URI)."""
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(_as_uri(location))
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(info.path, path, destination_filesystem=fs)
+    remote.upload(info.path, location)
 
 
 def fetch(location: str, spec: Spec) -> str:
