@@ -153,17 +153,26 @@ class Mirror:
         fs, root = filesystem(self.location)
         local = _local_files(self.folder)
         fs.create_dir(root, recursive=True)
+        selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        stored = {
+            info.path[len(root) :].lstrip("/"): info
+            for info in fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+        }
         for relative, stamp in sorted(local.items()):
-            if self._pushed.get(relative) == stamp:
+            there = stored.get(relative)
+            if self._pushed.get(relative) == stamp or (
+                # uploaded after its last local change (by another push: the table writer's,
+                # or this folder's earlier run): not again
+                there is not None and there.size == stamp[0] and there.mtime_ns >= stamp[1]
+            ):
                 continue
             target = f"{root}/{relative}"
             fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             pafs.copy_files(str(self.folder / relative), target, destination_filesystem=fs)
             self._pushed[relative] = stamp
-        stored = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        for info in stored:
-            relative = info.path[len(root) :].lstrip("/")
-            if info.type == pafs.FileType.File and relative not in local:
+        for relative, info in stored.items():
+            if relative not in local:
                 fs.delete_file(info.path)
                 self._pushed.pop(relative, None)
 

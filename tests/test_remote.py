@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def _stored(location: str) -> dict[str, bytes]:
 
 
 def test_a_mirror_follows_a_results_folder_and_leaves_out_rays_and_temporary_files(
-    s3: str, tmp_path: Path
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = tmp_path / "out"
     (folder / "students" / "t1").mkdir(parents=True)
@@ -87,6 +88,28 @@ def test_a_mirror_follows_a_results_folder_and_leaves_out_rays_and_temporary_fil
     (folder / "students" / "t1" / "config.json").unlink()
     mirror.push()
     assert _stored(location) == {"trials.parquet": b"v2, longer"}
+    # another push of the same folder (the CLI's, after the table writer's) uploads only what
+    # changed since the copy there was made
+    import pyarrow.fs as pafs
+
+    past = time.time() - 60
+    os.utime(folder / "trials.parquet", (past, past))  # written well before it was uploaded
+    uploads: list[str] = []
+    copy = pafs.copy_files
+
+    def counted(source: str, destination: str, **kwargs: Any) -> None:
+        uploads.append(source)
+        copy(source, destination, **kwargs)
+
+    monkeypatch.setattr(pafs, "copy_files", counted)
+    remote.Mirror(folder, location).push()
+    assert uploads == []
+    (folder / "experiment.json").write_text("{}")
+    remote.Mirror(folder, location).push()
+    assert uploads == [str(folder / "experiment.json")]
+    monkeypatch.undo()
+    (folder / "experiment.json").unlink()
+    mirror.push()
 
     # read back: a fresh copy, or laid over a folder whose other files stay
     assert (remote.pull_results(location) / "trials.parquet").read_bytes() == b"v2, longer"
