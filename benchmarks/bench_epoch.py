@@ -66,8 +66,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as common  # noqa: E402
 
-VARIANTS = ("cached", "live", "floor", "textbrewer", "plain")
-KDRAY_VARIANTS = ("cached", "live", "floor")
+VARIANTS = ("cached", "live", "floor", "textbrewer", "plain", "cached-bf16", "compiled")
+KDRAY_VARIANTS = ("cached", "live", "floor", "cached-bf16", "compiled")
 RSS_MARK = "RSS-JSON:"
 PARTS = (
     "fetch",
@@ -157,12 +157,15 @@ def make_context(args: argparse.Namespace, outputs_root: Path) -> Context:
 
 def kdray_spec(ctx: Context, name: str) -> Any:
     """The spec ``kdray.distill.setup`` builds a kdray variant from."""
+    cached = {
+        "distill.algorithm": "idal",
+        "teacher.cache.enabled": "on",
+        "teacher.cache.dir": str(ctx.outputs_root),
+    }
     values: dict[str, Any] = {
-        "cached": {
-            "distill.algorithm": "idal",
-            "teacher.cache.enabled": "on",
-            "teacher.cache.dir": str(ctx.outputs_root),
-        },
+        "cached": cached,
+        "cached-bf16": {**cached, "train.precision": "bf16"},
+        "compiled": {**cached, "train.compile": True},
         "live": {"distill.algorithm": "idal", "teacher.cache.enabled": "off"},
         "floor": {"distill.algorithm": "none", "teacher.cache.enabled": "off"},
     }[name]
@@ -697,10 +700,10 @@ def build_cached_outputs(ctx: Context) -> dict[str, Any]:
 
 
 def make_variant(name: str, ctx: Context) -> Variant:
-    if name in ("cached", "live"):
+    if name in ("cached", "live", "cached-bf16", "compiled"):
         variant = KdrayVariant(name, ctx)
         kind = type(variant.outputs).__name__
-        expected = "CachedOutputs" if name == "cached" else "LiveOutputs"
+        expected = "LiveOutputs" if name == "live" else "CachedOutputs"
         if kind != expected:
             raise RuntimeError(f"{name}: setup gave {kind} teacher outputs, not {expected}")
         return variant
@@ -900,6 +903,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     variants: dict[str, Variant] = {}
     errors: dict[str, str] = {}
+    first_step: dict[str, float] = {}  # set-up and first step (for compiled: the compile)
+    payload["setup_and_first_step_seconds"] = first_step
     if "cached" in names:
         build = payload["cache_build"] = build_cached_outputs(ctx)
         console.print(
@@ -908,8 +913,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
     for name in names:
         try:
+            started = time.perf_counter()
             variant = make_variant(name, ctx)
-            variant.run(1)  # fail here, not in the middle of a round
+            variant.run(1)  # fail here, not in the middle of a round (compiled: compiles)
+            first_step[name] = round(time.perf_counter() - started, 2)
             variants[name] = variant
         except Exception as error:  # noqa: BLE001 - report why a variant cannot run
             errors[name] = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=6)}"
