@@ -313,6 +313,8 @@ def setup(spec: Spec, progress: ProgressHook, outputs: OutputsFactory | None = N
         hidden_size=s.hidden_size,
         intermediate_size=s.intermediate_size,
     ).to(device)
+    if spec.train.compile:
+        student.compile()  # in place: state_dict keys, checkpoints and exports are unchanged
     layer_map = models.resolve_layer_map(
         spec.distill.layer_map, s.layers, models.num_layers(teacher_model)
     )
@@ -490,7 +492,18 @@ def _end_epoch(
     seconds: float,
 ) -> dict[str, Any]:
     """Evaluate, advance the schedule, keep the best epoch and build the epoch's record."""
-    metrics = engine.evaluate(run.student, run.dev_loader, run.prepared.task, run.device)
+    # Dev metrics mean something only once the classifier has been trained: the epochs of a
+    # progressive or stacked algorithm's internal stages before that are not evaluated.
+    evaluated = stage.trains_classifier or run.schedule.classifier_epochs > 0
+    evaluating = time.perf_counter()
+    metrics = (
+        engine.evaluate(
+            run.student, run.dev_loader, run.prepared.task, run.device, run.opt.precision
+        )
+        if evaluated
+        else {}
+    )
+    eval_seconds = time.perf_counter() - evaluating if evaluated else 0.0
     means = {f"loss.{k}": v / max(1, n_batches) for k, v in sums.items()}
     record: dict[str, Any] = {
         "epoch": epoch,
@@ -502,6 +515,7 @@ def _end_epoch(
         "train_seconds": seconds,
         "train_examples": n_examples,
         "examples_per_s": n_examples / seconds if seconds > 0 else 0.0,
+        "eval_seconds": eval_seconds,  # the dev evaluation, apart from the training steps
         # run-level, carried so a sweep's trial row has them (not in epochs.parquet)
         "student_params": models.count_parameters(run.student),
         "teacher_params": models.count_parameters(run.teacher_model),
@@ -509,9 +523,8 @@ def _end_epoch(
     }
     run.schedule.end_epoch(means.get("loss.total", 0.0))
     record["classifier_epochs"] = run.schedule.classifier_epochs
-    # Dev metrics mean something only once the classifier has been trained.
-    value = metrics[run.metric]
-    if run.schedule.classifier_epochs > 0 and _better(value, run.best_value, run.spec.tune.mode):
+    value = metrics.get(run.metric)
+    if value is not None and _better(value, run.best_value, run.spec.tune.mode):
         run.best_value, run.best_epoch, run.best_metrics = value, epoch, metrics
         if run.spec.train.save_student:
             run.best_state = _cpu_copy(run.student)
@@ -589,6 +602,10 @@ def _epoch_line(record: dict[str, Any], metric: str) -> str:
     best = " *" if record.get("is_best") else ""
     return (
         f"epoch {record['epoch']} [{record['stage_name']}] {losses_text} | "
-        f"dev {metric} {record.get('dev.' + metric, float('nan')):.4f}{best} | "
-        f"{record['examples_per_s']:.0f} ex/s"
+        + (
+            f"dev {metric} {record['dev.' + metric]:.4f}{best} | "
+            if "dev." + metric in record
+            else "dev not evaluated (no classifier trained yet) | "
+        )
+        + f"{record['examples_per_s']:.0f} ex/s"
     )

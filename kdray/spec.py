@@ -395,7 +395,16 @@ class TrainSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, le=MAX_WEIGHT)
     seed: Seed = 42
     device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="auto: bf16 where the device has it natively (AVX512-BF16/AMX CPUs, bf16 "
+        "GPUs), else fp32. The teacher is always fine-tuned in fp32 under auto.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the student's forward (inductor); pays only when a run's "
+        "steps outweigh the compile (benchmarks/README.md).",
+    )
     threads: int | None = Field(
         None, ge=1, le=4096, description="torch CPU threads; default: torch's own."
     )

@@ -125,6 +125,13 @@ def model_fingerprint(name: str) -> str:
     return content_hash(parts)
 
 
+def fine_tune_precision(spec: Spec) -> str:
+    """The precision the teacher is fine-tuned in: ``train.precision``, except that ``auto``
+    (chosen for the students' speed) fine-tunes in fp32: the teacher is trained once and
+    cached, and its quality caps every student's."""
+    return "fp32" if spec.train.precision == "auto" else spec.train.precision
+
+
 def teacher_settings(spec: Spec, data_fingerprint: str) -> dict[str, Any]:
     """What determines a fine-tuned teacher: its cache key is a hash of exactly this."""
     t = spec.teacher
@@ -141,7 +148,7 @@ def teacher_settings(spec: Spec, data_fingerprint: str) -> dict[str, Any]:
         "warmup": t.warmup,
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
-        "precision": spec.train.precision,
+        "precision": fine_tune_precision(spec),
         "recipe": RECIPE,
         # added later: only when set, so the teachers cached before keep their keys
         **({"layer_decay": t.layer_decay} if t.layer_decay != 1.0 else {}),
@@ -307,7 +314,7 @@ def train_teacher(
         total_steps=steps_per_epoch * t.epochs,
         max_grad_norm=t.max_grad_norm,
         device=device,
-        precision=spec.train.precision,
+        precision=fine_tune_precision(spec),
         clip=model.parameters(),
         lr_scale=models.layer_lr_scale(model, t.layer_decay) if t.layer_decay != 1.0 else None,
     )

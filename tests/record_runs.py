@@ -43,7 +43,7 @@ TEACHER_MODEL = "<tiny-bert>"
 GLUE_DIR = "<fixture-glue>"
 
 # Changes from run to run and machine to machine: never recorded.
-TIMING_KEYS = frozenset({"train_seconds", "examples_per_s"})
+TIMING_KEYS = frozenset({"train_seconds", "examples_per_s", "eval_seconds"})
 
 # Comparison tolerances. Floats are compared per quantity family and epoch, within the
 # tolerance that ``python tests/record_runs.py --drift`` derived from the drift it measured

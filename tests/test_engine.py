@@ -173,3 +173,19 @@ def test_an_emulated_cpu_precision_is_warned_about(monkeypatch, caplog) -> None:
     with caplog.at_level("WARNING", logger="kdray"):
         engine.precision_to_run(torch.device("cpu"), "fp32")
     assert not caplog.text
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_runs_bf16_only_where_the_cpu_computes_it_natively(
+    monkeypatch, caplog, native: bool, expected: str
+) -> None:
+    """auto is for speed: bf16 where it is native (faster), fp32 where it would be emulated
+    (slower), never with the emulation warning."""
+    monkeypatch.setattr(engine, "native_cpu", lambda precision: native or precision == "fp32")
+    device = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="kdray"):
+        assert engine.precision_to_run(device, "auto") == expected
+    assert not caplog.text
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[expected]
+    with engine.autocast(device, "auto"):
+        assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == dtype
