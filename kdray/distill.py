@@ -197,9 +197,22 @@ class Run:
 
     def save(self, folder: str | Path) -> None:
         """Write a resumable checkpoint into ``folder``. When the epoch just saved is the best
-        one, the best weights are the student's own and are stored once."""
+        one, the best weights are the student's own and are stored once.
+
+        A finished run's checkpoint is light: its records, best epoch and metrics, and the best
+        student as a Hugging Face folder (what a sweep keeps beside its tables, even when the
+        scheduler stops the trial right after), without the student's last weights, optimiser
+        moments or random state, which nothing can train with any more. A quarter of the bytes
+        of a full checkpoint, written once by kdray and copied once more by Ray Tune.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.schedule.finished:
+            state = self._finished_state()
+            torch.save(state, folder / STATE_FILE)
+            faults.point("distill.checkpoint", folder)
+            self.save_student(folder / STUDENT_DIR)
+            return
         best_is_current = (
             self.best_state is not None
             and bool(self.records)
@@ -222,10 +235,21 @@ class Run:
         }
         torch.save(state, folder / STATE_FILE)
         faults.point("distill.checkpoint", folder)
-        if self.schedule.finished:
-            # the last checkpoint of a finished run carries its best student, so a sweep keeps
-            # it beside its tables even when the scheduler stops the trial right after
-            self.save_student(folder / STUDENT_DIR)
+
+    def _finished_state(self) -> dict[str, Any]:
+        """What a finished run's checkpoint holds besides its student folder."""
+        return {
+            "version": STATE_VERSION,
+            "kdray_version": __version__,
+            "finished": True,
+            "schedule": self.schedule.state_dict(),
+            "records": self.records,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
+            # kept here only when no student folder is written (train.save_student off)
+            "best_state": None if self.spec.train.save_student else self.best_state,
+        }
 
     def save_student(self, target: str | Path) -> Path | None:
         """The best student (safetensors, config, tokenizer) as a Hugging Face folder, or None
@@ -263,6 +287,9 @@ class Run:
                 f"{path} is a checkpoint of format {state.get('version')!r}, this kdray reads "
                 f"format {STATE_VERSION}: start the run again without resuming"
             )
+        if state.get("finished"):
+            self._restore_finished(Path(folder), state)
+            return
         self.student.load_state_dict(state["student"])
         self.projections.load_state_dict(state["projections"])
         self.opt.load_state_dict(state)
@@ -273,6 +300,21 @@ class Run:
             self.best_state = _cpu_copy(self.student)
         self.best_epoch, self.best_metrics = state["best_epoch"], state["best_metrics"]
         engine.set_rng_state(state["rng"])
+
+
+    def _restore_finished(self, folder: Path, state: dict[str, Any]) -> None:
+        """A finished run's light checkpoint: its tables' records and its best student (read
+        back from the student folder, safetensors only) for a resumed run to end with."""
+        self.schedule.load_state_dict(state["schedule"])
+        self.records = state["records"]
+        self.best_value, self.best_state = state["best_value"], state["best_state"]
+        self.best_epoch, self.best_metrics = state["best_epoch"], state["best_metrics"]
+        weights = folder / STUDENT_DIR / "model.safetensors"
+        if self.best_state is None and weights.is_file():
+            from safetensors.torch import load_file
+
+            self.student.load_state_dict(load_file(weights))
+            self.best_state = _cpu_copy(self.student)
 
 
 def _load_reason(error: Exception, limit: int = 120) -> str:

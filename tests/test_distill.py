@@ -775,3 +775,34 @@ def test_cli_run_with_auto_length_records_the_number_and_every_splits_lengths(
     assert lengths["train"]["cut"] <= 0.05  # auto keeps at least 95 % of train whole
     shown = CliRunner().invoke(app, ["report", str(out)])
     assert "token lengths, train:" in shown.output and "token lengths, dev:" in shown.output
+
+
+def test_a_finished_runs_checkpoint_is_light_and_resumes_to_the_same_best_student(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    """The last checkpoint of a finished run keeps what its tables and kept student need, not
+    the training state (student weights, optimiser moments, random state) nothing resumes."""
+    from safetensors.torch import load_file
+
+    spec = _spec(tiny_bert, distill={"algorithm": "soft"}, train={"epochs": 2})
+
+    def report(record: dict[str, Any], save) -> None:
+        save(tmp_path / f"ckpt-{record['epoch']}")
+
+    full = D.distill(spec, report=report, output_dir=tmp_path / "full")
+    assert full.status == "ok"
+    middle, last = (tmp_path / f"ckpt-{e}" / D.STATE_FILE for e in (1, 2))
+    state = torch.load(last, weights_only=True)
+    assert state["finished"] is True
+    assert not {"student", "projections", "rng", "best_is_current"} & set(state)
+    assert state["best_state"] is None  # the best student is the folder beside it
+    assert last.stat().st_size < middle.stat().st_size / 20
+
+    resumed = D.distill(spec, resume_from=last.parent, output_dir=tmp_path / "resumed")
+    assert resumed.status == "ok", resumed.error
+    assert _comparable(resumed.records) == _comparable(full.records)
+    assert (resumed.best_epoch, resumed.best_metrics) == (full.best_epoch, full.best_metrics)
+    expected = load_file(tmp_path / "full" / "student" / "model.safetensors")
+    got = load_file(tmp_path / "resumed" / "student" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
