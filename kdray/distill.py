@@ -301,7 +301,6 @@ class Run:
         self.best_epoch, self.best_metrics = state["best_epoch"], state["best_metrics"]
         engine.set_rng_state(state["rng"])
 
-
     def _restore_finished(self, folder: Path, state: dict[str, Any]) -> None:
         """A finished run's light checkpoint: its tables' records and its best student (read
         back from the student folder, safetensors only) for a resumed run to end with."""
