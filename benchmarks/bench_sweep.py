@@ -148,6 +148,35 @@ def _sweep_epoch_sums(epochs: Any) -> dict[str, list[float]]:
     return out
 
 
+def overhead_parts(
+    overhead: float, phases: list[dict[str, float]], per_trial: dict[str, list[float]], direct: list
+) -> dict[str, float]:
+    """The per-trial overhead split into its parts (means over trials): Tune starting the
+    trainable (launch), training steps running slower in the worker than in the direct runs,
+    kdray's checkpoint writes, the rest inside the trainable (Tune's per-epoch report round trip,
+    Ray copying each checkpoint into the storage), the wind-down, and the remainder between
+    trials (Tune's scheduling and bookkeeping in the driver)."""
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else 0.0
+
+    direct_wall = mean([d["wall_seconds"] for d in direct])
+    slower = mean(per_trial.get("train_seconds", [])) - mean([d["train_seconds"] for d in direct])
+    checkpoints = mean(per_trial.get("checkpoint_seconds", []))
+    launch = mean([p["launch_s"] for p in phases])
+    inside = mean([p["trainable_s"] for p in phases]) - direct_wall
+    wind_down = mean([p["wind_down_s"] for p in phases])
+    parts = {
+        "launch": launch,
+        "training_slower_in_worker": slower,
+        "checkpoint_writes": checkpoints,
+        "report_and_checkpoint_copy": inside - slower - checkpoints,
+        "wind_down": wind_down,
+        "between_trials": overhead - launch - inside - wind_down,
+    }
+    return {k: round(v, 2) for k, v in parts.items()}
+
+
 def timing_callback() -> Any:
     """A Tune callback that notes when Tune starts and when each trial starts and ends."""
     from ray.tune import Callback
@@ -310,6 +339,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "direct_wall_seconds": round(direct_wall, 2),
         "trial_seconds_direct_mean": round(trial_time, 2),
         "overhead_per_trial_seconds": round(overhead, 2),
+        "overhead_parts_per_trial_seconds": overhead_parts(overhead, phases, per_trial, direct),
         "overhead_percent_of_trial": round(100 * overhead / trial_time, 1),
         # the goal's own terms: Ray's share of the sweep's wall time (without the teacher phase)
         "overhead_percent_of_sweep_wall": round(100 * overhead / (trial_time + overhead), 1),
