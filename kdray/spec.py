@@ -147,6 +147,7 @@ LATER_SETTINGS: dict[str, Any] = {
     "teacher.layer_decay": 1.0,
     "data.source": None,
     "teacher.pooling": "cls",
+    "train.compile": False,
 }
 
 

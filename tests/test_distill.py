@@ -205,7 +205,14 @@ def test_cli_teacher(tiny_bert: Path, tmp_path: Path) -> None:
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / D.STATE_FILE, weights_only=False)["student"]
+    """The student's weights in a checkpoint; a finished run's (light) checkpoint keeps only
+    its best student, in the student folder."""
+    from safetensors.torch import load_file
+
+    state = torch.load(folder / D.STATE_FILE, weights_only=False)
+    if state.get("finished"):
+        return load_file(folder / D.STUDENT_DIR / "model.safetensors")
+    return state["student"]
 
 
 def _changed(before: dict, after: dict, prefix: str) -> bool:
@@ -220,7 +227,8 @@ def test_pid_freeze_lower_keeps_frozen_parts_fixed(tiny_bert: Path, tmp_path: Pa
     def report(record: dict[str, Any], save) -> None:
         save(tmp_path / f"epoch{record['epoch']}")
 
-    assert D.distill(spec, report=report).status == "ok"
+    result = D.distill(spec, report=report)
+    assert result.status == "ok" and result.best_epoch == 3  # the one classifier epoch
     e1, e2, e3 = (_state(tmp_path / f"epoch{i}") for i in (1, 2, 3))
     # epoch 2 = stage "layer 2": embeddings and layer 1 frozen, layer 2 trains
     assert not _changed(e1, e2, "bert.embeddings.")
@@ -244,7 +252,10 @@ def test_other_hidden_size_trains_projections(tiny_bert: Path, tmp_path: Path) -
 
     def report(record: dict[str, Any], save) -> None:
         save(checkpoint)
-        state = torch.load(checkpoint / D.STATE_FILE, weights_only=False)["projections"]
+        saved = torch.load(checkpoint / D.STATE_FILE, weights_only=False)
+        if saved.get("finished"):  # a finished run's checkpoint keeps no training state
+            return
+        state = saved["projections"]
         if not first:
             first.update({k: v.clone() for k, v in state.items()})
         else:

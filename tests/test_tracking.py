@@ -87,10 +87,14 @@ def test_kdray_run_writes_every_epochs_dev_metric_and_losses_to_tensorboard(
     assert list(epochs["epoch"]) == [1, 2, 3]
     for _, row in epochs.iterrows():
         epoch = int(row["epoch"])
-        assert seen["dev.accuracy"][epoch] == pytest.approx(row["dev.accuracy"], abs=1e-6)
+        if pd.isna(row["dev.accuracy"]):  # a layer stage before the classifier: not evaluated
+            assert epoch not in seen["dev.accuracy"]
+        else:
+            assert seen["dev.accuracy"][epoch] == pytest.approx(row["dev.accuracy"], abs=1e-6)
         assert seen["loss.total"][epoch] == pytest.approx(row["loss.total"], rel=1e-6)
         assert seen["lr"][epoch] == pytest.approx(row["lr"], rel=1e-6)
     assert seen["stage"] == {1: 0.0, 2: 1.0, 3: 2.0}
+    assert sorted(seen["dev.accuracy"]) == [3]  # only the classifier stage is evaluated
     assert {"loss.attention", "loss.hidden", "loss.soft"} <= set(seen)
 
 
