@@ -89,6 +89,7 @@ def preflight(
         ("tokenizer", model.check_tokenizer),
         ("data.max_seq_length", model.check_length),
         ("train.device", lambda: _device_check(spec, command, address)),
+        ("train.precision", lambda: _precision_check(spec, command, address)),
         ("results folder", lambda: _folder_check(spec, command, out, resume, overwrite)),
     ]
     if command in EXPERIMENTS:
@@ -320,6 +321,30 @@ def _device_check(spec: Spec, command: str, address: str | None) -> tuple[bool |
         have = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU(s) (cuda:0..cuda:{count - 1})"
         return False, f"train.device is {device} but this machine has {have}: set auto or cpu"
     return True, f"{device} ({torch.cuda.get_device_name(index)})"
+
+
+def _precision_check(spec: Spec, command: str, address: str | None) -> tuple[bool | None, str]:
+    """What ``train.precision`` runs as here: ``auto`` resolved, an emulated lower precision
+    (slower than fp32 on a CPU without it) said before any compute. Never a failure."""
+    asked = spec.train.precision
+    if command in EXPERIMENTS and address:
+        return None, f"{asked}: resolved on each worker (its CPU or GPU)"
+    if asked == "fp32":
+        return True, "fp32"
+    from kdray import engine
+
+    device = engine.pick_device(spec.train.device)
+    runs = engine.auto_precision(device) if asked == "auto" else asked
+    where = "this CPU" if device.type == "cpu" else str(device)
+    if device.type == "cpu" and runs != "fp32" and not engine.native_cpu(runs):
+        return True, (
+            f"WARNING: {runs} on {where} is emulated (no native {runs}): slower than fp32; "
+            "set train.precision: auto or fp32"
+        )
+    if asked != "auto":
+        return True, f"{runs} on {where}"
+    native = " (native)" if runs != "fp32" else " (no native bf16 here)"
+    return True, f"auto -> {runs} on {where}{native}"
 
 
 def _searched_check(spec: Spec, command: str) -> tuple[bool, str]:

@@ -68,3 +68,20 @@ def test_the_disk_benchmark_sorts_a_results_folder_into_its_parts(tmp_path: Path
         "all": round(ray + tables / 3 * 6 + 6 * 300),
         "none": round(ray + tables / 3 * 6),
     }
+
+
+def test_the_verdict_benchmark_asks_soft_against_pid_with_adaptive_seeds(tmp_path: Path) -> None:
+    """bench_verdict's spec is rte-cpu.yaml's recipe with the paired question as its ablation,
+    on the first N rows, and --set values land at their dotted keys (validated as a spec)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_verdict
+
+    from kdray.spec import load_spec
+
+    path = bench_verdict.write_spec(tmp_path, 96, 6, {"train.precision": "fp32"})
+    spec = load_spec(path)
+    assert spec.train.max_train_examples == 96 and spec.train.precision == "fp32"
+    ablation = spec.ablation
+    assert ablation is not None and ablation.axes == {"distill.algorithm": ["soft", "pid"]}
+    assert ablation.baseline == {"distill.algorithm": "soft"}
+    assert (ablation.seeds.min, ablation.seeds.max, ablation.seeds.step) == (3, 6, 2)

@@ -406,3 +406,24 @@ def test_runtime_env_takes_rays_fields_only(tiny_bert: Path) -> None:
     assert ok.tune.runtime_env == {"working_dir": ".", "pip": ["x"]}
     with pytest.raises(SpecError, match="unknown runtime_env keys workdir"):
         spec_from_dict({**raw, "tune": {"runtime_env": {"workdir": "."}}})
+
+
+@pytest.mark.parametrize(
+    ("asked", "native", "expected"),
+    [
+        ("auto", True, "auto -> bf16 on this CPU (native)"),
+        ("auto", False, "auto -> fp32 on this CPU (no native bf16 here)"),
+        ("bf16", True, "bf16 on this CPU"),
+        ("bf16", False, "WARNING: bf16 on this CPU is emulated (no native bf16)"),
+    ],
+)
+def test_the_preflight_says_what_precision_runs_on_this_cpu(
+    tiny_bert: Path, tmp_path: Path, monkeypatch, asked: str, native: bool, expected: str
+) -> None:
+    from kdray import engine
+
+    monkeypatch.setattr(engine, "native_cpu", lambda precision: native or precision == "fp32")
+    spec = spec_from_dict(tiny_spec_dict(tiny_bert, train={"precision": asked}))
+    row = _checks(spec, tmp_path)["train.precision"]
+    assert row.ok is True
+    assert row.detail.startswith(expected)
