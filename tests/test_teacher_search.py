@@ -129,10 +129,12 @@ def test_a_setting_added_later_changes_no_fingerprint_or_teacher_key_at_its_defa
     tiny_bert: Path,
 ) -> None:
     from kdray import teacher
+    from kdray.spec import LATER_SETTINGS
     from kdray.store import content_hash
 
     base = spec_from_dict(tiny_spec_dict(tiny_bert))
-    later = ("teacher.layer_decay", "teacher.pooling", "data.source")
+    later = ("teacher.layer_decay", "teacher.pooling", "data.source", "train.compile")
+    assert set(later) == set(LATER_SETTINGS)
     # the fingerprint a spec had before these existed: its flat settings without them
     flat = {k: v for k, v in base.flat().items() if k not in ("name", *later)}
     assert base.fingerprint() == content_hash({**flat, "teacher.cache.verify": "sizes"}, 16)
@@ -142,6 +144,9 @@ def test_a_setting_added_later_changes_no_fingerprint_or_teacher_key_at_its_defa
         name = key.split(".")[1]
         assert name not in teacher.teacher_settings(base, "data")
         assert teacher.teacher_settings(changed, "data")[name] == value
+    compiled = base.with_values({"train.compile": True})  # a student setting: no teacher key
+    assert compiled.fingerprint() != base.fingerprint()
+    assert teacher.teacher_settings(compiled, "data") == teacher.teacher_settings(base, "data")
 
 
 def test_a_teacher_fine_tuned_with_layer_decay_is_cached_under_its_own_key(
