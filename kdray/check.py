@@ -334,7 +334,7 @@ def _precision_check(spec: Spec, command: str, address: str | None) -> tuple[boo
     from kdray import engine
 
     device = engine.pick_device(spec.train.device)
-    runs = engine.auto_precision(device) if asked == "auto" else asked
+    runs = engine.resolve_precision(device, asked)
     where = "this CPU" if device.type == "cpu" else str(device)
     if device.type == "cpu" and runs != "fp32" and not engine.native_cpu(runs):
         return True, (

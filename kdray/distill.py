@@ -207,47 +207,43 @@ class Run:
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.schedule.finished:
-            state = self._finished_state()
-            torch.save(state, folder / STATE_FILE)
-            faults.point("distill.checkpoint", folder)
+        finished = self.schedule.finished
+        state = {
+            "version": STATE_VERSION,
+            "kdray_version": __version__,
+            "schedule": self.schedule.state_dict(),
+            "records": self.records,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
+            **(self._finished_state() if finished else self._training_state()),
+        }
+        torch.save(state, folder / STATE_FILE)
+        faults.point("distill.checkpoint", folder)
+        if finished:
             self.save_student(folder / STUDENT_DIR)
-            return
+
+    def _training_state(self) -> dict[str, Any]:
+        """What an unfinished run's checkpoint adds: everything training goes on with."""
         best_is_current = (
             self.best_state is not None
             and bool(self.records)
             and self.records[-1]["epoch"] == self.best_epoch
         )
-        state = {
-            "version": STATE_VERSION,
-            "kdray_version": __version__,
+        return {
             "student": self.student.state_dict(),
             "projections": self.projections.state_dict(),
             **self.opt.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "records": self.records,
-            "best_value": self.best_value,
             "best_state": None if best_is_current else self.best_state,
             "best_is_current": best_is_current,
-            "best_epoch": self.best_epoch,
-            "best_metrics": self.best_metrics,
             "rng": engine.rng_state(),
         }
-        torch.save(state, folder / STATE_FILE)
-        faults.point("distill.checkpoint", folder)
 
     def _finished_state(self) -> dict[str, Any]:
-        """What a finished run's checkpoint holds besides its student folder."""
+        """What a finished run's checkpoint adds: the best weights only when no student folder
+        is written beside it (``train.save_student`` off)."""
         return {
-            "version": STATE_VERSION,
-            "kdray_version": __version__,
             "finished": True,
-            "schedule": self.schedule.state_dict(),
-            "records": self.records,
-            "best_value": self.best_value,
-            "best_epoch": self.best_epoch,
-            "best_metrics": self.best_metrics,
-            # kept here only when no student folder is written (train.save_student off)
             "best_state": None if self.spec.train.save_student else self.best_state,
         }
 
@@ -287,28 +283,25 @@ class Run:
                 f"{path} is a checkpoint of format {state.get('version')!r}, this kdray reads "
                 f"format {STATE_VERSION}: start the run again without resuming"
             )
-        if state.get("finished"):
-            self._restore_finished(Path(folder), state)
-            return
-        self.student.load_state_dict(state["student"])
-        self.projections.load_state_dict(state["projections"])
-        self.opt.load_state_dict(state)
+        finished = bool(state.get("finished"))
+        if not finished:
+            self.student.load_state_dict(state["student"])
+            self.projections.load_state_dict(state["projections"])
+            self.opt.load_state_dict(state)
         self.schedule.load_state_dict(state["schedule"])
         self.records = state["records"]
         self.best_value, self.best_state = state["best_value"], state["best_state"]
+        self.best_epoch, self.best_metrics = state["best_epoch"], state["best_metrics"]
+        if finished:
+            self._best_from_folder(Path(folder) / STUDENT_DIR / "model.safetensors")
+            return
         if state["best_is_current"]:
             self.best_state = _cpu_copy(self.student)
-        self.best_epoch, self.best_metrics = state["best_epoch"], state["best_metrics"]
         engine.set_rng_state(state["rng"])
 
-    def _restore_finished(self, folder: Path, state: dict[str, Any]) -> None:
-        """A finished run's light checkpoint: its tables' records and its best student (read
-        back from the student folder, safetensors only) for a resumed run to end with."""
-        self.schedule.load_state_dict(state["schedule"])
-        self.records = state["records"]
-        self.best_value, self.best_state = state["best_value"], state["best_state"]
-        self.best_epoch, self.best_metrics = state["best_epoch"], state["best_metrics"]
-        weights = folder / STUDENT_DIR / "model.safetensors"
+    def _best_from_folder(self, weights: Path) -> None:
+        """A finished run's best student, read back from the student folder of its light
+        checkpoint (safetensors only) for a resumed run to end with."""
         if self.best_state is None and weights.is_file():
             from safetensors.torch import load_file
 
@@ -535,16 +528,14 @@ def _end_epoch(
     """Evaluate, advance the schedule, keep the best epoch and build the epoch's record."""
     # Dev metrics mean something only once the classifier has been trained: the epochs of a
     # progressive or stacked algorithm's internal stages before that are not evaluated.
-    evaluated = stage.trains_classifier or run.schedule.classifier_epochs > 0
-    evaluating = time.perf_counter()
-    metrics = (
-        engine.evaluate(
+    metrics: dict[str, float] = {}
+    eval_seconds = 0.0
+    if stage.trains_classifier or run.schedule.classifier_epochs > 0:
+        evaluating = time.perf_counter()
+        metrics = engine.evaluate(
             run.student, run.dev_loader, run.prepared.task, run.device, run.opt.precision
         )
-        if evaluated
-        else {}
-    )
-    eval_seconds = time.perf_counter() - evaluating if evaluated else 0.0
+        eval_seconds = time.perf_counter() - evaluating
     means = {f"loss.{k}": v / max(1, n_batches) for k, v in sums.items()}
     record: dict[str, Any] = {
         "epoch": epoch,
@@ -641,12 +632,13 @@ def _epoch_line(record: dict[str, Any], metric: str) -> str:
         f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss.") and ".L" not in k
     )
     best = " *" if record.get("is_best") else ""
+    value = record.get(f"dev.{metric}")
+    dev = (
+        "dev not evaluated (no classifier trained yet)"
+        if value is None
+        else f"dev {metric} {value:.4f}{best}"
+    )
     return (
-        f"epoch {record['epoch']} [{record['stage_name']}] {losses_text} | "
-        + (
-            f"dev {metric} {record['dev.' + metric]:.4f}{best} | "
-            if "dev." + metric in record
-            else "dev not evaluated (no classifier trained yet) | "
-        )
-        + f"{record['examples_per_s']:.0f} ex/s"
+        f"epoch {record['epoch']} [{record['stage_name']}] {losses_text} | {dev} | "
+        f"{record['examples_per_s']:.0f} ex/s"
     )

@@ -39,6 +39,7 @@ __all__ = [
     "pick_device",
     "precision_to_run",
     "predict",
+    "resolve_precision",
     "rng_state",
     "seed_everything",
     "set_rng_state",
@@ -83,13 +84,19 @@ def native_cpu(precision: str) -> bool:
 def auto_precision(device: torch.device) -> str:
     """What ``train.precision: auto`` runs: bf16 where the device computes it natively (CPUs
     with AVX512-BF16 or AMX, CUDA GPUs with bf16), else fp32. On such CPUs a distillation step
-    takes about 0.7x the fp32 time and the dev metric held over paired seeds
-    (benchmarks/README.md); where bf16 is emulated it is slower, so fp32 is kept there."""
+    takes about 0.7x the fp32 time and RTE dev accuracy held over paired seeds
+    (benchmarks/README.md, results/README.md); where bf16 is emulated it is slower, so fp32 is
+    kept there."""
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
         return "bf16" if native_cpu("bf16") else "fp32"
     return "fp32"
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``precision`` with ``auto`` replaced by what it runs as on ``device``."""
+    return auto_precision(device) if precision == "auto" else precision
 
 
 def precision_to_run(device: torch.device, precision: str) -> str:
@@ -114,8 +121,7 @@ def precision_to_run(device: torch.device, precision: str) -> str:
 def autocast(device: torch.device, precision: str) -> Any:
     """Autocast to ``precision`` (bf16 or fp16; fp32 turns it off) on any device: the forward
     pass's matrix products run in the lower precision, losses stay fp32."""
-    if precision == "auto":
-        precision = auto_precision(device)
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

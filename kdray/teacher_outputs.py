@@ -137,7 +137,7 @@ class LiveOutputs:
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.device = device
-        self.precision = precision
+        self.precision = engine.resolve_precision(device, precision)  # auto: once, not per batch
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], layers: tuple[int, ...]) -> TeacherBatch:
