@@ -78,6 +78,29 @@ def _alive_workers(h: Hosts) -> int:
     return int(output.strip().splitlines()[-1]) if code == 0 else 0
 
 
+WORKERS = ("w1", "w2")
+
+
+def _epochs_counted(h: Hosts, worker: str) -> int:
+    """How many epochs host ``worker`` has ended so far (see :func:`_epoch_plan`)."""
+    counted = h.work[worker] / "hits.distill.epoch"
+    return counted.stat().st_size if counted.exists() else 0
+
+
+def _tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else f"({log}: no log)"
+
+
+def _ray_logs(h: Hosts) -> str:
+    """The end of each worker host's Ray worker errors: why a trial never started there."""
+    parts = []
+    for worker in WORKERS:
+        logs = h.temp[worker].glob("session_latest/logs/*.err")
+        for path in sorted(logs, key=lambda p: p.stat().st_mtime)[-3:]:
+            parts.append(f"--- {worker}: {path.name}\n{_tail(path, 1500)}")
+    return "\n".join(parts)
+
+
 def _epoch_plan(counter: Path) -> str:
     """Every epoch on this host counted (``<counter>.distill.epoch``) and a second long, so a
     test can kill a host while its trial is mid-way whatever the machine's speed."""
@@ -97,7 +120,7 @@ def cluster_hosts(tmp_path_factory: pytest.TempPathFactory) -> Any:
         )
         _start_store(h)
         _start_node(h, "head")
-        for worker in ("w1", "w2"):  # each host counts its own epochs, a second each
+        for worker in WORKERS:  # each host counts its own epochs, a second each
             _start_node(h, worker, KDRAY_FAULT_PLAN=_epoch_plan(h.work[worker] / "hits"))
         wait_for(lambda: _alive_workers(h) == 2, 60, "two worker hosts")
         yield h
@@ -181,14 +204,22 @@ def test_a_sweep_from_another_machine_survives_losing_a_worker_host_and_lives_in
     )
     private = h.work["laptop"] / "private"
     private.mkdir()
-    w1_epochs = h.work["w1"] / "hits.distill.epoch"
-    before = w1_epochs.stat().st_size if w1_epochs.exists() else 0  # the ablation's epochs
-    sweep = _laptop_sweep(h, spec, private)
-    # w1's trial is past its first epoch (checkpointed in S3) and has two to go
-    wait_for(lambda: w1_epochs.exists() and w1_epochs.stat().st_size > before, 240, "w1 epoch")
-    assert h.kill("w1") > 0
+    before = {w: _epochs_counted(h, w) for w in WORKERS}  # the ablation's epochs
     log = h.work["laptop"] / "sweep.log"
-    assert sweep.wait(timeout=300) == 0, log.read_text()[-4000:]
+    sweep = _laptop_sweep(h, spec, private)
+
+    def mid_trial() -> str | None:
+        """The worker host whose trial is past its first epoch (checkpointed in S3), with two
+        to go: whichever host Ray placed it on."""
+        assert sweep.poll() is None, f"the sweep ended first:\n{_tail(log)}"
+        return next((w for w in WORKERS if _epochs_counted(h, w) > before[w]), None)
+
+    try:
+        victim = wait_for(mid_trial, 240, "a worker host's first epoch")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; the sweep's log:\n{_tail(log)}\n{_ray_logs(h)}") from e
+    assert h.kill(victim) > 0
+    assert sweep.wait(timeout=300) == 0, _tail(log)
 
     # the head's copy, at the same path on the shared disk (the laptop's is on its tmpfs)
     out = private / "out"
