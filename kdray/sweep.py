@@ -81,6 +81,31 @@ def _keep_io_failures() -> None:
             handler.addFilter(_IOFailures())
 
 
+#: Ray Client's proxy starts a server per connecting client; on a loaded head that start can
+#: fail now and then ("Starting Ray client server failed"), a known Ray Client flake: kdray
+#: tries again this many times, a few seconds apart, before it gives up.
+CLIENT_RETRIES = 2
+CLIENT_RETRY_SECONDS = 3.0
+
+
+def _join(address: str, runtime_env: dict[str, Any] | None) -> None:
+    for attempt in range(CLIENT_RETRIES + 1):
+        try:
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            return
+        except ConnectionError as error:
+            transient = "Ray client server failed" in str(error)
+            if not (address.startswith("ray://") and transient) or attempt == CLIENT_RETRIES:
+                raise
+            ray.shutdown()  # the half-made client connection, before a new one
+            logger.warning(
+                "Ray Client at %s could not start this client's server (%s); trying again",
+                address,
+                str(error).strip().splitlines()[-1],
+            )
+            time.sleep(CLIENT_RETRY_SECONDS * (attempt + 1))
+
+
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -97,7 +122,7 @@ def init_ray(
         plan = os.environ.get(faults.PLAN_VAR)
         if plan:
             env["env_vars"] = {**env.get("env_vars", {}), faults.PLAN_VAR: plan}
-        ray.init(address=address, log_to_driver=False, runtime_env=env or None)
+        _join(address, env or None)
         return False
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)

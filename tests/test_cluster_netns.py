@@ -92,9 +92,9 @@ def _tail(log: Path, chars: int = 4000) -> str:
 
 
 def _ray_logs(h: Hosts) -> str:
-    """The end of each worker host's Ray worker errors: why a trial never started there."""
+    """The end of the latest Ray error logs of each Ray host: why a trial never started."""
     parts = []
-    for worker in WORKERS:
+    for worker in ("head", *WORKERS):
         logs = h.temp[worker].glob("session_latest/logs/*.err")
         for path in sorted(logs, key=lambda p: p.stat().st_mtime)[-3:]:
             parts.append(f"--- {worker}: {path.name}\n{_tail(path, 1500)}")
@@ -211,7 +211,7 @@ def test_a_sweep_from_another_machine_survives_losing_a_worker_host_and_lives_in
     def mid_trial() -> str | None:
         """The worker host whose trial is past its first epoch (checkpointed in S3), with two
         to go: whichever host Ray placed it on."""
-        assert sweep.poll() is None, f"the sweep ended first:\n{_tail(log)}"
+        assert sweep.poll() is None, f"the sweep ended first:\n{_tail(log)}\n{_ray_logs(h)}"
         return next((w for w in WORKERS if _epochs_counted(h, w) > before[w]), None)
 
     try:

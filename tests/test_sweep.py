@@ -710,3 +710,49 @@ def test_the_trials_table_is_written_after_the_epochs_it_stands_for(
     monkeypatch.setattr(results, "write_table", lambda rows, path: written.append(path.name))
     writer.write()
     assert written == [results.CKA_FILE, results.EPOCHS_FILE, results.TRIALS_FILE]
+
+
+def _flaky_client(failures: int, calls: list[str]) -> Any:
+    """A stand-in for ``ray.init`` whose first ``failures`` calls fail as Ray Client's proxy
+    does when the per-client server it starts dies."""
+
+    def init(address: str, **_: Any) -> None:
+        calls.append(address)
+        if len(calls) <= failures:
+            raise ConnectionAbortedError(
+                "Initialization failure from server:\nRuntimeError: Starting Ray client server "
+                "failed. See ray_client_server_23000.err for detailed logs."
+            )
+
+    return init
+
+
+def test_ray_client_is_tried_again_when_its_server_fails_to_start(monkeypatch: Any) -> None:
+    from kdray import sweep
+
+    calls: list[str] = []
+    monkeypatch.setattr(sweep.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(sweep.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(sweep.ray, "init", _flaky_client(2, calls))
+    monkeypatch.setattr(sweep, "CLIENT_RETRY_SECONDS", 0.0)
+    assert sweep.init_ray("ray://10.0.0.1:10001") is False
+    assert calls == ["ray://10.0.0.1:10001"] * 3  # two failures, then joined
+
+
+def test_ray_client_gives_up_after_its_retries_and_a_plain_address_at_once(
+    monkeypatch: Any,
+) -> None:
+    from kdray import sweep
+
+    monkeypatch.setattr(sweep.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(sweep.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(sweep, "CLIENT_RETRY_SECONDS", 0.0)
+    calls: list[str] = []
+    monkeypatch.setattr(sweep.ray, "init", _flaky_client(10, calls))
+    with pytest.raises(ConnectionAbortedError, match="client server failed"):
+        sweep.init_ray("ray://10.0.0.1:10001")
+    assert len(calls) == 1 + sweep.CLIENT_RETRIES
+    calls.clear()  # a GCS address is not Ray Client: its failure is not this flake
+    with pytest.raises(ConnectionAbortedError):
+        sweep.init_ray("10.0.0.1:6379")
+    assert calls == ["10.0.0.1:6379"]
