@@ -89,6 +89,8 @@ CLIENT_RETRY_SECONDS = 3.0
 
 
 def _join(address: str, runtime_env: dict[str, Any] | None) -> None:
+    """Join the cluster at ``address``; a Ray Client server that fails to start is tried
+    again (:data:`CLIENT_RETRIES`), any other failure ends the join at once."""
     for attempt in range(CLIENT_RETRIES + 1):
         try:
             ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
