@@ -307,6 +307,7 @@ def write_experiment(
     split's token lengths and what ``data.max_seq_length`` cut (``kdray.data.LengthStats``)."""
     record = {
         "command": command,
+        "folder": _made_at(Path(out_dir)),
         "name": spec.name,
         "spec_fingerprint": spec.fingerprint(),
         "kdray_version": __version__,
@@ -317,6 +318,27 @@ def write_experiment(
     return write_text_atomic(
         Path(out_dir) / EXPERIMENT_FILE, json.dumps(record, indent=2, sort_keys=True)
     )
+
+
+def _made_at(folder: Path) -> str:
+    """Where the experiment in ``folder`` was first written (kept on ``--resume``): Ray Tune's
+    saved state holds that absolute path, so a resume checks that it still leads here."""
+    stored = _read_record(folder / EXPERIMENT_FILE)
+    made_at = stored.get("folder") if stored else None
+    return made_at if isinstance(made_at, str) else str(folder.resolve())
+
+
+def moved_from(folder: str | Path) -> str | None:
+    """The path ``folder``'s experiment was made at when that path no longer leads to it (the
+    folder was moved or copied), else None; folders written before kdray recorded it: None."""
+    stored = _read_record(Path(folder) / EXPERIMENT_FILE)
+    made_at = stored.get("folder") if stored else None
+    if not isinstance(made_at, str):
+        return None
+    try:
+        return None if Path(made_at).samefile(folder) else made_at
+    except OSError:  # the old path is gone
+        return made_at
 
 
 def cka_rows(name: str, trial_id: str, cka: pd.DataFrame) -> list[dict[str, Any]]:
@@ -473,6 +495,8 @@ def folder_conflict(
             can_resume = False
         elif can_resume and not resume and trials_file.exists():
             what = f"{folder} already holds trials of this {_KIND[command]} (same spec)"
+        elif resume and (made_at := moved_from(folder)):
+            return _moved_message(folder, made_at, command)
         else:
             return None
     elif trials_file.exists() and not resume:
@@ -483,6 +507,18 @@ def folder_conflict(
     else:
         return None
     return what + ". " + _ways_out(folder, command, can_resume=can_resume, resume=resume)
+
+
+def _moved_message(folder: Path, made_at: str, command: str) -> str:
+    here = folder.resolve()
+    return (
+        f"cannot resume {folder}: its experiment was made at {made_at} ({EXPERIMENT_FILE}) and "
+        f"that path no longer leads here. Ray Tune's saved state (tuner.pkl, the searcher's "
+        f"Optuna journal path, kdray's table writers) holds {made_at}, so a resumed run would "
+        f"read and write there. Ways out: move the folder back to {made_at}, or link that path "
+        f"to it (ln -s {here} {made_at}) and resume again; or start a new {_KIND[command]} here "
+        f"with --overwrite (moves this folder aside; its tables stay readable)"
+    )
 
 
 def _ways_out(folder: Path, command: str, *, can_resume: bool, resume: bool) -> str:

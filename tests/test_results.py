@@ -314,6 +314,43 @@ def test_the_same_sweep_again_needs_resume_or_overwrite(tmp_path: Path) -> None:
     results.claim_folder(bare, spec, "sweep")
 
 
+def test_a_moved_folder_is_refused_at_resume_with_the_path_it_was_made_at(tmp_path: Path) -> None:
+    """Ray Tune's saved state holds the folder's first absolute path: resuming a moved copy
+    would read and write the old one, so kdray refuses and says how to resume it."""
+    made = _experiment(tmp_path / "made", SWEEP, "sweep")
+    spec = spec_from_dict(SWEEP)
+    results.claim_folder(made, spec, "sweep", resume=True)  # where it was made: fine
+    results.write_experiment(made, spec, "sweep")  # a resume writes the record again
+    recorded = json.loads((made / "experiment.json").read_text())["folder"]
+    assert recorded == str((tmp_path / "made").resolve())  # the first path, kept
+    moved = tmp_path / "moved"
+    made.rename(moved)
+    assert results.moved_from(moved) == recorded
+    with pytest.raises(ValueError) as error:
+        results.claim_folder(moved, spec, "sweep", resume=True)
+    message = str(error.value)
+    assert f"cannot resume {moved}: its experiment was made at {recorded}" in message
+    assert f"ln -s {moved.resolve()} {recorded}" in message
+    assert "start a new sweep here with --overwrite" in message
+    # a link from the old path makes it resumable again; a new sweep there is not refused
+    (tmp_path / "made").symlink_to(moved)
+    assert results.moved_from(moved) is None
+    results.claim_folder(moved, spec, "sweep", resume=True)
+    (tmp_path / "made").unlink()
+    results.claim_folder(moved, spec, "sweep", overwrite=True)
+
+
+def test_a_folder_recorded_before_kdray_kept_its_path_resumes_as_before(tmp_path: Path) -> None:
+    folder = _experiment(tmp_path / "old", SWEEP, "sweep")
+    record = json.loads((folder / "experiment.json").read_text())
+    del record["folder"]  # as an older kdray wrote it
+    (folder / "experiment.json").write_text(json.dumps(record))
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)
+    assert results.moved_from(moved) is None
+    results.claim_folder(moved, spec_from_dict(SWEEP), "sweep", resume=True)
+
+
 def test_a_trials_table_without_experiment_json_is_refused_unless_resumed(tmp_path: Path) -> None:
     folder = tmp_path / "old"
     results.write_table([{"name": "s", "trial_id": "t1"}], folder / results.TRIALS_FILE)
