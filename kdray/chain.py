@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdray import plan, report, results, stats, study
+from kdray import plan, plots, report, results, stats, study
 from kdray.spec import AblationSpec, AdaptiveSeeds, Spec, StudyBudgetSpec
 from kdray.store import remove_stale_tree, write_text_atomic
 
@@ -213,7 +213,8 @@ def write_phase_report(phase_dir: Path) -> Path:
     tables the report cannot use give a REPORT.md that says why."""
     path = phase_dir / PHASE_REPORT
     try:
-        built = report.build_report(phase_dir, plots_dir=phase_dir / "plots")
+        built = report.build_report(phase_dir)
+        plots.draw(built, phase_dir / "plots")
     except ValueError as error:
         write_text_atomic(path, f"# kdray report: {phase_dir.name}\n\nno report: {error}\n")
         return path

@@ -918,6 +918,7 @@ def report(
     ] = None,
 ) -> None:
     """Summarise a sweep or an ablation: statistics, paired comparisons, importance, plots."""
+    from kdray.plots import draw
     from kdray.remote import local_results
     from kdray.report import build_report
 
@@ -929,9 +930,11 @@ def report(
         raise typer.Exit(2)
     with _settings_errors():
         built = build_report(
-            local_results(results_dir), baseline=baseline, plots_dir=plots, fmt=format_,
-            mode=mode, alpha=alpha, family_with=family_with or (),
+            local_results(results_dir), baseline=baseline, fmt=format_, mode=mode, alpha=alpha,
+            family_with=family_with or (),
         )  # fmt: skip
+        if plots is not None:
+            draw(built, plots)
     if format_ == "table":
         _print_report_tables(built)
     else:

@@ -1,4 +1,4 @@
-"""Statistics and plots over results tables: what an ablation or a sweep actually showed.
+"""Tables and words over results tables: what an ablation or a sweep actually showed.
 
 Every function takes and returns plain DataFrames (the ``trials``/``epochs`` tables of
 ``kdray.results``), so what ``kdray report`` prints a notebook user can recompute and extend.
@@ -9,8 +9,8 @@ order and initialisation noise, so the per-seed differences are far less noisy t
 difference of two independent means. Sweeps (no ``cell`` column) get the best trials, the best
 trial per algorithm and a fANOVA parameter importance.
 
-Plots use matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``): headless-safe,
-and it never switches the pyplot backend of a notebook that imports this module.
+The statistics behind every verdict are ``kdray.stats``'s; the plots of these tables are
+``kdray.plots``'s (``plots.draw(report, folder)``).
 """
 
 from __future__ import annotations
@@ -43,9 +43,6 @@ __all__ = [
     "learning_curves",
     "paired_comparison",
     "parameter_importance",
-    "plot_cells",
-    "plot_cka",
-    "plot_learning_curves",
     "read_experiment",
     "render",
     "sweep_summary",
@@ -643,125 +640,7 @@ def learning_curves(
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def _figure(width: float, height: float) -> Any:
-    """A figure on an Agg canvas, independent of any pyplot backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def plot_cells(summary_or_trials: pd.DataFrame, metric: str, path: str | Path) -> Path:
-    """PNG of the metric per cell: mean with t-based 95% CI bars, runs as dots, teacher dashed.
-
-    Accepts a ``cell_summary`` frame or a trials table (then also the individual runs are drawn).
-    """
-    name = metric.removeprefix("best.dev.").removeprefix("dev.")
-    if f"{name}.mean" in summary_or_trials.columns:
-        summary, trials = summary_or_trials, None
-    else:
-        trials = summary_or_trials
-        summary = cell_summary(trials, [name])
-    group = summary.columns[0]
-    labels = [str(v) for v in summary[group]]
-    x = np.arange(len(labels))
-    means = summary[f"{name}.mean"].to_numpy(dtype=float)
-    ci = summary.get(f"{name}.ci95", pd.Series(np.nan, index=summary.index)).to_numpy(dtype=float)
-
-    fig = _figure(max(5.0, 1.1 * len(labels) + 2.0), 4.5)
-    ax = fig.subplots()
-    if trials is not None:
-        ok = _ok(trials)
-        column = _metric_column(trials, name)
-        jitter = np.random.default_rng(0)
-        for i, key in enumerate(summary[group]):
-            values = pd.to_numeric(ok.loc[ok[group].map(_hashable) == key, column], errors="coerce")
-            values = values.dropna().to_numpy()
-            xs = i + jitter.uniform(-0.12, 0.12, size=values.size)
-            ax.scatter(xs, values, s=14, color="0.6", zorder=2, label="runs" if i == 0 else None)
-    ax.errorbar(
-        x,
-        means,
-        yerr=np.nan_to_num(ci, nan=0.0),
-        fmt="o",
-        color="C0",
-        capsize=5,
-        markersize=7,
-        zorder=3,
-        label="mean ± 95% CI",
-    )
-    teacher_column = f"teacher.{name}"
-    if teacher_column in summary.columns and summary[teacher_column].notna().any():
-        teacher = float(summary[teacher_column].mean())
-        ax.axhline(teacher, color="C3", linestyle="--", label=f"teacher ({teacher:.4g})")
-    ax.set_xticks(x, labels, rotation=25 if max(map(len, labels), default=0) > 8 else 0, ha="right")
-    ax.set_xlabel(group)
-    ax.set_ylabel(f"best dev {name}")
-    ax.set_title(f"Best dev {name} per {group}")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    return _save(fig, path)
-
-
-def plot_learning_curves(
-    epochs: pd.DataFrame,
-    trials: pd.DataFrame,
-    metric: str,
-    path: str | Path,
-    by: str | None = None,
-) -> Path:
-    """PNG of dev metric vs epoch per group (mean line, ±1 std band), stage starts dotted.
-
-    A dotted vertical line sits half an epoch before the first epoch of each new stage, in the
-    group's colour, so one sees where PID/SID hand over from one layer to the next.
-    """
-    from matplotlib.ticker import MaxNLocator
-
-    curves = learning_curves(epochs, trials, metric, by=by)
-    name = metric.removeprefix("best.dev.").removeprefix("dev.")
-    group = curves.columns[0]
-    fig = _figure(7.5, 4.5)
-    ax = fig.subplots()
-    drew_boundary = False
-    for i, key in enumerate(_ordered_groups(curves, group) if len(curves) else []):
-        rows = curves[curves[group] == key].sort_values("epoch")
-        color = f"C{i % 10}"
-        x = rows["epoch"].to_numpy(dtype=float)
-        mean = rows["mean"].to_numpy(dtype=float)
-        std = np.nan_to_num(rows["std"].to_numpy(dtype=float), nan=0.0)
-        ax.plot(x, mean, marker="o", markersize=3, color=color, label=str(key))
-        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
-        for epoch in rows.loc[rows["stage_start"].astype(bool), "epoch"]:
-            ax.axvline(
-                float(epoch) - 0.5,
-                color=color,
-                linestyle=":",
-                alpha=0.8,
-                label=None if drew_boundary else "stage boundary",
-            )
-            drew_boundary = True
-    if curves.empty:
-        ax.text(0.5, 0.5, "no epoch records", ha="center", va="center", transform=ax.transAxes)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"dev {name}")
-    ax.set_title(f"Dev {name} per epoch (mean ± 1 std over runs)")
-    ax.grid(alpha=0.3)
-    if not curves.empty:
-        ax.legend(loc="best", fontsize="small", title=group)
-    return _save(fig, path)
+# CKA per group (what kdray.plots draws as heatmaps)
 
 
 _CKA_VALUES = ("student_layer", "teacher_layer", "cka")
@@ -771,7 +650,7 @@ _ALL_RUNS = "runs"
 
 
 def cka_means(cka_long: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
-    """Mean linear CKA per group, student layer and teacher layer: what ``plot_cka`` draws.
+    """Mean linear CKA per group, student layer and teacher layer (``kdray.plots.plot_cka``).
 
     ``cka_long`` is ``cka.parquet`` (``name, trial_id, student_layer, teacher_layer, cka``)
     joined with the trials' ``cell`` or ``distill.algorithm``, as ``Report.cka`` is. ``by=None``
@@ -813,79 +692,6 @@ def cka_means(cka_long: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
         kind="stable",
     )
     return means.reset_index(drop=True)
-
-
-def plot_pareto(trials: pd.DataFrame, objectives: list[dict[str, Any]], path: str | Path) -> Path:
-    """Every finished trial on the first two objectives, the Pareto front (over all the
-    objectives) drawn as a line through its trials and labelled with their ids."""
-    x, y = (pareto.column(o["metric"]) for o in objectives[:2])
-    ok = _ok(trials)
-    chosen = pareto.front(trials, objectives).sort_values(x)
-    fig = _figure(6, 4.5)
-    ax = fig.add_subplot()
-    ax.scatter(pd.to_numeric(ok[x], errors="coerce"), pd.to_numeric(ok[y], errors="coerce"),
-               color="0.7", label="trials")  # fmt: skip
-    ax.plot(chosen[x], chosen[y], "o-", color="C3", label="Pareto front")
-    for trial_id, at_x, at_y in zip(chosen["trial_id"], chosen[x], chosen[y], strict=True):
-        ax.annotate(str(trial_id), (at_x, at_y), fontsize=7)
-    ax.set_xlabel(f"{objectives[0]['metric']} ({objectives[0]['mode']})")
-    ax.set_ylabel(f"{objectives[1]['metric']} ({objectives[1]['mode']})")
-    ax.legend()
-    return _save(fig, path)
-
-
-def plot_cka(cka_long: pd.DataFrame, path: str | Path, by: str | None = None) -> Path:
-    """PNG: one annotated CKA heatmap (student x teacher layer) per group of ``cka_means``
-    (``by=None``: per cell, else per algorithm), in rows of at most three panels.
-
-    Runs of the same group are averaged; all panels share the 0..1 colour scale so they compare.
-    """
-    frame = cka_means(cka_long, by)
-    by = str(frame.columns[0])
-    groups = _ordered_groups(frame, by)
-    if not groups:
-        raise ValueError("cka_long has no rows to plot")
-    n_s = int(frame["student_layer"].max())
-    n_t = int(frame["teacher_layer"].max())
-    cols = min(3, len(groups))
-    rows = math.ceil(len(groups) / cols)
-    fig = _figure(max(4.0, 0.55 * n_t + 1.6) * cols + 1.0, (max(3.0, 0.5 * n_s + 1.6)) * rows + 0.4)
-    grid = fig.subplots(rows, cols, squeeze=False)
-    for ax in grid.ravel()[len(groups) :]:
-        ax.set_visible(False)
-    axes = grid.ravel()[: len(groups)]
-    image = None
-    for ax, key in zip(axes, groups, strict=True):
-        mean = (
-            frame[frame[by] == key]
-            .set_index(["student_layer", "teacher_layer"])["cka"]
-            .unstack("teacher_layer")
-            .reindex(index=range(1, n_s + 1), columns=range(1, n_t + 1))
-        )
-        matrix = mean.to_numpy(dtype=float)
-        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", origin="lower", aspect="auto")
-        for s in range(n_s):
-            for t in range(n_t):
-                value = matrix[s, t]
-                if np.isfinite(value):
-                    ax.text(
-                        t,
-                        s,
-                        f"{value:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="black" if value > 0.6 else "white",
-                    )
-        ax.set_xticks(range(n_t), [f"T{t}" for t in range(1, n_t + 1)])
-        ax.set_yticks(range(n_s), [f"S{s}" for s in range(1, n_s + 1)])
-        ax.set_xlabel("teacher layer")
-        ax.set_ylabel("student layer")
-        ax.set_title(str(key))
-    fig.suptitle("Linear CKA of [CLS] vectors, student vs teacher layers")
-    if image is not None:
-        fig.colorbar(image, ax=list(axes), label="linear CKA", shrink=0.9)
-    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1258,6 +1064,7 @@ class Report:
     pareto: pd.DataFrame | None = None  # a multi-objective sweep's non-dominated trials
     seeds: pd.DataFrame | None = None  # tune.seeds_per_trial: each configuration's seed spread
     objectives: list[dict[str, Any]] = field(default_factory=list)  # tune.objectives
+    trials: pd.DataFrame | None = None  # the trials table it was built from (what plots draw)
 
     def sections(self) -> list[tuple[str, str | pd.DataFrame]]:
         """``(heading, frame or prose)`` in document order: one source for every output format."""
@@ -1596,19 +1403,6 @@ def _report_design(report: Report, trials: pd.DataFrame) -> tuple[float, st.Desi
     return margin, st.Design.fixed(most, report.alpha, margin)
 
 
-def _plot(report: Report, trials: pd.DataFrame, epochs: pd.DataFrame, plots: Path) -> None:
-    """The report's PNGs: the metric by cell, learning curves and CKA heatmaps."""
-    report.plots["cells"] = plot_cells(trials, report.metric, plots / "cells.png")
-    if report.curves is not None and not report.curves.empty:
-        report.plots["learning_curves"] = plot_learning_curves(
-            epochs, trials, report.metric, plots / "learning_curves.png"
-        )
-    if report.cka is not None and not report.cka.empty:
-        report.plots["cka"] = plot_cka(report.cka, plots / "cka.png", by=report.group)
-    if report.pareto is not None and len(report.objectives) >= 2:
-        report.plots["pareto"] = plot_pareto(trials, report.objectives, plots / "pareto.png")
-
-
 # ---------------------------------------------------------------------------------------------
 # Confirmation and adaptive seeds (used by kdray.study)
 
@@ -1818,14 +1612,13 @@ def build_report(
     results_dir: str | Path,
     *,
     baseline: str | dict[str, Any] | None = None,
-    plots_dir: str | Path | None = None,
     fmt: Fmt = "markdown",
     mode: str | None = None,
     top: int = 10,
     alpha: float | None = None,
     family_with: Sequence[str | Path] = (),
 ) -> Report:
-    """Read a results folder and compute every table (and, with ``plots_dir``, every plot).
+    """Read a results folder and compute every table (``kdray.plots.draw`` plots them).
 
     ``family_with``: other folders that answer the same question (a follow-up, a re-run with
     another teacher); every comparison of them all is one family (:func:`family_verdicts`).
@@ -1871,6 +1664,7 @@ def build_report(
         mode_source=mode_source,
         experiment=experiment,
         alpha_source=alpha_source,
+        trials=trials,
     )
 
     if is_ablation or baseline is not None:
@@ -1890,8 +1684,6 @@ def build_report(
 
     if family_with:
         _family_section(report, [results_dir, *family_with], alpha)
-    if plots_dir is not None:
-        _plot(report, trials, epochs, Path(plots_dir))
     return report
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(RESULTS.parent))  # this checkout's kdray
 
-from kdray import chain, report, results  # noqa: E402
+from kdray import chain, plots, report, results  # noqa: E402
 from kdray.spec import Spec  # noqa: E402
 
 # folder -> the other folders of its question (its family)
@@ -39,9 +39,8 @@ CONTROL = ("rte-study/ablation", "recipe", "rte-claim1-ablation", "distill.algor
 
 def rewrite(name: str, family: list[str]) -> report.Report:
     folder = Path("results") / name
-    built = report.build_report(
-        folder, plots_dir=folder / "plots", family_with=[Path("results") / f for f in family]
-    )
+    built = report.build_report(folder, family_with=[Path("results") / f for f in family])
+    plots.draw(built, folder / "plots")
     built.save(folder / "REPORT.md")
     return built
 

@@ -83,6 +83,7 @@ def test_a_two_objective_sweep_writes_its_front_and_keeps_each_front_students(
 
     import kdray
     from kdray.cli import app
+    from kdray.plots import draw
     from kdray.report import build_report
 
     raw = tiny_spec_dict(tiny_bert, name="pareto", train={"epochs": 1})
@@ -92,7 +93,8 @@ def test_a_two_objective_sweep_writes_its_front_and_keeps_each_front_students(
     out = tmp_path / "sweep"
     trials, _ = kdray.sweep(raw, out=out, address=cluster.address)
     assert len(trials) == 4 and trials["latency_ms"].gt(0).all()
-    report = build_report(out, plots_dir=tmp_path / "plots")
+    report = build_report(out)
+    draw(report, tmp_path / "plots")
     expected = pareto.front(trials, TWO)
     assert list(report.pareto["trial_id"]) == list(expected["trial_id"])
     assert (tmp_path / "plots" / "pareto.png").stat().st_size > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from kdray import plots as P
 from kdray import report as R
 
 SOFT, SID, PID = "distill.algorithm=soft", "distill.algorithm=sid", "distill.algorithm=pid"
@@ -404,13 +406,13 @@ def _cka_long(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_plots_are_written(ablation: pd.DataFrame, tmp_path: Path) -> None:
-    _assert_png(R.plot_cells(ablation, "accuracy", tmp_path / "cells.png"))
-    _assert_png(R.plot_cells(R.cell_summary(ablation), "accuracy", tmp_path / "summary.png"))
-    curves = R.plot_learning_curves(_epochs(ablation), ablation, "accuracy", tmp_path / "lc.png")
+    _assert_png(P.plot_cells(ablation, "accuracy", tmp_path / "cells.png"))
+    _assert_png(P.plot_cells(R.cell_summary(ablation), "accuracy", tmp_path / "summary.png"))
+    curves = P.plot_learning_curves(_epochs(ablation), ablation, "accuracy", tmp_path / "lc.png")
     _assert_png(curves)
     cka = _cka_long(ablation).merge(ablation[["trial_id", "distill.algorithm"]], on="trial_id")
     cka = cka.rename(columns={"distill.algorithm": "algorithm"})
-    _assert_png(R.plot_cka(cka, tmp_path / "sub" / "cka.png"))
+    _assert_png(P.plot_cka(cka, tmp_path / "sub" / "cka.png"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +457,10 @@ def test_build_report_on_an_ablation_folder(ablation: pd.DataFrame, tmp_path: Pa
     _epochs(ablation).to_parquet(results / "epochs.parquet", index=False)
     _cka_long(ablation).to_parquet(results / "cka.parquet", index=False)
 
-    report = R.build_report(results, plots_dir=tmp_path / "out" / "plots")
+    report = R.build_report(results)
+    assert P.draw(report, tmp_path / "out" / "plots") is report.plots
+    with pytest.raises(ValueError, match="no trials table to plot"):
+        P.draw(dataclasses.replace(report, trials=None), tmp_path / "never")
     assert report.kind == "ablation" and report.metric == "accuracy"
     assert report.baseline == SOFT  # the unique soft-label cell, found by default
     assert report.n_trials == 10 and report.n_ok == 9
@@ -484,7 +489,8 @@ def test_build_report_on_an_ablation_folder(ablation: pd.DataFrame, tmp_path: Pa
 
 def test_build_report_on_a_sweep_folder(sweep: pd.DataFrame, tmp_path: Path) -> None:
     sweep.to_parquet(tmp_path / "trials.parquet", index=False)
-    report = R.build_report(tmp_path, plots_dir=tmp_path / "plots")
+    report = R.build_report(tmp_path)
+    P.draw(report, tmp_path / "plots")
     assert report.kind == "sweep" and report.comparison is None
     assert report.sweep is not None and len(report.sweep) == 10
     assert report.best is not None and len(report.best) == 3
@@ -827,12 +833,12 @@ def test_plot_cka_groups_the_real_cka_table_by_cell_by_default(
     assert first.loc[SOFT, "cka"] == pytest.approx((0.1 + 0.2 + 0.3) / 3)
     assert first.loc[PID, "cka"] == pytest.approx((0.1 + 0.2 + 0.4) / 3)
     assert int(first.loc[SID, "n"]) == 3  # the failed sid run has no CKA
-    _assert_png(R.plot_cka(cka, tmp_path / "cka.png"))
+    _assert_png(P.plot_cka(cka, tmp_path / "cka.png"))
     algorithms = ablation[["trial_id", "distill.algorithm"]]
     by_algorithm = R.cka_means(cka.drop(columns=["cell"]).merge(algorithms, on="trial_id"))
     assert list(dict.fromkeys(by_algorithm["distill.algorithm"])) == ["soft", "sid", "pid"]
     with pytest.raises(ValueError, match=r"cannot group CKA by 'algorithm'.*'cell'"):
-        R.plot_cka(cka, tmp_path / "never.png", by="algorithm")
+        P.plot_cka(cka, tmp_path / "never.png", by="algorithm")
     alone = R.cka_means(cka.drop(columns=["cell"]))
     assert set(alone["runs"]) == {"all runs"} and int(alone["n"].iloc[0]) == 9
 
