@@ -578,7 +578,7 @@ def ablate(
     options = {"address": address, "storage": storage, "callbacks": [_trials_table(spec)]}
     name = f"{spec.name}-ablation"
     out_dir = _working_in(out or Path("results") / name)
-    from kdray.study import RoundInterrupted
+    from kdray.followup import RoundInterrupted
 
     try:
         with _settings_errors():
@@ -604,18 +604,18 @@ def ablate(
 def _ablation_cells(spec: Spec, from_sweep: Path | None) -> tuple[list[dict], Any]:
     """``(cells, baseline)`` of the spec's ablation design; skipped leave-one-out cells are
     printed with why."""
-    from kdray import results, study
+    from kdray import followup, results
     from kdray.plan import ablation_cells
 
     if spec.ablation is None or spec.ablation.design == "grid":
         return ablation_cells(spec, from_sweep), (spec.ablation.baseline if spec.ablation else None)
     values, source = ({}, "spec")
     if from_sweep:
-        values, source = study.recipe_from_results(results.load(from_sweep)[0], spec)
-    cells, skipped = study.leave_one_out_cells(spec, values, source)
+        values, source = followup.recipe_from_results(results.load(from_sweep)[0], spec)
+    cells, skipped = followup.leave_one_out_cells(spec, values, source)
     for item in skipped:
         console.print(f"  [dim]skipped {item['cell']}: {item['reason']}[/dim]")
-    return cells, study.RECIPE
+    return cells, followup.RECIPE
 
 
 def _run_ablation(
@@ -631,16 +631,16 @@ def _run_ablation(
 ) -> Any:
     """The trials table of a grid ablation (as before), a fixed-seed leave-one-out, or the
     adaptive rounds of either (then the seeds per cell and why each stopped are printed)."""
-    from kdray import data, study
+    from kdray import data, followup
     from kdray.sweep import run_ablation, run_trials
 
     if adaptive:
         lengths = data.spec_length_stats(spec)
-        trials, decisions = study.run_adaptive(
+        trials, decisions = followup.run_adaptive(
             spec, cells, baseline, run_trials, name=name, out_dir=out_dir, lengths=lengths,
             **options,
         )  # fmt: skip
-        for row in study.stop_table(decisions).to_dict("records"):
+        for row in followup.stop_table(decisions).to_dict("records"):
             console.print(f"  {row['cell']}: {row['seeds']} seeds, {row['stopped']}")
         return trials
     if spec.ablation is None or spec.ablation.design == "grid":
@@ -648,7 +648,7 @@ def _run_ablation(
             spec, from_sweep=from_sweep, seeds=seed_list, out_dir=out_dir, **options
         ).trials
     seeds = seed_list or spec.ablation.first_seeds()
-    trials = study.paired_trials(study._plain(cells), seeds)
+    trials = followup.paired_trials(followup._plain(cells), seeds)
     return run_trials(spec, trials, name=name, command="ablate", out_dir=out_dir, **options).trials
 
 
@@ -699,12 +699,12 @@ def confirm(
 def _confirm_configs(spec: Spec, sweep_dir: Path, top_k: int, seeds: int) -> list[dict]:
     """The sweep's top-K distinct configurations, printed (``kdray confirm`` and the study's
     confirm phase)."""
-    from kdray import results, study
+    from kdray import followup, results
 
     if seeds < 2:
         raise ValueError(f"--seeds must be >= 2 to estimate a spread, got {seeds}")
-    ranked = study.confirm_configs(results.load(sweep_dir)[0], spec, top_k)
-    configs = study.with_control(ranked, spec)
+    ranked = followup.confirm_configs(results.load(sweep_dir)[0], spec, top_k)
+    configs = followup.with_control(ranked, spec)
     control = " + the spec as written" if len(configs) > len(ranked) else ""
     console.print(
         f"[bold]kdray confirm[/bold] {spec.name}: {len(ranked)} configurations{control} x "
@@ -712,7 +712,7 @@ def _confirm_configs(spec: Spec, sweep_dir: Path, top_k: int, seeds: int) -> lis
     )
     for config in configs:
         shown = ", ".join(f"{k}={v}" for k, v in config["values"].items())
-        if config["cell"] == study.DEFAULT_CELL:
+        if config["cell"] == followup.DEFAULT_CELL:
             score = "the spec as written: the control"
         else:
             score = f"{config['sweep_score']:.4f}"
@@ -723,12 +723,13 @@ def _confirm_configs(spec: Spec, sweep_dir: Path, top_k: int, seeds: int) -> lis
 
 def _run_confirm(spec: Spec, configs: list[dict], seeds: int, out_dir: Path, **options: Any) -> Any:
     """Every configuration with seeds 1..``seeds``, paired, as one Ray Tune experiment."""
-    from kdray import study
+    from kdray import followup
     from kdray.sweep import run_trials
 
     return run_trials(
-        spec, study.paired_trials(configs, list(range(1, seeds + 1))), name=f"{spec.name}-confirm",
-        command="confirm", out_dir=out_dir, callbacks=[_trials_table(spec)], **options,
+        spec, followup.paired_trials(configs, list(range(1, seeds + 1))),
+        name=f"{spec.name}-confirm", command="confirm", out_dir=out_dir,
+        callbacks=[_trials_table(spec)], **options,
     )  # fmt: skip
 
 
@@ -745,7 +746,7 @@ def study(
 ) -> None:
     """The whole question in one command: sweep -> confirm the top configurations -> leave-one-out
     of the confirmed winner (adaptive seeds) -> STUDY.md, within the spec's study.budget."""
-    from kdray import chain
+    from kdray import study as studies
 
     spec = _load(spec_path, set_)
     _show_kdray_log()
@@ -758,18 +759,20 @@ def study(
         + (" (resuming)" if resume else "")
     )
     with _settings_errors():
-        record = chain.claim_study(folder, spec, resume)  # refused before any check
+        record = studies.claim_study(folder, spec, resume)  # refused before any check
     swept = resume and _restorable(folder / "sweep", storage, spec.name)
     skip = {}
-    if chain.phase_status(record, "sweep") == chain.DONE:  # not run again, even if Ray's is gone
+    if (
+        studies.phase_status(record, "sweep") == studies.DONE
+    ):  # not run again, even if Ray's is gone
         skip = dict.fromkeys(("results folder", "resume"), "the study's sweep phase is done")
     _preflight(
         spec, "sweep", folder / "sweep", address=address, storage=storage, resume=swept, skip=skip
     )
     runners = _study_runners(spec, folder, {"address": address, "storage": storage})
     with _settings_errors():
-        outcome = chain.run_study(spec, folder, runners, resume=resume)
-    console.print(f"study: {folder / chain.STUDY_REPORT}")
+        outcome = studies.run_study(spec, folder, runners, resume=resume)
+    console.print(f"study: {folder / studies.STUDY_REPORT}")
     _copy_results(folder, storage, f"{spec.name}-study")
     if outcome.stopped:
         console.print(f"[yellow]{outcome.stopped}[/yellow]")
@@ -795,7 +798,7 @@ BudgetCheck = Callable[[], str | None]  # why a study's budget is spent now, or 
 
 def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
     """The study's phases, each by the code path of its own command (sweep, confirm, ablate)."""
-    from kdray import chain
+    from kdray import study as studies
     from kdray.spec import StudySpec
     from kdray.sweep import run_sweep
 
@@ -815,9 +818,9 @@ def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[st
         return outcome.trials, len(configs) * confirm.seeds
 
     def ablation_phase(out_dir: Path, again: bool, budget_spent: BudgetCheck) -> tuple[Any, int]:
-        from kdray.study import RoundInterrupted
+        from kdray.followup import RoundInterrupted
 
-        loo = chain.ablation_spec(spec)
+        loo = studies.ablation_spec(spec)
         cells, baseline = _ablation_cells(loo, folder / "confirm")
         try:
             trials = _run_ablation(

@@ -1404,7 +1404,7 @@ def _report_design(report: Report, trials: pd.DataFrame) -> tuple[float, st.Desi
 
 
 # ---------------------------------------------------------------------------------------------
-# Confirmation and adaptive seeds (used by kdray.study)
+# Confirmation and adaptive seeds (used by kdray.followup)
 
 
 def winners_curse(

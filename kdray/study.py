@@ -1,439 +1,422 @@
-"""From a sweep to a confirmed, explained answer, decided without Ray.
+"""``kdray study``: sweep -> confirm -> leave-one-out of the winner, one folder per phase.
 
-- **Confirmation** (:func:`confirm_configs`, :func:`winners_curse`): a sweep's best score is an
-  optimistic estimate (the maximum of noisy trials); its top-K distinct configurations are run
-  again with fresh paired seeds, and the gap between the sweep's score and the confirmed mean
-  (the winner's curse) says how much of the ranking was luck.
-- **Leave-one-out ablation** (:func:`leave_one_out_cells`): the recipe itself, then the recipe
-  with exactly one component changed to its plain alternative, so each cell's difference from
-  the recipe is that component's contribution.
-- **Adaptive seeds** (:func:`seed_decisions`, :func:`adaptive_rounds`): seeds are spent only on
-  cells whose paired comparison with the baseline is still unresolved.
-
-Pure Python and pandas: :mod:`kdray.sweep` runs the trials these describe.
+A study answers *which recipe, how good, and which of its parts matter* in one command. Each
+phase is an ordinary experiment in ``<study>/<phase>`` (so ``kdray report`` and ``kdray export``
+read it as usual); ``study.json`` records which phases are done, so ``--resume`` skips those
+and continues the interrupted one. The phases are run by callables the caller passes (the CLI
+gives Ray-backed ones), so the bookkeeping, the budget and ``STUDY.md`` are decided without Ray.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from kdray import algorithms, plan, report, results
-from kdray.report import (  # noqa: F401 - the study's statistics, kept with the report's
-    BETTER,
-    EQUIVALENT,
-    MAX_REACHED,
-    UNRESOLVED,
-    WORSE,
-    Decision,
-    adaptive_summary,
-    ranking_survived,
-    seed_decisions,
-    stop_table,
-    winners_curse,
-)
-from kdray.spec import AdaptiveSeeds, ComponentsSpec, Spec, stage_schedule, term_weights
-from kdray.store import json_cell
+from kdray import followup, plan, plots, report, results, stats
+from kdray.spec import AblationSpec, AdaptiveSeeds, Spec, StudyBudgetSpec
+from kdray.store import remove_stale_tree, write_text_atomic
 
 logger = logging.getLogger("kdray")
 
-RECIPE = "recipe"  # the leave-one-out baseline cell: the recipe unchanged
-CONFIG_VALUES = "config_values"  # trials column: a confirmed configuration's settings as JSON
+STUDY_FILE = "study.json"
+STUDY_REPORT = "STUDY.md"
+PHASE_REPORT = "REPORT.md"
+PHASES = ("sweep", "confirm", "ablation")
+DEFAULT_SEEDS = AdaptiveSeeds(min=3, max=10, step=2)  # when the spec's ablation.seeds is a list
+DONE, RUNNING, INTERRUPTED, STOPPED = "done", "running", "interrupted", "stopped"
+
+# (phase folder, resume, budget_spent) -> (the phase's trials, how many rows a finished phase
+# has at least); ``budget_spent()`` says why the budget is spent now (or None), for a phase that
+# can stop cleanly part-way (the ablation, between its adaptive rounds).
+PhaseRunner = Callable[[Path, bool, Callable[[], str | None]], tuple[pd.DataFrame, int]]
 
 
 # ---------------------------------------------------------------------------------------------
-# Confirmation
+# study.json
 
 
-def _metric_column(trials: pd.DataFrame, spec: Spec) -> str:
-    metric = spec.tune.metric or report.main_metric(trials)
-    column = f"best.dev.{str(metric).removeprefix('dev.')}"
-    if column not in trials.columns:
-        raise ValueError(
-            f"the sweep's trials have no {column!r} column (tune.metric {metric!r}); "
-            "confirm a folder written by kdray sweep"
-        )
-    return column
+def read_study(folder: str | Path) -> dict[str, Any]:
+    """The study's record (``{"name", "phases": {phase: {"status", "seconds", "trials"}},
+    "stopped"}``); an empty one where there is none yet."""
+    path = Path(folder) / STUDY_FILE
+    if not path.exists():
+        return {"phases": {}, "stopped": None}
+    return json.loads(path.read_text())
 
 
-def confirm_configs(trials: pd.DataFrame, spec: Spec, top_k: int) -> list[dict[str, Any]]:
-    """The sweep's best ``top_k`` distinct configurations (different ``param.*`` values), best
-    first by the sweep's metric and mode, as cells ``rank1``, ``rank2``, ...
-
-    A configuration sampled twice counts once, with its best trial's score: the question is
-    which settings to keep, not which trial was luckiest. A seed-averaged sweep
-    (``tune.seeds_per_trial``) ranks and scores each configuration by its seeds' mean, as its
-    searcher did.
-    """
-    if top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {top_k}")
-    column = _metric_column(trials, spec)
-    ok = trials[trials["status"] == "ok"] if "status" in trials else trials
-    ok = ok.dropna(subset=[column])
-    if spec.tune.seeds_per_trial > 1:
-        means = results.seed_means(ok, column).set_index("config")["mean"]
-        ok = ok.assign(**{column: [means[results.config_key(r)] for r in ok.to_dict("records")]})
-    ok = ok.sort_values(column, ascending=spec.tune.mode == "min", kind="stable")
-    configs: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for row in ok.to_dict("records"):
-        values = plan.sampled_settings(row, spec, exclude={"train.seed"})
-        key = json.dumps({k: json_cell(v) for k, v in sorted(values.items())})
-        if key in seen:
-            continue
-        seen.add(key)
-        rank = len(configs) + 1
-        configs.append(
-            {
-                "cell": f"rank{rank}",
-                "config_rank": rank,
-                "values": values,
-                "source": f"sweep:{row['trial_id']}",
-                "sweep_score": float(row[column]),
-                CONFIG_VALUES: key,
-            }
-        )
-        if len(configs) == top_k:
-            break
-    if not configs:
-        raise ValueError(f"the sweep has no ok trial with a {column} value: nothing to confirm")
-    return configs
+def write_study(folder: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``study.json`` atomically: a reader sees the old record or the new one."""
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    return write_text_atomic(Path(folder) / STUDY_FILE, text)
 
 
-DEFAULT_CELL = report.CONTROL_CELL  # the spec as written: the control every confirmation runs
-
-
-def with_control(configs: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
-    """``configs`` plus the spec as written (cell ``default``, ``config_rank`` 0), run with the
-    same paired seeds, so the confirmed winner is compared with what the user would get
-    without the sweep; not added when a configuration already is the spec as written."""
-    own = spec.fingerprint()
-    for config in configs:
-        if spec.with_values(config["values"]).fingerprint() == own:
-            config["is_default"] = True
-            return configs
-    control = {
-        "cell": DEFAULT_CELL,
-        "config_rank": report.CONTROL_RANK,
-        "values": {},
-        "source": "spec",
-        "sweep_score": float("nan"),
-        CONFIG_VALUES: json.dumps({}),
-    }
-    return [*configs, control]
-
-
-def control_verdict(trials: pd.DataFrame, spec: Spec, cell: str) -> Any:
-    """``cell``'s :class:`kdray.stats.Verdict` against the spec as written (``default``),
-    every confirmed configuration against it one Holm family; None without a default cell."""
-    if "cell" not in trials or DEFAULT_CELL not in set(trials["cell"]) or cell == DEFAULT_CELL:
-        return None
-    metric = spec.tune.metric or report.main_metric(trials)
-    ablation = spec.ablation
-    alpha = ablation.alpha if ablation else report.DEFAULT_ALPHA
-    margin = ablation.equivalence if ablation else report.DEFAULT_MARGIN
-    verdicts = report.cell_verdicts(trials, DEFAULT_CELL, metric, spec.tune.mode, alpha, margin)
-    return verdicts.get(cell)
-
-
-def paired_trials(cells: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
-    """Every cell once per seed, the same seeds for every cell (so they pair)."""
-    return [{**cell, "seed": seed} for cell in cells for seed in seeds]
-
-
-# ---------------------------------------------------------------------------------------------
-# Leave-one-out cells
-
-
-def recipe_from_results(trials: pd.DataFrame, spec: Spec) -> tuple[dict[str, Any], str]:
-    """``(values, source)`` of the recipe a folder recommends: a confirmation's winner (the
-    best confirmed mean), else a sweep's best trial."""
-    if "config_rank" in trials.columns and CONFIG_VALUES in trials.columns:
-        metric = spec.tune.metric or report.main_metric(trials)
-        curse = winners_curse(None, trials, metric, spec.tune.mode)
-        winner = curse.sort_values(["confirmed_rank", "config_rank"]).iloc[0]
-        control = control_verdict(trials, spec, str(winner["cell"]))
-        if control is not None and control.word in (WORSE, UNRESOLVED):
-            # not shown at least as good as the spec as written: that is the recipe, then
-            return {}, f"confirmed:{DEFAULT_CELL} ({winner['cell']} {control.word} than it)"
-        rows = trials[trials["cell"] == winner["cell"]]
-        return json.loads(rows.iloc[0][CONFIG_VALUES]), f"confirmed:{winner['cell']}"
-    best = plan.best_trial(trials, spec.tune.mode, spec.tune.seeds_per_trial > 1)
-    if best is None:
-        raise ValueError("the results have no ok trial with a metric value to take a recipe from")
-    return plan.sampled_settings(best, spec, exclude={"train.seed"}), f"sweep:{best['trial_id']}"
-
-
-def _active_terms(spec: Spec) -> set[str]:
-    """The loss terms some stage of the spec's algorithm optimises (weight > 0 and used)."""
-    weights = term_weights(spec)
-    stages = stage_schedule(spec).stages
-    return {term for stage in stages for term in algorithms.active_terms(stage, weights)}
-
-
-def _changes(spec: Spec, recipe: Spec) -> tuple[list[tuple[str, dict]], list[dict[str, str]]]:
-    """``(candidate (name, change) pairs, components that do not apply with why)``."""
-    parts = spec.ablation.components if spec.ablation else ComponentsSpec()
-    changes: list[tuple[str, dict]] = []
-    skipped: list[dict[str, str]] = []
-    active = _active_terms(recipe)
-    for term in parts.losses:
-        if term in active:
-            changes.append((f"-{term}", {f"distill.losses.{term}.weight": 0.0}))
-        else:
-            skipped.append({"cell": f"-{term}", "reason": f"{term} is not active in the recipe"})
-    staged = len(algorithms.build_stages(recipe.distill.algorithm, recipe.student.layers)) > 1
-    if parts.schedule is not None:
-        name = f"schedule={parts.schedule}"
-        if staged:
-            changes.append((name, {"distill.algorithm": parts.schedule}))
-        else:
-            why = f"the recipe's {recipe.distill.algorithm} is not staged"
-            skipped.append({"cell": name, "reason": why})
-    for layer_map in parts.layer_map:
-        changes.append((f"layer_map={json_cell(layer_map)}", {"distill.layer_map": layer_map}))
-    if parts.init is not None:
-        name = f"init={parts.init}"
-        if recipe.student.init == "teacher":
-            changes.append((name, {"student.init": parts.init}))
-        else:
-            why = f"the recipe's student is not initialised from the teacher: {recipe.student.init}"
-            skipped.append({"cell": name, "reason": why})
-    if parts.freeze:
-        alg, layers = recipe.distill.algorithm, recipe.student.layers
-        freezes = algorithms.build_stages(alg, layers, freeze_lower=True) != (
-            algorithms.build_stages(alg, layers, freeze_lower=False)
-        )
-        if recipe.distill.stages.freeze_lower and freezes:
-            changes.append(("freeze=off", {"distill.stages.freeze_lower": False}))
-        else:
-            why = (
-                f"{alg} never freezes layers"
-                if recipe.distill.stages.freeze_lower
-                else "the recipe freezes nothing"
+def claim_study(folder: Path, spec: Spec, resume: bool) -> dict[str, Any]:
+    """The record of a new study in ``folder``, or of the one ``resume`` continues; a folder
+    that already holds something is refused with the ways out. Temporary files that a killed
+    run left are removed first (a study killed while writing its first record is no study)."""
+    record_file = folder / STUDY_FILE
+    remove_stale_tree(folder)
+    if resume:
+        if not record_file.exists():
+            raise ValueError(
+                f"--resume: {folder} holds no {STUDY_FILE}, so there is no study to continue; "
+                "start one with kdray study SPEC (without --resume)"
             )
-            skipped.append({"cell": "freeze=off", "reason": why})
-    return changes, skipped
+        record = read_study(folder)
+        if record.get("name") != spec.name:
+            raise ValueError(
+                f"--resume: {record_file} is the study {record.get('name')!r}, not "
+                f"{spec.name!r}; give its own spec or another --out DIR"
+            )
+        record["stopped"] = None
+        return record
+    if folder.exists() and (record_file.exists() or any(folder.iterdir())):
+        what = "a study" if record_file.exists() else "other files"
+        raise ValueError(
+            f"{folder} already holds {what}. Ways out: continue it with kdray study SPEC "
+            "--resume, or write elsewhere with --out DIR."
+        )
+    return {"name": spec.name, "phases": {}, "stopped": None}
 
 
-def leave_one_out_cells(
-    spec: Spec, recipe_values: dict[str, Any] | None = None, source: str = "spec"
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """``(cells, skipped)``: the recipe (cell ``recipe``) and the recipe with one component of
-    ``ablation.components`` changed per cell; a change that does not apply, gives a run identical
-    to the recipe or to an earlier cell, or makes settings that cannot run is skipped with why.
-    """
-    recipe_values = dict(recipe_values or {})
-    recipe = spec.with_values(recipe_values)
-    cells = [{"cell": RECIPE, "values": recipe_values, "source": source, "change": {}}]
-    seen = {recipe.fingerprint(): RECIPE}
-    changes, skipped = _changes(spec, recipe)
-    for name, change in changes:
-        values = {**recipe_values, **change}
-        try:
-            cell_spec = spec.with_values(values)
-            algorithms.check_weights(stage_schedule(cell_spec).stages, term_weights(cell_spec))
-        except ValueError as error:
-            last = str(error).strip().splitlines()[-1].strip()
-            skipped.append({"cell": name, "reason": f"cannot run: {last}"})
-            continue
-        twin = seen.get(cell_spec.fingerprint())
-        if twin is not None:
-            skipped.append({"cell": name, "reason": f"identical to {twin}"})
-            continue
-        seen[cell_spec.fingerprint()] = name
-        cells.append({"cell": name, "values": values, "source": source, "change": change})
-    for item in skipped:
-        logger.info("leave-one-out: skipped %s (%s)", item["cell"], item["reason"])
-    return cells, skipped
+def phase_status(record: dict[str, Any], phase: str) -> str:
+    """A phase's status in a study record: pending, running, interrupted, stopped or done."""
+    return record["phases"].get(phase, {}).get("status", "pending")
+
+
+def phase_trials(folder: Path, phase: str) -> pd.DataFrame:
+    """A phase's trials table; empty before the phase wrote one."""
+    if not (folder / phase / results.TRIALS_FILE).exists():
+        return pd.DataFrame()
+    return results.load(folder / phase)[0]
+
+
+def budget_reached(budget: StudyBudgetSpec, trials: int, hours: float) -> str | None:
+    """Why the study stops before its next phase (its budget is spent), or None."""
+    if budget.trials is not None and trials >= budget.trials:
+        return f"the budget of {budget.trials} trials is spent ({trials} trials run)"
+    if budget.hours is not None and hours >= budget.hours:
+        return f"the budget of {budget.hours:g} wall hours is spent ({hours:.2f} hours)"
+    return None
+
+
+def _spent(folder: Path, record: dict[str, Any]) -> tuple[int, float]:
+    """``(trials in every phase table, wall hours the phases took)``."""
+    trials = sum(len(phase_trials(folder, phase)) for phase in PHASES)
+    seconds = sum(entry.get("seconds", 0.0) for entry in record["phases"].values())
+    return trials, seconds / 3600
 
 
 # ---------------------------------------------------------------------------------------------
-# Adaptive seeds
+# The chain
 
 
-def adaptive_rounds(
-    cells: list[dict[str, Any]],
-    baseline: str | dict[str, Any],
-    seeds: AdaptiveSeeds,
-    run_round: Callable[[list[dict[str, Any]], int], pd.DataFrame],
-    *,
-    metric: str | None = None,
-    mode: str = "max",
-    alpha: float = 0.05,
-    equivalence: float = 0.005,
-    stop_before: Callable[[int], str | None] | None = None,
-) -> tuple[pd.DataFrame, dict[str, Decision]]:
-    """Run rounds until every cell is resolved or at ``seeds.max``.
+@dataclass
+class StudyOutcome:
+    folder: Path
+    record: dict[str, Any]
+    interrupted: str | None = None  # the phase that did not finish
+    stopped: str | None = None  # why the budget stopped the study before a phase
 
-    ``run_round(trials, round)`` runs the given trial configs and returns every trial so far.
-    Round 1 runs every cell with seeds ``1..min``; later rounds give each unresolved cell its
-    next ``step`` seeds, and the baseline every seed any cell gets, so seeds stay paired.
-    ``metric``: default the trials' selection metric. ``stop_before(round)`` (a study's budget)
-    is asked before each later round: a reason raises :class:`SeedsStopped` with the rounds so
-    far decided, so a budget ends between rounds, never inside one.
-    """
-    first = seeds.seeds(seeds.min)
-    done = {cell["cell"]: list(first) for cell in cells}
-    by_name = {cell["cell"]: cell for cell in cells}
-    trials = run_round(paired_trials(_plain(cells), first), 1)
-    round_index = 1
-    metric = metric or report.main_metric(trials)
-    while True:
-        decisions = seed_decisions(
-            trials,
-            baseline,
-            metric,
-            mode,
-            alpha,
-            equivalence,
-            {name: len(s) for name, s in done.items()},
-            seeds.min,
-            seeds.max,
-            seeds.step,
-            seeds.spending,
+
+def ablation_spec(spec: Spec) -> Spec:
+    """The spec of the study's ablation phase: its ``ablation`` block as a leave-one-out, with
+    adaptive seeds (:data:`DEFAULT_SEEDS` where the spec gives a fixed list)."""
+    ablation = spec.ablation or AblationSpec()
+    seeds = ablation.seeds if ablation.adaptive else DEFAULT_SEEDS
+    forced = ablation.model_copy(update={"design": "leave_one_out", "seeds": seeds})
+    return spec.model_copy(update={"ablation": forced})
+
+
+def run_study(
+    spec: Spec, folder: Path, runners: dict[str, PhaseRunner], *, resume: bool = False
+) -> StudyOutcome:
+    """Run the phases in order, skipping done ones; before each (and between the ablation's
+    adaptive rounds) stop if the budget is spent. Each finished or budget-stopped phase gets its
+    ``REPORT.md``; ``STUDY.md`` is rewritten after each finished phase (what is known so far,
+    should the study later crash) and when the study ends."""
+    record = claim_study(folder, spec, resume)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_study(folder, record)
+    budget = spec.study.budget if spec.study else StudyBudgetSpec()
+    outcome = StudyOutcome(folder, record)
+    for phase in PHASES:
+        entry = record["phases"].setdefault(phase, {"status": "pending", "seconds": 0.0})
+        if entry["status"] == DONE:
+            continue
+        stop = budget_reached(budget, *_spent(folder, record))
+        if stop:
+            record["stopped"] = outcome.stopped = f"stopped before the {phase} phase: {stop}"
+            logger.info("study %s: %s", spec.name, outcome.stopped)
+            break
+        if not _run_phase(phase, runners[phase], folder, record, budget, outcome):
+            break
+        if phase != PHASES[-1]:  # the last one's is written just below
+            write_text_atomic(folder / STUDY_REPORT, study_markdown(spec, folder, record))
+    write_study(folder, record)
+    write_text_atomic(folder / STUDY_REPORT, study_markdown(spec, folder, record))
+    return outcome
+
+
+def _run_phase(
+    phase: str,
+    runner: PhaseRunner,
+    folder: Path,
+    record: dict[str, Any],
+    budget: StudyBudgetSpec,
+    outcome: StudyOutcome,
+) -> bool:
+    """Run (or continue) one phase and record how it ended; False when the study stops here."""
+    entry = record["phases"][phase]
+    again = entry["status"] in (RUNNING, INTERRUPTED, STOPPED)
+    entry["status"] = RUNNING
+    write_study(folder, record)
+    started = time.time()
+
+    def budget_spent() -> str | None:
+        trials, hours = _spent(folder, record)
+        return budget_reached(budget, trials, hours + (time.time() - started) / 3600)
+
+    try:
+        trials, expected = runner(folder / phase, again, budget_spent)
+    except followup.SeedsStopped as stop:
+        entry["status"], entry["trials"] = STOPPED, len(stop.trials)
+        record["stopped"] = outcome.stopped = (
+            f"stopped the {phase} phase after its adaptive round {stop.rounds}: {stop.reason}"
         )
-        base = _baseline_cell(trials, baseline)
-        wanted = {name: d.next_seeds for name, d in decisions.items() if d.next_seeds}
-        if not wanted:
-            return trials, decisions
-        extra = sorted({s for s_list in wanted.values() for s in s_list} - set(done[base]))
-        if extra:
-            wanted[base] = extra
-        reason = stop_before(round_index + 1) if stop_before else None
-        if reason:
-            raise SeedsStopped(reason, round_index, trials, decisions)
-        new = []
-        for name, new_seeds in wanted.items():
-            new += paired_trials(_plain([by_name[name]]), new_seeds)
-            done[name] += new_seeds
-        round_index += 1
-        logger.info("adaptive seeds: round %d runs %d trials", round_index, len(new))
-        trials = run_round(new, round_index)
+        logger.info("study %s: %s", record.get("name"), outcome.stopped)
+        write_phase_report(folder / phase)
+        return False
+    finally:
+        entry["seconds"] = entry.get("seconds", 0.0) + time.time() - started
+        write_study(folder, record)
+    entry["trials"] = len(trials)
+    if not results.all_ended(trials, expected):
+        outcome.interrupted, entry["status"] = phase, INTERRUPTED
+        write_study(folder, record)
+        return False
+    entry["status"] = DONE
+    write_study(folder, record)
+    write_phase_report(folder / phase)
+    return True
 
 
-def _plain(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A cell as a trial config carries: what it is, its settings, where it came from."""
-    return [{k: v for k, v in cell.items() if k != "change"} for cell in cells]
-
-
-def _baseline_cell(trials: pd.DataFrame, baseline: str | dict[str, Any]) -> str:
-    return str(report._select_baseline(trials, baseline, report._group_column(trials)))
+def write_phase_report(phase_dir: Path) -> Path:
+    """``<phase>/REPORT.md`` (``kdray report``'s markdown) with its plots in ``<phase>/plots``;
+    tables the report cannot use give a REPORT.md that says why."""
+    path = phase_dir / PHASE_REPORT
+    try:
+        built = report.build_report(phase_dir)
+        plots.draw(built, phase_dir / "plots")
+    except ValueError as error:
+        write_text_atomic(path, f"# kdray report: {phase_dir.name}\n\nno report: {error}\n")
+        return path
+    return built.save(path)
 
 
 # ---------------------------------------------------------------------------------------------
-# Adaptive rounds on disk: one Tune experiment per round, the tables merged above them
-
-ROUNDS_DIR = "rounds"
+# STUDY.md
 
 
-def merge_rounds(out_dir: Path, folders: list[Path]) -> pd.DataFrame:
-    """The rounds' trials, epochs and CKA tables concatenated into ``out_dir``'s tables (what
-    ``kdray report`` reads); returns the trials."""
-    merged = {}
-    for kind, file in (
-        ("trials", results.TRIALS_FILE),
-        ("epochs", results.EPOCHS_FILE),
-        ("cka", results.CKA_FILE),
-    ):
-        rows = [row for folder in folders for row in results.load_tables(folder)[kind]]
-        if rows:
-            merged[kind] = results.write_table(rows, out_dir / file, replace=True)
-    return merged.get("trials", pd.DataFrame())
+def _metric(spec: Spec, trials: pd.DataFrame) -> str:
+    return str(spec.tune.metric or report.main_metric(trials)).removeprefix("dev.")
 
 
-class RoundInterrupted(RuntimeError):
-    """A round's experiment returned with trials cut off (Ctrl-C): no decision is taken from
-    it; ``--resume`` continues that round. ``trials`` holds every round's rows so far and
-    ``planned`` how many trials the rounds so far were to run."""
-
-    def __init__(self, round_index: int, folder: Path, trials: pd.DataFrame, planned: int) -> None:
-        super().__init__(
-            f"adaptive seeds: round {round_index} was interrupted ({folder}); continue it with "
-            "--resume"
-        )
-        self.round_index, self.folder, self.trials, self.planned = (
-            round_index, folder, trials, planned,
-        )  # fmt: skip
+def _settings_lines(values: dict[str, Any]) -> list[str]:
+    if not values:
+        return ["- the spec's own settings (nothing searched differs from them)"]
+    return [f"- `{key}`: {json.dumps(value)}" for key, value in sorted(values.items())]
 
 
-class SeedsStopped(RuntimeError):
-    """The rounds stopped between rounds for ``reason`` (a study's budget) with cells still
-    unresolved: ``trials`` holds every finished round's rows and ``decisions`` where each cell
-    stands; ``--resume`` with a larger budget continues with the next round."""
+def _teacher_lines(trials: pd.DataFrame, metric: str, score: float, what: str) -> list[str]:
+    column = f"teacher.dev.{metric}"
+    if column not in trials or trials[column].dropna().empty:
+        return ["The runs recorded no teacher score, so the retention is not known."]
+    teacher = float(trials[column].dropna().iloc[0])
+    return [
+        f"The teacher scores dev {metric} {teacher:.4f}; {what} keeps "
+        f"{100 * score / teacher:.1f} % of it (retention)."
+    ]
 
-    def __init__(
-        self, reason: str, rounds: int, trials: pd.DataFrame, decisions: dict[str, Decision]
-    ) -> None:
-        super().__init__(f"adaptive seeds stopped after round {rounds}: {reason}")
-        self.reason, self.rounds, self.trials, self.decisions = reason, rounds, trials, decisions
+
+def winner_values(trials: pd.DataFrame, cell: str) -> dict[str, Any]:
+    rows = trials[trials["cell"] == cell]
+    return json.loads(rows.iloc[0][followup.CONFIG_VALUES]) if len(rows) else {}
 
 
-def run_adaptive(
-    spec: Spec,
-    cells: list[dict[str, Any]],
-    baseline: str | dict[str, Any],
-    run: Callable[..., Any],
-    *,
-    name: str,
-    out_dir: Path,
-    resume: bool = False,
-    overwrite: bool = False,
-    stop_before: Callable[[int], str | None] | None = None,
-    lengths: tuple[Any, ...] = (),
-    **run_options: Any,
-) -> tuple[pd.DataFrame, dict[str, Decision]]:
-    """:func:`adaptive_rounds` with each round one experiment in ``out_dir/rounds/round-<k>``
-    run by ``run`` (:func:`kdray.sweep.run_trials`), its tables merged into ``out_dir``.
+def _default_mean(trials: pd.DataFrame) -> float:
+    rows = trials[(trials["cell"] == followup.DEFAULT_CELL) & (trials["status"] == "ok")]
+    column = next(c for c in trials.columns if c.startswith("best.dev.") and c in rows)
+    return float(rows[column].mean())
 
-    A folder holds one experiment, so rounds cannot append to one Tune experiment; with
-    ``resume``, a round whose folder exists is continued (a finished one returns at once) and
-    the same decisions follow, since they depend only on the tables. A round cut off (Ctrl-C)
-    raises :class:`RoundInterrupted` instead of deciding from part of its seeds.
-    """
-    if not isinstance(spec.ablation.seeds if spec.ablation else None, AdaptiveSeeds):
-        raise ValueError("ablation.seeds is a list: give {min, max, step} for adaptive seeds")
-    results.claim_folder(out_dir, spec, "ablate", resume=resume, overwrite=overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results.write_experiment(out_dir, spec, "ablate", lengths)
-    folders: list[Path] = []
-    all_values = [cell["values"] for cell in cells]
 
-    def run_round(trials: list[dict[str, Any]], round_index: int) -> pd.DataFrame:
-        folder = out_dir / ROUNDS_DIR / f"round-{round_index}"
-        again = resume and (folder / results.EXPERIMENT_FILE).exists()
-        run(
-            spec,
-            trials,
-            name=f"{name}-round{round_index}",
-            command="ablate",
-            cells=all_values,
-            out_dir=folder,
-            resume=again,
-            **run_options,
-        )
-        folders.append(folder)
-        merged = merge_rounds(out_dir, folders)
-        ended = results.load_tables(folder)["trials"]
-        if len(ended) < len(trials) or any(r.get("status") in results.UNFINISHED for r in ended):
-            planned = len(merged) - len(ended) + len(trials)
-            raise RoundInterrupted(round_index, folder, merged, planned)
-        return merged
+def _control_lines(control: Any, shown: bool) -> list[str]:
+    """The confirmed winner against the spec as written, and whether kdray recommends it."""
+    if control is None:
+        return [
+            "No control: this confirmation did not run the spec as written, so whether the "
+            "recipe beats it is not known (kdray confirm runs it since this check was added)."
+        ]
+    said = f"Against the spec as written (cell `default`, the same seeds): {stats.words(control)}."
+    if shown:
+        return [said, "kdray recommends this recipe: it is at least as good as the default."]
+    return [
+        said,
+        "kdray does **not** recommend it: it is not shown at least as good as the spec as "
+        f"written ({control.word}). Keep the spec as written, or add seeds to settle it.",
+    ]
 
-    ablation = spec.ablation
-    return adaptive_rounds(
-        cells,
-        baseline,
-        ablation.seeds,
-        run_round,
-        metric=spec.tune.metric,
-        mode=spec.tune.mode,
-        alpha=ablation.alpha,
-        equivalence=ablation.equivalence,
-        stop_before=stop_before,
+
+def _recipe_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[str]:
+    phases = record["phases"]
+    lines = ["## The recommended recipe", ""]
+    if phases.get("confirm", {}).get("status") == DONE:
+        trials = phase_trials(folder, "confirm")
+        metric = _metric(spec, trials)
+        sweep = phase_trials(folder, "sweep")
+        curse = report.winners_curse(None if sweep.empty else sweep, trials, metric, spec.tune.mode)
+        winner = curse.sort_values(["confirmed_rank", "config_rank"]).iloc[0]
+        values, _ = followup.recipe_from_results(trials, spec)
+        mean, half = float(winner["mean"]), float(winner["ci95"])
+        control = followup.control_verdict(trials, spec, str(winner["cell"]))
+        shown = control is None or control.word in (followup.BETTER, followup.EQUIVALENT)
+        lines += [
+            f"The sweep's configuration `{winner['cell']}` (sweep rank {winner['config_rank']}) "
+            f"is the best after confirmation with {winner['n']} seeds. Its settings:",
+            "",
+            *_settings_lines(winner_values(trials, str(winner["cell"]))),
+            "",
+            f"Confirmed dev {metric}: {mean:.4f}, 95 % CI {mean - half:.4f} to {mean + half:.4f} "
+            f"({winner['n']} seeds); the sweep scored it {winner['sweep_score']:.4f} "
+            f"(winner's curse {winner['winners_curse']:+.4f}).",
+            "",
+            *_control_lines(control, shown),
+            "",
+            *_teacher_lines(trials, metric, mean if shown else _default_mean(trials), "the recipe"),
+        ]
+        if not shown:
+            lines += ["", "The recipe (and the leave-one-out below) is therefore:", ""]
+            lines += _settings_lines(values)
+        return lines
+    sweep = phase_trials(folder, "sweep")
+    best = (
+        None
+        if sweep.empty
+        else plan.best_trial(sweep, spec.tune.mode, spec.tune.seeds_per_trial > 1)
     )
+    if best is None:
+        return [*lines, "No phase has finished yet: nothing is known so far."]
+    metric = _metric(spec, sweep)
+    score = float(best[f"best.dev.{metric}"])
+    values = followup.recipe_from_results(sweep, spec)[0]
+    return [
+        *lines,
+        f"Only the sweep's best trial is known: `{best['trial_id']}`, dev {metric} "
+        f"{score:.4f}, unconfirmed (a sweep's best score is optimistic: it is the maximum "
+        "of noisy trials, and no fresh seeds have tested it). Its settings:",
+        "",
+        *_settings_lines(values),
+        "",
+        *_teacher_lines(sweep, metric, score, "this trial"),
+    ]
+
+
+_VERDICT = {
+    followup.WORSE: "matters: the recipe is worse without it (keep it)",
+    followup.BETTER: "matters: the recipe is better with this change (consider making it)",
+}
+
+
+def _components_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[str]:
+    status = phase_status(record, "ablation")
+    if status not in (DONE, STOPPED):
+        return ["## Which components matter", "", "Not known yet: the ablation has not finished."]
+    cut_off = (
+        "the budget stopped its seeds; kdray study --resume with a larger study.budget adds more"
+        if status == STOPPED
+        else "rounds cut off"
+    )
+    built = report.build_report(folder / "ablation")
+    ablation = ablation_spec(spec).ablation
+    margin = f"+-{ablation.equivalence:g}"
+    matter, rest = [], []
+    for row in built.stopping.to_dict("records"):
+        diff = (
+            f"dev {built.metric} {row['mean_diff']:+.4f} vs the recipe, {row['level']:.1%} "
+            f"interval {row['ci_low']:+.4f} to {row['ci_high']:+.4f}, {row['seeds']} seeds"
+        )
+        if row["stopped"] in _VERDICT:
+            matter.append(f"- `{row['cell']}` {_VERDICT[row['stopped']]}; {diff}.")
+        elif row["stopped"] == followup.EQUIVALENT:
+            rest.append(f"- `{row['cell']}` is equivalent to the recipe within {margin}; {diff}.")
+        elif row["stopped"] == followup.MAX_REACHED:
+            rest.append(
+                f"- `{row['cell']}` is unresolved at the maximum of seeds (whether it matters "
+                f"is not shown either way); {diff}."
+            )
+        else:
+            rest.append(f"- `{row['cell']}` is unresolved so far ({cut_off}); {diff}.")
+    lines = ["## Which components matter", "", "Each cell is the recipe with one change."]
+    lines += [f"Verdicts: {built.design.describe()}." if built.design else ""]
+    lines += ["", *(matter or ["- none shown to matter"])]
+    lines += ["", "## Equivalent or unresolved", "", *(rest or ["- none"])]
+    return lines + _skipped_lines(spec, folder)
+
+
+def _skipped_lines(spec: Spec, folder: Path) -> list[str]:
+    """The components the leave-one-out could not test on this recipe, with why."""
+    values, source = followup.recipe_from_results(phase_trials(folder, "confirm"), spec)
+    _, skipped = followup.leave_one_out_cells(ablation_spec(spec), values, source)
+    if not skipped:
+        return []
+    return ["", "Not tested on this recipe:", ""] + [
+        f"- `{item['cell']}`: {item['reason']}" for item in skipped
+    ]
+
+
+def _spent_section(spec: Spec, folder: Path, record: dict[str, Any]) -> list[str]:
+    resources = spec.tune.resources
+    lines = [
+        "## Spent",
+        "",
+        "| phase | status | runs | seeds | CPU hours | GPU hours | wall hours |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for phase in PHASES:
+        entry = record["phases"].get(phase, {})
+        trials = phase_trials(folder, phase)
+        seconds = float(trials["wall_time"].sum()) if "wall_time" in trials else 0.0
+        seeds = trials["seed"].nunique() if "seed" in trials and phase != "sweep" else "-"
+        lines.append(
+            f"| {phase} | {entry.get('status', 'not run')} | {len(trials)} | {seeds} | "
+            f"{seconds * resources.cpu / 3600:.3f} | {seconds * resources.gpu / 3600:.3f} | "
+            f"{entry.get('seconds', 0.0) / 3600:.3f} |"
+        )
+    lines += ["", "CPU (GPU) hours: the trials' wall time x tune.resources.cpu (gpu)."]
+    return lines
+
+
+def study_markdown(spec: Spec, folder: Path, record: dict[str, Any]) -> str:
+    """STUDY.md: the recipe, its confirmed score and the teacher's, which components matter,
+    what each phase spent, and links to the phase reports."""
+    phases = record["phases"]
+    done = [p for p in PHASES if phase_status(record, p) in (DONE, STOPPED)]
+    status = "; ".join(f"{p} {phases.get(p, {}).get('status', 'not run')}" for p in PHASES)
+    lines = [f"# kdray study: {spec.name}", "", f"Phases: {status}."]
+    if record.get("stopped"):
+        lines += ["", f"The study {record['stopped']}; what follows is what is known so far."]
+    interrupted = [p for p in PHASES if phase_status(record, p) in (RUNNING, INTERRUPTED)]
+    if interrupted:
+        lines += ["", f"The {interrupted[0]} phase was interrupted: continue with --resume."]
+    lines += ["", *_recipe_section(spec, folder, record)]
+    lines += ["", *_components_section(spec, folder, record)]
+    lines += ["", *_spent_section(spec, folder, record), "", "## Reports", ""]
+    lines += [f"- {p}: [{p}/{PHASE_REPORT}]({p}/{PHASE_REPORT})" for p in done] or ["- none yet"]
+    return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(RESULTS.parent))  # this checkout's kdray
 
-from kdray import chain, plots, report, results  # noqa: E402
+from kdray import plots, report, results, study  # noqa: E402
 from kdray.spec import Spec  # noqa: E402
 
 # folder -> the other folders of its question (its family)
@@ -110,16 +110,16 @@ def main() -> None:
     lines = []
     for name, family in FOLDERS.items():
         lines += verdict_lines(name, rewrite(name, family))
-    study = Path("results") / STUDY
-    for phase in chain.PHASES:
-        chain.write_phase_report(study / phase)
-    record = chain.read_study(study)
-    spec = Spec.model_validate(report.read_experiment(study / "sweep")["spec"])
-    (study / chain.STUDY_REPORT).write_text(chain.study_markdown(spec, study, record))
-    built = report.build_report(study / "ablation")
+    folder = Path("results") / STUDY
+    for phase in study.PHASES:
+        study.write_phase_report(folder / phase)
+    record = study.read_study(folder)
+    spec = Spec.model_validate(report.read_experiment(folder / "sweep")["spec"])
+    (folder / study.STUDY_REPORT).write_text(study.study_markdown(spec, folder, record))
+    built = report.build_report(folder / "ablation")
     lines += verdict_lines(f"{STUDY}/ablation", built)
-    (study / "CONTROL.md").write_text(control())
-    confirm = chain.phase_trials(study, "confirm")
+    (folder / "CONTROL.md").write_text(control())
+    confirm = study.phase_trials(folder, "confirm")
     lines.append(f"{STUDY}/confirm has a default cell: {'default' in set(confirm['cell'])}")
     print("\n".join(lines))
 

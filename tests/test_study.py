@@ -1,4 +1,5 @@
-"""Confirmation, leave-one-out cells and adaptive seeds on synthetic tables with known answers."""
+"""Confirmation, leave-one-out cells and adaptive seeds (``kdray.followup``) and the ``kdray
+study`` chain (``kdray.study``) on synthetic tables with known answers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from kdray import study
+from kdray import followup
 from kdray.spec import AdaptiveSeeds, SpecError, load_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def sweep_trials() -> pd.DataFrame:
 
 
 def test_confirm_picks_the_top_k_distinct_configurations_best_first(sweep_trials) -> None:
-    configs = study.confirm_configs(sweep_trials, _spec(), top_k=3)
+    configs = followup.confirm_configs(sweep_trials, _spec(), top_k=3)
     assert [c["cell"] for c in configs] == ["rank1", "rank2", "rank3"]
     assert [c["source"] for c in configs] == ["sweep:b", "sweep:d", "sweep:a"]
     assert [c["sweep_score"] for c in configs] == [0.80, 0.75, 0.70]
@@ -97,13 +98,13 @@ def test_confirm_picks_the_top_k_distinct_configurations_best_first(sweep_trials
 
 def test_confirm_with_mode_min_ranks_the_lowest_first(sweep_trials) -> None:
     spec = _spec(tune={"metric": "accuracy", "mode": "min"})
-    configs = study.confirm_configs(sweep_trials, spec, top_k=2)
+    configs = followup.confirm_configs(sweep_trials, spec, top_k=2)
     assert [c["source"] for c in configs] == ["sweep:a", "sweep:d"]
 
 
 def test_confirm_trials_pair_the_same_seeds_across_configurations(sweep_trials) -> None:
-    configs = study.confirm_configs(sweep_trials, _spec(), top_k=2)
-    trials = study.paired_trials(configs, [1, 2, 3])
+    configs = followup.confirm_configs(sweep_trials, _spec(), top_k=2)
+    trials = followup.paired_trials(configs, [1, 2, 3])
     seeds = {rank: [t["seed"] for t in trials if t["config_rank"] == rank] for rank in (1, 2)}
     assert seeds == {1: [1, 2, 3], 2: [1, 2, 3]}
 
@@ -111,18 +112,18 @@ def test_confirm_trials_pair_the_same_seeds_across_configurations(sweep_trials) 
 def test_confirm_of_a_sweep_without_ok_trials_says_so() -> None:
     trials = pd.DataFrame([_sweep_row("a", 0.7, status="failed", **{"train.lr": 1e-4})])
     with pytest.raises(ValueError, match="no ok trial"):
-        study.confirm_configs(trials, _spec(), top_k=2)
+        followup.confirm_configs(trials, _spec(), top_k=2)
 
 
 def test_every_confirmation_runs_the_spec_as_written_as_its_control(sweep_trials) -> None:
     spec = _spec()
-    configs = study.with_control(study.confirm_configs(sweep_trials, spec, top_k=2), spec)
+    configs = followup.with_control(followup.confirm_configs(sweep_trials, spec, top_k=2), spec)
     assert [c["cell"] for c in configs] == ["rank1", "rank2", "default"]
     assert configs[-1]["values"] == {} and configs[-1]["config_rank"] == 0
     # a configuration that is the spec as written (sid, skip, the spec's lr) is the control
     lr = spec.train.lr
     same = pd.DataFrame([_sweep_row("z", 0.9, **{"distill.algorithm": "sid", "train.lr": lr})])
-    configs = study.with_control(study.confirm_configs(same, spec, top_k=1), spec)
+    configs = followup.with_control(followup.confirm_configs(same, spec, top_k=1), spec)
     assert [c["cell"] for c in configs] == ["rank1"] and configs[0]["is_default"]
 
 
@@ -135,7 +136,7 @@ def _control_table(winner: list[float], default: list[float]) -> pd.DataFrame:
         for s, a in enumerate(default, start=1)
     ]
     table = pd.DataFrame(rows)
-    table[study.CONFIG_VALUES] = table["cell"].map(values)
+    table[followup.CONFIG_VALUES] = table["cell"].map(values)
     return table
 
 
@@ -144,16 +145,19 @@ def test_a_confirmed_winner_below_the_spec_as_written_is_not_the_recipe() -> Non
     confirmation's control catches that, and the recipe stays the spec as written."""
     spec = _spec()
     worse = _control_table([0.60, 0.61, 0.62], [0.63, 0.64, 0.65])  # -0.03 on every seed
-    assert study.control_verdict(worse, spec, "rank1").word == "worse"
-    assert study.recipe_from_results(worse, spec) == ({}, "confirmed:default (rank1 worse than it)")
+    assert followup.control_verdict(worse, spec, "rank1").word == "worse"
+    assert followup.recipe_from_results(worse, spec) == (
+        {},
+        "confirmed:default (rank1 worse than it)",
+    )
     noisy = _control_table([0.60, 0.66, 0.62], [0.63, 0.61, 0.64])  # not shown either way
-    assert study.control_verdict(noisy, spec, "rank1").word == "unresolved"
-    assert study.recipe_from_results(noisy, spec)[0] == {}
+    assert followup.control_verdict(noisy, spec, "rank1").word == "unresolved"
+    assert followup.recipe_from_results(noisy, spec)[0] == {}
     better = _control_table([0.66, 0.67, 0.68], [0.63, 0.64, 0.65])
-    assert study.control_verdict(better, spec, "rank1").word == "better"
-    assert study.recipe_from_results(better, spec) == ({"train.lr": 0.0003}, "confirmed:rank1")
+    assert followup.control_verdict(better, spec, "rank1").word == "better"
+    assert followup.recipe_from_results(better, spec) == ({"train.lr": 0.0003}, "confirmed:rank1")
     # the control is not one of the sweep's configurations: no winner's curse, no rank
-    assert study.winners_curse(None, better, "accuracy")["cell"].tolist() == ["rank1", "rank2"]
+    assert followup.winners_curse(None, better, "accuracy")["cell"].tolist() == ["rank1", "rank2"]
 
 
 def _confirm_row(rank: int, seed: int, accuracy: float, sweep_score: float) -> dict:
@@ -173,21 +177,21 @@ def _confirm_row(rank: int, seed: int, accuracy: float, sweep_score: float) -> d
 def test_winners_curse_is_sweep_score_minus_confirmed_mean_and_ranking_can_flip() -> None:
     rows = [_confirm_row(1, s, a, 0.80) for s, a in ((1, 0.70), (2, 0.72), (3, 0.74))]
     rows += [_confirm_row(2, s, a, 0.78) for s, a in ((1, 0.75), (2, 0.76), (3, 0.77))]
-    curse = study.winners_curse(None, pd.DataFrame(rows), "accuracy")
+    curse = followup.winners_curse(None, pd.DataFrame(rows), "accuracy")
     assert curse["config_rank"].tolist() == [1, 2]
     assert curse["mean"].tolist() == pytest.approx([0.72, 0.76])
     assert curse["winners_curse"].tolist() == pytest.approx([0.08, 0.02])
     assert curse["confirmed_rank"].tolist() == [2, 1]
-    assert not study.ranking_survived(curse)
+    assert not followup.ranking_survived(curse)
     # the sweep table, when given, is where the sweep score comes from
     sweep = pd.DataFrame([_sweep_row("t1", 0.90), _sweep_row("t2", 0.70)])
-    curse = study.winners_curse(sweep, pd.DataFrame(rows), "accuracy")
+    curse = followup.winners_curse(sweep, pd.DataFrame(rows), "accuracy")
     assert curse["winners_curse"].tolist() == pytest.approx([0.18, -0.06])
 
 
 def test_ranking_survives_when_the_confirmed_order_matches_the_sweeps() -> None:
     curse = pd.DataFrame({"config_rank": [1, 2, 3], "confirmed_rank": [1, 1, 3]})
-    assert study.ranking_survived(curse)
+    assert followup.ranking_survived(curse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +200,7 @@ def test_ranking_survives_when_the_confirmed_order_matches_the_sweeps() -> None:
 
 def test_leave_one_out_cells_are_the_recipe_with_exactly_one_change_each() -> None:
     spec = load_spec(REPO / "search_spaces" / "rte-cpu.yaml")
-    cells, skipped = study.leave_one_out_cells(spec, {"train.lr": 1e-4}, source="sweep:x")
+    cells, skipped = followup.leave_one_out_cells(spec, {"train.lr": 1e-4}, source="sweep:x")
     assert [c["cell"] for c in cells] == [
         "recipe",
         "-soft",
@@ -227,7 +231,7 @@ def test_leave_one_out_skips_cells_identical_to_the_recipe_or_another_cell() -> 
         distill={"algorithm": "pid", "stages": {"epochs_per_stage": 1, "freeze_lower": True}},
         train={"epochs": 4},
     )
-    cells, skipped = study.leave_one_out_cells(spec)
+    cells, skipped = followup.leave_one_out_cells(spec)
     assert [c["cell"] for c in cells] == ["recipe", "schedule=idal", "layer_map=last", "freeze=off"]
     assert {"cell": "layer_map=skip", "reason": "identical to recipe"} in skipped
     assert {"cell": "layer_map=last", "reason": "identical to layer_map=last"} in skipped
@@ -235,13 +239,13 @@ def test_leave_one_out_skips_cells_identical_to_the_recipe_or_another_cell() -> 
 
 def test_leave_one_out_of_a_single_stage_recipe_has_no_schedule_cell() -> None:
     spec = _spec(distill={"algorithm": "idal"})
-    cells, skipped = study.leave_one_out_cells(spec)
+    cells, skipped = followup.leave_one_out_cells(spec)
     assert "schedule=idal" not in [c["cell"] for c in cells]
     assert {"cell": "schedule=idal", "reason": "the recipe's idal is not staged"} in skipped
 
 
 def test_recipe_from_a_sweep_is_its_best_trials_sampled_values(sweep_trials) -> None:
-    values, source = study.recipe_from_results(sweep_trials, _spec())
+    values, source = followup.recipe_from_results(sweep_trials, _spec())
     assert values == {"distill.algorithm": "sid", "train.lr": 2e-4} and source == "sweep:b"
 
 
@@ -285,7 +289,7 @@ def test_adaptive_seeds_stop_each_cell_for_its_known_reason() -> None:
         {"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "same", "noisy")
     ]
     log: list[list[tuple[str, int]]] = []
-    trials, decisions = study.adaptive_rounds(
+    trials, decisions = followup.adaptive_rounds(
         cells,
         "base",
         AdaptiveSeeds(min=3, max=7, step=2),
@@ -304,7 +308,7 @@ def test_adaptive_seeds_stop_each_cell_for_its_known_reason() -> None:
     assert sorted(log[1]) == [("base", 4), ("base", 5), ("noisy", 4), ("noisy", 5)]
     assert sorted(log[2]) == [("base", 6), ("base", 7), ("noisy", 6), ("noisy", 7)]
     assert len(log) == 3
-    table = study.adaptive_summary(
+    table = followup.adaptive_summary(
         trials, "base", "accuracy", "max", AdaptiveSeeds(min=3, max=7, step=2), 0.05, 0.005
     )
     assert dict(zip(table["cell"], table["stopped"], strict=True)) == {
@@ -329,9 +333,9 @@ def test_a_worse_cell_stops_as_worse_and_mode_min_flips_the_verdict() -> None:
     )
     args = ("accuracy",)
     kwargs = dict(alpha=0.05, equivalence=0.005, seeds_so_far={"low": 3}, min_seeds=3)
-    decisions = study.seed_decisions(trials, "base", *args, "max", max_seeds=9, step=2, **kwargs)
+    decisions = followup.seed_decisions(trials, "base", *args, "max", max_seeds=9, step=2, **kwargs)
     assert decisions["low"].status == "worse" and decisions["low"].next_seeds == []
-    decisions = study.seed_decisions(trials, "base", *args, "min", max_seeds=9, step=2, **kwargs)
+    decisions = followup.seed_decisions(trials, "base", *args, "min", max_seeds=9, step=2, **kwargs)
     assert decisions["low"].status == "better"
 
 
@@ -344,7 +348,7 @@ def test_an_unresolved_cell_gets_step_more_seeds_but_never_past_max() -> None:
         ]
     )
     common = dict(alpha=0.05, equivalence=0.005, seeds_so_far={"noisy": 4}, min_seeds=3)
-    decision = study.seed_decisions(
+    decision = followup.seed_decisions(
         trials, "base", "accuracy", "max", max_seeds=5, step=2, **common
     )
     assert decision["noisy"].status == "unresolved" and decision["noisy"].next_seeds == [5]
@@ -363,8 +367,8 @@ def test_a_spent_budget_stops_adaptive_seeds_between_rounds_with_the_rounds_so_f
         asked.append(round_index)
         return "the budget of 1 wall hours is spent (1.20 hours)"
 
-    with pytest.raises(study.SeedsStopped) as stopped:
-        study.adaptive_rounds(
+    with pytest.raises(followup.SeedsStopped) as stopped:
+        followup.adaptive_rounds(
             cells,
             "base",
             AdaptiveSeeds(min=3, max=7, step=2),
@@ -389,7 +393,7 @@ def test_a_spent_budget_stops_adaptive_seeds_between_rounds_with_the_rounds_so_f
 def test_adaptive_seeds_that_resolve_in_round_one_never_ask_the_budget() -> None:
     cells = [{"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "same")]
     asked: list[int] = []
-    _, decisions = study.adaptive_rounds(
+    _, decisions = followup.adaptive_rounds(
         cells,
         "base",
         AdaptiveSeeds(min=3, max=7, step=2),
@@ -419,10 +423,10 @@ def test_adaptive_rounds_on_disk_run_one_folder_per_round_and_merge_the_tables(t
             for t in trials
         ]
         out_dir.mkdir(parents=True)
-        study.results.write_table(rows, out_dir / study.results.TRIALS_FILE)
+        followup.results.write_table(rows, out_dir / followup.results.TRIALS_FILE)
 
     out = tmp_path / "abl"
-    trials, decisions = study.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
+    trials, decisions = followup.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
     assert [c["name"] for c in calls] == ["s-round1", "s-round2"]
     assert [c["out_dir"] for c in calls] == [out / "rounds" / "round-1", out / "rounds" / "round-2"]
     assert [c["n"] for c in calls] == [9, 4]
@@ -432,7 +436,7 @@ def test_adaptive_rounds_on_disk_run_one_folder_per_round_and_merge_the_tables(t
     assert (out / "experiment.json").exists()
     # the folder now holds this ablation: a second run needs --resume (or --overwrite)
     with pytest.raises(ValueError, match="--resume"):
-        study.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
+        followup.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +479,7 @@ def test_report_of_an_adaptive_ablation_says_seeds_per_cell_and_why_each_stopped
         {"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "same", "noisy")
     ]
     rule = AdaptiveSeeds(min=3, max=7, step=2)
-    trials, _ = study.adaptive_rounds(cells, "base", rule, _fake_runner([]), metric="accuracy")
+    trials, _ = followup.adaptive_rounds(cells, "base", rule, _fake_runner([]), metric="accuracy")
     ablation = {
         "design": "grid",
         "seeds": {"min": 3, "max": 7, "step": 2},
@@ -527,7 +531,7 @@ WINNER = {"distill.algorithm": "sid", "train.lr": 1e-4}
 CONFIRM_ROWS = [
     {"trial_id": f"r{rank}s{seed}", "cell": f"rank{rank}", "config_rank": rank, "seed": seed,
      "source": f"sweep:{src}", "sweep_score": score, "best.dev.accuracy": acc,
-     study.CONFIG_VALUES: json.dumps(values, sort_keys=True)}
+     followup.CONFIG_VALUES: json.dumps(values, sort_keys=True)}
     for rank, src, score, values, accs in (
         (1, "t1", 0.70, WINNER, (0.67, 0.69)),
         (2, "t2", 0.65, {"distill.algorithm": "soft", "train.lr": 2e-4}, (0.60, 0.62)),
@@ -548,7 +552,7 @@ ABLATION_ROWS = [
 
 def _fake_phases(spec: Any, calls: list[tuple[str, bool]]) -> dict[str, Any]:
     """Phase runners that write the hand-made tables (and experiment.json) as the real ones do."""
-    from kdray import chain, results
+    from kdray import results, study
 
     def runner(phase: str, rows: list[dict], command: str, phase_spec: Any) -> Any:
         def run(out_dir: Path, again: bool, budget_spent: Any) -> tuple[pd.DataFrame, int]:
@@ -564,7 +568,7 @@ def _fake_phases(spec: Any, calls: list[tuple[str, bool]]) -> dict[str, Any]:
     return {
         "sweep": runner("sweep", SWEEP_ROWS, "sweep", spec),
         "confirm": runner("confirm", CONFIRM_ROWS, "confirm", spec),
-        "ablation": runner("ablation", ABLATION_ROWS, "ablate", chain.ablation_spec(spec)),
+        "ablation": runner("ablation", ABLATION_ROWS, "ablate", study.ablation_spec(spec)),
     }
 
 
@@ -580,22 +584,22 @@ def test_a_study_block_is_validated_strictly_and_leaves_the_run_settings_alone()
 
 
 def test_the_study_ablation_is_a_leave_one_out_with_adaptive_seeds_by_default() -> None:
-    from kdray import chain
+    from kdray import study
 
     listed = _spec(ablation={"seeds": [1, 2], "equivalence": 0.01})
-    ablation = chain.ablation_spec(listed).ablation
+    ablation = study.ablation_spec(listed).ablation
     assert ablation.design == "leave_one_out"
     assert (ablation.seeds.min, ablation.seeds.max, ablation.seeds.step) == (3, 10, 2)
     assert ablation.equivalence == 0.01  # the rest of the spec's block is kept
     given = _spec(ablation={"seeds": {"min": 2, "max": 4, "step": 1}})
-    assert chain.ablation_spec(given).ablation.seeds == AdaptiveSeeds(min=2, max=4, step=1)
+    assert study.ablation_spec(given).ablation.seeds == AdaptiveSeeds(min=2, max=4, step=1)
 
 
 def test_a_study_runs_every_phase_once_and_records_each_as_done(tmp_path: Path) -> None:
-    from kdray import chain
+    from kdray import study
 
     spec, calls = _study_spec(), []
-    outcome = chain.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
+    outcome = study.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
     assert calls == [("sweep", False), ("confirm", False), ("ablation", False)]
     record = json.loads((tmp_path / "s" / "study.json").read_text())
     assert {p: e["status"] for p, e in record["phases"].items()} == dict.fromkeys(
@@ -607,18 +611,18 @@ def test_a_study_runs_every_phase_once_and_records_each_as_done(tmp_path: Path) 
         assert (tmp_path / "s" / phase / "REPORT.md").read_text().startswith("# kdray report")
     # a second study in the same folder is refused with the ways out; --resume runs nothing new
     with pytest.raises(ValueError, match="--resume, or write elsewhere with --out DIR"):
-        chain.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
-    chain.run_study(spec, tmp_path / "s", _fake_phases(spec, calls), resume=True)
+        study.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
+    study.run_study(spec, tmp_path / "s", _fake_phases(spec, calls), resume=True)
     assert len(calls) == 3
 
 
 def test_study_md_states_the_recipe_its_confirmed_score_and_which_components_matter(
     tmp_path: Path,
 ) -> None:
-    from kdray import chain
+    from kdray import study
 
     spec = _study_spec()
-    chain.run_study(spec, tmp_path / "s", _fake_phases(spec, []))
+    study.run_study(spec, tmp_path / "s", _fake_phases(spec, []))
     text = (tmp_path / "s" / "STUDY.md").read_text()
     # rank1 confirmed at (0.67 + 0.69) / 2 = 0.68; CI half-width t(0.975, 1) 12.7062 x
     # sd 0.014142 / sqrt(2) = 0.1271; the sweep said 0.70 (curse +0.02); 0.68 / 0.80 = 85.0 %
@@ -663,7 +667,7 @@ def test_study_md_states_the_recipe_its_confirmed_score_and_which_components_mat
 def test_study_md_is_written_after_each_finished_phase_so_a_crash_leaves_what_is_known(
     tmp_path: Path,
 ) -> None:
-    from kdray import chain
+    from kdray import study
 
     spec = _study_spec()
     phases = _fake_phases(spec, [])
@@ -674,7 +678,7 @@ def test_study_md_is_written_after_each_finished_phase_so_a_crash_leaves_what_is
         raise RuntimeError("the machine went away")
 
     with pytest.raises(RuntimeError, match="went away"):
-        chain.run_study(spec, tmp_path / "s", {**phases, "ablation": crashing_ablation})
+        study.run_study(spec, tmp_path / "s", {**phases, "ablation": crashing_ablation})
     # written when the confirmation finished, before the ablation started
     assert "Phases: sweep done; confirm done; ablation not run." in seen[0]
     assert "Confirmed dev accuracy: 0.6800" in seen[0]
@@ -684,10 +688,10 @@ def test_study_md_is_written_after_each_finished_phase_so_a_crash_leaves_what_is
 def test_a_spent_trial_budget_stops_the_study_after_the_sweep_with_what_is_known(
     tmp_path: Path,
 ) -> None:
-    from kdray import chain
+    from kdray import study
 
     spec, calls = _study_spec(budget={"trials": 3}), []
-    outcome = chain.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
+    outcome = study.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
     assert calls == [("sweep", False)]
     assert outcome.stopped == (
         "stopped before the confirm phase: the budget of 3 trials is spent (3 trials run)"
@@ -711,7 +715,7 @@ def test_a_spent_trial_budget_stops_the_study_after_the_sweep_with_what_is_known
 def test_an_interrupted_phase_is_continued_with_resume_and_finished_ones_are_skipped(
     tmp_path: Path,
 ) -> None:
-    from kdray import chain
+    from kdray import study
 
     spec, calls = _study_spec(), []
     phases = _fake_phases(spec, calls)
@@ -721,13 +725,13 @@ def test_an_interrupted_phase_is_continued_with_resume_and_finished_ones_are_ski
         trials, expected = real_confirm(out_dir, again, spent)
         return trials.assign(status=["ok", "interrupted", "ok", "ok"]), expected
 
-    outcome = chain.run_study(spec, tmp_path / "s", {**phases, "confirm": cut_short})
+    outcome = study.run_study(spec, tmp_path / "s", {**phases, "confirm": cut_short})
     assert outcome.interrupted == "confirm"
-    assert chain.read_study(tmp_path / "s")["phases"]["confirm"]["status"] == "interrupted"
+    assert study.read_study(tmp_path / "s")["phases"]["confirm"]["status"] == "interrupted"
     assert "The confirm phase was interrupted: continue with --resume." in (
         (tmp_path / "s" / "STUDY.md").read_text()
     )
-    chain.run_study(spec, tmp_path / "s", phases, resume=True)
+    study.run_study(spec, tmp_path / "s", phases, resume=True)
     assert calls == [("sweep", False), ("confirm", False), ("confirm", True), ("ablation", False)]
 
 
@@ -743,7 +747,7 @@ def _budget_study(trials: int):
 def test_a_budget_spent_between_ablation_rounds_stops_there_and_resume_adds_the_seeds(
     tmp_path: Path,
 ) -> None:
-    from kdray import chain
+    from kdray import study
 
     calls: list[tuple[str, bool]] = []
     phases = _fake_phases(_budget_study(8), calls)
@@ -753,18 +757,18 @@ def test_a_budget_spent_between_ablation_rounds_stops_there_and_resume_adds_the_
         trials, expected = round_one(out_dir, again, spent)  # round 1 writes its 8 rows
         reason = spent()  # as run_adaptive asks before round 2
         if reason:
-            raise study.SeedsStopped(reason, 1, trials, {})
+            raise followup.SeedsStopped(reason, 1, trials, {})
         return trials, expected
 
     phases["ablation"] = adaptive
     # 3 sweep + 4 confirm trials = 7 < 8: the ablation starts; after its round 1, 15 >= 8
-    outcome = chain.run_study(_budget_study(8), tmp_path / "s", phases)
+    outcome = study.run_study(_budget_study(8), tmp_path / "s", phases)
     assert outcome.stopped == (
         "stopped the ablation phase after its adaptive round 1: the budget of 8 trials is spent "
         "(15 trials run)"
     )
     assert outcome.interrupted is None
-    entry = chain.read_study(tmp_path / "s")["phases"]["ablation"]
+    entry = study.read_study(tmp_path / "s")["phases"]["ablation"]
     assert (entry["status"], entry["trials"]) == ("stopped", 8)
     text = (tmp_path / "s" / "STUDY.md").read_text()
     assert "Phases: sweep done; confirm done; ablation stopped." in text
@@ -780,16 +784,16 @@ def test_a_budget_spent_between_ablation_rounds_stops_there_and_resume_adds_the_
     assert "- ablation: [ablation/REPORT.md](ablation/REPORT.md)" in text
     assert (tmp_path / "s" / "ablation" / "REPORT.md").exists()
     # a larger budget and --resume continue the stopped ablation (resume=True), nothing else
-    chain.run_study(_budget_study(20), tmp_path / "s", phases, resume=True)
+    study.run_study(_budget_study(20), tmp_path / "s", phases, resume=True)
     assert calls == [("sweep", False), ("confirm", False), ("ablation", False), ("ablation", True)]
-    assert chain.read_study(tmp_path / "s")["phases"]["ablation"]["status"] == "done"
+    assert study.read_study(tmp_path / "s")["phases"]["ablation"]["status"] == "done"
 
 
 def test_resume_without_a_study_says_there_is_nothing_to_continue(tmp_path: Path) -> None:
-    from kdray import chain
+    from kdray import study
 
     with pytest.raises(ValueError, match="holds no study.json, so there is no study to continue"):
-        chain.run_study(_study_spec(), tmp_path / "s", {}, resume=True)
+        study.run_study(_study_spec(), tmp_path / "s", {}, resume=True)
 
 
 def test_a_study_killed_while_writing_its_first_record_starts_again(tmp_path: Path) -> None:
@@ -797,7 +801,7 @@ def test_a_study_killed_while_writing_its_first_record_starts_again(tmp_path: Pa
     import subprocess
     import sys
 
-    from kdray import chain
+    from kdray import study
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -805,17 +809,17 @@ def test_a_study_killed_while_writing_its_first_record_starts_again(tmp_path: Pa
     folder.mkdir()
     half = folder / f".study.json.tmp-{socket.gethostname()}@{dead.pid}-abc"
     half.write_text('{"name": ')  # the only thing a kill left: no study.json yet
-    record = chain.claim_study(folder, _study_spec(), resume=False)
+    record = study.claim_study(folder, _study_spec(), resume=False)
     assert record["phases"] == {} and not half.exists()
 
 
 def test_a_spent_hours_budget_names_the_hours_it_allowed_and_used() -> None:
-    from kdray import chain
+    from kdray import study
     from kdray.spec import StudyBudgetSpec
 
     budget = StudyBudgetSpec(trials=50, hours=6)
-    assert chain.budget_reached(budget, 10, 5.99) is None
-    assert chain.budget_reached(budget, 10, 6.5) == (
+    assert study.budget_reached(budget, 10, 5.99) is None
+    assert study.budget_reached(budget, 10, 6.5) == (
         "the budget of 6 wall hours is spent (6.50 hours)"
     )
 
@@ -842,18 +846,18 @@ def test_an_interrupted_round_decides_nothing_and_resume_continues_that_round(tm
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "experiment.json").write_text("{}")  # as run_trials writes before Tune starts
         kept = rows[:-1] if name in cut else rows
-        study.results.write_table(kept, out_dir / study.results.TRIALS_FILE, replace=True)
+        followup.results.write_table(kept, out_dir / followup.results.TRIALS_FILE, replace=True)
 
     out = tmp_path / "abl"
-    with pytest.raises(study.RoundInterrupted, match="round 2 was interrupted") as stopped:
-        study.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
+    with pytest.raises(followup.RoundInterrupted, match="round 2 was interrupted") as stopped:
+        followup.run_adaptive(spec, cells, "base", fake_run, name="s", out_dir=out)
     assert calls == [("s-round1", False), ("s-round2", False)]  # no round 3 from part of round 2
     assert stopped.value.planned == 13 and len(stopped.value.trials) == 12
     assert not (out / "rounds" / "round-3").exists()
 
     cut.clear()
     calls.clear()
-    trials, decisions = study.run_adaptive(
+    trials, decisions = followup.run_adaptive(
         spec, cells, "base", fake_run, name="s", out_dir=out, resume=True
     )
     assert calls == [("s-round1", True), ("s-round2", True)]  # both continued, none added
@@ -871,7 +875,7 @@ def test_the_sid_cell_whose_three_seeds_a_bootstrap_called_clear_is_unresolved()
             for c, v in (("soft", 0.55), ("sid", 0.55 + d))
         ]
     )
-    decisions = study.seed_decisions(
+    decisions = followup.seed_decisions(
         trials, "soft", "accuracy", "max", 0.05, 0.005, {"sid": 3}, 3, 3, 1
     )
     sid = decisions["sid"]

@@ -423,7 +423,7 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
 def test_an_adaptive_leave_one_out_runs_as_paired_ray_trials_and_resumes_without_rerunning(
     cluster: Any, tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kdray import study
+    from kdray import followup
     from kdray.report import build_report
     from kdray.sweep import run_trials
 
@@ -439,12 +439,12 @@ def test_an_adaptive_leave_one_out_runs_as_paired_ray_trials_and_resumes_without
     spec = spec_from_dict(spec_dict)
 
     # adaptive leave-one-out of the soft recipe: -soft cannot run, init=random is the one change
-    cells, skipped = study.leave_one_out_cells(spec)
+    cells, skipped = followup.leave_one_out_cells(spec)
     assert [c["cell"] for c in cells] == ["recipe", "init=random"]
     assert any(s["cell"] == "-soft" and "cannot run" in s["reason"] for s in skipped)
     out = tmp_path / "loo"
-    trials, decisions = study.run_adaptive(
-        spec, cells, study.RECIPE, run_trials, name="study-ablation", out_dir=out
+    trials, decisions = followup.run_adaptive(
+        spec, cells, followup.RECIPE, run_trials, name="study-ablation", out_dir=out
     )
     seeds = trials.groupby("cell")["seed"].apply(lambda s: sorted(s)).to_dict()
     assert set(trials["status"]) == {"ok"}
@@ -465,8 +465,8 @@ def test_an_adaptive_leave_one_out_runs_as_paired_ray_trials_and_resumes_without
         raise AssertionError("a finished round was run again")
 
     monkeypatch.setattr(kdray_sweep, "run_experiment", must_not_run)
-    again, decided = study.run_adaptive(
-        spec, cells, study.RECIPE, run_trials, name="study-ablation", out_dir=out, resume=True
+    again, decided = followup.run_adaptive(
+        spec, cells, followup.RECIPE, run_trials, name="study-ablation", out_dir=out, resume=True
     )
     assert sorted(again["trial_id"]) == sorted(trials["trial_id"])
     assert decided["init=random"].status == decision.status
