@@ -762,9 +762,8 @@ def study(
         record = studies.claim_study(folder, spec, resume)  # refused before any check
     swept = resume and _restorable(folder / "sweep", storage, spec.name)
     skip = {}
-    if (
-        studies.phase_status(record, "sweep") == studies.DONE
-    ):  # not run again, even if Ray's is gone
+    # a done sweep phase is not run again, even if its Ray experiment is gone
+    if studies.phase_status(record, "sweep") == studies.DONE:
         skip = dict.fromkeys(("results folder", "resume"), "the study's sweep phase is done")
     _preflight(
         spec, "sweep", folder / "sweep", address=address, storage=storage, resume=swept, skip=skip

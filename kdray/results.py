@@ -41,6 +41,7 @@ EXPERIMENT_FILE = "experiment.json"  # what produced the folder: command and the
 EPOCHS_FILE = "epochs.parquet"
 CKA_FILE = "cka.parquet"  # one row per run and (student layer, teacher layer): linear CKA
 STUDENT_DIR = "student"  # a kdray run's best student (train.save_student)
+RAY_DIR = "ray"  # a local Ray Tune storage: <out>/ray/<experiment> (see ray_store)
 
 # Columns every trials table starts with, in this order; settings and metrics follow.
 ID_COLUMNS = ("name", "trial_id", "status", "error", "kdray_version", "spec_fingerprint")
@@ -320,25 +321,36 @@ def write_experiment(
     )
 
 
-def _made_at(folder: Path) -> str:
-    """Where the experiment in ``folder`` was first written (kept on ``--resume``): Ray Tune's
-    saved state holds that absolute path, so a resume checks that it still leads here."""
+def _recorded_folder(folder: Path) -> str | None:
     stored = _read_record(folder / EXPERIMENT_FILE)
     made_at = stored.get("folder") if stored else None
-    return made_at if isinstance(made_at, str) else str(folder.resolve())
+    return made_at if isinstance(made_at, str) else None
+
+
+def _leads_to(path: str, folder: Path) -> bool:
+    try:
+        return Path(path).samefile(folder)
+    except OSError:  # the path is gone
+        return False
+
+
+def _made_at(folder: Path) -> str:
+    """Where the experiment in ``folder`` was first written, kept while that path still leads
+    here (a ``--resume``): Ray Tune's saved state holds it, so a resume checks it."""
+    made_at = _recorded_folder(folder)
+    return made_at if made_at and _leads_to(made_at, folder) else str(folder.resolve())
 
 
 def moved_from(folder: str | Path) -> str | None:
-    """The path ``folder``'s experiment was made at when that path no longer leads to it (the
-    folder was moved or copied), else None; folders written before kdray recorded it: None."""
-    stored = _read_record(Path(folder) / EXPERIMENT_FILE)
-    made_at = stored.get("folder") if stored else None
-    if not isinstance(made_at, str):
+    """The path ``folder``'s experiment was made at, when the folder holds Ray Tune state to
+    restore (``ray/``) and that path no longer leads here (the folder was moved or copied);
+    else None. Tables alone (a folder copied without ``ray/``, one written before kdray kept
+    the path) resume anywhere."""
+    folder = Path(folder)
+    made_at = _recorded_folder(folder)
+    if made_at is None or not (folder / RAY_DIR).is_dir() or _leads_to(made_at, folder):
         return None
-    try:
-        return None if Path(made_at).samefile(folder) else made_at
-    except OSError:  # the old path is gone
-        return made_at
+    return made_at
 
 
 def cka_rows(name: str, trial_id: str, cka: pd.DataFrame) -> list[dict[str, Any]]:
@@ -410,7 +422,7 @@ def experiment_name(spec: Spec, command: str) -> str:
 def ray_store(out: Path, storage: str | None) -> str:
     """Where a results folder's Ray Tune experiments live: ``--storage`` (a path or a remote URI)
     if given, else ``<out>/ray``; one rule for running, resuming and checking them."""
-    return storage or str((out / "ray").resolve())
+    return storage or str((out / RAY_DIR).resolve())
 
 
 def experiment_path(out: Path, storage: str | None, name: str) -> str:

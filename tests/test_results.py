@@ -315,9 +315,10 @@ def test_the_same_sweep_again_needs_resume_or_overwrite(tmp_path: Path) -> None:
 
 
 def test_a_moved_folder_is_refused_at_resume_with_the_path_it_was_made_at(tmp_path: Path) -> None:
-    """Ray Tune's saved state holds the folder's first absolute path: resuming a moved copy
-    would read and write the old one, so kdray refuses and says how to resume it."""
+    """Ray Tune's saved state (``ray/``) holds the folder's first absolute path: resuming a
+    moved copy would read and write the old one, so kdray refuses and says how to resume it."""
     made = _experiment(tmp_path / "made", SWEEP, "sweep")
+    (made / "ray").mkdir()  # a Ray Tune experiment to restore
     spec = spec_from_dict(SWEEP)
     results.claim_folder(made, spec, "sweep", resume=True)  # where it was made: fine
     results.write_experiment(made, spec, "sweep")  # a resume writes the record again
@@ -332,16 +333,35 @@ def test_a_moved_folder_is_refused_at_resume_with_the_path_it_was_made_at(tmp_pa
     assert f"cannot resume {moved}: its experiment was made at {recorded}" in message
     assert f"ln -s {moved.resolve()} {recorded}" in message
     assert "start a new sweep here with --overwrite" in message
-    # a link from the old path makes it resumable again; a new sweep there is not refused
+    # a link from the old path makes it resumable again, and the record keeps the old path
     (tmp_path / "made").symlink_to(moved)
     assert results.moved_from(moved) is None
     results.claim_folder(moved, spec, "sweep", resume=True)
+    results.write_experiment(moved, spec, "sweep")
+    assert json.loads((moved / "experiment.json").read_text())["folder"] == recorded
     (tmp_path / "made").unlink()
-    results.claim_folder(moved, spec, "sweep", overwrite=True)
+    results.claim_folder(moved, spec, "sweep", overwrite=True)  # a new sweep is not refused
+
+
+def test_a_moved_folder_without_ray_state_resumes_and_records_its_new_path(
+    tmp_path: Path,
+) -> None:
+    """Tables alone hold no path (a study copied without its ``ray/`` folders continues on
+    another machine); the next record names where the folder is now."""
+    made = _experiment(tmp_path / "made", SWEEP, "sweep")
+    moved = tmp_path / "moved"
+    made.rename(moved)
+    assert results.moved_from(moved) is None
+    spec = spec_from_dict(SWEEP)
+    results.claim_folder(moved, spec, "sweep", resume=True)
+    results.write_experiment(moved, spec, "sweep")
+    recorded = json.loads((moved / "experiment.json").read_text())["folder"]
+    assert recorded == str(moved.resolve())
 
 
 def test_a_folder_recorded_before_kdray_kept_its_path_resumes_as_before(tmp_path: Path) -> None:
     folder = _experiment(tmp_path / "old", SWEEP, "sweep")
+    (folder / "ray").mkdir()
     record = json.loads((folder / "experiment.json").read_text())
     del record["folder"]  # as an older kdray wrote it
     (folder / "experiment.json").write_text(json.dumps(record))
