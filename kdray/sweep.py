@@ -774,13 +774,20 @@ def _wandb_callback(spec: Spec, out: Path, name: str) -> Any:
 
     class LocalWandbActor(_WandbLoggingActor):  # type: ignore[misc]
         """Ray's per-trial W&B actor (local: Ray pickles it by value, so importing kdray.sweep
-        does not import wandb), with kdray's environment set and W&B's folder made first."""
+        does not import wandb), with kdray's environment set and W&B's folder made first.
+
+        It returns only once W&B's writer process has ended: Ray kills the actor as soon as
+        ``run`` returns, and ``wandb.finish`` may return before that process has written the
+        run, which then died with the actor and left an empty run file."""
 
         def run(self) -> None:
             for key, value in WANDB_ENV.items():
                 os.environ.setdefault(key, value)
             root.mkdir(parents=True, exist_ok=True)
-            super().run()
+            try:
+                super().run()
+            finally:
+                self._wandb.teardown()  # waits for W&B's writer process to finish
 
     callback = WandbLoggerCallback(
         project=settings.project or name,
