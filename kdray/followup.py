@@ -294,10 +294,7 @@ def adaptive_rounds(
             alpha,
             equivalence,
             {name: len(s) for name, s in done.items()},
-            seeds.min,
-            seeds.max,
-            seeds.step,
-            seeds.spending,
+            seeds,
         )
         base = _baseline_cell(trials, baseline)
         wanted = {name: d.next_seeds for name, d in decisions.items() if d.next_seeds}

@@ -1490,18 +1490,15 @@ def seed_decisions(
     alpha: float,
     equivalence: float,
     seeds_so_far: dict[str, int],
-    min_seeds: int,
-    max_seeds: int,
-    step: int,
-    spending: str = "obrien_fleming",
+    seeds: Any,
 ) -> dict[str, Decision]:
     """Per cell (not the baseline): decided by the group-sequential design of the adaptive
     seeds (:func:`kdray.stats.sequential_verdicts`, replayed from the tables), or the seeds it
-    gets next: up to the design's next look (``step`` more, at most ``max_seeds``; a cell below
-    ``min_seeds`` is topped up first)."""
+    gets next: up to the design's next look (``seeds.step`` more, at most ``seeds.max``; a
+    cell below ``seeds.min`` is topped up first). ``seeds``: the spec's ``AdaptiveSeeds``."""
     design = st.Design(
-        min=min_seeds, max=max(max_seeds, min_seeds), step=step, alpha=alpha,
-        margin=equivalence, spending=spending,
+        min=seeds.min, max=max(seeds.max, seeds.min), step=seeds.step, alpha=alpha,
+        margin=equivalence, spending=seeds.spending,
     )  # fmt: skip
     _, pairs = paired_differences(trials, baseline, metric)
     diffs = {str(key): frame["diff"].to_numpy() for key, frame in pairs.items()}
@@ -1521,7 +1518,7 @@ def seed_decisions(
             if n >= design.max or verdict.final:
                 decision.status = MAX_REACHED
             else:
-                target = max(min_seeds, min(n + step, design.max))
+                target = max(seeds.min, min(n + seeds.step, design.max))
                 decision.next_seeds = list(range(n + 1, target + 1))
                 decision.n_seeds = n
         out[cell] = decision
@@ -1569,10 +1566,7 @@ def adaptive_summary(
         alpha,
         equivalence,
         {str(k): int(v) for k, v in counts.items()},
-        seeds.min,
-        seeds.max,
-        seeds.step,
-        seeds.spending,
+        seeds,
     )
     return stop_table(decisions)
 

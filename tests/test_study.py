@@ -332,10 +332,11 @@ def test_a_worse_cell_stops_as_worse_and_mode_min_flips_the_verdict() -> None:
         ]
     )
     args = ("accuracy",)
-    kwargs = dict(alpha=0.05, equivalence=0.005, seeds_so_far={"low": 3}, min_seeds=3)
-    decisions = followup.seed_decisions(trials, "base", *args, "max", max_seeds=9, step=2, **kwargs)
+    kwargs = dict(alpha=0.05, equivalence=0.005, seeds_so_far={"low": 3})
+    kwargs["seeds"] = AdaptiveSeeds(min=3, max=9, step=2)
+    decisions = followup.seed_decisions(trials, "base", *args, "max", **kwargs)
     assert decisions["low"].status == "worse" and decisions["low"].next_seeds == []
-    decisions = followup.seed_decisions(trials, "base", *args, "min", max_seeds=9, step=2, **kwargs)
+    decisions = followup.seed_decisions(trials, "base", *args, "min", **kwargs)
     assert decisions["low"].status == "better"
 
 
@@ -347,9 +348,9 @@ def test_an_unresolved_cell_gets_step_more_seeds_but_never_past_max() -> None:
             for c, v in (("base", 0.7), ("noisy", noisy))
         ]
     )
-    common = dict(alpha=0.05, equivalence=0.005, seeds_so_far={"noisy": 4}, min_seeds=3)
+    common = dict(alpha=0.05, equivalence=0.005, seeds_so_far={"noisy": 4})
     decision = followup.seed_decisions(
-        trials, "base", "accuracy", "max", max_seeds=5, step=2, **common
+        trials, "base", "accuracy", "max", seeds=AdaptiveSeeds(min=3, max=5, step=2), **common
     )
     assert decision["noisy"].status == "unresolved" and decision["noisy"].next_seeds == [5]
 
@@ -876,7 +877,14 @@ def test_the_sid_cell_whose_three_seeds_a_bootstrap_called_clear_is_unresolved()
         ]
     )
     decisions = followup.seed_decisions(
-        trials, "soft", "accuracy", "max", 0.05, 0.005, {"sid": 3}, 3, 3, 1
+        trials,
+        "soft",
+        "accuracy",
+        "max",
+        0.05,
+        0.005,
+        {"sid": 3},
+        AdaptiveSeeds(min=3, max=3, step=1),
     )
     sid = decisions["sid"]
     assert sid.status == "max reached" and sid.level == pytest.approx(0.95)
