@@ -84,7 +84,14 @@ def cluster() -> Any:
     c = Cluster(
         initialize_head=True,
         connect=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": False,
+            # a job's idle workers (torch and kdray imported) are kept, not killed after 1 s:
+            # a study's next phase and a sweep's next trials reuse them instead of paying the
+            # imports again (tests only: it changes when, not what, kdray runs)
+            "_system_config": {"idle_worker_killing_time_threshold_ms": 600_000},
+        },
     )
     c.add_node(num_cpus=1)
     c.wait_for_nodes()
