@@ -1245,6 +1245,30 @@ def teacher_table(trials: pd.DataFrame) -> pd.DataFrame:
     return frame.rename(columns={c: c.removeprefix("teacher.dev.") for c in columns})
 
 
+def remade_teacher_notes(trials: pd.DataFrame) -> list[str]:
+    """A note per teacher id whose runs recorded different dev scores: the same settings
+    fine-tuned again (an emptied cache, a resume on another machine) gave another teacher, so
+    runs paired across it compare students of different teachers. ``teacher_table`` shows
+    only their mean."""
+    columns = [c for c in trials.columns if c.startswith("teacher.dev.")]
+    if "teacher.id" not in trials.columns or not columns:
+        return []
+    notes = []
+    for teacher_id, rows in trials.groupby("teacher.id", sort=False):
+        for column in columns:
+            values = sorted({round(float(v), 6) for v in rows[column].dropna()})
+            if len(values) > 1:
+                shown = ", ".join(f"{v:.4f}" for v in values)
+                notes.append(
+                    f"teacher {teacher_id} was fine-tuned more than once with different results "
+                    f"({column.removeprefix('teacher.dev.')} {shown} across {len(rows)} runs): "
+                    "its students are paired across different teachers; compare the runs' "
+                    "teacher columns before quoting a verdict"
+                )
+                break
+    return notes
+
+
 def _default_baseline(trials: pd.DataFrame, group: str) -> Any:
     """The soft-label cell if there is exactly one, else None (no comparison is guessed)."""
     if "distill.algorithm" not in trials.columns:
@@ -1660,6 +1684,7 @@ def build_report(
         alpha_source=alpha_source,
         trials=trials,
     )
+    report.notes += remade_teacher_notes(ok)
 
     if is_ablation or baseline is not None:
         _compare_with_baseline(report, trials, baseline)

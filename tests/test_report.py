@@ -959,3 +959,20 @@ def test_a_follow_up_on_the_same_question_joins_its_family_instead_of_starting_o
     markdown = R.build_report(follow, family_with=[first]).to_markdown()
     assert "## One question, one family: 2 comparisons in 2 folders" in markdown
     assert "the question's family (2 comparisons in 2 folders" in markdown
+
+
+def test_a_teacher_id_whose_runs_recorded_different_dev_scores_gets_a_note() -> None:
+    """Same settings, same id, fine-tuned twice (an emptied cache, a resume on another
+    machine): the teacher table's mean would hide it, so the report says so."""
+    trials = pd.DataFrame(
+        {
+            "teacher.id": ["t1", "t1", "t1", "t2", "t2"],
+            "teacher.dev.accuracy": [173 / 277, 173 / 277, 170 / 277, 0.5, 0.5],
+        }
+    )
+    notes = R.remade_teacher_notes(trials)
+    assert len(notes) == 1
+    assert "teacher t1 was fine-tuned more than once" in notes[0]
+    assert "accuracy 0.6137, 0.6245 across 3 runs" in notes[0]
+    assert R.remade_teacher_notes(trials[trials["teacher.id"] == "t2"]) == []
+    assert R.remade_teacher_notes(trials.drop(columns="teacher.id")) == []
