@@ -529,6 +529,9 @@ def _folder_check(
     return True, f"{out}" + (" (continues the experiment there)" if resume and holds else "")
 
 
+EXPLICIT_TRIALS = ("ablate", "confirm")  # planned trials: the tables alone say which remain
+
+
 def can_restore(store: str, name: str) -> bool:
     """Whether the Ray Tune experiment ``name`` in ``store`` can be continued: a local one has
     its ``tuner.pkl``; a remote one is assumed to (Ray says when it starts)."""
@@ -553,6 +556,11 @@ def _resume_check(
             return True, (
                 f"{out} holds this experiment, stopped before its first trial (nothing of Ray "
                 "Tune's to continue yet): the trials start"
+            )
+        if command in EXPLICIT_TRIALS and (out / results.TRIALS_FILE).is_file():
+            return True, (
+                f"no Ray Tune experiment at {experiment}: the trials {out / results.TRIALS_FILE} "
+                "shows ended are kept, the others run again from their first epoch"
             )
         return False, (
             f"--resume: nothing to resume at {experiment} (no Ray Tune experiment there): run "

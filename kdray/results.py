@@ -368,6 +368,24 @@ def load_tables(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def keep_ended(folder: str | Path) -> pd.DataFrame:
+    """Drop the rows of every trial that did not end (cut off, or epochs without a trials row)
+    from a folder's tables, rewritten in place, and return the ended trials: what an
+    experiment of explicit trials keeps when its Ray Tune state is gone and the others run
+    again from their first epoch."""
+    folder = Path(folder)
+    tables = load_tables(folder)
+    ended = [row for row in tables["trials"] if row.get("status") not in UNFINISHED]
+    ids = {row["trial_id"] for row in ended}
+    for name, file in (("cka", CKA_FILE), ("epochs", EPOCHS_FILE), ("trials", TRIALS_FILE)):
+        kept = [row for row in tables[name] if row.get("trial_id") in ids]
+        if kept and len(kept) < len(tables[name]):  # the trials table last, as writers do
+            write_table(kept, folder / file)
+        elif not kept and tables[name]:
+            (folder / file).unlink()
+    return pd.DataFrame(ended)
+
+
 class Results(NamedTuple):
     """A results folder's tables (``trials, epochs = kdray.load(folder)`` unpacks them).
 

@@ -1032,8 +1032,11 @@ def run_experiment(
     overwrite: bool = False,
     callbacks: list[Any] | None = None,
     trainable: Callable[..., None] | None = None,
+    from_tables: bool = False,
 ) -> SweepResult:
-    """Teacher first (one Ray task), then the trials as one resumable Tune experiment."""
+    """Teacher first (one Ray task), then the trials as one resumable Tune experiment.
+    ``from_tables``: a ``resume`` without Ray Tune state whose plan holds only the trials the
+    tables lack (:func:`run_trials`): a new experiment that adds to the tables."""
     selection_metric(spec)  # a metric the task does not have fails before Ray starts
     spec, _ = data.resolve_max_seq_length(spec)  # ``auto`` as a number (the CLI did it already)
     out = Path(out_dir) if out_dir else Path("results") / name
@@ -1044,9 +1047,10 @@ def run_experiment(
     init_ray(address, runtime_env=spec.tune.runtime_env)
     experiment = results.experiment_path(out, storage, name)
     if resume and not tune.Tuner.can_restore(experiment):
-        if not results.claimed_before_trials(out, spec, command):
+        if not (from_tables or results.claimed_before_trials(out, spec, command)):
             raise FileNotFoundError(f"nothing to resume at {experiment}")
-        logger.info("%s: stopped before its first trial; starting the trials", out)
+        if not from_tables:
+            logger.info("%s: stopped before its first trial; starting the trials", out)
         resume = False
     results.write_experiment(out, spec, command, data.spec_length_stats(spec))
     if remote.is_remote(store):  # the nodes read the data from the storage too
@@ -1201,21 +1205,26 @@ def run_trials(
     columns of the trials table."""
     from ray.tune.schedulers import FIFOScheduler
 
+    out = Path(out_dir) if out_dir else Path("results") / name
+    if resume and (ended := _ended(spec, out, name, storage, len(trials))):
+        return ended
+    to_run, from_tables = trials, False
+    if resume and _state_lost(out, storage, name):
+        to_run, from_tables = _not_ended(out, trials), True
+
     def explicit(base: Spec, out: Path) -> TrialPlan:
         return TrialPlan(
-            param_space={"ablation": tune.grid_search(trials)},
+            param_space={"ablation": tune.grid_search(to_run)},
             searcher=None,
             scheduler=FIFOScheduler(),
             num_samples=1,
             max_concurrent=base.tune.max_concurrent,
         )
 
-    out = Path(out_dir) if out_dir else Path("results") / name
-    if resume and (ended := _ended(spec, out, name, storage, len(trials))):
-        return ended
     return run_experiment(
         spec,
         explicit,
+        from_tables=from_tables,
         name=name,
         command=command,
         cells=cells if cells is not None else [trial["values"] for trial in trials],
@@ -1226,6 +1235,41 @@ def run_trials(
         overwrite=overwrite,
         callbacks=callbacks,
     )
+
+
+def _state_lost(out: Path, storage: str | None, name: str) -> bool:
+    """Whether ``out``'s tables hold trials but no Ray Tune state can be restored: the folder
+    was copied without ``ray/``, or the storage (a lost head node's disk) is gone."""
+    if not (out / results.TRIALS_FILE).exists():
+        return False
+    return not tune.Tuner.can_restore(results.experiment_path(out, storage, name))
+
+
+def _trial_key(values: dict[str, Any], keys: list[str]) -> tuple[str, ...]:
+    """A planned trial's (or a row's) identity: its ``cell``, ``seed``, ... as text."""
+
+    def text(value: Any) -> str:
+        value = json_cell(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return str(value)
+
+    return tuple(text(values.get(key)) for key in keys)
+
+
+def _not_ended(out: Path, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The planned trials the tables do not show ended, after dropping the rows of those cut
+    off (:func:`kdray.results.keep_ended`): they run again from their first epoch."""
+    ended = results.keep_ended(out)
+    keys = sorted({key for trial in trials for key in trial if key != "values"})
+    done = {_trial_key(row, keys) for row in ended.to_dict("records")}
+    remaining = [trial for trial in trials if _trial_key(trial, keys) not in done]
+    logger.warning(
+        "%s: no Ray Tune state to restore; %d of %d trials ended in its tables and are kept, "
+        "the other %d run again from their first epoch",
+        out, len(trials) - len(remaining), len(trials), len(remaining),
+    )  # fmt: skip
+    return remaining
 
 
 def _ended(

@@ -257,6 +257,21 @@ def test_resume_with_nothing_to_resume_is_refused(tiny_bert: Path, tmp_path: Pat
     assert checks["resume"].ok is True
 
 
+def test_an_ablation_without_ray_state_resumes_from_its_trials_table(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    spec = _spec(tiny_bert, ablation={"axes": {"distill.algorithm": ["soft", "sid"]}})
+    store, out = tmp_path / "store", tmp_path / "out"
+    detail = _failed(_checks(spec, tmp_path, "ablate", storage=str(store), resume=True))
+    assert detail["resume"].startswith("--resume: nothing to resume")
+    out.mkdir()
+    results.write_table([{"trial_id": "a", "status": "ok"}], out / results.TRIALS_FILE)
+    check = _checks(spec, tmp_path, "ablate", storage=str(store), resume=True)["resume"]
+    assert check.ok is True and "shows ended are kept, the others run again" in check.detail
+    sweep = _failed(_checks(_spec(tiny_bert, search=SEARCH), tmp_path, "sweep", resume=True))
+    assert sweep["resume"].startswith("--resume: nothing to resume")  # a searcher's state is lost
+
+
 def test_a_searched_teacher_setting_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
     spec = _spec(tiny_bert, search={**SEARCH, "teacher.lr": {"choice": [1e-3, 1e-4]}})
     detail = _failed(_checks(spec, tmp_path, "sweep"))["searched settings"]

@@ -523,3 +523,25 @@ def test_exit_summary_is_130_when_cut_off_1_when_nothing_finished_else_0(
 ) -> None:
     trials = pd.DataFrame({"trial_id": [str(i) for i in range(len(statuses))], "status": statuses})
     assert results.exit_summary(trials, planned) == (code, line)
+
+
+def test_keep_ended_drops_every_row_of_the_trials_that_did_not_end(tmp_path: Path) -> None:
+    """Kept: the ended trial (ok or pruned). Dropped: a cut-off one and one whose epochs were
+    written but not its row (a kill between the two writes), in all three tables."""
+    rows = [
+        {"trial_id": "ok", "status": "ok"},
+        {"trial_id": "pruned", "status": "pruned"},
+        {"trial_id": "cut", "status": "interrupted"},
+    ]
+    ids = ("ok", "pruned", "cut", "rowless")
+    epochs = [{"trial_id": t, "epoch": e} for t in ids for e in (1, 2)]
+    cka = [{"trial_id": t, "cka": 0.5} for t in ("ok", "cut")]
+    results.write_table(rows, tmp_path / results.TRIALS_FILE)
+    results.write_table(epochs, tmp_path / results.EPOCHS_FILE)
+    results.write_table(cka, tmp_path / results.CKA_FILE)
+    ended = results.keep_ended(tmp_path)
+    assert list(ended["trial_id"]) == ["ok", "pruned"]
+    trials, kept_epochs = results.load(tmp_path)
+    assert list(trials["trial_id"]) == ["ok", "pruned"]
+    assert sorted(set(kept_epochs["trial_id"])) == ["ok", "pruned"] and len(kept_epochs) == 4
+    assert list(pd.read_parquet(tmp_path / results.CKA_FILE)["trial_id"]) == ["ok"]

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import FIXTURE_GLUE, REPO, tiny_spec_dict
+from kdray import results
 from kdray.plan import OBJECTIVE, RUNG_TIME, OptunaSpace, active_values
 from kdray.spec import spec_from_dict
 from kdray.sweep import OPTUNA_JOURNAL, logger_callbacks, make_scheduler, run_sweep, setup_cpus
@@ -418,6 +419,24 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
     # the teacher-output cache was built once, before the trials, into the storage
     outputs = list((outcome.out_dir / "ray" / "abl-ablation-teacher-outputs").iterdir())
     assert len([p for p in outputs if (p / "manifest.json").exists()]) == 1
+
+    # Its Ray Tune state lost (a folder copied without ray/, a lost head node's disk), with one
+    # trial cut off and one never written: --resume keeps the ended rows and runs those two again
+    shutil.rmtree(outcome.out_dir / "ray")
+    table = trials.sort_values(["cell", "seed"]).reset_index(drop=True)
+    cut, missing = table.loc[1, "trial_id"], table.loc[2, "trial_id"]
+    table.loc[1, "status"] = "interrupted"
+    table.drop(index=2).to_parquet(outcome.out_dir / "trials.parquet")
+    again = run_ablation(spec_from_dict(spec_dict), out_dir=tmp_path / "abl", resume=True)
+    resumed, epochs = results.load(again.out_dir)
+    assert len(resumed) == 4 and set(resumed["status"]) == {"ok"}
+    assert sorted(zip(resumed["cell"], resumed["seed"], strict=True)) == sorted(
+        zip(trials["cell"], trials["seed"], strict=True)
+    )
+    kept = set(table["trial_id"]) - {cut, missing}
+    assert kept < set(resumed["trial_id"]) and not {cut, missing} & set(resumed["trial_id"])
+    assert set(epochs["trial_id"]) == set(resumed["trial_id"])  # the cut-off run's epochs too
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
 
 
 def test_an_adaptive_leave_one_out_runs_as_paired_ray_trials_and_resumes_without_rerunning(
