@@ -1210,6 +1210,7 @@ def run_trials(
         return ended
     to_run, from_tables = trials, False
     if resume and _state_lost(out, storage, name):
+        results.claim_folder(out, spec, command, resume=True)  # this experiment's, before edits
         to_run, from_tables = _not_ended(out, trials), True
 
     def explicit(base: Spec, out: Path) -> TrialPlan:
