@@ -20,8 +20,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -1079,7 +1081,7 @@ def run_experiment(
     tuner = _tuner(fn, run_config, experiment, make_plan(base, out) if not resume else None)
     _keep_io_failures()
     _IOFailures.seen.clear()
-    tuner.fit()
+    _fit(tuner)
     if _IOFailures.seen:
         raise _IOFailures.seen[0]
     if address and address.startswith("ray://") and storage:
@@ -1102,6 +1104,21 @@ def _mirror(out: Path, storage: str | None, name: str) -> remote.Mirror | None:
     if not storage:
         return None
     return remote.Mirror(out.resolve(), remote.results_location(storage, name))
+
+
+def _fit(tuner: Any) -> Any:
+    """``tuner.fit()``, then the SIGINT/SIGUSR1 handlers as they were: Ray Tune installs its own
+    for the run and leaves them after a run that ended normally, so a Ctrl-C between two
+    experiments (an ablation's next round, a search's confirmation) was swallowed."""
+    numbers = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    saved = {number: signal.getsignal(number) for number in numbers}
+    try:
+        return tuner.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in saved.items():
+                if handler is not None:  # None: not installed from Python, nothing to put back
+                    signal.signal(number, handler)
 
 
 def _tuner(fn: Any, run_config: Any, experiment: str, chosen: TrialPlan | None) -> Any:
@@ -1442,7 +1459,7 @@ def run_teacher_search(
     out.mkdir(parents=True, exist_ok=True)
     init_ray(address, runtime_env=spec.tune.runtime_env)
     results.write_experiment(out, spec, "teacher")
-    grid = _teacher_tuner(spec, out, storage, name, resume).fit()
+    grid = _fit(_teacher_tuner(spec, out, storage, name, resume))
     trial_rows = _teacher_trials(grid, spec)
     results.write_table(trial_rows, out / ts.SEARCH_FILE)
     trials = pd.DataFrame(trial_rows)

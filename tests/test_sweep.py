@@ -396,7 +396,10 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
         "max_failures": 0,
         "keep_checkpoints": True,  # keeps the teacher-output cache too, to look at it below
     }
+    handler = signal.getsignal(signal.SIGINT)
     outcome = run_ablation(spec_from_dict(spec_dict), out_dir=tmp_path / "abl")
+    # Ray Tune's own SIGINT handler is gone with its run: a Ctrl-C after it is not swallowed
+    assert signal.getsignal(signal.SIGINT) is handler
     trials = outcome.trials
     assert len(trials) == 4
     assert set(trials["status"]) == {"ok"}
