@@ -422,6 +422,7 @@ class TableWriter(Callback):
         self.rows: dict[str, dict[str, Any]] = {}
         self.cka: dict[str, list[dict[str, Any]]] = {}
         self.epoch_rows: dict[tuple[str, int], dict[str, Any]] = {}
+        self.seen: set[str] = set()  # trials started in this run (not restored as ended)
         self._loaded = False
         self._pruned = 0.0  # when checkpoints were last pruned
 
@@ -437,7 +438,11 @@ class TableWriter(Callback):
         self._reset()
 
     # Tune's hooks
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
+        self.seen.add(trial.trial_id)
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any):
+        self.seen.add(trial.trial_id)
         self._load_existing()
         self.last[trial.trial_id] = {**self.last.get(trial.trial_id, {}), **result}
         if "epoch" in result and not result.get("final"):
@@ -464,14 +469,18 @@ class TableWriter(Callback):
         )
 
     def on_experiment_end(self, trials: list, **_: Any) -> None:
-        """At the end (or on Ctrl-C): every trial gets a row, finished or not."""
+        """At the end (or on Ctrl-C): every trial gets a row, finished or not. A trial that
+        started in this run and did not complete was cut off, whatever status Tune's clean-up
+        gave it (it marks the trials it stops on Ctrl-C TERMINATED in memory, RUNNING in the
+        state it saved); a TERMINATED one it did not start was restored as ended."""
         self._load_existing()
         for trial in trials:
             row = self.rows.get(trial.trial_id)
             if row is None or row["status"] in results.UNFINISHED:
                 error = _error_text(trial) if trial.status == "ERROR" else None
                 # a trial Tune restored as ended whose row a kill kept from the table
-                self._set_row(trial, error, ended=trial.status == "TERMINATED")
+                ended = trial.status == "TERMINATED" and trial.trial_id not in self.seen
+                self._set_row(trial, error, ended=ended)
         self.write()
 
     # rows

@@ -734,6 +734,30 @@ def test_the_trials_table_is_written_after_the_epochs_it_stands_for(
     assert written == [results.CKA_FILE, results.EPOCHS_FILE, results.TRIALS_FILE]
 
 
+class _EndedTrial:
+    """What Tune's clean-up hands ``on_experiment_end``: every trial TERMINATED in memory."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id, self.status, self.config, self.num_failures = trial_id, "TERMINATED", {}, 0
+
+
+def test_a_trial_cut_off_by_ctrl_c_is_unfinished_though_tune_marks_it_terminated(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    """Cut off: started in this run, never completed (its row must not say pruned, or a resume
+    from the tables would keep it as ended). Restored: TERMINATED before this run started."""
+    from kdray.sweep import TableWriter
+
+    writer = TableWriter(spec_from_dict(tiny_spec_dict(tiny_bert)), tmp_path, teacher=None)
+    cut, unreported, restored = _EndedTrial("cut"), _EndedTrial("unreported"), _EndedTrial("old")
+    writer.on_trial_start(0, [], cut)
+    writer.on_trial_result(0, [], cut, {"epoch": 1, "dev.accuracy": 0.5, "status": "running"})
+    writer.on_trial_start(0, [], unreported)
+    writer.on_experiment_end([cut, unreported, restored])
+    status = pd.read_parquet(tmp_path / "trials.parquet").set_index("trial_id")["status"]
+    assert status.to_dict() == {"cut": "interrupted", "old": "pruned", "unreported": "pending"}
+
+
 def _flaky_client(failures: int, calls: list[str]) -> Any:
     """A stand-in for ``ray.init`` whose first ``failures`` calls fail as Ray Client's proxy
     does when the per-client server it starts dies."""
