@@ -30,6 +30,8 @@ FOLDERS: dict[str, list[str]] = {
     "mrpc-cpu-ablation": ["mrpc-claim1-ablation"],
     "mrpc-claim1-ablation": ["mrpc-cpu-ablation"],
     "rte-cpu-confirm": [],
+    # claim 1 again with the searched teacher (another teacher, length 128): its own family
+    "rte-minilm-claim1-ablation": [],
 }
 STUDY = "rte-study"
 # The study's confirmation predates the control cell; the spec as written (sid, skip, T 1,
