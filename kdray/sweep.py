@@ -442,7 +442,6 @@ class TableWriter(Callback):
         self.seen.add(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any):
-        self.seen.add(trial.trial_id)
         self._load_existing()
         self.last[trial.trial_id] = {**self.last.get(trial.trial_id, {}), **result}
         if "epoch" in result and not result.get("final"):
@@ -1234,14 +1233,13 @@ def run_trials(
     out = Path(out_dir) if out_dir else Path("results") / name
     if resume and (ended := _ended(spec, out, name, storage, len(trials))):
         return ended
-    to_run, from_tables = trials, False
-    if resume and _state_lost(out, storage, name):
-        results.claim_folder(out, spec, command, resume=True)  # this experiment's, before edits
-        to_run, from_tables = _not_ended(out, trials), True
+    from_tables = resume and _state_lost(out, storage, name)
 
     def explicit(base: Spec, out: Path) -> TrialPlan:
+        # planned after run_experiment claimed the folder: its tables are this experiment's
+        chosen = _not_ended(out, trials) if from_tables else trials
         return TrialPlan(
-            param_space={"ablation": tune.grid_search(to_run)},
+            param_space={"ablation": tune.grid_search(chosen)},
             searcher=None,
             scheduler=FIFOScheduler(),
             num_samples=1,
