@@ -562,6 +562,11 @@ def _resume_check(
                 f"no Ray Tune experiment at {experiment}: the trials {out / results.TRIALS_FILE} "
                 "shows ended are kept, the others run again from their first epoch"
             )
+        if command == "teacher" and (out / results.TRIALS_FILE).is_file():
+            return True, (
+                f"no Ray Tune experiment at {experiment}: the trials {out / results.TRIALS_FILE} "
+                "shows ended are kept and told to Optuna and the scheduler; the search goes on"
+            )
         return False, (
             f"--resume: nothing to resume at {experiment} (no Ray Tune experiment there): run "
             "without --resume to start it, or give the --storage/--out it ran with"

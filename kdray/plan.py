@@ -137,6 +137,64 @@ def max_epochs(spec: Spec) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# A search continued from its tables alone
+
+
+def told_trials(spec: Spec, rows: list[dict[str, Any]], value_key: str) -> list[Any]:
+    """Optuna's record of the ended trials of a search table (``param.<key>`` columns, their
+    objective in ``value_key``; a row without one failed): what a search whose Optuna and Ray
+    Tune state are gone tells a new study, so that it continues rather than starts again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    space = OptunaSpace(spec)
+    told = []
+    for row in rows:
+        params = {
+            key: json_cell(_scalar(row[f"param.{key}"]))
+            for key in spec.search
+            if _given(row.get(f"param.{key}"))
+        }
+        fixed = optuna.trial.FixedTrial(params)
+        space(fixed)  # the distributions, conditions included, as the search asked for them
+        value = row.get(value_key)
+        failed = row.get("status") == "error" or not _given(value)
+        told.append(
+            optuna.trial.create_trial(
+                params=fixed.params,
+                distributions=fixed.distributions,
+                value=None if failed else float(value),
+                state=TrialState.FAIL if failed else TrialState.COMPLETE,
+            )
+        )
+    return told
+
+
+def continue_study(study: Any, sampler: Any, space: OptunaSpace, told: list[Any]) -> None:
+    """``told`` added to ``study`` (unless it has trials already), and ``sampler`` moved past
+    as many proposals: a seeded sampler then proposes what an uninterrupted search would have
+    proposed next (exactly while it samples at random, as TPE does for its first trials, and
+    trials ran one at a time), rather than its first proposals again."""
+    import optuna
+
+    warm = optuna.create_study(sampler=sampler, directions=study.directions)
+    for frozen in told:
+        trial = warm.ask()
+        space(trial)
+        warm.tell(trial, frozen.values, state=frozen.state)
+    if not study.trials:
+        study.add_trials(told)
+
+
+def _given(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") and not isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------------------------------------
 # Teacher-output caches an experiment needs
 
 

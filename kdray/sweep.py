@@ -180,11 +180,17 @@ def optuna_storage(spec: Spec, out: Path, fresh: bool = False) -> Any:
 
 
 def make_searcher(
-    spec: Spec, metric: str = OBJECTIVE, *, storage: Any = None, study_name: str | None = None
+    spec: Spec,
+    metric: str = OBJECTIVE,
+    *,
+    storage: Any = None,
+    study_name: str | None = None,
+    told: list[Any] | None = None,
 ) -> Any:
     """Optuna (TPE, random, CMA-ES, QMC) over the define-by-run space, or None for grid. With
     ``storage`` the study is kept there (loaded if it exists) rather than only in Ray's pickled
-    searcher state, which a restore has lost before (ray-project/ray#30861)."""
+    searcher state, which a restore has lost before (ray-project/ray#30861). ``told``: trials
+    that ran before (:func:`kdray.plan.told_trials`), given to the study in ``storage``."""
     if spec.tune.searcher.kind == "grid":
         return None
     import optuna
@@ -208,11 +214,20 @@ def make_searcher(
         for point in spec.tune.points_to_evaluate
     ]
     metrics, modes = objective_keys(spec, metric)
+    sampler = samplers[kind]()
+    if told:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name or spec.name,
+            directions=["minimize" if mode == "min" else "maximize" for mode in modes],
+            load_if_exists=True,
+        )
+        plan.continue_study(study, sampler, plan.OptunaSpace(spec), told)
     searcher = OptunaSearch(
         space=plan.OptunaSpace(spec),
         metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0],
-        sampler=samplers[kind](),
+        sampler=sampler,
         points_to_evaluate=points or None,
         storage=storage,
         study_name=study_name or spec.name,
@@ -954,18 +969,24 @@ class TrialPlan:
     max_concurrent: int | None
 
 
-def _sweep_plan(base: Spec, out: Path, scheduler: Any = None) -> TrialPlan:
+def _sweep_plan(
+    base: Spec, out: Path, scheduler: Any = None, told: list[Any] | None = None
+) -> TrialPlan:
     """The search block's trials: Optuna (its study in ``out``) or Ray's grid, and
-    ``scheduler`` (default :func:`make_scheduler`'s)."""
+    ``scheduler`` (default :func:`make_scheduler`'s); ``told``: Optuna trials that ran before
+    (a search continued from its tables), which count towards ``num_samples``."""
     searcher = None
     if base.tune.searcher.kind != "grid":
         storage = optuna_storage(base, out, fresh=True)
-        searcher = make_searcher(base, storage=storage, study_name=base.name)
+        searcher = make_searcher(base, storage=storage, study_name=base.name, told=told)
+    elif told:
+        raise ValueError("a grid search cannot be told the trials that ran before")
     return TrialPlan(
         param_space=ray_space(base) if searcher is None else {},
         searcher=searcher,
         scheduler=scheduler or make_scheduler(base),
-        num_samples=base.tune.num_samples * base.tune.seeds_per_trial,  # Ray counts trials
+        # Ray counts trials
+        num_samples=(base.tune.num_samples - len(told or [])) * base.tune.seeds_per_trial,
         # the Optuna searcher is wrapped in a ConcurrencyLimiter already
         max_concurrent=base.tune.max_concurrent if searcher is None else None,
     )
@@ -1351,41 +1372,94 @@ def _confirm_teacher_task(spec_json: dict[str, Any], cpus: float) -> dict[str, A
     return {"seed": spec.teacher.seed, "teacher_id": info.id, "path": info.path, **dev}
 
 
-class TeacherEpochs(Callback):
-    """The teacher search's epochs table (``epochs.parquet``), written as trials report (rows
-    keyed by trial and epoch: a resumed search adds to it, never twice), and one log line per
-    ended trial."""
+class TeacherTables(Callback):
+    """The teacher search's tables, kept up to date as trials report: ``epochs.parquet`` (dev
+    metrics by trial and epoch) and ``trials.parquet`` (one row per trial, in the order trials
+    started), keyed by trial, so a resumed search adds to them and a kill loses no ended trial;
+    one log line per ended trial."""
 
     def __init__(self, spec: Spec, out_dir: Path) -> None:
         self.spec = spec
         self.out_dir = out_dir
         self.metric = data.task_of(spec).main_metric
-        self.rows: dict[tuple[str, int], dict[str, Any]] | None = None
+        self.__setstate__({})
 
-    def __getstate__(self) -> dict[str, Any]:  # restored: read the table from disk again
-        return {**self.__dict__, "rows": None}
+    def __getstate__(self) -> dict[str, Any]:  # restored: read the tables from disk again
+        return {"spec": self.spec, "out_dir": self.out_dir, "metric": self.metric}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.epochs: dict[tuple[str, int], dict[str, Any]] | None = None
+        self.trials: dict[str, dict[str, Any]] = {}
+        self.seen: set[str] = set()  # trials started in this run (not restored as ended)
+
+    def _load(self) -> None:
+        if self.epochs is None:
+            found = results.load_tables(self.out_dir)
+            self.epochs = {(r["trial_id"], int(r["epoch"])): r for r in found["epochs"]}
+            self.trials = {row["trial_id"]: row for row in found["trials"]}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
+        self.seen.add(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any):
-        if self.rows is None:
-            found = results.load_tables(self.out_dir)["epochs"]
-            self.rows = {(r["trial_id"], int(r["epoch"])): r for r in found}
-        kept = {k: v for k, v in result.items() if k.startswith(("dev.", "best.")) or k == "epoch"}
-        self.rows[(trial.trial_id, int(result["epoch"]))] = {
+        self._load()
+        kept = {k: v for k, v in result.items() if k.startswith(("dev.", "best")) or k == "epoch"}
+        self.epochs[(trial.trial_id, int(result["epoch"]))] = {
             "name": self.spec.name, "trial_id": trial.trial_id, **kept
         }  # fmt: skip
-        rows = [row for _, row in sorted(self.rows.items())]
-        results.write_table(rows, self.out_dir / results.EPOCHS_FILE)
+        self._row(trial, "running")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
-        last = trial.last_result or {}
+        row = self._row(trial, "ended")
         logger.info(
-            "teacher trial %s: best dev %s %.4f (epoch %s of %s run)",
+            "teacher trial %s: %s, best dev %s %.4f (epoch %s of %s run)",
             trial.trial_id,
+            row["status"],
             self.metric,
-            last.get(f"best.dev.{self.metric}", math.nan),
-            last.get("best_epoch"),
-            last.get("epoch"),
+            row.get(f"best.dev.{self.metric}", math.nan),
+            row.get("best_epoch"),
+            row["epochs_run"],
         )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
+        self._row(trial, "error", _error_text(trial))
+
+    def on_experiment_end(self, trials: list, **_: Any) -> None:
+        """Every trial gets a row; one that started in this run and did not end was cut off
+        (Tune's clean-up marks the trials a Ctrl-C stops TERMINATED), one Tune restored as
+        ended whose row a kill lost has ended."""
+        self._load()
+        for trial in trials:
+            if self.trials.get(trial.trial_id, {}).get("status", "running") in results.UNFINISHED:
+                ended = trial.status == "TERMINATED" and trial.trial_id not in self.seen
+                self._row(trial, "ended" if ended else "cut")
+
+    def _row(self, trial: Any, how: str, error: str | None = None) -> dict[str, Any]:
+        """``trial``'s row from its epochs: ``how`` running, ended (ok or pruned by the epochs
+        it ran), error, or cut (interrupted, or pending before its first epoch)."""
+        self._load()
+        trial_spec, values = plan.trial_spec(self.spec, trial.config)
+        mine = [row for (tid, _), row in sorted(self.epochs.items()) if tid == trial.trial_id]
+        ran = int(mine[-1]["epoch"]) if mine else 0
+        status = {
+            "running": "running",
+            "error": "error",
+            "ended": "ok" if ran >= trial_spec.teacher.epochs else "pruned",
+            "cut": "interrupted" if mine else "pending",
+        }[how]
+        best = {k: v for k, v in (mine[-1] if mine else {}).items() if k.startswith("best")}
+        row = {
+            "name": self.spec.name, "trial_id": trial.trial_id, "status": status,
+            "epochs_run": ran, "error": error, **best,
+            **{f"param.{k}": json_cell(v) for k, v in values.items()},
+        }  # fmt: skip
+        self.trials[trial.trial_id] = row
+        epochs = [r for _, r in sorted(self.epochs.items())]
+        if epochs:
+            results.write_table(epochs, self.out_dir / results.EPOCHS_FILE)
+        results.write_table(list(self.trials.values()), self.out_dir / results.TRIALS_FILE)
+        return row
 
 
 @dataclass
@@ -1397,7 +1471,11 @@ class TeacherSearchResult:
     interrupted: bool = False  # trials cut off: nothing confirmed; --resume continues
 
 
-def _teacher_tuner(spec: Spec, out: Path, storage: str | None, name: str, resume: bool) -> Any:
+def _teacher_tuner(
+    spec: Spec, out: Path, storage: str | None, name: str, resume: bool, kept: pd.DataFrame
+) -> Any:
+    """The search restored from Ray Tune's state, or a new one; ``kept``: the ended trials of a
+    search continued from its tables alone, told to Optuna and ASHA, the rest to run."""
     from kdray import teacher_search
 
     fn = tune.with_parameters(teacher_trainable, spec_json=spec.model_dump(mode="json"))
@@ -1408,7 +1486,7 @@ def _teacher_tuner(spec: Spec, out: Path, storage: str | None, name: str, resume
         name=name,
         storage_path=results.ray_store(out, storage),
         verbose=0,
-        callbacks=[TeacherEpochs(spec, out)],
+        callbacks=[TeacherTables(spec, out)],
         failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
     )
     if resume and tune.Tuner.can_restore(experiment):
@@ -1416,30 +1494,48 @@ def _teacher_tuner(spec: Spec, out: Path, storage: str | None, name: str, resume
     # ASHA on teacher epochs; the best dev score so far, always higher is better
     horizon = teacher_search.max_epochs(spec)
     scheduler = make_scheduler(spec, time_attr="epoch", horizon=horizon, mode="max")
-    return _tuner(fn, run_config, experiment, _sweep_plan(spec, out, scheduler))
+    value = f"best.dev.{data.task_of(spec).main_metric}"
+    rows = kept.to_dict("records")
+    _tell_scheduler(scheduler, rows, results.load_tables(out)["epochs"], value)
+    told = plan.told_trials(spec, rows, value)
+    return _tuner(fn, run_config, experiment, _sweep_plan(spec, out, scheduler, told))
 
 
-def _teacher_trials(grid: Any, spec: Spec) -> list[dict[str, Any]]:
-    """The search's trials table from Ray Tune's results (each trial's last reported record:
-    its best dev metrics so far and the epochs it ran)."""
-    trials = []
-    for result in grid:
-        last = result.metrics or {}
-        trial_spec, values = plan.trial_spec(spec, result.config)
-        ran = int(last.get("epoch") or 0)
-        status = (
-            "error" if result.error
-            else "interrupted" if not last.get("done")  # cut off: neither finished nor stopped
-            else "ok" if ran >= trial_spec.teacher.epochs
-            else "pruned"
-        )  # fmt: skip
-        best = {k: v for k, v in last.items() if k.startswith("best.") or k == "best_epoch"}
-        trials.append({
-            "name": spec.name, "trial_id": str(last.get("trial_id")), "status": status,
-            "epochs_run": ran, "error": str(result.error) if result.error else None, **best,
-            **{f"param.{k}": json_cell(v) for k, v in values.items()},
-        })  # fmt: skip
-    return trials
+def _tell_scheduler(
+    scheduler: Any, trials: list[dict[str, Any]], epochs: list[dict[str, Any]], value: str
+) -> None:
+    """The kept trials' epochs given to a new scheduler through Tune's scheduler hooks, trial
+    after trial in the table's order (the order they started), so that ASHA's rungs hold them
+    and prunes a new trial as the uninterrupted search would have (exactly when trials ran one
+    at a time)."""
+    for trial in trials:
+        stand_in = types.SimpleNamespace(trial_id=trial["trial_id"])
+        scheduler.on_trial_add(None, stand_in)
+        mine = sorted((r for r in epochs if r["trial_id"] == trial["trial_id"]), key=_epoch)
+        result: dict[str, Any] = {}
+        for row in mine:
+            result = {"epoch": int(row["epoch"]), OBJECTIVE: float(row[value])}
+            scheduler.on_trial_result(None, stand_in, result)
+        if result:
+            scheduler.on_trial_complete(None, stand_in, result)
+        else:
+            scheduler.on_trial_remove(None, stand_in)
+
+
+def _epoch(row: dict[str, Any]) -> int:
+    return int(row["epoch"])
+
+
+def _kept_teacher_trials(out: Path) -> pd.DataFrame:
+    """A teacher search whose Ray Tune state is gone: its ended trials are kept (the rows of
+    those cut off dropped), to be told to Optuna and ASHA; the rest of the search runs."""
+    kept = results.keep_ended(out)
+    logger.warning(
+        "%s: no Ray Tune state to restore; the %d trials its tables show ended are kept and told "
+        "to Optuna and the scheduler, the search goes on from there",
+        out, len(kept),
+    )  # fmt: skip
+    return kept
 
 
 def run_teacher_search(
@@ -1462,14 +1558,15 @@ def run_teacher_search(
         raise ValueError("; ".join(problems))
     name = results.experiment_name(spec, "teacher")
     out = Path(out_dir) if out_dir else Path("results") / name
+    from_tables = resume and _state_lost(out, storage, name)
     results.claim_folder(out, spec, "teacher", resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    kept = _kept_teacher_trials(out) if from_tables else pd.DataFrame()
     init_ray(address, runtime_env=spec.tune.runtime_env)
     results.write_experiment(out, spec, "teacher")
-    grid = _fit(_teacher_tuner(spec, out, storage, name, resume))
-    trial_rows = _teacher_trials(grid, spec)
-    results.write_table(trial_rows, out / ts.SEARCH_FILE)
-    trials = pd.DataFrame(trial_rows)
+    if len(kept) < spec.tune.num_samples:
+        _fit(_teacher_tuner(spec, out, storage, name, resume, kept))
+    trials = pd.DataFrame(results.load_tables(out)["trials"])
     if len(trials) < spec.tune.num_samples or trials["status"].isin(results.UNFINISHED).any():
         # interrupted (Ctrl-C, a lost driver): no confirmation of a half-searched space
         return TeacherSearchResult(trials, pd.DataFrame(), {}, out, interrupted=True)

@@ -257,7 +257,7 @@ def test_resume_with_nothing_to_resume_is_refused(tiny_bert: Path, tmp_path: Pat
     assert checks["resume"].ok is True
 
 
-def test_an_ablation_without_ray_state_resumes_from_its_trials_table(
+def test_an_ablation_or_a_teacher_search_without_ray_state_resumes_from_its_trials_table(
     tiny_bert: Path, tmp_path: Path
 ) -> None:
     spec = _spec(tiny_bert, ablation={"axes": {"distill.algorithm": ["soft", "sid"]}})
@@ -268,8 +268,14 @@ def test_an_ablation_without_ray_state_resumes_from_its_trials_table(
     results.write_table([{"trial_id": "a", "status": "ok"}], out / results.TRIALS_FILE)
     check = _checks(spec, tmp_path, "ablate", storage=str(store), resume=True)["resume"]
     assert check.ok is True and "shows ended are kept, the others run again" in check.detail
+    teacher = _spec(tiny_bert, search={"teacher.lr": {"loguniform": [1e-5, 1e-4]}})
+    check = _checks(teacher, tmp_path, "teacher", storage=str(store), resume=True)["resume"]
+    assert check.ok is True and "told to Optuna and the scheduler" in check.detail
+    (out / results.TRIALS_FILE).unlink()
+    detail = _failed(_checks(teacher, tmp_path, "teacher", storage=str(store), resume=True))
+    assert detail["resume"].startswith("--resume: nothing to resume")
     sweep = _failed(_checks(_spec(tiny_bert, search=SEARCH), tmp_path, "sweep", resume=True))
-    assert sweep["resume"].startswith("--resume: nothing to resume")  # a searcher's state is lost
+    assert sweep["resume"].startswith("--resume: nothing to resume")  # a student sweep: refused
 
 
 def test_a_searched_teacher_setting_is_refused(tiny_bert: Path, tmp_path: Path) -> None:

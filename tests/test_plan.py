@@ -133,3 +133,58 @@ def test_tied_best_trials_are_broken_by_the_final_metric_then_the_fingerprint_in
         for row in rows
     ]  # fmt: skip
     assert best_trial(pd.DataFrame(lowest), "min")["trial_id"] == "b"
+
+
+def _teacher_space_spec() -> Any:
+    raw = {
+        "name": "told",
+        "task": "rte",
+        "teacher": {"model": "m"},
+        "student": {"layers": 1},
+        "search": {
+            "teacher.lr": {"loguniform": [1e-5, 1e-3]},
+            "teacher.epochs": {"choice": [3, 6]},
+            "teacher.pooling": {"choice": ["cls", "mean"]},
+        },
+    }
+    return spec_from_dict(raw)
+
+
+def _asked(study: Any, space: Any) -> dict[str, Any]:
+    trial = study.ask()
+    space(trial)
+    return trial.params
+
+
+def test_a_search_told_its_ended_trials_proposes_what_an_uninterrupted_one_would_next() -> None:
+    import numpy as np
+    import optuna
+
+    from kdray.plan import OptunaSpace, continue_study, told_trials
+
+    spec = _teacher_space_spec()
+    space = OptunaSpace(spec)
+    whole = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    proposed = []
+    for value in (0.6, 0.7, 0.5):
+        proposed.append(_asked(whole, space))
+        whole.tell(whole.trials[-1].number, value)
+    # the table of the first two (as read back from parquet: numpy scalars), one of them failed
+    first = {f"param.{k}": v for k, v in proposed[0].items()}
+    first["param.teacher.lr"] = np.float64(first["param.teacher.lr"])
+    rows = [
+        {"status": "ok", "best.dev.accuracy": np.float64(0.6), **first},
+        {"status": "error", "best.dev.accuracy": float("nan"),
+         **{f"param.{k}": v for k, v in proposed[1].items()}},
+    ]  # fmt: skip
+    told = told_trials(spec, rows, "best.dev.accuracy")
+    assert [t.state.name for t in told] == ["COMPLETE", "FAIL"] and told[0].value == 0.6
+    assert told[0].params == proposed[0] and told[1].params == proposed[1]
+    study = optuna.create_study(direction="maximize")
+    sampler = optuna.samplers.TPESampler(seed=0)
+    continue_study(study, sampler, space, told)
+    assert [t.params for t in study.trials] == proposed[:2]
+    again = optuna.create_study(sampler=sampler, direction="maximize")
+    assert _asked(again, space) == proposed[2]  # not the seed's first proposal again
+    continue_study(study, optuna.samplers.TPESampler(seed=0), space, told)
+    assert len(study.trials) == 2  # a study that has its trials is not told them twice

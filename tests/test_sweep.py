@@ -802,3 +802,32 @@ def test_ray_client_gives_up_after_its_retries_and_a_plain_address_at_once(
     with pytest.raises(ConnectionAbortedError):
         sweep.init_ray("10.0.0.1:6379")
     assert calls == ["10.0.0.1:6379"]
+
+
+def test_a_scheduler_told_the_kept_trials_prunes_a_new_trial_below_their_rung() -> None:
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from kdray.plan import OBJECTIVE
+    from kdray.sweep import _tell_scheduler
+
+    asha = ASHAScheduler(
+        time_attr="epoch", metric=OBJECTIVE, mode="max", max_t=4, grace_period=1, reduction_factor=2
+    )
+    kept = [{"trial_id": t} for t in ("a", "b", "c", "d")]
+    scores = {"a": [0.5, 0.55], "b": [0.6, 0.7], "c": [0.7, 0.72], "d": []}  # d: no epoch
+    epochs = [
+        {"trial_id": t, "epoch": e + 1, "best.dev.accuracy": v}
+        for t, values in scores.items()
+        for e, v in enumerate(values)
+    ]
+    _tell_scheduler(asha, kept, epochs, "best.dev.accuracy")
+    # rung 1 holds 0.5, 0.6, 0.7: with reduction 2 its cutoff is their median, 0.6
+    new, other = SimpleNamespace(trial_id="e"), SimpleNamespace(trial_id="f")
+    for trial in (new, other):
+        asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, new, {"epoch": 1, OBJECTIVE: 0.59}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, other, {"epoch": 1, OBJECTIVE: 0.61}) == "CONTINUE"
+    # rung 2 holds 0.55, 0.7, 0.72 (cutoff 0.7)
+    assert asha.on_trial_result(None, other, {"epoch": 2, OBJECTIVE: 0.69}) == TrialScheduler.STOP

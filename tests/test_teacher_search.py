@@ -4,6 +4,7 @@ and the whole command on the session's Ray cluster with a tiny teacher."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -174,12 +175,26 @@ def test_an_interrupted_teacher_search_confirms_nothing_and_says_how_to_continue
     raw["tune"] = {"num_samples": 3, "scheduler": {"fifo": {}}, "resources": {"cpu": 1}}
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
-    # what Tune's fit() gives back after Ctrl-C: one trial ended, one cut off mid-way
-    ended = {"trial_id": "a", "epoch": 2, "done": True, "best.dev.accuracy": 0.6}
-    cut = {"trial_id": "b", "epoch": 1, "done": False, "best.dev.accuracy": 0.7}
-    grid = [SimpleNamespace(metrics=m, config={"teacher.lr": 1e-4}, error=None)
-            for m in (ended, cut)]  # fmt: skip
-    monkeypatch.setattr(sweep, "_teacher_tuner", lambda *_: SimpleNamespace(fit=lambda: grid))
+
+    # what Tune tells the table writer until a Ctrl-C: trial a ended, b was cut off mid-way,
+    # and Tune's clean-up marks both TERMINATED
+    def fit(spec: Any, out: Path) -> None:
+        tables = sweep.TeacherTables(spec, out)
+        a, b = (SimpleNamespace(trial_id=t, config={"teacher.lr": 1e-4}, status="RUNNING")
+                for t in "ab")  # fmt: skip
+        for trial, epochs in ((a, 2), (b, 1)):
+            tables.on_trial_start(0, [], trial)
+            for epoch in range(1, epochs + 1):
+                result = {"epoch": epoch, "best.dev.accuracy": 0.6, "best_epoch": 1, "lr": 1}
+                tables.on_trial_result(0, [], trial, result)
+        tables.on_trial_complete(0, [], a)
+        a.status = b.status = "TERMINATED"
+        tables.on_experiment_end([a, b])
+
+    def tuner(spec: Any, out: Path, *_: Any) -> Any:
+        return SimpleNamespace(fit=lambda: fit(spec, out))
+
+    monkeypatch.setattr(sweep, "_teacher_tuner", tuner)
     out = tmp_path / "cut"
     args = ["teacher", str(spec_file), "--search", "--out", str(out), "--address", cluster.address]
     result = CliRunner().invoke(app, args)
@@ -191,4 +206,53 @@ def test_an_interrupted_teacher_search_confirms_nothing_and_says_how_to_continue
     assert dict(zip(trials["trial_id"], trials["status"], strict=True)) == {
         "a": "ok", "b": "interrupted"
     }  # fmt: skip
+    assert list(trials["epochs_run"]) == [2, 1] and list(trials["param.teacher.lr"]) == [1e-4] * 2
+    epochs = pd.read_parquet(out / "epochs.parquet")
+    assert list(zip(epochs["trial_id"], epochs["epoch"], strict=True)) == [
+        ("a", 1), ("a", 2), ("b", 1)
+    ]  # fmt: skip
+    assert "lr" not in epochs  # the dev metrics and the best so far only
     assert not (out / ts.CONFIRM_FILE).exists() and not (out / ts.TEACHER_REPORT).exists()
+
+
+def test_a_teacher_search_whose_ray_state_is_lost_goes_on_from_its_tables(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    """The folder without ``ray/`` and the Optuna journal (copied to another machine, a lost
+    disk), its last trial cut off: the ended trial is kept as it was, and the seeded searcher,
+    told it, proposes for the rest what the uninterrupted search did."""
+    raw = tiny_spec_dict(tiny_bert, name="lost", teacher={"epochs": 2})
+    raw["data"]["cache_dir"] = str(tmp_path / "cache")
+    raw["search"] = {"teacher.lr": {"loguniform": [1e-4, 1e-3]}}
+    raw["tune"] = {
+        "num_samples": 2,
+        "searcher": {"optuna": {"sampler": "tpe", "seed": 0}},
+        "scheduler": {"fifo": {}},
+        "max_concurrent": 1,
+        "resources": {"cpu": 1},
+    }
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "found"
+    args = ["teacher", str(spec_file), "--search", "--out", str(out), "--address", cluster.address]
+    assert (first := CliRunner().invoke(app, args)).exit_code == 0, first.output[-3000:]
+    whole = pd.read_parquet(out / ts.SEARCH_FILE)
+    assert list(whole["status"]) == ["ok", "ok"]
+    shutil.rmtree(out / "ray")
+    (out / "optuna.journal").unlink()
+    cut = whole.copy()
+    cut.loc[1, "status"] = "interrupted"
+    cut.to_parquet(out / ts.SEARCH_FILE)
+    epochs = pd.read_parquet(out / "epochs.parquet")
+    epochs[~((epochs["trial_id"] == whole["trial_id"][1]) & (epochs["epoch"] == 2))].to_parquet(
+        out / "epochs.parquet"
+    )
+    again = CliRunner().invoke(app, [*args, "--resume"])
+    assert again.exit_code == 0, again.output[-3000:]
+    resumed = pd.read_parquet(out / ts.SEARCH_FILE)
+    assert list(resumed["status"]) == ["ok", "ok"]
+    pd.testing.assert_series_equal(resumed.iloc[0], whole.iloc[0])  # kept as it was
+    assert resumed["trial_id"][1] != whole["trial_id"][1]  # ran again, as a new trial
+    assert resumed["param.teacher.lr"][1] == whole["param.teacher.lr"][1]
+    assert sorted(pd.read_parquet(out / "epochs.parquet")["epoch"]) == [1, 1, 2, 2]
+    assert len(pd.read_parquet(out / ts.CONFIRM_FILE)) == 3
