@@ -1462,6 +1462,11 @@ class TeacherTables(Callback):
         return row
 
 
+# the name a search started by an earlier kdray pickled its callback under: Tuner.restore of
+# that search unpickles it as a TeacherTables (its state, spec and out_dir, is the same)
+TeacherEpochs = TeacherTables
+
+
 @dataclass
 class TeacherSearchResult:
     trials: pd.DataFrame
