@@ -2,7 +2,7 @@
 between CPU kernels.
 
     python tests/record_runs.py          # rewrites tests/fixtures/recorded_runs.json
-    python tests/record_runs.py --drift  # rewrites tests/fixtures/recorded_drift.json
+    python tests/record_runs.py --drift  # adds this CPU to tests/fixtures/recorded_drift.json
 
 Each run is a complete ``distill(spec)`` on a tiny random BERT teacher (``make_tiny_bert`` with
 its default seed) and the fixture RTE rows, on the CPU with one torch thread. What a run
@@ -15,6 +15,9 @@ Another x86 CPU picks other kernels (other summation orders) in torch, MKL and o
 differences grow over epochs. ``--drift`` re-runs every recorded run under each of
 :data:`VARIANTS` (ATen's CPU capability, MKL's code path, oneDNN off) and writes the largest
 relative drift per quantity family and epoch; the test's tolerances are :data:`SAFETY` x that.
+The kernels a capability names differ between CPU makers, so each CPU measured is kept (its
+variants named with it) and ``--drift`` on another one adds it: the tolerance covers the
+largest drift of any.
 
 The helpers here take ``distill`` as an argument, so the test decides which entry point it calls.
 Regenerate the recording only when a change of results is intended, and say so in the commit;
@@ -421,6 +424,49 @@ def measure_drift() -> dict[str, Any]:
     }
 
 
+def merged_drift(previous: dict[str, Any] | None, measured: dict[str, Any]) -> dict[str, Any]:
+    """``measured`` (one CPU) added to the drift table ``previous`` holds (other CPUs): each
+    variant's cells named ``<variant> on <cpu>``, a CPU measured again replacing its earlier
+    cells; the tolerance from all of them."""
+    cpu = measured["machine"]["cpu"]
+    machines = dict((previous or {}).get("machines") or {})
+    drift: dict[str, dict[str, dict[str, float]]] = {}
+    changes: dict[str, list[str]] = {}
+    if previous is not None:
+        if "machine" in previous:  # measured on one CPU, before CPUs were named in the cells
+            named = previous["machine"]["cpu"]
+            machines[named] = previous["machine"]
+            previous = _named(previous, named)
+        for kind, by_epoch in previous["drift"].items():
+            for epoch, cells in by_epoch.items():
+                kept = {k: v for k, v in cells.items() if not k.endswith(f" on {cpu}")}
+                drift.setdefault(kind, {})[epoch] = kept
+        changes = {k: v for k, v in previous["exact_changes"].items() if not k.endswith(cpu)}
+    machines[cpu] = measured["machine"]
+    ours = _named(measured, cpu)
+    for kind, by_epoch in ours["drift"].items():
+        for epoch, cells in by_epoch.items():
+            drift.setdefault(kind, {}).setdefault(epoch, {}).update(cells)
+    changes.update(ours["exact_changes"])
+    merged = {k: v for k, v in measured.items() if k != "machine"}
+    merged.update(machines=machines, drift=drift, exact_changes=changes)
+    merged["tolerance"] = tolerances(drift)
+    return merged
+
+
+def _named(table: dict[str, Any], cpu: str) -> dict[str, Any]:
+    """A one-CPU drift table's cells and exact changes with the CPU in their variant names."""
+    drift = {
+        kind: {
+            epoch: {f"{variant} on {cpu}": value for variant, value in cells.items()}
+            for epoch, cells in by_epoch.items()
+        }
+        for kind, by_epoch in table["drift"].items()
+    }
+    changes = {f"{variant} on {cpu}": found for variant, found in table["exact_changes"].items()}
+    return {**table, "drift": drift, "exact_changes": changes}
+
+
 def _cpu_model() -> str:
     """The CPU the recording or the drift measurement ran on (the benchmarks' own helper)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -439,7 +485,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.drift:
-        payload = measure_drift()
+        previous = json.loads(DRIFT.read_text()) if DRIFT.exists() else None
+        payload = merged_drift(previous, measure_drift())
         DRIFT.write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {DRIFT.relative_to(REPO)}")
         return

@@ -27,6 +27,7 @@ from record_runs import (
     RECORDED,
     differences,
     measured_tolerance,
+    merged_drift,
     run_recorded,
     tolerances,
 )
@@ -98,6 +99,30 @@ def test_the_tolerances_come_from_a_drift_measurement_and_stay_sharp() -> None:
         assert by_epoch, family
         assert max(by_epoch.values()) <= 2e-3, (family, by_epoch)  # 0.2 %
     assert max(tolerance["schedule"].values()) <= 1e-9  # plain arithmetic: no drift at all
+
+
+def test_a_drift_measured_on_another_cpu_is_added_and_the_larger_drift_sets_the_tolerance() -> None:
+    def one(cpu: str, loss: float, changes: list[str]) -> dict[str, Any]:
+        return {
+            "machine": {"cpu": cpu, "platform": "Linux"},
+            "variants": {"aten-default": {}},
+            "drift": {"loss": {"1": {"aten-default": loss}}},
+            "exact_changes": {"aten-default": changes},
+        }
+
+    amd = one("AMD EPYC", 1e-5, [])
+    both = merged_drift(amd, one("Intel Xeon", 3e-5, []))
+    assert both["drift"]["loss"]["1"] == {
+        "aten-default on AMD EPYC": 1e-5, "aten-default on Intel Xeon": 3e-5
+    }  # fmt: skip
+    assert set(both["machines"]) == {"AMD EPYC", "Intel Xeon"} and "machine" not in both
+    assert both["tolerance"]["loss"]["1"] == pytest.approx(5 * 3e-5)  # the larger, x SAFETY
+    again = merged_drift(both, one("Intel Xeon", 2e-6, ["x"]))  # measured again: replaced
+    assert again["drift"]["loss"]["1"]["aten-default on Intel Xeon"] == 2e-6
+    assert again["tolerance"]["loss"]["1"] == pytest.approx(5 * 1e-5)  # now AMD's is larger
+    assert again["exact_changes"] == {
+        "aten-default on AMD EPYC": [], "aten-default on Intel Xeon": ["x"]
+    }  # fmt: skip
 
 
 def test_a_quantity_gets_the_tolerance_of_its_family_and_epoch() -> None:
