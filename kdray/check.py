@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdray import remote, results
+from kdray import plan, remote, results
 from kdray.spec import Spec
 
 EXPERIMENTS = ("sweep", "ablate", "confirm", "teacher")  # commands running Ray Tune trials
@@ -562,7 +562,9 @@ def _resume_check(
                 f"no Ray Tune experiment at {experiment}: the trials {out / results.TRIALS_FILE} "
                 "shows ended are kept, the others run again from their first epoch"
             )
-        if command == "teacher" and (out / results.TRIALS_FILE).is_file():
+        if command in ("sweep", "teacher") and (out / results.TRIALS_FILE).is_file():
+            if problem := plan.continue_problem(spec):
+                return False, f"--resume: no Ray Tune experiment at {experiment}, and {problem}"
             return True, (
                 f"no Ray Tune experiment at {experiment}: the trials {out / results.TRIALS_FILE} "
                 "shows ended are kept and told to Optuna and the scheduler; the search goes on"

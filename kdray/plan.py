@@ -140,10 +140,10 @@ def max_epochs(spec: Spec) -> int:
 # A search continued from its tables alone
 
 
-def told_trials(spec: Spec, rows: list[dict[str, Any]], value_key: str) -> list[Any]:
+def told_trials(spec: Spec, rows: list[dict[str, Any]], values: list[str]) -> list[Any]:
     """Optuna's record of the ended trials of a search table (``param.<key>`` columns, their
-    objective in ``value_key``; a row without one failed): what a search whose Optuna and Ray
-    Tune state are gone tells a new study, so that it continues rather than starts again."""
+    objectives in the columns ``values``; a row without them failed): what a search whose
+    Optuna and Ray Tune state are gone tells a new study, so that it goes on from them."""
     import optuna
     from optuna.trial import TrialState
 
@@ -157,17 +157,27 @@ def told_trials(spec: Spec, rows: list[dict[str, Any]], value_key: str) -> list[
         }
         fixed = optuna.trial.FixedTrial(params)
         space(fixed)  # the distributions, conditions included, as the search asked for them
-        value = row.get(value_key)
-        failed = row.get("status") == "error" or not _given(value)
+        found = [row.get(column) for column in values]
+        failed = row.get("status") == "error" or not all(_given(v) for v in found)
         told.append(
             optuna.trial.create_trial(
                 params=fixed.params,
                 distributions=fixed.distributions,
-                value=None if failed else float(value),
+                values=None if failed else [float(v) for v in found],
                 state=TrialState.FAIL if failed else TrialState.COMPLETE,
             )
         )
     return told
+
+
+def continue_problem(spec: Spec) -> str | None:
+    """Why a search cannot go on from its tables alone (None: it can): a grid's place and a
+    configuration's seeds group (``tune.seeds_per_trial``) are kept only in Ray Tune's state."""
+    if spec.tune.searcher.kind == "grid":
+        return "a grid search's place in its grid is kept only there"
+    if spec.tune.seeds_per_trial > 1:
+        return "tune.seeds_per_trial > 1: which seeds of a configuration ran is kept only there"
+    return None
 
 
 def continue_study(study: Any, sampler: Any, space: OptunaSpace, told: list[Any]) -> None:

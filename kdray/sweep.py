@@ -1003,10 +1003,24 @@ def run_sweep(
     callbacks: list[Any] | None = None,
     trainable: Callable[..., None] | None = None,
 ) -> SweepResult:
-    """Run (or resume) the spec's search as a Ray Tune experiment and write the tables."""
+    """Run (or resume) the spec's search as a Ray Tune experiment and write the tables; a
+    resume without Ray Tune's state goes on from the tables (:func:`_continued_plan`)."""
+    out = Path(out_dir) if out_dir else Path("results") / spec.name
+    from_tables = _search_from_tables(spec, out, storage, spec.name, resume)
+    if from_tables and (ended := _ended(spec, out, spec.name, storage, spec.tune.num_samples)):
+        return ended
+
+    def searched(base: Spec, out: Path) -> TrialPlan:
+        if not from_tables:
+            return _sweep_plan(base, out)
+        value = f"best.dev.{selection_metric(base)}"
+        time = (RUNG_TIME, "classifier_epochs")
+        return _continued_plan(base, out, make_scheduler(base), value, time)
+
     return run_experiment(
         spec,
-        _sweep_plan,
+        searched,
+        from_tables=from_tables,
         name=spec.name,
         command="sweep",
         address=address,
@@ -1283,6 +1297,18 @@ def run_trials(
     )
 
 
+def _search_from_tables(
+    spec: Spec, out: Path, storage: str | None, name: str, resume: bool
+) -> bool:
+    """Whether a resumed search goes on from its tables (its Ray Tune state is gone); one that
+    cannot (:func:`kdray.plan.continue_problem`) is refused here, before anything runs."""
+    if not (resume and _state_lost(out, storage, name)):
+        return False
+    if problem := plan.continue_problem(spec):
+        raise FileNotFoundError(f"--resume: no Ray Tune state for {out}, and {problem}")
+    return True
+
+
 def _state_lost(out: Path, storage: str | None, name: str) -> bool:
     """Whether ``out``'s tables hold trials but no Ray Tune state can be restored: the folder
     was copied without ``ray/``, or the storage (a lost head node's disk) is gone."""
@@ -1477,10 +1503,10 @@ class TeacherSearchResult:
 
 
 def _teacher_tuner(
-    spec: Spec, out: Path, storage: str | None, name: str, resume: bool, kept: pd.DataFrame
+    spec: Spec, out: Path, storage: str | None, name: str, resume: bool, from_tables: bool
 ) -> Any:
-    """The search restored from Ray Tune's state, or a new one; ``kept``: the ended trials of a
-    search continued from its tables alone, told to Optuna and ASHA, the rest to run."""
+    """The search restored from Ray Tune's state, a new one, or (``from_tables``) one that goes
+    on from its tables alone (:func:`_continued_plan`)."""
     from kdray import teacher_search
 
     fn = tune.with_parameters(teacher_trainable, spec_json=spec.model_dump(mode="json"))
@@ -1494,32 +1520,57 @@ def _teacher_tuner(
         callbacks=[TeacherTables(spec, out)],
         failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
     )
-    if resume and tune.Tuner.can_restore(experiment):
+    if resume and not from_tables:
         return _tuner(fn, run_config, experiment, None)
     # ASHA on teacher epochs; the best dev score so far, always higher is better
     horizon = teacher_search.max_epochs(spec)
     scheduler = make_scheduler(spec, time_attr="epoch", horizon=horizon, mode="max")
-    value = f"best.dev.{data.task_of(spec).main_metric}"
-    rows = kept.to_dict("records")
-    _tell_scheduler(scheduler, rows, results.load_tables(out)["epochs"], value)
-    told = plan.told_trials(spec, rows, value)
-    return _tuner(fn, run_config, experiment, _sweep_plan(spec, out, scheduler, told))
+    if from_tables:
+        value = f"best.dev.{data.task_of(spec).main_metric}"
+        continued = _continued_plan(spec, out, scheduler, value, ("epoch", "epoch"))
+        return _tuner(fn, run_config, experiment, continued)
+    return _tuner(fn, run_config, experiment, _sweep_plan(spec, out, scheduler))
+
+
+def _continued_plan(
+    spec: Spec, out: Path, scheduler: Any, value: str, time: tuple[str, str]
+) -> TrialPlan:
+    """A search whose Ray Tune state is gone (the folder copied without ``ray/``, a lost head
+    node's disk), continued from its tables: the trials they show ended are kept (the rows of
+    those cut off dropped) and told to Optuna (``value`` and the further objectives' columns)
+    and to ``scheduler`` (``time``: its time key and the epochs table's column for it); the
+    rest of ``num_samples`` runs."""
+    kept = results.keep_ended(out).to_dict("records")
+    logger.warning(
+        "%s: no Ray Tune state to restore; the %d trials its tables show ended are kept and told "
+        "to Optuna and the scheduler, the search goes on from there",
+        out, len(kept),
+    )  # fmt: skip
+    epochs = results.load_tables(out)["epochs"]
+    _tell_scheduler(scheduler, kept, epochs, value, time)
+    values = [value, *objective_keys(spec)[0][1:]]
+    return _sweep_plan(spec, out, scheduler, plan.told_trials(spec, kept, values))
 
 
 def _tell_scheduler(
-    scheduler: Any, trials: list[dict[str, Any]], epochs: list[dict[str, Any]], value: str
+    scheduler: Any,
+    trials: list[dict[str, Any]],
+    epochs: list[dict[str, Any]],
+    value: str,
+    time: tuple[str, str] = ("epoch", "epoch"),
 ) -> None:
-    """The kept trials' epochs given to a new scheduler through Tune's scheduler hooks, trial
-    after trial in the table's order (the order they started), so that ASHA's rungs hold them
-    and prunes a new trial as the uninterrupted search would have (exactly when trials ran one
-    at a time)."""
+    """The kept trials' epochs given to a new scheduler through Tune's scheduler hooks, so that
+    ASHA's rungs hold them (in any order: each result lands in the rung it reached) and prune a
+    new trial as the uninterrupted search would have (exactly when trials ran one at a time);
+    ``time``: the scheduler's time key and the epochs table's column it is in."""
+    time_attr, time_column = time
     for trial in trials:
         stand_in = types.SimpleNamespace(trial_id=trial["trial_id"])
         scheduler.on_trial_add(None, stand_in)
         mine = sorted((r for r in epochs if r["trial_id"] == trial["trial_id"]), key=_epoch)
         result: dict[str, Any] = {}
         for row in mine:
-            result = {"epoch": int(row["epoch"]), OBJECTIVE: float(row[value])}
+            result = {time_attr: int(row[time_column]), OBJECTIVE: float(row[value])}
             scheduler.on_trial_result(None, stand_in, result)
         if result:
             scheduler.on_trial_complete(None, stand_in, result)
@@ -1529,18 +1580,6 @@ def _tell_scheduler(
 
 def _epoch(row: dict[str, Any]) -> int:
     return int(row["epoch"])
-
-
-def _kept_teacher_trials(out: Path) -> pd.DataFrame:
-    """A teacher search whose Ray Tune state is gone: its ended trials are kept (the rows of
-    those cut off dropped), to be told to Optuna and ASHA; the rest of the search runs."""
-    kept = results.keep_ended(out)
-    logger.warning(
-        "%s: no Ray Tune state to restore; the %d trials its tables show ended are kept and told "
-        "to Optuna and the scheduler, the search goes on from there",
-        out, len(kept),
-    )  # fmt: skip
-    return kept
 
 
 def run_teacher_search(
@@ -1563,14 +1602,15 @@ def run_teacher_search(
         raise ValueError("; ".join(problems))
     name = results.experiment_name(spec, "teacher")
     out = Path(out_dir) if out_dir else Path("results") / name
-    from_tables = resume and _state_lost(out, storage, name)
+    from_tables = _search_from_tables(spec, out, storage, name, resume)
     results.claim_folder(out, spec, "teacher", resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    kept = _kept_teacher_trials(out) if from_tables else pd.DataFrame()
     init_ray(address, runtime_env=spec.tune.runtime_env)
     results.write_experiment(out, spec, "teacher")
-    if len(kept) < spec.tune.num_samples:
-        _fit(_teacher_tuner(spec, out, storage, name, resume, kept))
+    found = pd.DataFrame(results.load_tables(out)["trials"])
+    if not (from_tables and results.all_ended(found, spec.tune.num_samples)):
+        # (a search whose every trial ended goes on to its confirmation)
+        _fit(_teacher_tuner(spec, out, storage, name, resume, from_tables))
     trials = pd.DataFrame(results.load_tables(out)["trials"])
     if len(trials) < spec.tune.num_samples or trials["status"].isin(results.UNFINISHED).any():
         # interrupted (Ctrl-C, a lost driver): no confirmation of a half-searched space

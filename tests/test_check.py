@@ -274,8 +274,15 @@ def test_an_ablation_or_a_teacher_search_without_ray_state_resumes_from_its_tria
     (out / results.TRIALS_FILE).unlink()
     detail = _failed(_checks(teacher, tmp_path, "teacher", storage=str(store), resume=True))
     assert detail["resume"].startswith("--resume: nothing to resume")
-    sweep = _failed(_checks(_spec(tiny_bert, search=SEARCH), tmp_path, "sweep", resume=True))
-    assert sweep["resume"].startswith("--resume: nothing to resume")  # a student sweep: refused
+    searched = _spec(tiny_bert, search=SEARCH, tune={"searcher": {"optuna": {}}})
+    sweep = _failed(_checks(searched, tmp_path, "sweep", storage=str(store), resume=True))
+    assert sweep["resume"].startswith("--resume: nothing to resume")  # no table either
+    results.write_table([{"trial_id": "a", "status": "ok"}], out / results.TRIALS_FILE)
+    check = _checks(searched, tmp_path, "sweep", storage=str(store), resume=True)["resume"]
+    assert check.ok is True and "told to Optuna and the scheduler" in check.detail
+    grid = _spec(tiny_bert, search=SEARCH, tune={"searcher": {"grid": {}}})
+    detail = _failed(_checks(grid, tmp_path, "sweep", storage=str(store), resume=True))
+    assert "a grid search's place in its grid is kept only there" in detail["resume"]
 
 
 def test_a_searched_teacher_setting_is_refused(tiny_bert: Path, tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def test_a_search_told_its_ended_trials_proposes_what_an_uninterrupted_one_would
         {"status": "error", "best.dev.accuracy": float("nan"),
          **{f"param.{k}": v for k, v in proposed[1].items()}},
     ]  # fmt: skip
-    told = told_trials(spec, rows, "best.dev.accuracy")
+    told = told_trials(spec, rows, ["best.dev.accuracy"])
     assert [t.state.name for t in told] == ["COMPLETE", "FAIL"] and told[0].value == 0.6
     assert told[0].params == proposed[0] and told[1].params == proposed[1]
     study = optuna.create_study(direction="maximize")

@@ -136,6 +136,15 @@ def _study_results(out: Path, name: str) -> tuple[list[tuple[float, float]], int
     return sorted((t.params["train.lr"], t.value) for t in done), len(study.trials)
 
 
+def _study_proposals(out: Path, name: str) -> list[dict[str, Any]]:
+    """The parameters of every trial in a sweep's Optuna journal, in the order it proposed them."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(out / OPTUNA_JOURNAL)))
+    return [t.params for t in optuna.load_study(study_name=name, storage=storage).trials]
+
+
 def _table_results(trials: pd.DataFrame, statuses: tuple[str, ...]) -> list[tuple[float, float]]:
     chosen = trials[trials["status"].isin(statuses)]
     return sorted(zip(chosen["param.train.lr"], chosen["best.dev.accuracy"], strict=True))
@@ -831,3 +840,37 @@ def test_a_scheduler_told_the_kept_trials_prunes_a_new_trial_below_their_rung() 
     assert asha.on_trial_result(None, other, {"epoch": 1, OBJECTIVE: 0.61}) == "CONTINUE"
     # rung 2 holds 0.55, 0.7, 0.72 (cutoff 0.7)
     assert asha.on_trial_result(None, other, {"epoch": 2, OBJECTIVE: 0.69}) == TrialScheduler.STOP
+
+
+def test_a_sweep_whose_ray_state_is_lost_goes_on_from_its_tables(
+    cluster: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
+    """The folder without ``ray/`` and the Optuna journal, its last trial cut off: the ended
+    trial is kept as it was, and the seeded searcher, told it, proposes the cut-off trial's
+    conditional configuration again rather than its own first proposal."""
+    spec_dict = sweep_spec(tiny_bert, "lost")
+    spec_dict["tune"].update({"num_samples": 2, "max_concurrent": 1, "scheduler": {"fifo": {}}})
+    spec = spec_from_dict(spec_dict)
+    out = tmp_path / "out"
+    whole = run_sweep(spec, out_dir=out, address=cluster.address).trials
+    assert list(whole["status"]) == ["ok", "ok"]
+    # the table is in trial-id order: which row Optuna proposed second, from its journal
+    proposed = _study_proposals(out, "lost")
+    second = int(whole.index[whole["param.train.lr"] == proposed[1]["train.lr"]][0])
+    shutil.rmtree(out / "ray")
+    (out / OPTUNA_JOURNAL).unlink()
+    params = [c for c in whole if c.startswith("param.")]
+    cut = whole.copy()
+    cut.loc[second, "status"] = "interrupted"
+    cut.to_parquet(out / "trials.parquet")
+    resumed = run_sweep(spec, out_dir=out, address=cluster.address, resume=True).trials
+    assert list(resumed["status"]) == ["ok", "ok"]
+    first = whole["trial_id"][1 - second]
+    pd.testing.assert_series_equal(  # kept as it was
+        resumed.set_index("trial_id").loc[first], whole.set_index("trial_id").loc[first]
+    )
+    again = resumed[resumed["trial_id"] != first]
+    assert again["trial_id"].item() != whole["trial_id"][second]  # ran again, as a new trial
+    assert again[params].to_dict("records") == whole.loc[[second], params].to_dict("records")
+    epochs = pd.read_parquet(out / "epochs.parquet")
+    assert sorted(epochs["trial_id"].unique()) == sorted(resumed["trial_id"])
