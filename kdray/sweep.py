@@ -1520,7 +1520,7 @@ def _teacher_tuner(
         callbacks=[TeacherTables(spec, out)],
         failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
     )
-    if resume and not from_tables:
+    if resume and not from_tables and tune.Tuner.can_restore(experiment):
         return _tuner(fn, run_config, experiment, None)
     # ASHA on teacher epochs; the best dev score so far, always higher is better
     horizon = teacher_search.max_epochs(spec)
