@@ -25,6 +25,22 @@ def _spec(model: Path, search: dict[str, Any]) -> Any:
     return spec_from_dict(raw)
 
 
+def _search_command(
+    model: Path, tmp_path: Path, cluster: Any, name: str, search: dict, tune: dict
+) -> tuple[Path, Path, list[str]]:
+    """A 2-epoch tiny teacher search's spec file, results folder and ``kdray teacher --search``
+    arguments on the session's cluster (1 CPU a trial, the teacher cache in ``tmp_path``)."""
+    raw = tiny_spec_dict(model, name=name, teacher={"epochs": 2})
+    raw["data"]["cache_dir"] = str(tmp_path / "cache")
+    raw["search"] = search
+    raw["tune"] = {**tune, "resources": {"cpu": 1}}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "found"
+    args = ["teacher", str(spec_file), "--search", "--out", str(out), "--address", cluster.address]
+    return spec_file, out, args
+
+
 def test_only_teacher_settings_and_the_length_may_be_searched(tiny_bert: Path) -> None:
     assert ts.search_problems(_spec(tiny_bert, {"teacher.lr": {"loguniform": [1e-5, 1e-4]}})) == []
     problems = ts.search_problems(_spec(tiny_bert, {"train.lr": {"loguniform": [1e-5, 1e-4]}}))
@@ -66,20 +82,14 @@ def test_the_seeds_spread_is_a_t_interval_by_hand() -> None:
 def test_teacher_search_finds_confirms_and_caches_the_best_teacher(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
-    raw = tiny_spec_dict(tiny_bert, name="ts", teacher={"epochs": 2})
-    raw["data"]["cache_dir"] = str(tmp_path / "cache")
-    raw["search"] = {"teacher.lr": {"grid": [1e-3, 1e-4]}}
-    raw["tune"] = {
+    tune = {
         "num_samples": 1,
         "searcher": {"grid": {}},
         "scheduler": {"asha": {"grace_period": 1, "reduction_factor": 2}},
         "max_concurrent": 2,
-        "resources": {"cpu": 1},
     }
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "found"
-    args = ["teacher", str(spec_file), "--search", "--out", str(out), "--address", cluster.address]
+    search = {"teacher.lr": {"grid": [1e-3, 1e-4]}}
+    spec_file, out, args = _search_command(tiny_bert, tmp_path, cluster, "ts", search, tune)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output[-3000:]
     trials = pd.read_parquet(out / ts.SEARCH_FILE)
@@ -221,20 +231,14 @@ def test_a_teacher_search_whose_ray_state_is_lost_goes_on_from_its_tables(
     """The folder without ``ray/`` and the Optuna journal (copied to another machine, a lost
     disk), its last trial cut off: the ended trial is kept as it was, and the seeded searcher,
     told it, proposes for the rest what the uninterrupted search did."""
-    raw = tiny_spec_dict(tiny_bert, name="lost", teacher={"epochs": 2})
-    raw["data"]["cache_dir"] = str(tmp_path / "cache")
-    raw["search"] = {"teacher.lr": {"loguniform": [1e-4, 1e-3]}}
-    raw["tune"] = {
+    tune = {
         "num_samples": 2,
         "searcher": {"optuna": {"sampler": "tpe", "seed": 0}},
         "scheduler": {"fifo": {}},
         "max_concurrent": 1,
-        "resources": {"cpu": 1},
     }
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "found"
-    args = ["teacher", str(spec_file), "--search", "--out", str(out), "--address", cluster.address]
+    search = {"teacher.lr": {"loguniform": [1e-4, 1e-3]}}
+    _, out, args = _search_command(tiny_bert, tmp_path, cluster, "lost", search, tune)
     assert (first := CliRunner().invoke(app, args)).exit_code == 0, first.output[-3000:]
     whole = pd.read_parquet(out / ts.SEARCH_FILE)
     assert list(whole["status"]) == ["ok", "ok"]
