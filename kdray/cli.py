@@ -420,7 +420,12 @@ def _teacher_search(
     )
     with _settings_errors():
         found = run_teacher_search(
-            spec, address=address, storage=storage, out_dir=folder, **options
+            spec,
+            address=address,
+            storage=storage,
+            out_dir=folder,
+            callbacks=[_trials_table(spec)],
+            **options,
         )
     if found.interrupted:
         from kdray.results import EXIT_INTERRUPTED

@@ -1503,10 +1503,17 @@ class TeacherSearchResult:
 
 
 def _teacher_tuner(
-    spec: Spec, out: Path, storage: str | None, name: str, resume: bool, from_tables: bool
+    spec: Spec,
+    out: Path,
+    storage: str | None,
+    name: str,
+    resume: bool,
+    from_tables: bool,
+    callbacks: list[Any] | None = None,
 ) -> Any:
     """The search restored from Ray Tune's state, a new one, or (``from_tables``) one that goes
-    on from its tables alone (:func:`_continued_plan`)."""
+    on from its tables alone (:func:`_continued_plan`); ``callbacks`` besides the tables' (the
+    live trials table)."""
     from kdray import teacher_search
 
     fn = tune.with_parameters(teacher_trainable, spec_json=spec.model_dump(mode="json"))
@@ -1517,7 +1524,7 @@ def _teacher_tuner(
         name=name,
         storage_path=results.ray_store(out, storage),
         verbose=0,
-        callbacks=[TeacherTables(spec, out)],
+        callbacks=[TeacherTables(spec, out), *(callbacks or [])],
         failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
     )
     if resume and not from_tables and tune.Tuner.can_restore(experiment):
@@ -1591,6 +1598,7 @@ def run_teacher_search(
     resume: bool = False,
     overwrite: bool = False,
     seeds: tuple[int, ...] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> TeacherSearchResult:
     """Search the teacher's fine-tuning as Ray Tune trials, then fine-tune the best
     configuration with fresh seeds into the teacher cache; tables and ``TEACHER.md`` in
@@ -1610,7 +1618,7 @@ def run_teacher_search(
     found = pd.DataFrame(results.load_tables(out)["trials"])
     if not (from_tables and results.all_ended(found, spec.tune.num_samples)):
         # (a search whose every trial ended goes on to its confirmation)
-        _fit(_teacher_tuner(spec, out, storage, name, resume, from_tables))
+        _fit(_teacher_tuner(spec, out, storage, name, resume, from_tables, callbacks))
     trials = pd.DataFrame(results.load_tables(out)["trials"])
     if len(trials) < spec.tune.num_samples or trials["status"].isin(results.UNFINISHED).any():
         # interrupted (Ctrl-C, a lost driver): no confirmation of a half-searched space

@@ -186,23 +186,27 @@ def test_an_interrupted_teacher_search_confirms_nothing_and_says_how_to_continue
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
 
-    # what Tune tells the table writer until a Ctrl-C: trial a ended, b was cut off mid-way,
-    # and Tune's clean-up marks both TERMINATED
-    def fit(spec: Any, out: Path) -> None:
-        tables = sweep.TeacherTables(spec, out)
+    # what Tune tells the callbacks until a Ctrl-C: trial a ended, b was cut off mid-way, and
+    # Tune's clean-up marks both TERMINATED
+    def fit(spec: Any, out: Path, live: list[Any]) -> None:
+        everyone = [sweep.TeacherTables(spec, out), *live]
         a, b = (SimpleNamespace(trial_id=t, config={"teacher.lr": 1e-4}, status="RUNNING")
                 for t in "ab")  # fmt: skip
         for trial, epochs in ((a, 2), (b, 1)):
-            tables.on_trial_start(0, [], trial)
-            for epoch in range(1, epochs + 1):
-                result = {"epoch": epoch, "best.dev.accuracy": 0.6, "best_epoch": 1, "lr": 1}
-                tables.on_trial_result(0, [], trial, result)
-        tables.on_trial_complete(0, [], a)
+            for callback in everyone:
+                callback.on_trial_start(0, [], trial)
+                for epoch in range(1, epochs + 1):
+                    result = {"epoch": epoch, "best.dev.accuracy": 0.6, "best_epoch": 1,
+                              "lr": 1, "dev.accuracy": 0.6, "objective": 0.6}  # fmt: skip
+                    callback.on_trial_result(0, [], trial, result)
+        for callback in everyone:
+            callback.on_trial_complete(0, [], a)
         a.status = b.status = "TERMINATED"
-        tables.on_experiment_end([a, b])
+        for callback in everyone:
+            callback.on_experiment_end([a, b])
 
-    def tuner(spec: Any, out: Path, *_: Any) -> Any:
-        return SimpleNamespace(fit=lambda: fit(spec, out))
+    def tuner(spec: Any, out: Path, *args: Any) -> Any:
+        return SimpleNamespace(fit=lambda: fit(spec, out, args[-1]))
 
     monkeypatch.setattr(sweep, "_teacher_tuner", tuner)
     out = tmp_path / "cut"
@@ -212,6 +216,7 @@ def test_an_interrupted_teacher_search_confirms_nothing_and_says_how_to_continue
     words = " ".join(result.output.split())
     assert "teacher search interrupted: 1 of 3 trials ended, nothing confirmed yet" in words
     assert "--resume" in words
+    assert "cut: trials (accuracy)" in words  # the live trials table, as a sweep shows it
     trials = pd.read_parquet(out / ts.SEARCH_FILE)
     assert dict(zip(trials["trial_id"], trials["status"], strict=True)) == {
         "a": "ok", "b": "interrupted"
