@@ -813,7 +813,12 @@ def test_ray_client_gives_up_after_its_retries_and_a_plain_address_at_once(
     assert calls == ["10.0.0.1:6379"]
 
 
-def test_a_scheduler_told_the_kept_trials_prunes_a_new_trial_below_their_rung() -> None:
+@pytest.mark.parametrize(
+    ("time", "column"), [("epoch", "epoch"), (RUNG_TIME, "classifier_epochs")]
+)  # a teacher search's time, a sweep's (classifier-trained epochs, a column of the epochs table)
+def test_a_scheduler_told_the_kept_trials_prunes_a_new_trial_below_their_rung(
+    time: str, column: str
+) -> None:
     from types import SimpleNamespace
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
@@ -822,24 +827,24 @@ def test_a_scheduler_told_the_kept_trials_prunes_a_new_trial_below_their_rung() 
     from kdray.sweep import _tell_scheduler
 
     asha = ASHAScheduler(
-        time_attr="epoch", metric=OBJECTIVE, mode="max", max_t=4, grace_period=1, reduction_factor=2
+        time_attr=time, metric=OBJECTIVE, mode="max", max_t=4, grace_period=1, reduction_factor=2
     )
     kept = [{"trial_id": t} for t in ("a", "b", "c", "d")]
     scores = {"a": [0.5, 0.55], "b": [0.6, 0.7], "c": [0.7, 0.72], "d": []}  # d: no epoch
     epochs = [
-        {"trial_id": t, "epoch": e + 1, "best.dev.accuracy": v}
+        {"trial_id": t, "epoch": e + 1, column: e + 1, "best.dev.accuracy": v}
         for t, values in scores.items()
         for e, v in enumerate(values)
     ]
-    _tell_scheduler(asha, kept, epochs, "best.dev.accuracy")
+    _tell_scheduler(asha, kept, epochs, "best.dev.accuracy", (time, column))
     # rung 1 holds 0.5, 0.6, 0.7: with reduction 2 its cutoff is their median, 0.6
     new, other = SimpleNamespace(trial_id="e"), SimpleNamespace(trial_id="f")
     for trial in (new, other):
         asha.on_trial_add(None, trial)
-    assert asha.on_trial_result(None, new, {"epoch": 1, OBJECTIVE: 0.59}) == TrialScheduler.STOP
-    assert asha.on_trial_result(None, other, {"epoch": 1, OBJECTIVE: 0.61}) == "CONTINUE"
+    assert asha.on_trial_result(None, new, {time: 1, OBJECTIVE: 0.59}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, other, {time: 1, OBJECTIVE: 0.61}) == "CONTINUE"
     # rung 2 holds 0.55, 0.7, 0.72 (cutoff 0.7)
-    assert asha.on_trial_result(None, other, {"epoch": 2, OBJECTIVE: 0.69}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, other, {time: 2, OBJECTIVE: 0.69}) == TrialScheduler.STOP
 
 
 def test_a_sweep_whose_ray_state_is_lost_goes_on_from_its_tables(
