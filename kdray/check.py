@@ -120,12 +120,27 @@ def _run(name: str, step: Callable[[], tuple[bool | None, str]]) -> Check:
 # The checks: each returns (ok, detail) or raises with the message to show
 
 
+def _random_tpe(spec: Spec) -> str:
+    """A warning when TPE never models a result: no more trials than it samples at random."""
+    opts = spec.tune.searcher.optuna
+    startup = opts.startup_trials() if opts is not None else None
+    if startup is None or spec.tune.num_samples > startup:
+        return ""
+    return (
+        f"; WARNING: tune.searcher.optuna: TPE samples its first {startup} trials at random and "
+        f"this search has {spec.tune.num_samples}, so no proposal uses an earlier result (a "
+        "random search, and the same trials for any task with this space and seed); set "
+        "tune.searcher.optuna.n_startup_trials below tune.num_samples to let TPE model them"
+    )
+
+
 def _spec_check(spec: Spec, command: str) -> tuple[bool, str]:
     if command == "sweep":
         if not spec.search:
             return False, "no search: block, nothing to sweep (use kdray run for one run)"
         return True, (
             f"valid; {len(spec.search)} searched settings, {spec.tune.num_samples} trials"
+            + _random_tpe(spec)
         )
     if command == "teacher":
         from kdray.teacher_search import search_problems
@@ -133,7 +148,7 @@ def _spec_check(spec: Spec, command: str) -> tuple[bool, str]:
         problems = search_problems(spec)
         if problems:
             return False, "; ".join(problems)
-        return True, f"valid; {len(spec.search)} searched teacher settings"
+        return True, f"valid; {len(spec.search)} searched teacher settings" + _random_tpe(spec)
     if command == "ablate":
         if spec.ablation is not None and spec.ablation.design == "leave_one_out":
             return True, "valid; leave-one-out of the recipe's components"

@@ -486,9 +486,19 @@ class Distribution(_Strict):
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 
+TPE_STARTUP = 10  # Optuna's TPESampler samples this many trials at random before it models
+
+
 class OptunaSearcherSpec(_Strict):
     sampler: Literal["tpe", "random", "cmaes", "qmc", "nsga2"] = "tpe"
     seed: Seed | None = 0
+    n_startup_trials: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description=f"TPE only: trials sampled at random before TPE models the results so far "
+        f"(default Optuna's, {TPE_STARTUP}); a search of no more trials than this is a random one.",
+    )
     storage: str | None = Field(
         None,
         description="Where the Optuna study lives (study name = the sweep's name): a journal "
@@ -496,6 +506,21 @@ class OptunaSearcherSpec(_Strict):
         "<results folder>/optuna.journal. A resumed sweep's sampler reads its history from it.",
         max_length=4096,
     )
+
+    @model_validator(mode="after")
+    def _startup_is_tpes(self) -> OptunaSearcherSpec:
+        if self.n_startup_trials is not None and self.sampler != "tpe":
+            raise ValueError(
+                f"n_startup_trials is a setting of the tpe sampler, not of {self.sampler}: "
+                "remove it or set sampler: tpe"
+            )
+        return self
+
+    def startup_trials(self) -> int | None:
+        """How many trials TPE samples at random first (None: not TPE)."""
+        if self.sampler != "tpe":
+            return None
+        return TPE_STARTUP if self.n_startup_trials is None else self.n_startup_trials
 
     @field_validator("storage")
     @classmethod

@@ -43,7 +43,7 @@ from kdray.distill import STUDENT_DIR, distill, selection_metric
 from kdray.plan import OBJECTIVE, RUNG_TIME
 from kdray.progress import TrialsTable
 from kdray.results import Results
-from kdray.spec import Spec
+from kdray.spec import TPE_STARTUP, Spec
 from kdray.store import atomic_dir, json_cell, write_text_atomic
 
 logger = logging.getLogger("kdray")
@@ -202,8 +202,11 @@ def make_searcher(
     kind = opts.sampler if opts is not None else "random"
     if spec.tune.searcher.kind == "random":
         kind = "random"
+    startup = opts.startup_trials() if opts is not None else None  # None: not TPE
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "tpe": lambda: optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=TPE_STARTUP if startup is None else startup
+        ),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),

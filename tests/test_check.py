@@ -455,3 +455,18 @@ def test_the_preflight_says_what_precision_runs_on_this_cpu(
     row = _checks(spec, tmp_path)["train.precision"]
     assert row.ok is True
     assert row.detail.startswith(expected)
+
+
+def test_a_tpe_search_no_longer_than_its_random_start_up_is_called_random(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    def detail(command: str, search: dict, **optuna: Any) -> str:
+        tune = {"num_samples": 8, "searcher": {"optuna": {"sampler": "tpe", **optuna}}}
+        return _checks(_spec(tiny_bert, search=search, tune=tune), tmp_path, command)["spec"].detail
+
+    teacher = {"teacher.lr": {"loguniform": [1e-5, 1e-4]}}
+    words = "TPE samples its first 10 trials at random and this search has 8"
+    assert words in detail("teacher", teacher) and words in detail("sweep", SEARCH)
+    assert "WARNING" not in detail("teacher", teacher, n_startup_trials=4)  # TPE models 4 of 8
+    random = _spec(tiny_bert, search=SEARCH, tune={"searcher": {"optuna": {"sampler": "random"}}})
+    assert "WARNING" not in _checks(random, tmp_path, "sweep")["spec"].detail  # random by choice

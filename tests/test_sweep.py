@@ -21,7 +21,7 @@ import yaml
 from conftest import FIXTURE_GLUE, REPO, tiny_spec_dict
 from kdray import results
 from kdray.plan import OBJECTIVE, RUNG_TIME, OptunaSpace, active_values
-from kdray.spec import spec_from_dict
+from kdray.spec import SpecError, spec_from_dict
 from kdray.sweep import OPTUNA_JOURNAL, logger_callbacks, make_scheduler, run_sweep, setup_cpus
 
 ray = pytest.importorskip("ray")
@@ -879,3 +879,34 @@ def test_a_sweep_whose_ray_state_is_lost_goes_on_from_its_tables(
     assert again[params].to_dict("records") == whole.loc[[second], params].to_dict("records")
     epochs = pd.read_parquet(out / "epochs.parquet")
     assert sorted(epochs["trial_id"].unique()) == sorted(resumed["trial_id"])
+
+
+def test_tpe_samples_at_random_for_the_start_up_the_spec_gives(tiny_bert: Path) -> None:
+    import optuna
+
+    from kdray.plan import OptunaSpace
+    from kdray.sweep import make_searcher
+
+    def proposals(startup: int | None) -> list[float]:
+        spec_dict = sweep_spec(tiny_bert, "startup")
+        spec_dict["search"] = {"train.lr": {"loguniform": [1e-4, 1e-3]}}
+        if startup is not None:
+            spec_dict["tune"]["searcher"]["optuna"]["n_startup_trials"] = startup
+        spec = spec_from_dict(spec_dict)
+        sampler = make_searcher(spec).searcher._sampler  # the Optuna sampler Ray's searcher uses
+        study = optuna.create_study(sampler=sampler, direction="maximize")
+        lrs = []
+        for _ in range(5):
+            trial = study.ask()
+            OptunaSpace(spec)(trial)
+            lrs.append(trial.params["train.lr"])
+            study.tell(trial, -abs(math.log(trial.params["train.lr"] / 3e-4)))  # best at 3e-4
+        return lrs
+
+    default, two = proposals(None), proposals(2)
+    assert default[:2] == two[:2]  # the same seeded random start
+    assert default[2:] != two[2:]  # from the third trial on, TPE models the results (startup 2)
+    with pytest.raises(SpecError, match="n_startup_trials is a setting of the tpe sampler"):
+        spec_dict = sweep_spec(tiny_bert, "random")
+        spec_dict["tune"]["searcher"]["optuna"] = {"sampler": "random", "n_startup_trials": 2}
+        spec_from_dict(spec_dict)
