@@ -4,6 +4,7 @@ trials. No Ray in here: the sweep's Tune callback (in :mod:`kdray.sweep`) feeds
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 from rich.console import Console
@@ -86,7 +87,12 @@ def _short_params(values: dict[str, Any]) -> str:
 
 class TrialsTable:
     """A rich table of a sweep's trials kept on screen while it runs: status, the trial's
-    parameters, its epoch and stage, and the selection metric now and at its best."""
+    parameters, its epoch and stage, and the selection metric now and at its best.
+
+    When the console is not a terminal (``nohup``, a batch job's log, CI), a live display would
+    show nothing until the end: each event is then one timestamped line instead (a trial's
+    start with its parameters, each epoch's metric, its end), and the whole table once at the
+    end."""
 
     COLUMNS = ("status", "params", "epoch", "stage", "dev", "best")
 
@@ -118,13 +124,34 @@ class TrialsTable:
     def update(self, trial_id: str, params: dict[str, Any] | None = None, **fields: Any) -> None:
         """Set a trial's fields (``params`` once, as the values it runs with) and redraw."""
         row = self.rows.setdefault(trial_id, {})
-        if params is not None and "params" not in row:
+        new_params = params is not None and "params" not in row
+        if new_params:
             row["params"] = _short_params(params)
+        changed = {k: v for k, v in fields.items() if row.get(k) != v}
         row.update(fields)
+        if not self.console.is_terminal:
+            if changed:
+                line = self._line(trial_id, row, changed, new_params)
+                self.console.print(f"{time.strftime('%H:%M:%S')} {line}", markup=False)
+            return
         if self.live is None:
             self.live = Live(self.table(), console=self.console, refresh_per_second=2)
             self.live.start()
         self.live.update(self.table())
+
+    def _line(
+        self, trial_id: str, row: dict[str, Any], changed: dict[str, Any], new_params: bool
+    ) -> str:
+        """One event as a log line: a result as its epoch and metric, else the new status (with
+        the parameters the first time the trial shows up)."""
+        if "epoch" in changed or "dev" in changed:
+            stage = f" ({row['stage']})" if row.get("stage") else ""
+            return (
+                f"{trial_id} epoch {row.get('epoch', '')}{stage}: {self.metric} "
+                f"{row.get('dev', '')}, best {row.get('best', '')}"
+            )
+        words = " ".join(f"{v}" if k == "status" else f"{k} {v}" for k, v in changed.items())
+        return f"{trial_id} {words}" + (f"  {row['params']}" if new_params else "")
 
     def result(self, trial_id: str, result: dict[str, Any], objective: str) -> None:
         """An epoch's report: the selection metric of that epoch and the best so far."""
@@ -142,3 +169,5 @@ class TrialsTable:
         if self.live is not None:
             self.live.stop()
             self.live = None
+        elif self.rows and not self.console.is_terminal:
+            self.console.print(self.table())

@@ -29,3 +29,22 @@ def test_the_live_table_names_its_metric_and_lists_the_trials_params() -> None:
     table.close()
     assert table.rows["t1"] == {"params": "algorithm=sid lr=0.000123", "status": "done"}
     assert "accuracy" in str(table.table().title)
+
+
+def test_a_console_that_is_not_a_terminal_gets_one_line_per_trial_event() -> None:
+    out = io.StringIO()
+    table = TrialsTable("ablation", "accuracy", Console(file=out, width=200))
+    table.update("t1", {"distill.algorithm": "pid", "train.seed": 2}, status="running")
+    table.update("t1", {"distill.algorithm": "pid", "train.seed": 2})  # nothing new: no line
+    result = {"epoch": 3, "stage_name": "layer 2", "dev.accuracy": 0.71}
+    table.result("t1", {**result, "objective": 0.725}, "objective")
+    table.update("t1", {"distill.algorithm": "pid"}, status="done")
+    lines = out.getvalue().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "t1 running  algorithm=pid seed=2",
+        "t1 epoch 3 (layer 2): accuracy 0.7100, best 0.7250",
+        "t1 done",
+    ]
+    table.close()  # the whole table once at the end, for the log's reader
+    assert "ablation: trials (accuracy)" in out.getvalue()
+
