@@ -47,4 +47,3 @@ def test_a_console_that_is_not_a_terminal_gets_one_line_per_trial_event() -> Non
     ]
     table.close()  # the whole table once at the end, for the log's reader
     assert "ablation: trials (accuracy)" in out.getvalue()
-
