@@ -132,7 +132,9 @@ class TrialsTable:
         if not self.console.is_terminal:
             if changed:
                 line = self._line(trial_id, row, changed, new_params)
-                self.console.print(f"{time.strftime('%H:%M:%S')} {line}", markup=False)
+                self.console.print(
+                    f"{time.strftime('%H:%M:%S')} {line}", markup=False, soft_wrap=True
+                )
             return
         if self.live is None:
             self.live = Live(self.table(), console=self.console, refresh_per_second=2)

@@ -33,7 +33,7 @@ def test_the_live_table_names_its_metric_and_lists_the_trials_params() -> None:
 
 def test_a_console_that_is_not_a_terminal_gets_one_line_per_trial_event() -> None:
     out = io.StringIO()
-    table = TrialsTable("ablation", "accuracy", Console(file=out, width=200))
+    table = TrialsTable("ablation", "accuracy", Console(file=out, width=30))  # lines not wrapped
     table.update("t1", {"distill.algorithm": "pid", "train.seed": 2}, status="running")
     table.update("t1", {"distill.algorithm": "pid", "train.seed": 2})  # nothing new: no line
     result = {"epoch": 3, "stage_name": "layer 2", "dev.accuracy": 0.71}
