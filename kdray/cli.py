@@ -164,12 +164,12 @@ def _progress() -> Any:
     return RichProgress(console)
 
 
-def _trials_table(spec: Spec) -> Any:
+def _trials_table(spec: Spec, horizon: str = "train") -> Any:
     from kdray.distill import selection_metric
     from kdray.progress import TrialsTable
     from kdray.sweep import LiveTrials
 
-    return LiveTrials(spec, TrialsTable(spec.name, selection_metric(spec), console))
+    return LiveTrials(spec, TrialsTable(spec.name, selection_metric(spec), console), horizon)
 
 
 @contextlib.contextmanager
@@ -424,7 +424,7 @@ def _teacher_search(
             address=address,
             storage=storage,
             out_dir=folder,
-            callbacks=[_trials_table(spec)],
+            callbacks=[_trials_table(spec, horizon="teacher")],
             **options,
         )
     if found.interrupted:

@@ -148,10 +148,10 @@ class TrialsTable:
         the parameters the first time the trial shows up)."""
         if "epoch" in changed or "dev" in changed:
             stage = f" ({row['stage']})" if row.get("stage") else ""
-            return (
-                f"{trial_id} epoch {row.get('epoch', '')}{stage}: {self.metric} "
-                f"{row.get('dev', '')}, best {row.get('best', '')}"
-            )
+            line = f"{trial_id} epoch {row.get('epoch', '')}{stage}"
+            if not row.get("dev"):  # a layer stage: no classifier yet, no dev evaluation
+                return line
+            return f"{line}: {self.metric} {row['dev']}, best {row.get('best', '')}"
         words = " ".join(f"{v}" if k == "status" else f"{k} {v}" for k, v in changed.items())
         return f"{trial_id} {words}" + (f"  {row['params']}" if new_params else "")
 

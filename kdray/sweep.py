@@ -686,11 +686,15 @@ def _trial_status(
 
 
 class LiveTrials(Callback):
-    """Feeds Tune's trial events to a :class:`~kdray.progress.TrialsTable` on screen."""
+    """Feeds Tune's trial events to a :class:`~kdray.progress.TrialsTable` on screen.
+    ``horizon``: whose epochs a trial runs (``train`` for students, ``teacher`` for the teacher
+    search), so that a trial the scheduler stopped early shows as pruned, as in the tables."""
 
-    def __init__(self, spec: Spec, table: TrialsTable) -> None:
+    def __init__(self, spec: Spec, table: TrialsTable, horizon: str = "train") -> None:
         self.spec = spec
         self.table = table
+        self.horizon = horizon
+        self.last: dict[str, dict] = {}  # each trial's last report
 
     def _params(self, trial: Any) -> dict[str, Any]:
         return plan.trial_spec(self.spec, trial.config)[1]
@@ -699,11 +703,17 @@ class LiveTrials(Callback):
         self.table.update(trial.trial_id, self._params(trial), status="running")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_: Any):
+        self.last[trial.trial_id] = result
         self.table.update(trial.trial_id, self._params(trial))
         self.table.result(trial.trial_id, result, OBJECTIVE)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
-        self.table.update(trial.trial_id, self._params(trial), status="done")
+        trial_spec, params = plan.trial_spec(self.spec, trial.config)
+        last = self.last.get(trial.trial_id, {})
+        epochs = getattr(trial_spec, self.horizon).epochs
+        records = [last] if "epoch" in last else []
+        status = _trial_status(last, records, epochs, None, ended=True)
+        self.table.update(trial.trial_id, params, status=status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **_: Any) -> None:
         self.table.update(trial.trial_id, self._params(trial), status="error")

@@ -47,3 +47,12 @@ def test_a_console_that_is_not_a_terminal_gets_one_line_per_trial_event() -> Non
     ]
     table.close()  # the whole table once at the end, for the log's reader
     assert "ablation: trials (accuracy)" in out.getvalue()
+
+
+def test_an_epoch_without_a_dev_evaluation_is_logged_without_a_metric() -> None:
+    out = io.StringIO()
+    table = TrialsTable("sweep", "accuracy", Console(file=out, width=200))
+    table.result(
+        "t1", {"epoch": 1, "stage_name": "layer 1", "objective": float("nan")}, "objective"
+    )
+    assert out.getvalue().split(" ", 1)[1] == "t1 epoch 1 (layer 1)\n"

@@ -180,6 +180,37 @@ def test_asha_never_prunes_a_staged_trial_for_being_staged(tiny_bert: Path) -> N
     assert action == "STOP"
 
 
+def test_the_live_table_shows_a_trial_the_scheduler_stopped_as_pruned(tiny_bert: Path) -> None:
+    """Tune calls a trial that ASHA stopped "complete": the table shows pruned, as the trials
+    table does, judged by the epochs of the spec's student (or, in a teacher search, teacher)."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from kdray.progress import TrialsTable
+    from kdray.sweep import LiveTrials
+
+    raw = sweep_spec(tiny_bert, "live")  # students 3 epochs
+    raw["teacher"] = {**raw["teacher"], "epochs": 2}
+    spec = spec_from_dict(raw)
+    config = {"distill.algorithm": "soft", "train.lr": 1e-4}
+    expected = {"train": {"whole": "ok", "stopped": "pruned"}, "teacher": {"whole": "ok"}}
+    for horizon, ran in (("train", {"whole": 3, "stopped": 2}), ("teacher", {"whole": 2})):
+        out = io.StringIO()
+        live = LiveTrials(spec, TrialsTable("live", "accuracy", Console(file=out)), horizon)
+        for trial_id, epochs in ran.items():
+            trial = SimpleNamespace(trial_id=trial_id, config=config)
+            live.on_trial_start(0, [], trial)
+            for epoch in range(1, epochs + 1):
+                result = {"epoch": epoch, "dev.accuracy": 0.5, "objective": 0.5}
+                live.on_trial_result(0, [], trial, result)
+            live.on_trial_complete(0, [], trial)
+        statuses = {trial_id: row["status"] for trial_id, row in live.table.rows.items()}
+        assert statuses == expected[horizon]
+    assert "whole ok" in out.getvalue()
+
+
 def test_sweep_writes_tables_with_conditional_params(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
