@@ -32,6 +32,7 @@ FOLDERS: dict[str, list[str]] = {
     "rte-cpu-confirm": [],
     # claim 1 again with the searched teacher (another teacher, length 128): its own family
     "rte-minilm-claim1-ablation": [],
+    "mrpc-minilm-claim1-ablation": [],
 }
 STUDY = "rte-study"
 # The study's confirmation predates the control cell; the spec as written (sid, skip, T 1,
