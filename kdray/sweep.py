@@ -696,6 +696,10 @@ class LiveTrials(Callback):
         self.horizon = horizon
         self.last: dict[str, dict] = {}  # each trial's last report
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tuner.restore unpickles the run config: one an older kdray pickled has neither
+        self.__dict__.update({"horizon": "train", "last": {}, **state})
+
     def _params(self, trial: Any) -> dict[str, Any]:
         return plan.trial_spec(self.spec, trial.config)[1]
 

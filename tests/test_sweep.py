@@ -211,6 +211,28 @@ def test_the_live_table_shows_a_trial_the_scheduler_stopped_as_pruned(tiny_bert:
     assert "whole ok" in out.getvalue()
 
 
+def test_a_live_table_pickled_by_an_older_kdray_is_restored_with_defaults(tiny_bert: Path) -> None:
+    """Tune.restore unpickles the callbacks of the run it continues: a LiveTrials pickled before
+    it had a horizon and each trial's last report must still take results and ends."""
+    import io
+    import pickle
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from kdray.progress import TrialsTable
+    from kdray.sweep import LiveTrials
+
+    spec = spec_from_dict(sweep_spec(tiny_bert, "old"))
+    live = LiveTrials(spec, TrialsTable("old", "accuracy", Console(file=io.StringIO())))
+    del live.horizon, live.last  # what the older class held
+    restored = pickle.loads(pickle.dumps(live))
+    trial = SimpleNamespace(trial_id="t", config={"distill.algorithm": "soft", "train.lr": 1e-4})
+    restored.on_trial_result(0, [], trial, {"epoch": 3, "dev.accuracy": 0.5, "objective": 0.5})
+    restored.on_trial_complete(0, [], trial)
+    assert restored.table.rows["t"]["status"] == "ok"
+
+
 def test_sweep_writes_tables_with_conditional_params(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
