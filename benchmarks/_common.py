@@ -156,6 +156,6 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 
 def ensure_bench_teacher(spec: Any) -> Any:
     """The fine-tuned teacher for the benchmark spec (fine-tuned once, then cached)."""
-    from kdray.teacher import ensure_teacher
+    from kdray.training.teacher import ensure_teacher
 
     return ensure_teacher(spec)

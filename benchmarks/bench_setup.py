@@ -1,12 +1,12 @@
 """The teacher task of a sweep: one trial's CPUs against the CPUs of all concurrent trials.
 
 A sweep or ablation fine-tunes its teacher in one Ray task before any trial starts. With
-``tune.resources.cpu: 1`` and ``tune.max_concurrent: 2`` that task used to ask for one CPU, so
-torch ran it on one thread while the other core idled; it now asks for the trials' CPUs
-together (``kdray.sweep.setup_cpus``). This times that Ray task both ways on a local 2-CPU Ray,
-in interleaved rounds, each fine-tuning the MiniLM-L6 teacher from scratch (a fresh cache
-folder per run) on the first ``--examples`` RTE training rows for one epoch, dev set included.
-Reported: the median seconds per variant and their ratio.
+``tune.resources.cpu: 1`` and ``tune.max_concurrent: 2`` that task used to ask for one CPU, so torch
+ran it on one thread while the other core idled; it now asks for the trials' CPUs together
+(``kdray.experiments.sweep.setup_cpus``). This times that Ray task both ways on a local 2-CPU Ray,
+in interleaved rounds, each fine-tuning the MiniLM-L6 teacher from scratch (a fresh cache folder per
+run) on the first ``--examples`` RTE training rows for one epoch, dev set included. Reported: the
+median seconds per variant and their ratio.
 
     python benchmarks/bench_setup.py [--rounds 3] [--examples 640] [--tag NAME]
 """
@@ -31,7 +31,7 @@ def _time_teacher_task(spec_json: dict[str, Any], cpus: float) -> float:
     """Seconds for one teacher Ray task with ``cpus`` CPUs, fine-tuning from scratch."""
     import ray
 
-    from kdray.sweep import _teacher_task
+    from kdray.experiments.sweep import _teacher_task
 
     with tempfile.TemporaryDirectory(prefix="bench-setup-") as folder:
         fresh = {**spec_json, "data": {**spec_json["data"], "cache_dir": f"{folder}/cache"}}
@@ -50,8 +50,8 @@ def main() -> None:
     common.setup_env()
     import ray
 
+    from kdray.experiments.sweep import setup_task_cpus
     from kdray.spec import spec_from_dict
-    from kdray.sweep import setup_task_cpus
 
     raw = common.spec_dict(teacher_epochs=1, name="bench-setup")
     raw["train"]["max_train_examples"] = args.examples

@@ -1,10 +1,10 @@
 """What Ray Tune costs per trial: a sweep of N identical short trials through
-``kdray.sweep.run_sweep`` against the same N runs called directly with
-``kdray.distill.distill``.
+``kdray.experiments.sweep.run_sweep`` against the same N runs called directly with
+``kdray.training.distill.distill``.
 
 The sweep's search block is one single-value choice (every trial is the same run), FIFO
 scheduler, max_concurrent 1, resources cpu 2; Ray is bound to 127.0.0.1 by
-``kdray.sweep.init_ray``. The trial is sized with ``train.max_train_examples`` to about
+``kdray.experiments.sweep.init_ray``. The trial is sized with ``train.max_train_examples`` to about
 ``--trial-seconds`` (a short probe measures the per-step time first). The direct runs are split
 around the sweep (half before, half after) so a load change hits both.
 
@@ -35,7 +35,7 @@ import _common as common  # noqa: E402
 
 def probe_per_step(base: Any, info: Any, root: Path, steps: int) -> float:
     """Seconds per training step of a direct cached idal run (its cache built beforehand)."""
-    from kdray.distill import distill
+    from kdray.training.distill import distill
 
     spec = base.with_values(
         {
@@ -56,8 +56,8 @@ def probe_per_step(base: Any, info: Any, root: Path, steps: int) -> float:
 def build_direct_cache(spec: Any, info: Any) -> float:
     """Build the trial split's teacher-output cache for the direct runs (with the factory
     ``distill`` uses, so their runs find it ready); seconds taken."""
-    from kdray import data, engine, models
-    from kdray.teacher_outputs import cache_enabled, outputs_factory
+    from kdray.training import data, engine, models
+    from kdray.training.teacher_outputs import cache_enabled, outputs_factory
 
     if not cache_enabled(spec):
         return 0.0
@@ -73,7 +73,7 @@ def build_direct_cache(spec: Any, info: Any) -> float:
 
 
 def direct_run(spec: Any) -> dict[str, Any]:
-    from kdray.distill import distill
+    from kdray.training.distill import distill
 
     started = time.perf_counter()
     result = distill(spec)
@@ -91,14 +91,14 @@ TIMING_ENV = "KDRAY_BENCH_TRIAL_TIMING"
 
 
 def timed_trainable(config: dict[str, Any], spec_json: dict[str, Any] | None = None) -> None:
-    """kdray.sweep.distill_trainable, unchanged, with its start and end (wall clock) appended
-    to the file named by $KDRAY_BENCH_TRIAL_TIMING: splits a trial's Tune overhead into worker
-    start-up, the trainable itself and the wind-down."""
+    """kdray.experiments.sweep.distill_trainable, unchanged, with its start and end (wall clock)
+    appended to the file named by $KDRAY_BENCH_TRIAL_TIMING: splits a trial's Tune overhead into
+    worker start-up, the trainable itself and the wind-down."""
     import json
     import os
     import time
 
-    from kdray.sweep import distill_trainable
+    from kdray.experiments.sweep import distill_trainable
 
     start = time.time()
     distill_trainable(config, spec_json=spec_json)
@@ -211,8 +211,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import torch
 
-    from kdray import sweep
-    from kdray.teacher import ensure_teacher
+    from kdray.experiments import sweep
+    from kdray.training.teacher import ensure_teacher
 
     console = _console()
     started = time.perf_counter()
@@ -319,10 +319,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "algorithm": "idal, teacher-output cache on (auto: epochs > 1)",
             "threads": torch.get_num_threads(),
             "diagnostics": args.diagnostics,
-            "trainable": "bench_sweep.timed_trainable (kdray.sweep.distill_trainable + a "
-            "start/end timestamp)"
+            "trainable": "bench_sweep.timed_trainable "
+            "(kdray.experiments.sweep.distill_trainable + a start/end timestamp)"
             if args.trial_timing
-            else "kdray.sweep.distill_trainable",
+            else "kdray.experiments.sweep.distill_trainable",
         },
         "teacher_seconds_direct": round(teacher_seconds, 2),
         "direct_cache_build_seconds": round(direct_cache_seconds, 2),

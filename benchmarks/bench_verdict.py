@@ -10,14 +10,16 @@ fine-tuned as a user's first ablation would fine-tune it.
 Reported: wall seconds, CPU-seconds of the whole machine over the run (``/proc/stat``: the Ray
 workers included; run it on a quiet machine), and the wall time split into its parts:
 
-- ``ray_start``: ``kdray.sweep.init_ray``;
-- ``teacher``: the teacher phase of each round (``kdray.sweep._prepare_teacher``: fine-tune or
+- ``ray_start``: ``kdray.experiments.sweep.init_ray``;
+- ``teacher``: the teacher phase of each round (``kdray.experiments.sweep._prepare_teacher``:
+fine-tune or
   cache hit, copy into the storage);
-- ``teacher_outputs``: each round's teacher-output cache (``kdray.sweep._prepare_outputs``);
+- ``teacher_outputs``: each round's teacher-output cache
+(``kdray.experiments.sweep._prepare_outputs``);
 - ``training`` and ``evaluation``: the trials' epochs (``train_seconds``, ``eval_seconds`` of
   the epochs table);
 - ``trial_other``: the rest of each trainable (model and data set-up, checkpoints, reports,
-  diagnostics), from a thin timing wrapper around ``kdray.sweep.distill_trainable``;
+  diagnostics), from a thin timing wrapper around ``kdray.experiments.sweep.distill_trainable``;
 - ``ray_per_trial``: Tune's ``fit`` minus the trainables (worker start, scheduling, result and
   checkpoint handling);
 - ``driver``: everything else (pre-flight checks, tables, the statistics, the report).
@@ -48,13 +50,13 @@ TIMING_ENV = "KDRAY_BENCH_TRIAL_TIMING"
 
 
 def timed_trainable(config: dict[str, Any], spec_json: dict[str, Any] | None = None) -> None:
-    """kdray.sweep.distill_trainable, unchanged, with its start and end appended to the file
-    $KDRAY_BENCH_TRIAL_TIMING names (defined here, so Ray ships it by value to the worker)."""
+    """kdray.experiments.sweep.distill_trainable, unchanged, with its start and end appended to the
+    file $KDRAY_BENCH_TRIAL_TIMING names (defined here, so Ray ships it by value to the worker)."""
     import json
     import os
     import time
 
-    from kdray.sweep import distill_trainable
+    from kdray.experiments.sweep import distill_trainable
 
     start = time.time()
     try:
@@ -125,7 +127,8 @@ def run_ablate(spec_path: Path, out: Path, clock: Clock) -> int:
     import typer.main
     from ray import tune
 
-    from kdray import cli, sweep
+    from kdray import cli
+    from kdray.experiments import sweep
 
     sweep.init_ray = clock.wrap("ray_start", sweep.init_ray)
     sweep._prepare_teacher = clock.wrap("teacher", sweep._prepare_teacher)
@@ -173,7 +176,7 @@ def verdict(out: Path) -> dict[str, Any]:
     """Seeds per cell, the trials, and the comparison the tables give (``kdray report``)."""
     import pandas as pd
 
-    from kdray import report
+    from kdray.analysis import report
 
     trials = pd.read_parquet(out / "trials.parquet")
     summary: dict[str, Any] = {

@@ -20,6 +20,10 @@ def _passive_openmp() -> None:
 
 _passive_openmp()
 
+from kdray import _moved  # noqa: E402  (after the OpenMP policy, before any torch import)
+
+_moved.install()
+
 
 def build() -> str:
     """This installation's kdray: its version and a hash of its source files, so two checkouts
@@ -29,15 +33,18 @@ def build() -> str:
     from pathlib import Path
 
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix().encode()
+        digest.update(name + b"\0" + path.read_bytes() + b"\0")
     return f"{__version__}+{digest.hexdigest()[:10]}"
 
 
 #: ``kdray.<name>`` from Python, imported on first use so ``import kdray`` stays light (no
 #: torch, no Ray): run and load from :mod:`kdray.api`; ``kdray.sweep(spec)`` is the
-#: :mod:`kdray.sweep` module itself, which a call runs (:func:`kdray.sweep.search`); a report
-#: is ``kdray.report.build_report(folder)``.
+#: :mod:`kdray.experiments.sweep` module itself, which a call runs
+#: (:func:`kdray.experiments.sweep.search`); a report is
+#: ``kdray.analysis.report.build_report(folder)``.
 _API = ("run", "load", "as_spec", "Results")
 
 
@@ -49,7 +56,7 @@ def __getattr__(name: str) -> object:
     if name == "sweep":
         import importlib
 
-        return importlib.import_module("kdray.sweep")
+        return importlib.import_module("kdray.experiments.sweep")
     raise AttributeError(f"module 'kdray' has no attribute {name!r}")
 
 

@@ -1,11 +1,11 @@
 """kdray from Python: the commands a notebook needs, as functions returning DataFrames.
 
 ``import kdray`` then ``kdray.run(spec)``, ``kdray.sweep(spec)``, ``kdray.load(folder)`` (and
-``kdray.report.build_report(folder)``): the same pre-flight checks (a failed one raises
-:class:`kdray.check.PreflightError` listing each, before any compute), the same folders and
-tables as the CLI, which calls :func:`execute_run` and :func:`kdray.sweep.search` itself. A spec
-is a YAML path, a dict or a :class:`~kdray.spec.Spec`; ``overrides`` are ``--set`` values.
-"""
+:func:`kdray.analysis.report.build_report`): the same pre-flight checks (a failed one raises
+:class:`kdray.experiments.check.PreflightError` listing each, before any compute), the same folders
+and tables as the CLI, which calls :func:`execute_run` and :func:`kdray.experiments.sweep.search`
+itself. A spec is a YAML path, a dict or a :class:`~kdray.spec.Spec`; ``overrides`` are ``--set``
+values."""
 
 from __future__ import annotations
 
@@ -13,24 +13,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kdray import check, faults, results
-from kdray.results import Results, load
-from kdray.spec import Spec, load_spec, spec_from_dict
+from kdray.analysis import results
+from kdray.analysis.results import Results, load
+from kdray.experiments import check
+from kdray.infra import faults
+from kdray.spec import Spec, SpecLike, as_spec
 
 __all__ = ["Results", "SpecLike", "as_spec", "execute_run", "load", "run"]
-
-#: What the functions take as a spec: a YAML path, a dict as YAML would give, or a Spec.
-SpecLike = Spec | dict[str, Any] | str | Path
-
-
-def as_spec(spec: SpecLike, overrides: dict[str, Any] | None = None) -> Spec:
-    """A validated spec from a YAML file, a dict or a spec, with ``--set``-style overrides."""
-    values = dict(overrides or {})
-    if isinstance(spec, Spec):
-        return spec.with_values(values) if values else spec
-    if isinstance(spec, dict):
-        return spec_from_dict(spec).with_values(values) if values else spec_from_dict(spec)
-    return load_spec(spec, values)
 
 
 def run(
@@ -51,9 +40,9 @@ def run(
 
 def execute_run(spec: Spec, out_dir: Path, *, overwrite: bool = False, progress: Any = None) -> Any:
     """Claim the folder, distil (epoch curves to TensorBoard), write the tables and the
-    experiment record; the :class:`~kdray.distill.RunResult`. Checks are the caller's."""
-    from kdray import data  # torch: imported when a run is made, not with import kdray
-    from kdray.distill import distill
+    experiment record; the :class:`~kdray.training.distill.RunResult`. Checks are the caller's."""
+    from kdray.training import data  # torch: imported when a run is made, not with import kdray
+    from kdray.training.distill import distill
 
     results.claim_folder(out_dir, spec, "run", overwrite=overwrite)
     with _tensorboard(out_dir) as tensorboard:
@@ -69,7 +58,7 @@ def execute_run(spec: Spec, out_dir: Path, *, overwrite: bool = False, progress:
 def _tensorboard(out_dir: Path) -> Any:
     """The run's epoch curves as TensorBoard events in ``<results>/tensorboard``; an earlier
     run's events there are removed first (the folder holds one run, like its tables)."""
-    from kdray.tracking import TENSORBOARD_DIR, TensorBoardReport
+    from kdray.infra.tracking import TENSORBOARD_DIR, TensorBoardReport
 
     folder = out_dir / TENSORBOARD_DIR
     if folder.is_dir():

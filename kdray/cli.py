@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from kdray import faults
+from kdray.infra import faults
 from kdray.spec import Spec, SpecError, load_spec
 
 console = Console()
@@ -76,10 +76,10 @@ def _thread_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
 
 def _continue_command(argv: list[str]) -> str:
     """The command line that carries on after the failure: the same one with ``--resume`` for
-    the commands that resume (a study, and :data:`kdray.results.RESUMABLE`: a teacher search,
-    not a plain ``kdray teacher``; never with ``--overwrite``, which would move the results
+    the commands that resume (a study, and :data:`kdray.analysis.results.RESUMABLE`: a teacher
+    search, not a plain ``kdray teacher``; never with ``--overwrite``, which would move the results
     aside again), else the same one with ``--overwrite`` so the half run is replaced."""
-    from kdray.results import RESUMABLE
+    from kdray.analysis.results import RESUMABLE
 
     name = argv[0] if argv else "run"
     args = [a for a in argv[1:] if a not in ("--overwrite", "--resume")]
@@ -159,15 +159,15 @@ def _show_kdray_log() -> None:
 
 
 def _progress() -> Any:
-    from kdray.progress import RichProgress
+    from kdray.infra.progress import RichProgress
 
     return RichProgress(console)
 
 
 def _trials_table(spec: Spec, horizon: str = "train") -> Any:
-    from kdray.distill import selection_metric
-    from kdray.progress import TrialsTable
-    from kdray.sweep import LiveTrials
+    from kdray.experiments.sweep import LiveTrials
+    from kdray.infra.progress import TrialsTable
+    from kdray.training.distill import selection_metric
 
     return LiveTrials(spec, TrialsTable(spec.name, selection_metric(spec), console), horizon)
 
@@ -176,8 +176,8 @@ def _trials_table(spec: Spec, horizon: str = "train") -> Any:
 def _settings_errors() -> Iterator[None]:
     """Settings that cannot work (spec, data, models, maps, metric, nothing to resume) end the
     command with their message and exit code 2, never a traceback."""
-    from kdray.data import DataError
-    from kdray.models import ModelError
+    from kdray.training.data import DataError
+    from kdray.training.models import ModelError
 
     try:
         yield
@@ -225,7 +225,7 @@ def _concrete_length(spec: Spec) -> Spec:
     (everything after, caches and fingerprints included, sees the number)."""
     if spec.data.max_seq_length != "auto":
         return spec
-    from kdray import data
+    from kdray.training import data
 
     with _settings_errors():
         resolved, stats = data.resolve_max_seq_length(spec)
@@ -244,7 +244,7 @@ def _results_dir(spec: Spec, out: Path | None) -> Path:
 def _cluster_resources(address: str | None, spec: Spec) -> dict[str, Any] | None:
     if not address:
         return None
-    from kdray.sweep import cluster_resources
+    from kdray.experiments.sweep import cluster_resources
 
     try:
         return cluster_resources(address, spec.tune.runtime_env)
@@ -255,7 +255,7 @@ def _cluster_resources(address: str | None, spec: Spec) -> dict[str, Any] | None
 def _preflight(spec: Spec, command: str, out: Path | None, **options: Any) -> None:
     """The pre-flight checks of ``kdray check``; a failed one stops the command (exit 2) with
     every failed check listed, before any compute."""
-    from kdray.check import failed, preflight
+    from kdray.experiments.check import failed, preflight
 
     with _settings_errors():
         resources = _cluster_resources(options.get("address"), spec)
@@ -280,7 +280,7 @@ def run(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run one distillation as the spec says and write its Parquet tables."""
-    from kdray import results
+    from kdray.analysis import results
     from kdray.api import execute_run
 
     spec = _load(spec_path, set_)
@@ -374,7 +374,7 @@ def teacher(
     --search, search its fine-tuning first.
 
     A cached teacher whose files differ from their recorded sha256 is fine-tuned again."""
-    from kdray.teacher import TeacherDamagedError, ensure_teacher
+    from kdray.training.teacher import TeacherDamagedError, ensure_teacher
 
     spec = _load(spec_path, set_)
     _show_kdray_log()
@@ -407,9 +407,9 @@ def _teacher_search(
 ) -> None:
     """``kdray teacher --search``: the trials, then the confirmation seeds, then where the
     report is and which settings to use."""
-    from kdray.results import experiment_name
-    from kdray.sweep import run_teacher_search
-    from kdray.teacher_search import TEACHER_REPORT
+    from kdray.analysis.results import experiment_name
+    from kdray.experiments.sweep import run_teacher_search
+    from kdray.experiments.teacher_search import TEACHER_REPORT
 
     folder = _working_in(out or Path("results") / experiment_name(spec, "teacher"))
     # its spec check refuses a search block that varies anything but the teacher (exit 2)
@@ -428,7 +428,7 @@ def _teacher_search(
             **options,
         )
     if found.interrupted:
-        from kdray.results import EXIT_INTERRUPTED
+        from kdray.analysis.results import EXIT_INTERRUPTED
 
         done = (
             int((~found.trials["status"].isin(["interrupted"])).sum()) if len(found.trials) else 0
@@ -458,8 +458,8 @@ def sweep(
     overwrite: OverwriteOption = False,
 ) -> None:
     """A hyperparameter search: every Ray Tune trial is one distillation run."""
-    from kdray import results
-    from kdray.sweep import run_sweep
+    from kdray.analysis import results
+    from kdray.experiments.sweep import run_sweep
 
     spec = _load(spec_path, set_)
     _show_kdray_log()
@@ -508,7 +508,7 @@ def _copy_results(out_dir: Path, storage: str | None, name: str) -> None:
     copied as they were written), so report and export work from the storage alone."""
     if not storage:
         return
-    from kdray import remote
+    from kdray.infra import remote
 
     location = remote.results_location(storage, name)
     with _settings_errors():
@@ -520,7 +520,7 @@ def _finish(code: int, summary: str, trials: Any = None) -> None:
     """The closing line of a sweep or ablation, and its exit code: 130 when trials were cut off
     (with the command that continues), 1 when none finished, else 0; a trial that ended on an
     I/O failure (a full disk, a read-only folder) ends the command in its paragraph, exit 2."""
-    from kdray.results import EXIT_INTERRUPTED
+    from kdray.analysis.results import EXIT_INTERRUPTED
 
     errors = trials["error"].dropna() if trials is not None and "error" in trials else []
     failure = next((f for f in map(faults.io_failure_text, errors) if f is not None), None)
@@ -583,7 +583,7 @@ def ablate(
     options = {"address": address, "storage": storage, "callbacks": [_trials_table(spec)]}
     name = f"{spec.name}-ablation"
     out_dir = _working_in(out or Path("results") / name)
-    from kdray.followup import RoundInterrupted
+    from kdray.experiments.followup import RoundInterrupted
 
     try:
         with _settings_errors():
@@ -598,7 +598,7 @@ def ablate(
             f"{escape(_continue_command(_JOB.argv))}[/yellow]"
         )
         raise typer.Exit(130) from None
-    from kdray.results import exit_summary
+    from kdray.analysis.results import exit_summary
 
     code, summary = exit_summary(trials)
     console.print(f"tables: {out_dir}; summarise with: kdray report {out_dir}")
@@ -609,8 +609,9 @@ def ablate(
 def _ablation_cells(spec: Spec, from_sweep: Path | None) -> tuple[list[dict], Any]:
     """``(cells, baseline)`` of the spec's ablation design; skipped leave-one-out cells are
     printed with why."""
-    from kdray import followup, results
-    from kdray.plan import ablation_cells
+    from kdray.analysis import results
+    from kdray.experiments import followup
+    from kdray.experiments.plan import ablation_cells
 
     if spec.ablation is None or spec.ablation.design == "grid":
         return ablation_cells(spec, from_sweep), (spec.ablation.baseline if spec.ablation else None)
@@ -636,8 +637,9 @@ def _run_ablation(
 ) -> Any:
     """The trials table of a grid ablation (as before), a fixed-seed leave-one-out, or the
     adaptive rounds of either (then the seeds per cell and why each stopped are printed)."""
-    from kdray import data, followup
-    from kdray.sweep import run_ablation, run_trials
+    from kdray.experiments import followup
+    from kdray.experiments.sweep import run_ablation, run_trials
+    from kdray.training import data
 
     if adaptive:
         lengths = data.spec_length_stats(spec)
@@ -672,7 +674,7 @@ def confirm(
 ) -> None:
     """Re-run a sweep's top-K distinct configurations with N paired seeds each: how much of the
     sweep's ranking survives fresh seeds (the winner's curse)."""
-    from kdray.report import read_experiment
+    from kdray.analysis.report import read_experiment
 
     with _settings_errors():
         record = read_experiment(results_dir)
@@ -704,7 +706,8 @@ def confirm(
 def _confirm_configs(spec: Spec, sweep_dir: Path, top_k: int, seeds: int) -> list[dict]:
     """The sweep's top-K distinct configurations, printed (``kdray confirm`` and the study's
     confirm phase)."""
-    from kdray import followup, results
+    from kdray.analysis import results
+    from kdray.experiments import followup
 
     if seeds < 2:
         raise ValueError(f"--seeds must be >= 2 to estimate a spread, got {seeds}")
@@ -728,8 +731,8 @@ def _confirm_configs(spec: Spec, sweep_dir: Path, top_k: int, seeds: int) -> lis
 
 def _run_confirm(spec: Spec, configs: list[dict], seeds: int, out_dir: Path, **options: Any) -> Any:
     """Every configuration with seeds 1..``seeds``, paired, as one Ray Tune experiment."""
-    from kdray import followup
-    from kdray.sweep import run_trials
+    from kdray.experiments import followup
+    from kdray.experiments.sweep import run_trials
 
     return run_trials(
         spec, followup.paired_trials(configs, list(range(1, seeds + 1))),
@@ -751,7 +754,7 @@ def study(
 ) -> None:
     """The whole question in one command: sweep -> confirm the top configurations -> leave-one-out
     of the confirmed winner (adaptive seeds) -> STUDY.md, within the spec's study.budget."""
-    from kdray import study as studies
+    from kdray.experiments import study as studies
 
     spec = _load(spec_path, set_)
     _show_kdray_log()
@@ -791,8 +794,8 @@ def study(
 def _restorable(out_dir: Path, storage: str | None, name: str) -> bool:
     """Whether an interrupted phase's Tune experiment exists to continue; one interrupted before
     Tune started (e.g. while the teacher trained) starts again instead."""
-    from kdray.check import can_restore
-    from kdray.results import ray_store
+    from kdray.analysis.results import ray_store
+    from kdray.experiments.check import can_restore
 
     return can_restore(ray_store(out_dir, storage), name)
 
@@ -802,9 +805,9 @@ BudgetCheck = Callable[[], str | None]  # why a study's budget is spent now, or 
 
 def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
     """The study's phases, each by the code path of its own command (sweep, confirm, ablate)."""
-    from kdray import study as studies
+    from kdray.experiments import study as studies
+    from kdray.experiments.sweep import run_sweep
     from kdray.spec import StudySpec
-    from kdray.sweep import run_sweep
 
     confirm = (spec.study or StudySpec()).confirm
 
@@ -822,7 +825,7 @@ def _study_runners(spec: Spec, folder: Path, options: dict[str, Any]) -> dict[st
         return outcome.trials, len(configs) * confirm.seeds
 
     def ablation_phase(out_dir: Path, again: bool, budget_spent: BudgetCheck) -> tuple[Any, int]:
-        from kdray.followup import RoundInterrupted
+        from kdray.experiments.followup import RoundInterrupted
 
         loo = studies.ablation_spec(spec)
         cells, baseline = _ablation_cells(loo, folder / "confirm")
@@ -860,7 +863,7 @@ def check(
 ) -> None:
     """Pre-flight checks of a spec, in seconds: data, teacher, tokenizer, metric, device,
     resources, storage, results folder. Exit 0 when all pass, 2 otherwise."""
-    from kdray.check import as_rows, failed, preflight
+    from kdray.experiments.check import as_rows, failed, preflight
 
     spec = _load(spec_path, set_)
     chosen = command or ("sweep" if spec.search else "ablate" if spec.ablation else "run")
@@ -925,9 +928,9 @@ def report(
     ] = None,
 ) -> None:
     """Summarise a sweep or an ablation: statistics, paired comparisons, importance, plots."""
-    from kdray.plots import draw
-    from kdray.remote import local_results
-    from kdray.report import build_report
+    from kdray.analysis.plots import draw
+    from kdray.analysis.report import build_report
+    from kdray.infra.remote import local_results
 
     if format_ not in ("table", "markdown", "csv"):
         console.print("[red]--format must be table, markdown or csv[/red]")
@@ -1022,9 +1025,9 @@ def export(
 ) -> None:
     """Write the run's best student as a Hugging Face folder with a model card and its spec,
     and optionally push it to the Hugging Face Hub."""
-    from kdray.export import CARD_FILE, check_push, export_student
-    from kdray.export import push_to_hub as push
-    from kdray.remote import local_results
+    from kdray.experiments.export import CARD_FILE, check_push, export_student
+    from kdray.experiments.export import push_to_hub as push
+    from kdray.infra.remote import local_results
 
     if trial is not None and best:
         console.print("[red]give --trial ID or --best, not both[/red]")
@@ -1070,7 +1073,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Predict GLUE test (or dev) in the GLUE server's format: <Task>.tsv, index<TAB>prediction."""
-    from kdray.export import predict_glue
+    from kdray.experiments.export import predict_glue
 
     with _settings_errors():
         made = predict_glue(

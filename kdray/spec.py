@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdray import algorithms
-from kdray.schedule import StageSchedule
-from kdray.store import content_hash, json_cell
+from kdray.infra.store import content_hash, json_cell
+from kdray.method import algorithms
+from kdray.method.schedule import StageSchedule
 
 LayerChoice = Literal["skip", "first", "last"] | list[int]
 
@@ -163,7 +163,7 @@ REGRESSION_METRICS = ("pearson", "spearman")
 
 class SourceSpec(_Strict):
     """A task of the user's own: where its labelled examples are and which columns hold what
-    (read through Hugging Face ``datasets``; :mod:`kdray.sources`)."""
+    (read through Hugging Face ``datasets``; :mod:`kdray.training.sources`)."""
 
     format: Literal["csv", "json", "parquet", "disk", "hub"] = Field(
         ...,
@@ -609,7 +609,7 @@ RUNTIME_ENV_KEYS = (
 )  # fmt: skip
 
 #: Objectives measured on the student rather than on dev: its parameter count, and its CPU
-#: latency per example (:mod:`kdray.footprint`).
+#: latency per example (:mod:`kdray.training.footprint`).
 FOOTPRINT_OBJECTIVES = ("params", "latency_ms")
 
 
@@ -763,8 +763,8 @@ class AdaptiveSeeds(_Strict):
     step: int = Field(2, ge=1, le=1000)
     spending: Literal["obrien_fleming", "pocock"] = Field(
         "obrien_fleming",
-        description="How alpha is spent over the looks (kdray.stats): obrien_fleming keeps "
-        "nearly all of it for the last look; pocock spends it evenly, stopping earlier.",
+        description="How alpha is spent over the looks (kdray.analysis.stats): obrien_fleming "
+        "keeps nearly all of it for the last look; pocock spends it evenly, stopping earlier.",
     )
 
     @model_validator(mode="after")
@@ -958,7 +958,7 @@ def stage_schedule(spec: Spec) -> StageSchedule:
 
 def term_weights(spec: Spec) -> dict[str, float]:
     """The weight of each named loss term for the spec's algorithm (see
-    :func:`kdray.algorithms.term_weights`)."""
+    :func:`kdray.method.algorithms.term_weights`)."""
     w = spec.distill.losses
     return algorithms.term_weights(
         spec.distill.algorithm,
@@ -1272,6 +1272,20 @@ def load_spec(
 def spec_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
     """Validate an in-memory spec (tests, notebooks) with the same errors as a file."""
     return _absolute_source(_validate(copy.deepcopy(raw), source))
+
+
+#: What the Python API takes as a spec: a YAML path, a dict as YAML would give, or a Spec.
+SpecLike = Spec | dict[str, Any] | str | Path
+
+
+def as_spec(spec: SpecLike, overrides: dict[str, Any] | None = None) -> Spec:
+    """A validated spec from a YAML file, a dict or a spec, with ``--set``-style overrides."""
+    values = dict(overrides or {})
+    if isinstance(spec, Spec):
+        return spec.with_values(values) if values else spec
+    if isinstance(spec, dict):
+        return spec_from_dict(spec).with_values(values) if values else spec_from_dict(spec)
+    return load_spec(spec, values)
 
 
 def _absolute_source(spec: Spec) -> Spec:

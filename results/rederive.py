@@ -5,7 +5,7 @@
 Rewrites each folder's REPORT.md (and plots), the RTE study's phase reports and STUDY.md, and
 prints one line per verdict: the folder, the cell, its seeds, the difference with the interval
 it was decided on, and the verdict. The tables themselves are never touched: the evidence stays
-what it was, only the reading of it follows the rules in ``kdray.stats``.
+what it was, only the reading of it follows the rules in ``kdray.analysis.stats``.
 
 Questions answered by several folders are one family (``kdray report --family-with``): claim 1
 on RTE (the 3-epoch-teacher grid and the 10-epoch-teacher adaptive re-run) and on MRPC (the
@@ -20,7 +20,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(RESULTS.parent))  # this checkout's kdray
 
-from kdray import plots, report, results, study  # noqa: E402
+from kdray.analysis import plots, report, results  # noqa: E402
+from kdray.experiments import study  # noqa: E402
 from kdray.spec import Spec  # noqa: E402
 
 # folder -> the other folders of its question (its family)
@@ -71,7 +72,7 @@ def control() -> str:
     """CONTROL.md of the study: its recipe against the spec as written, paired by seed."""
     import pandas as pd
 
-    from kdray import stats
+    from kdray.analysis import stats
 
     folder, cell, other, default = CONTROL
     mine = results.load(Path("results") / folder)[0]
@@ -98,7 +99,7 @@ def control() -> str:
         "| --- | --- | --- | --- |",
         *(f"| {s} | {a[s]:.4f} | {b[s]:.4f} | {a[s] - b[s]:+.4f} |" for s in seeds),
         "",
-        f"Verdict (kdray.stats, a family of one, {verdict.method}, p {verdict.p:.4f}): "
+        f"Verdict (kdray.analysis.stats, a family of one, {verdict.method}, p {verdict.p:.4f}): "
         f"{stats.words(verdict, examples=277)}.",
         "",
         "kdray would not recommend this recipe: it is worse than the spec as written."

@@ -360,7 +360,7 @@ def run_all() -> dict[str, dict[str, Any]]:
     tests_conftest = _load_tests_conftest()
     import torch
 
-    from kdray.distill import distill
+    from kdray.training.distill import distill
 
     if os.environ.get("KDRAY_RECORD_ONEDNN") == "off":
         torch.backends.mkldnn.enabled = False

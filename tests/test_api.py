@@ -12,8 +12,8 @@ import yaml
 
 import kdray
 from conftest import REPO, tiny_spec_dict
-from kdray import results
-from kdray.check import PreflightError
+from kdray.analysis import results
+from kdray.experiments.check import PreflightError
 
 
 def test_import_kdray_loads_neither_torch_nor_ray_until_a_function_needs_them() -> None:

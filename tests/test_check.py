@@ -13,8 +13,10 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import FIXTURE_GLUE, REPO, tiny_spec_dict
-from kdray import check, remote, results
-from kdray.check import Check, preflight
+from kdray.analysis import results
+from kdray.experiments import check
+from kdray.experiments.check import Check, preflight
+from kdray.infra import remote
 from kdray.spec import spec_from_dict
 
 SEARCH = {"train.lr": {"choice": [1e-3, 2e-3]}}
@@ -58,7 +60,7 @@ def test_a_good_sweep_passes_and_writes_nothing(tiny_bert: Path, tmp_path: Path)
 
 
 def test_the_module_loads_without_torch() -> None:
-    code = "import sys, kdray.check; print('torch' in sys.modules)"
+    code = "import sys, kdray.experiments.check; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
@@ -81,7 +83,7 @@ def test_offline_without_local_data_is_an_error_not_a_hub_download(
     monkeypatch.delenv("KDRAY_GLUE_DIR", raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from kdray import data
+    from kdray.training import data
 
     def not_cached(*_: Any, **__: Any) -> None:
         raise data.DataError("not in the datasets cache")
@@ -344,7 +346,9 @@ def test_kdray_sweep_stops_before_ray_with_the_failed_checks(
 ) -> None:
     from kdray import cli
 
-    monkeypatch.setattr("kdray.sweep.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(
+        "kdray.experiments.sweep.init_ray", lambda *a, **k: pytest.fail("Ray started")
+    )
     raw = tiny_spec_dict(
         tiny_bert, search={"teacher.lr": {"choice": [1e-3]}}, data={"max_seq_length": 512}
     )
@@ -363,7 +367,7 @@ def test_kdray_run_stops_before_distilling_when_a_check_fails(
 ) -> None:
     from kdray import cli
 
-    monkeypatch.setattr("kdray.distill.distill", lambda *a, **k: pytest.fail("distilled"))
+    monkeypatch.setattr("kdray.training.distill.distill", lambda *a, **k: pytest.fail("distilled"))
     raw = tiny_spec_dict(tiny_bert, teacher={"checkpoint": str(tmp_path / "gone")})
     result = CliRunner().invoke(
         cli.app, ["run", str(_write_spec(tmp_path, raw)), "--out", str(tmp_path / "o")]
@@ -417,7 +421,7 @@ def test_a_node_running_other_kdray_code_is_refused_with_how_to_ship_it(
 
 def test_every_node_of_a_real_cluster_reports_the_drivers_kdray(cluster: Any) -> None:
     import kdray
-    from kdray import sweep
+    from kdray.experiments import sweep
 
     found = sweep.cluster_resources(cluster.address)
     assert len(found["nodes"]) == 2
@@ -448,7 +452,7 @@ def test_runtime_env_takes_rays_fields_only(tiny_bert: Path) -> None:
 def test_the_preflight_says_what_precision_runs_on_this_cpu(
     tiny_bert: Path, tmp_path: Path, monkeypatch, asked: str, native: bool, expected: str
 ) -> None:
-    from kdray import engine
+    from kdray.training import engine
 
     monkeypatch.setattr(engine, "native_cpu", lambda precision: native or precision == "fp32")
     spec = spec_from_dict(tiny_spec_dict(tiny_bert, train={"precision": asked}))

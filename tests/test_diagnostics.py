@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdray.data import collate
-from kdray.diagnostics import Diagnostics, linear_cka, representation_diagnostics
-from kdray.losses import attention_kl_loss
+from kdray.method.diagnostics import Diagnostics, linear_cka, representation_diagnostics
+from kdray.method.losses import attention_kl_loss
+from kdray.training.data import collate
 
 # ---------------------------------------------------------------------------------------------
 # linear_cka
@@ -219,7 +219,7 @@ def test_student_that_is_the_teacher_matches_it_exactly() -> None:
 
 def test_streamed_cka_survives_a_large_common_offset() -> None:
     """Hidden vectors with a huge shared mean: centring from streamed sums must not cancel out."""
-    from kdray.diagnostics import _Moments
+    from kdray.method.diagnostics import _Moments
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(90, 6)) + 1e7

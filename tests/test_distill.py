@@ -15,11 +15,13 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import FIXTURE_GLUE, SHARED_GLUE, tiny_spec_dict
-from kdray import data, engine, losses, models, results, teacher
-from kdray import distill as D
-from kdray.algorithms import build_stages
+from kdray.analysis import results
+from kdray.method import losses
+from kdray.method.algorithms import build_stages
 from kdray.spec import Spec, SpecError, spec_from_dict
-from kdray.teacher_outputs import LiveOutputs
+from kdray.training import data, engine, models, teacher
+from kdray.training import distill as D
+from kdray.training.teacher_outputs import LiveOutputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_spec_dict
-from kdray import engine, teacher
 from kdray.spec import spec_from_dict
+from kdray.training import engine, teacher
 
 CPU = torch.device("cpu")
 
@@ -105,7 +105,7 @@ def test_a_diverging_teacher_is_a_settings_error_that_names_the_fix(
 ) -> None:
     spec = spec_from_dict(tiny_spec_dict(tiny_bert, data={"cache_dir": str(tmp_path)}))
     monkeypatch.setattr(
-        "kdray.losses.hard_label_loss", lambda logits, labels: torch.tensor(float("inf"))
+        "kdray.method.losses.hard_label_loss", lambda logits, labels: torch.tensor(float("inf"))
     )
     with pytest.raises(ValueError, match=r"teacher fine-tuning diverged in epoch 1.*teacher.lr"):
         teacher.ensure_teacher(spec)
@@ -138,7 +138,7 @@ def test_length_grouping_is_reproducible_per_seed_and_shuffles_the_batch_order()
 
 
 def test_a_length_grouped_loader_yields_the_sampler_batches(tiny_bert: Path) -> None:
-    from kdray import data, models
+    from kdray.training import data, models
 
     tokenizer = models.load_tokenizer(str(tiny_bert))
     texts = [data.Example(text_a="word " * n, text_b=None, label=n % 2) for n in range(1, 40)]

@@ -1,5 +1,5 @@
-"""Tests for kdray.export and the export/predict commands: the student as a Hugging Face folder
-with a model card, and GLUE predictions in the server's layout."""
+"""Tests for kdray.experiments.export and the export/predict commands: the student as a Hugging Face
+folder with a model card, and GLUE predictions in the server's layout."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import FIXTURE_GLUE, make_tiny_bert, tiny_spec_dict
-from kdray import __version__, results
+from kdray import __version__
+from kdray.analysis import results
+from kdray.analysis.results import RunResult
 from kdray.cli import app
-from kdray.data import TASKS, compute_metrics, get_task, read_test
-from kdray.export import (
+from kdray.experiments.export import (
     SPEC_FILE,
     ExportError,
     PushError,
@@ -30,9 +31,9 @@ from kdray.export import (
     retention,
     teacher_origin,
 )
-from kdray.results import RunResult
 from kdray.spec import load_spec, spec_from_dict
-from kdray.teacher import TeacherInfo
+from kdray.training.data import TASKS, compute_metrics, get_task, read_test
+from kdray.training.teacher import TeacherInfo
 
 # Hand-chosen numbers of the fake run below: student dev accuracy 0.6, teacher 0.8 -> 75.0 %.
 STUDENT_ACC, TEACHER_ACC = 0.6, 0.8

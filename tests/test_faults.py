@@ -17,8 +17,9 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import REPO, grid_tune, tiny_spec_dict
-from kdray import fault_harness, faults, store
 from kdray.cli import app
+from kdray.experiments import fault_harness
+from kdray.infra import faults, store
 
 KDRAY = str(Path(sys.executable).parent / "kdray")
 
@@ -338,7 +339,7 @@ def test_a_full_disk_anywhere_in_a_sweep_ends_it_in_one_paragraph_with_exit_2(
 
 
 def test_a_trial_whose_worker_ray_killed_for_memory_is_oom_not_error() -> None:
-    from kdray.sweep import _trial_status
+    from kdray.experiments.sweep import _trial_status
 
     killed = (
         "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on "
@@ -379,7 +380,7 @@ def test_the_harness_comparison_sees_a_lost_a_repeated_and_a_changed_run(tmp_pat
 def test_checkpoints_are_pruned_only_when_no_saved_experiment_state_needs_them(
     tmp_path: Path,
 ) -> None:
-    from kdray.sweep import prune_checkpoints
+    from kdray.experiments.sweep import prune_checkpoints
 
     experiment = tmp_path / "exp"
 

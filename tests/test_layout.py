@@ -19,33 +19,61 @@ from conftest import REPO
 PACKAGE = REPO / "kdray"
 MAX_FUNCTION_LINES = 80
 
+#: The layers, lowest first: a module imports modules of its own layer or lower ones only.
+#: ``analysis`` sits below ``training`` because training writes the tables whose format it owns.
+LAYERS = ("infra", "method", "spec", "analysis", "training", "experiments", "entry")
+ROOT_LAYER = {"_moved": "infra", "spec": "spec", "api": "entry", "cli": "entry"}
+
 
 def _modules() -> dict[str, ast.Module]:
+    """Every kdray module by its dotted name below ``kdray`` (``experiments.sweep``)."""
     return {
-        path.stem: ast.parse(path.read_text(), filename=str(path))
-        for path in sorted(PACKAGE.glob("*.py"))
+        ".".join(path.relative_to(PACKAGE).with_suffix("").parts): ast.parse(
+            path.read_text(), filename=str(path)
+        )
+        for path in sorted(PACKAGE.rglob("*.py"))
         if path.stem != "__init__"
     }
 
 
-def _imported(tree: ast.Module) -> set[str]:
+def _layer(module: str) -> str:
+    package, _, _ = module.partition(".")
+    return package if package in LAYERS else ROOT_LAYER[module]
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of nodes under ``if TYPE_CHECKING:`` (type hints: no import when the code runs)."""
+    return {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for stmt in block.body
+        for node in ast.walk(stmt)
+    }
+
+
+def _imported(tree: ast.Module, *, runtime_only: bool = False) -> set[str]:
     """Every module name imported anywhere in ``tree`` (top level or inside a function)."""
+    skip = _type_checking_only(tree) if runtime_only else set()
     names: set[str] = set()
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
-            if node.module == "kdray":
-                names.update(f"kdray.{alias.name}" for alias in node.names)
+            if node.module.split(".")[0] == "kdray":
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
-def _kdray_graph() -> dict[str, set[str]]:
+def _kdray_graph(*, runtime_only: bool = False) -> dict[str, set[str]]:
     modules = _modules()
     graph: dict[str, set[str]] = {}
     for name, tree in modules.items():
-        deps = {n.split(".")[1] for n in _imported(tree) if n.startswith("kdray.")}
+        imported = _imported(tree, runtime_only=runtime_only)
+        deps = {n.removeprefix("kdray.") for n in imported if n.startswith("kdray.")}
         graph[name] = {d for d in deps if d in modules and d != name}
     return graph
 
@@ -69,17 +97,42 @@ def test_kdray_modules_import_each_other_without_a_cycle() -> None:
         visit(module, [])
 
 
+def test_every_module_imports_only_its_own_layer_or_lower_ones() -> None:
+    upward = [
+        f"{module} ({_layer(module)}) imports {dep} ({_layer(dep)})"
+        for module, deps in _kdray_graph(runtime_only=True).items()
+        for dep in sorted(deps)
+        if LAYERS.index(_layer(dep)) > LAYERS.index(_layer(module))
+    ]
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import_but_not_a_type_hint() -> None:
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\n"
+        "from kdray.training import data\n"
+        "if TYPE_CHECKING:\n    from kdray.experiments.plan import Trial\n"
+    )
+    assert "kdray.training.data" in _imported(tree, runtime_only=True)
+    assert "kdray.experiments.plan" not in _imported(tree, runtime_only=True)
+    assert "kdray.experiments.plan" in _imported(tree)
+    assert _layer("training.data") == "training" and _layer("api") == "entry"
+
+
 def test_only_the_sweep_module_imports_ray() -> None:
     users = sorted(
         name
         for name, tree in _modules().items()
         if any(n == "ray" or n.startswith("ray.") for n in _imported(tree))
     )
-    assert users == ["sweep"]
+    assert users == ["experiments.sweep"]
 
 
 def test_results_and_report_load_without_torch() -> None:
-    code = "import sys, kdray.results, kdray.report, kdray.plan; print('torch' in sys.modules)"
+    code = (
+        "import sys, kdray.analysis.results, kdray.analysis.report, kdray.experiments.plan; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
@@ -89,7 +142,7 @@ def test_results_and_report_load_without_torch() -> None:
 def test_importing_kdray_models_leaves_transformers_logging_alone() -> None:
     code = (
         "from transformers.utils import logging as l; before = l.get_verbosity(); "
-        "bars = l.is_progress_bar_enabled(); import kdray.models, kdray.distill; "
+        "bars = l.is_progress_bar_enabled(); import kdray.training.models, kdray.training.distill; "
         "print(l.get_verbosity() == before and l.is_progress_bar_enabled() == bars)"
     )
     out = subprocess.run(
@@ -110,8 +163,10 @@ def test_no_function_in_kdray_is_longer_than_about_80_lines() -> None:
 
 
 def test_the_layout_check_sees_a_cycle_and_a_lazy_import(tmp_path: Path) -> None:
-    tree = ast.parse("def f():\n    from kdray import sweep\n    import kdray.plan\n")
-    assert {"kdray.sweep", "kdray.plan", "kdray"} <= _imported(tree)
+    tree = ast.parse(
+        "def f():\n    from kdray.experiments import sweep\n    import kdray.experiments.plan\n"
+    )
+    assert {"kdray.experiments.sweep", "kdray.experiments.plan"} <= _imported(tree)
 
 
 def test_kdray_makes_openmp_threads_wait_passively_unless_told_otherwise() -> None:
@@ -181,3 +236,36 @@ def test_the_test_extra_names_every_package_the_tests_import() -> None:
     assert not missing, (
         f"imported by the tests but not in dependencies or the test extra: {missing}"
     )
+
+
+def _fresh_python(code: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_a_module_path_from_before_the_layers_imports_the_same_module() -> None:
+    code = (
+        "import kdray.report, kdray.analysis.report as new; "
+        "print(kdray.report is new, new.__spec__.name, new.__name__)"
+    )
+    assert _fresh_python(code) == "True kdray.analysis.report kdray.analysis.report"
+
+
+def test_a_trainable_pickled_under_its_old_module_path_unpickles_as_the_moved_one() -> None:
+    """What Ray Tune stored for a sweep started by an older kdray: resumable after the move."""
+    code = (
+        "import pickle; f = pickle.loads(b'ckdray.sweep\\ndistill_trainable\\n.'); "
+        "import kdray.experiments.sweep as s; print(f is s.distill_trainable)"
+    )
+    assert _fresh_python(code) == "True"
+
+
+def test_every_old_module_path_points_at_a_module_that_exists() -> None:
+    from kdray._moved import MOVED, new_name
+
+    moved = {name for name in _modules() if "." in name}
+    assert {f"{MOVED[old]}.{old}" for old in MOVED} <= moved
+    assert new_name("kdray.stats") == "kdray.analysis.stats"
+    assert new_name("kdray.spec") is None and new_name("kdray.analysis.stats") is None

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kdray.losses import (
+from kdray.method.losses import (
     LOSS_TERMS,
     attention_kl_loss,
     hard_label_loss,

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_bert
-from kdray import models
-from kdray import teacher as teacher_mod
-from kdray.models import ModelError, Projections, build_student, resolve_layer_map
+from kdray.training import models
+from kdray.training import teacher as teacher_mod
+from kdray.training.models import ModelError, Projections, build_student, resolve_layer_map
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -340,10 +340,10 @@ def test_a_teacher_whose_weights_are_a_code_running_pickle_is_refused_in_one_par
     from typer.testing import CliRunner
 
     from conftest import tiny_spec_dict
-    from kdray import check
     from kdray.cli import app
-    from kdray.models import load_classifier
+    from kdray.experiments import check
     from kdray.spec import spec_from_dict
+    from kdray.training.models import load_classifier
 
     marker = tmp_path / "code-ran"
     folder = _pickle_teacher(tmp_path / "hostile", tiny_bert, marker)
@@ -366,7 +366,7 @@ def test_a_teacher_whose_weights_are_a_code_running_pickle_is_refused_in_one_par
 def test_a_mean_pooled_teacher_classifies_the_masked_mean_and_loads_back_as_one(
     tiny_bert: Path, tmp_path: Path
 ) -> None:
-    from kdray.models import MeanPooledBert, build_student, load_classifier
+    from kdray.training.models import MeanPooledBert, build_student, load_classifier
 
     teacher = load_classifier(str(tiny_bert), 2, new_head=True, pooling="mean").eval()
     assert isinstance(teacher, MeanPooledBert)

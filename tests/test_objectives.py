@@ -1,5 +1,6 @@
 """Tests for what a sweep's searcher optimises beyond one score of one seed: several objectives
-(the Pareto front, kdray.pareto; latency, kdray.footprint) and a seed-averaged objective."""
+(the Pareto front, kdray.analysis.pareto; latency, kdray.training.footprint) and a seed-averaged
+objective."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import grid_tune, tiny_spec_dict
-from kdray import pareto
+from kdray.analysis import pareto
 from kdray.spec import SpecError, spec_from_dict
 
 TWO = [{"metric": "accuracy", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}]
@@ -63,7 +64,7 @@ def test_objectives_that_cannot_run_are_refused_with_the_fix(
 
 
 def test_latency_grows_with_the_students_layers(tiny_bert: Path) -> None:
-    from kdray import footprint
+    from kdray.training import footprint
 
     measured = {}
     for layers in (1, 4):
@@ -82,9 +83,9 @@ def test_a_two_objective_sweep_writes_its_front_and_keeps_each_front_students(
     from typer.testing import CliRunner
 
     import kdray
+    from kdray.analysis.plots import draw
+    from kdray.analysis.report import build_report
     from kdray.cli import app
-    from kdray.plots import draw
-    from kdray.report import build_report
 
     raw = tiny_spec_dict(tiny_bert, name="pareto", train={"epochs": 1})
     raw["distill"] = {"algorithm": "soft"}
@@ -115,8 +116,9 @@ def test_a_seed_averaged_sweep_shows_the_searcher_each_configurations_mean(
     from optuna.storages.journal import JournalFileBackend
 
     import kdray
-    from kdray import plan, results
-    from kdray.report import build_report
+    from kdray.analysis import results
+    from kdray.analysis.report import build_report
+    from kdray.experiments import plan
 
     raw = tiny_spec_dict(tiny_bert, name="seeds", train={"epochs": 1, "seed": 7})
     raw["distill"] = {"algorithm": "soft"}
@@ -127,9 +129,9 @@ def test_a_seed_averaged_sweep_shows_the_searcher_each_configurations_mean(
     out = tmp_path / "sweep"
     trials, _ = kdray.sweep(raw, out=out, address=cluster.address)  # the module, called
     assert len(trials) == 4 and set(trials["status"]) == {"ok"}
-    import kdray.sweep as module
+    import kdray.experiments.sweep as module
 
-    assert kdray.sweep is module and results.load(out).trials.equals(trials)
+    assert kdray.experiments.sweep is module and results.load(out).trials.equals(trials)
     with pytest.raises(ValueError, match="no search block; use kdray.run"):
         kdray.sweep(tiny_spec_dict(tiny_bert), out=tmp_path / "none")
     for _, group in trials.groupby("param.train.lr"):

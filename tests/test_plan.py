@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kdray.plan import cache_variants, students_to_keep
+from kdray.experiments.plan import cache_variants, students_to_keep
 from kdray.spec import SpecError, spec_from_dict
 
 
@@ -111,7 +111,7 @@ def test_tied_best_trials_are_broken_by_the_final_metric_then_the_fingerprint_in
 ):
     import pandas as pd
 
-    from kdray.plan import best_trial
+    from kdray.experiments.plan import best_trial
 
     rows = [
         {"trial_id": "b", "status": "ok", "metric": "accuracy", "best.dev.accuracy": 0.56,
@@ -160,7 +160,7 @@ def test_a_search_told_its_ended_trials_proposes_what_an_uninterrupted_one_would
     import numpy as np
     import optuna
 
-    from kdray.plan import OptunaSpace, continue_study, told_trials
+    from kdray.experiments.plan import OptunaSpace, continue_study, told_trials
 
     spec = _teacher_space_spec()
     space = OptunaSpace(spec)

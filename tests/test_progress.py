@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from kdray.progress import TrialsTable
+from kdray.infra.progress import TrialsTable
 
 
 def _table(metric: str) -> TrialsTable:

@@ -33,7 +33,7 @@ from record_runs import (
 )
 
 from conftest import make_tiny_bert
-from kdray.distill import distill
+from kdray.training.distill import distill
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from conftest import FIXTURE_GLUE
-from kdray import data, losses
+from kdray.method import losses
 from kdray.spec import SpecError, spec_from_dict
+from kdray.training import data
 
 
 def test_a_one_output_head_trains_on_squared_error_against_gold_and_teacher_scores() -> None:
@@ -58,7 +59,7 @@ def test_stsb_files_read_as_float_scores_and_a_bad_score_names_its_line(tmp_path
 def test_float_scores_survive_the_tokenisation_cache_and_batch_as_float32(
     tiny_bert: Path, tmp_path: Path
 ) -> None:
-    from kdray.models import load_tokenizer
+    from kdray.training.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_bert))
     dev = data.read_local("stsb", FIXTURE_GLUE, "dev")

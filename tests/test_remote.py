@@ -1,4 +1,4 @@
-"""The experiment's storage as a cluster's shared place (kdray/remote.py, data.publish and
+"""The experiment's storage as a cluster's shared place (kdray/infra/remote.py, data.publish and
 data.localize), against a real S3 API: moto's server on a loopback port of this test's own."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from conftest import FIXTURE_GLUE, tiny_spec_dict
-from kdray import check, data, remote
+from kdray.experiments import check
+from kdray.infra import remote
 from kdray.spec import spec_from_dict
+from kdray.training import data
 
 
 def test_a_uri_keeps_its_query_at_the_end_when_parts_are_joined() -> None:

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from kdray import plots as P
-from kdray import report as R
+from kdray.analysis import plots as P
+from kdray.analysis import report as R
 
 SOFT, SID, PID = "distill.algorithm=soft", "distill.algorithm=sid", "distill.algorithm=pid"
 # best dev accuracy per cell and seed. pid has seed 4 instead of 3: only seeds 1, 2 pair.
@@ -816,7 +816,7 @@ def test_plot_cka_groups_the_real_cka_table_by_cell_by_default(
     ablation: pd.DataFrame, tmp_path: Path
 ) -> None:
     results = _results(ablation, tmp_path / "results")
-    # cka.parquet as kdray.results writes it; layer pair (1, 1) scores 0.1 * seed
+    # cka.parquet as kdray.analysis.results writes it; layer pair (1, 1) scores 0.1 * seed
     rows = [
         {"name": t["name"], "trial_id": t["trial_id"], "student_layer": s, "teacher_layer": u}
         | {"cka": 0.1 * t["seed"] if (s, u) == (1, 1) else 0.5}
@@ -907,13 +907,13 @@ def test_report_imports_no_kdray_module_but_the_torch_free_results_and_registry(
         elif isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
     assert {m for m in modules if m.split(".")[0] == "kdray"} <= {
-        "kdray.results",
-        "kdray.algorithms",
-        "kdray.stats",
-        "kdray.pareto",
+        "kdray.analysis.results",
+        "kdray.method.algorithms",
+        "kdray.analysis.stats",
+        "kdray.analysis.pareto",
     }
     assert not {"torch", "transformers", "ray"} & {m.split(".")[0] for m in modules}
-    check = "import sys, kdray.report; assert 'torch' not in sys.modules, 'torch imported'"
+    check = "import sys, kdray.analysis.report; assert 'torch' not in sys.modules, 'torch imported'"
     root = str(Path(R.__file__).resolve().parents[1])  # this checkout's kdray, not an installed one
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdray import results
-from kdray.results import RunResult
+from kdray.analysis import results
+from kdray.analysis.results import RunResult
 from kdray.spec import spec_from_dict
-from kdray.teacher import TeacherInfo
+from kdray.training.teacher import TeacherInfo
 
 
 def _files(folder: Path) -> list[str]:
@@ -425,7 +425,7 @@ def test_a_run_without_a_student_removes_the_earlier_runs_student(tmp_path: Path
 
 
 def _fake_distill(calls: list[str]) -> Any:
-    """kdray.distill.distill that trains nothing: a one-epoch result, with a student folder
+    """kdray.training.distill.distill that trains nothing: a one-epoch result, with a student folder
     when the spec saves one and the run is not the diverging kind (``train.seed`` 13)."""
 
     def distill(spec: Any, output_dir: Path, **_: Any) -> RunResult:
@@ -451,7 +451,7 @@ def test_kdray_run_replaces_its_own_run_and_refuses_another(
     from kdray import cli
 
     calls: list[str] = []
-    monkeypatch.setattr("kdray.distill.distill", _fake_distill(calls))
+    monkeypatch.setattr("kdray.training.distill.distill", _fake_distill(calls))
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(json.dumps(tiny_spec_dict(tiny_bert)))
     out = tmp_path / "out"
@@ -491,7 +491,7 @@ def test_kdray_run_replaces_its_own_run_and_refuses_another(
     ],
 )
 def test_a_table_cell_is_missing_only_when_it_holds_no_value(value: Any, missing: bool) -> None:
-    from kdray.results import is_missing
+    from kdray.analysis.results import is_missing
 
     assert is_missing(value) is missing
 

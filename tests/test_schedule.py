@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kdray.algorithms import ALGORITHMS, build_stages
-from kdray.schedule import Stage, StageSchedule
+from kdray.method.algorithms import ALGORITHMS, build_stages
+from kdray.method.schedule import Stage, StageSchedule
 
 
 def _summary(stages: list[Stage]) -> list[tuple]:

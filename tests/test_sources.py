@@ -1,5 +1,6 @@
-"""Tests for kdray.sources and ``data.source``: a task of the user's own from CSV, JSON Lines,
-Parquet or a datasets folder, its labels from the data, and its problems found before compute."""
+"""Tests for kdray.training.sources and ``data.source``: a task of the user's own from CSV, JSON
+Lines, Parquet or a datasets folder, its labels from the data, and its problems found before
+compute."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import tiny_spec_dict
-from kdray import data
 from kdray.spec import SpecError, spec_from_dict
+from kdray.training import data
 
 REVIEWS = [
     ("a great film", "pos"),
@@ -160,7 +161,7 @@ def test_bad_data_fails_before_compute_naming_the_file_column_and_row(
 def test_the_pre_flight_refuses_bad_data_and_a_missing_file_with_the_key(
     tmp_path: Path, tiny_bert: Path
 ) -> None:
-    from kdray import check
+    from kdray.experiments import check
 
     files = reviews_csv(tmp_path, dev=[("fine", "pos"), ("meh", "mixed")])
     rows = check.preflight(source_spec(tiny_bert, csv_source(files)), command="run")

@@ -266,7 +266,7 @@ def test_cli_reports_a_bad_override_cleanly(tmp_path: Path, monkeypatch) -> None
 
     path = _write(tmp_path, BASE)
     calls: list[object] = []
-    monkeypatch.setattr("kdray.distill.distill", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("kdray.training.distill.distill", lambda *a, **k: calls.append(a))
     result = CliRunner().invoke(cli.app, ["run", str(path), "--set", "train.lrr=1e-4"])
     assert result.exit_code == 2, result.output
     assert "train.lrr" in result.output and "unknown key" in result.output
@@ -560,8 +560,10 @@ def test_search_errors_stop_the_cli_before_anything_runs(tmp_path: Path, monkeyp
     from kdray import cli
 
     called: list[str] = []
-    monkeypatch.setattr("kdray.distill.distill", lambda *a, **k: called.append("distill"))
-    monkeypatch.setattr("kdray.teacher.ensure_teacher", lambda *a, **k: called.append("teacher"))
+    monkeypatch.setattr("kdray.training.distill.distill", lambda *a, **k: called.append("distill"))
+    monkeypatch.setattr(
+        "kdray.training.teacher.ensure_teacher", lambda *a, **k: called.append("teacher")
+    )
     for search in (
         {"distill.algorithm": {"choice": ["sid", "bogus"]}},
         {"train.lr": {"uniform": [1e-3, 1e-5]}},
@@ -660,7 +662,9 @@ def test_sweep_and_ablate_report_settings_errors_without_a_traceback(
 ) -> None:
     from kdray import cli
 
-    monkeypatch.setattr("kdray.sweep.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(
+        "kdray.experiments.sweep.init_ray", lambda *a, **k: pytest.fail("Ray started")
+    )
     raw = {
         **BASE,
         "search": {"train.lr": {"choice": [1e-5, 2e-5]}},

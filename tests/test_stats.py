@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from kdray import stats as S
+from kdray.analysis import stats as S
 
 
 def test_the_t_interval_of_three_differences_matches_the_hand_computation() -> None:

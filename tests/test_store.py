@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdray import store
+from kdray.infra import store
 
 
 def _names(folder: Path) -> list[str]:

@@ -1,5 +1,5 @@
-"""Confirmation, leave-one-out cells and adaptive seeds (``kdray.followup``) and the ``kdray
-study`` chain (``kdray.study``) on synthetic tables with known answers."""
+"""Confirmation, leave-one-out cells and adaptive seeds (``kdray.experiments.followup``) and the
+``kdray study`` chain (``kdray.experiments.study``) on synthetic tables with known answers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from kdray import followup
+from kdray.experiments import followup
 from kdray.spec import AdaptiveSeeds, SpecError, load_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -456,7 +456,7 @@ def _folder(tmp_path: Path, rows: list[dict], command: str, ablation: dict | Non
 def test_report_of_a_confirmation_gives_the_curse_the_comparison_with_rank1_and_survival(
     tmp_path: Path,
 ) -> None:
-    from kdray.report import build_report
+    from kdray.analysis.report import build_report
 
     rows = [_confirm_row(1, s, a, 0.80) for s, a in ((1, 0.70), (2, 0.72), (3, 0.74))]
     rows += [_confirm_row(2, s, a, 0.78) for s, a in ((1, 0.75), (2, 0.76), (3, 0.77))]
@@ -474,7 +474,7 @@ def test_report_of_a_confirmation_gives_the_curse_the_comparison_with_rank1_and_
 def test_report_of_an_adaptive_ablation_says_seeds_per_cell_and_why_each_stopped(
     tmp_path: Path,
 ) -> None:
-    from kdray.report import build_report
+    from kdray.analysis.report import build_report
 
     cells = [
         {"cell": c, "values": {}, "source": "spec"} for c in ("base", "clear", "same", "noisy")
@@ -553,7 +553,8 @@ ABLATION_ROWS = [
 
 def _fake_phases(spec: Any, calls: list[tuple[str, bool]]) -> dict[str, Any]:
     """Phase runners that write the hand-made tables (and experiment.json) as the real ones do."""
-    from kdray import results, study
+    from kdray.analysis import results
+    from kdray.experiments import study
 
     def runner(phase: str, rows: list[dict], command: str, phase_spec: Any) -> Any:
         def run(out_dir: Path, again: bool, budget_spent: Any) -> tuple[pd.DataFrame, int]:
@@ -585,7 +586,7 @@ def test_a_study_block_is_validated_strictly_and_leaves_the_run_settings_alone()
 
 
 def test_the_study_ablation_is_a_leave_one_out_with_adaptive_seeds_by_default() -> None:
-    from kdray import study
+    from kdray.experiments import study
 
     listed = _spec(ablation={"seeds": [1, 2], "equivalence": 0.01})
     ablation = study.ablation_spec(listed).ablation
@@ -597,7 +598,7 @@ def test_the_study_ablation_is_a_leave_one_out_with_adaptive_seeds_by_default() 
 
 
 def test_a_study_runs_every_phase_once_and_records_each_as_done(tmp_path: Path) -> None:
-    from kdray import study
+    from kdray.experiments import study
 
     spec, calls = _study_spec(), []
     outcome = study.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
@@ -620,7 +621,7 @@ def test_a_study_runs_every_phase_once_and_records_each_as_done(tmp_path: Path) 
 def test_study_md_states_the_recipe_its_confirmed_score_and_which_components_matter(
     tmp_path: Path,
 ) -> None:
-    from kdray import study
+    from kdray.experiments import study
 
     spec = _study_spec()
     study.run_study(spec, tmp_path / "s", _fake_phases(spec, []))
@@ -668,7 +669,7 @@ def test_study_md_states_the_recipe_its_confirmed_score_and_which_components_mat
 def test_study_md_is_written_after_each_finished_phase_so_a_crash_leaves_what_is_known(
     tmp_path: Path,
 ) -> None:
-    from kdray import study
+    from kdray.experiments import study
 
     spec = _study_spec()
     phases = _fake_phases(spec, [])
@@ -689,7 +690,7 @@ def test_study_md_is_written_after_each_finished_phase_so_a_crash_leaves_what_is
 def test_a_spent_trial_budget_stops_the_study_after_the_sweep_with_what_is_known(
     tmp_path: Path,
 ) -> None:
-    from kdray import study
+    from kdray.experiments import study
 
     spec, calls = _study_spec(budget={"trials": 3}), []
     outcome = study.run_study(spec, tmp_path / "s", _fake_phases(spec, calls))
@@ -716,7 +717,7 @@ def test_a_spent_trial_budget_stops_the_study_after_the_sweep_with_what_is_known
 def test_an_interrupted_phase_is_continued_with_resume_and_finished_ones_are_skipped(
     tmp_path: Path,
 ) -> None:
-    from kdray import study
+    from kdray.experiments import study
 
     spec, calls = _study_spec(), []
     phases = _fake_phases(spec, calls)
@@ -748,7 +749,7 @@ def _budget_study(trials: int):
 def test_a_budget_spent_between_ablation_rounds_stops_there_and_resume_adds_the_seeds(
     tmp_path: Path,
 ) -> None:
-    from kdray import study
+    from kdray.experiments import study
 
     calls: list[tuple[str, bool]] = []
     phases = _fake_phases(_budget_study(8), calls)
@@ -791,7 +792,7 @@ def test_a_budget_spent_between_ablation_rounds_stops_there_and_resume_adds_the_
 
 
 def test_resume_without_a_study_says_there_is_nothing_to_continue(tmp_path: Path) -> None:
-    from kdray import study
+    from kdray.experiments import study
 
     with pytest.raises(ValueError, match="holds no study.json, so there is no study to continue"):
         study.run_study(_study_spec(), tmp_path / "s", {}, resume=True)
@@ -802,7 +803,7 @@ def test_a_study_killed_while_writing_its_first_record_starts_again(tmp_path: Pa
     import subprocess
     import sys
 
-    from kdray import study
+    from kdray.experiments import study
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -815,7 +816,7 @@ def test_a_study_killed_while_writing_its_first_record_starts_again(tmp_path: Pa
 
 
 def test_a_spent_hours_budget_names_the_hours_it_allowed_and_used() -> None:
-    from kdray import study
+    from kdray.experiments import study
     from kdray.spec import StudyBudgetSpec
 
     budget = StudyBudgetSpec(trials=50, hours=6)

@@ -19,10 +19,16 @@ import pytest
 import yaml
 
 from conftest import FIXTURE_GLUE, REPO, tiny_spec_dict
-from kdray import results
-from kdray.plan import OBJECTIVE, RUNG_TIME, OptunaSpace, active_values
+from kdray.analysis import results
+from kdray.experiments.plan import OBJECTIVE, RUNG_TIME, OptunaSpace, active_values
+from kdray.experiments.sweep import (
+    OPTUNA_JOURNAL,
+    logger_callbacks,
+    make_scheduler,
+    run_sweep,
+    setup_cpus,
+)
 from kdray.spec import SpecError, spec_from_dict
-from kdray.sweep import OPTUNA_JOURNAL, logger_callbacks, make_scheduler, run_sweep, setup_cpus
 
 ray = pytest.importorskip("ray")
 
@@ -188,8 +194,8 @@ def test_the_live_table_shows_a_trial_the_scheduler_stopped_as_pruned(tiny_bert:
 
     from rich.console import Console
 
-    from kdray.progress import TrialsTable
-    from kdray.sweep import LiveTrials
+    from kdray.experiments.sweep import LiveTrials
+    from kdray.infra.progress import TrialsTable
 
     raw = sweep_spec(tiny_bert, "live")  # students 3 epochs
     raw["teacher"] = {**raw["teacher"], "epochs": 2}
@@ -220,8 +226,8 @@ def test_a_live_table_pickled_by_an_older_kdray_is_restored_with_defaults(tiny_b
 
     from rich.console import Console
 
-    from kdray.progress import TrialsTable
-    from kdray.sweep import LiveTrials
+    from kdray.experiments.sweep import LiveTrials
+    from kdray.infra.progress import TrialsTable
 
     spec = spec_from_dict(sweep_spec(tiny_bert, "old"))
     live = LiveTrials(spec, TrialsTable("old", "accuracy", Console(file=io.StringIO())))
@@ -280,7 +286,7 @@ def test_sweep_writes_tables_with_conditional_params(
     # every trial ended: the teacher-output cache is gone from the storage too
     assert not (tmp_path / "out" / "ray" / "sweep-teacher-outputs").exists()
     # so the sweep's best student exports without Ray's checkpoints
-    from kdray.export import export_student
+    from kdray.experiments.export import export_student
 
     exported = export_student(tmp_path / "out", tmp_path / "best", best=True)
     assert (exported / "README.md").is_file()
@@ -442,8 +448,8 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(
 def test_ablation_runs_every_cell_once_per_seed_paired(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
-    from kdray.report import paired_comparison
-    from kdray.sweep import run_ablation
+    from kdray.analysis.report import paired_comparison
+    from kdray.experiments.sweep import run_ablation
 
     spec_dict = tiny_spec_dict(tiny_bert, name="abl", train={"epochs": 2})
     spec_dict["distill"] = {"algorithm": "soft"}
@@ -507,9 +513,9 @@ def test_ablation_runs_every_cell_once_per_seed_paired(
 def test_an_adaptive_leave_one_out_runs_as_paired_ray_trials_and_resumes_without_rerunning(
     cluster: Any, tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kdray import followup
-    from kdray.report import build_report
-    from kdray.sweep import run_trials
+    from kdray.analysis.report import build_report
+    from kdray.experiments import followup
+    from kdray.experiments.sweep import run_trials
 
     spec_dict = tiny_spec_dict(tiny_bert, name="study", train={"epochs": 2})
     spec_dict["distill"] = {"algorithm": "soft"}
@@ -543,7 +549,7 @@ def test_an_adaptive_leave_one_out_runs_as_paired_ray_trials_and_resumes_without
     assert built.stopping.set_index("cell").loc["init=random", "stopped"] == decision.status
 
     # resuming the finished rounds runs nothing: no teacher, no teacher-output cache, no Tune
-    import kdray.sweep as kdray_sweep
+    import kdray.experiments.sweep as kdray_sweep
 
     def must_not_run(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a finished round was run again")
@@ -558,7 +564,7 @@ def test_an_adaptive_leave_one_out_runs_as_paired_ray_trials_and_resumes_without
 
 def _dying_trainable(marker: Path) -> Any:
     """A trial that kills its own worker process right after its epoch-2 checkpoint, once."""
-    import kdray.sweep as kdray_sweep
+    import kdray.experiments.sweep as kdray_sweep
 
     def trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
         real = kdray_sweep.distill
@@ -654,7 +660,7 @@ def _rte_fixture_as_csv(folder: Path) -> dict[str, Any]:
     examples and label order, so the study below runs as on the GLUE files."""
     import csv
 
-    from kdray import data
+    from kdray.training import data
 
     files = {}
     for split in ("train", "dev"):
@@ -783,8 +789,8 @@ def test_the_trials_table_is_written_after_the_epochs_it_stands_for(
 ) -> None:
     """A kill between two table writes must never leave a trial's row without its epochs (a
     resumed experiment does not run an ended trial again to report them)."""
-    from kdray import results
-    from kdray.sweep import TableWriter
+    from kdray.analysis import results
+    from kdray.experiments.sweep import TableWriter
 
     writer = TableWriter(spec_from_dict(tiny_spec_dict(tiny_bert)), tmp_path, teacher=None)
     writer.rows = {"t1": {"trial_id": "t1", "status": "ok"}}
@@ -808,7 +814,7 @@ def test_a_trial_cut_off_by_ctrl_c_is_unfinished_though_tune_marks_it_terminated
 ) -> None:
     """Cut off: started in this run, never completed (its row must not say pruned, or a resume
     from the tables would keep it as ended). Restored: TERMINATED before this run started."""
-    from kdray.sweep import TableWriter
+    from kdray.experiments.sweep import TableWriter
 
     writer = TableWriter(spec_from_dict(tiny_spec_dict(tiny_bert)), tmp_path, teacher=None)
     cut, unreported, restored = _EndedTrial("cut"), _EndedTrial("unreported"), _EndedTrial("old")
@@ -836,7 +842,7 @@ def _flaky_client(failures: int, calls: list[str]) -> Any:
 
 
 def test_ray_client_is_tried_again_when_its_server_fails_to_start(monkeypatch: Any) -> None:
-    from kdray import sweep
+    from kdray.experiments import sweep
 
     calls: list[str] = []
     monkeypatch.setattr(sweep.ray, "is_initialized", lambda: False)
@@ -850,7 +856,7 @@ def test_ray_client_is_tried_again_when_its_server_fails_to_start(monkeypatch: A
 def test_ray_client_gives_up_after_its_retries_and_a_plain_address_at_once(
     monkeypatch: Any,
 ) -> None:
-    from kdray import sweep
+    from kdray.experiments import sweep
 
     monkeypatch.setattr(sweep.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(sweep.ray, "shutdown", lambda: None)
@@ -876,8 +882,8 @@ def test_a_scheduler_told_the_kept_trials_prunes_a_new_trial_below_their_rung(
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from kdray.plan import OBJECTIVE
-    from kdray.sweep import _tell_scheduler
+    from kdray.experiments.plan import OBJECTIVE
+    from kdray.experiments.sweep import _tell_scheduler
 
     asha = ASHAScheduler(
         time_attr=time, metric=OBJECTIVE, mode="max", max_t=4, grace_period=1, reduction_factor=2
@@ -937,8 +943,8 @@ def test_a_sweep_whose_ray_state_is_lost_goes_on_from_its_tables(
 def test_tpe_samples_at_random_for_the_start_up_the_spec_gives(tiny_bert: Path) -> None:
     import optuna
 
-    from kdray.plan import OptunaSpace
-    from kdray.sweep import make_searcher
+    from kdray.experiments.plan import OptunaSpace
+    from kdray.experiments.sweep import make_searcher
 
     def proposals(startup: int | None) -> list[float]:
         spec_dict = sweep_spec(tiny_bert, "startup")

@@ -16,9 +16,9 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_spec_dict
-from kdray import teacher
 from kdray.cli import app
 from kdray.spec import Spec, spec_from_dict
+from kdray.training import teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +107,7 @@ def test_a_truncated_cached_teacher_is_fine_tuned_again_with_a_warning_naming_th
     weights = folder / WEIGHTS
     size = weights.stat().st_size
     _truncate(weights)
-    with caplog.at_level(logging.WARNING, logger="kdray.teacher"):
+    with caplog.at_level(logging.WARNING, logger="kdray.training.teacher"):
         info = teacher.ensure_teacher(_spec(tiny_bert, cache))
     assert fine_tunes == ["fine-tune"]
     assert f"{weights} has {size // 2} bytes, not the {size} recorded" in caplog.text

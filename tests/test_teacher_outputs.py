@@ -19,11 +19,11 @@ from safetensors import safe_open
 from torch import nn
 
 from conftest import FIXTURE_GLUE, make_tiny_bert, tiny_spec_dict
-from kdray import data, engine, models
-from kdray import distill as D
-from kdray import teacher_outputs as tc
-from kdray.schedule import Stage
+from kdray.method.schedule import Stage
 from kdray.spec import Spec
+from kdray.training import data, engine, models
+from kdray.training import distill as D
+from kdray.training import teacher_outputs as tc
 
 CPU = torch.device("cpu")
 TEACHER_LAYERS = (2, 4)

@@ -14,8 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_spec_dict
-from kdray import teacher_search as ts
 from kdray.cli import app
+from kdray.experiments import teacher_search as ts
 from kdray.spec import spec_from_dict
 
 
@@ -119,7 +119,7 @@ def test_teacher_search_finds_confirms_and_caches_the_best_teacher(
 def test_layer_decay_gives_the_head_the_full_rate_and_each_lower_layer_less(
     tiny_bert: Path,
 ) -> None:
-    from kdray import engine, models
+    from kdray.training import engine, models
 
     model = models.load_classifier(str(tiny_bert), 2)  # 4 encoder layers
     scale = models.layer_lr_scale(model, 0.5)
@@ -139,9 +139,9 @@ def test_layer_decay_gives_the_head_the_full_rate_and_each_lower_layer_less(
 def test_a_setting_added_later_changes_no_fingerprint_or_teacher_key_at_its_default(
     tiny_bert: Path,
 ) -> None:
-    from kdray import teacher
+    from kdray.infra.store import content_hash
     from kdray.spec import LATER_SETTINGS
-    from kdray.store import content_hash
+    from kdray.training import teacher
 
     base = spec_from_dict(tiny_spec_dict(tiny_bert))
     later = ("teacher.layer_decay", "teacher.pooling", "data.source", "train.compile")
@@ -163,7 +163,7 @@ def test_a_setting_added_later_changes_no_fingerprint_or_teacher_key_at_its_defa
 def test_a_teacher_fine_tuned_with_layer_decay_is_cached_under_its_own_key(
     tiny_bert: Path, tmp_path: Path, one_thread: Any
 ) -> None:
-    from kdray.teacher import ensure_teacher
+    from kdray.training.teacher import ensure_teacher
 
     raw = tiny_spec_dict(tiny_bert, teacher={"layer_decay": 0.8})
     raw["data"]["cache_dir"] = str(tmp_path / "cache")
@@ -178,7 +178,7 @@ def test_an_interrupted_teacher_search_confirms_nothing_and_says_how_to_continue
 ) -> None:
     from types import SimpleNamespace
 
-    from kdray import sweep
+    from kdray.experiments import sweep
 
     raw = tiny_spec_dict(tiny_bert, name="cut", teacher={"epochs": 2})
     raw["search"] = {"teacher.lr": {"loguniform": [1e-4, 1e-3]}}

@@ -16,9 +16,9 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import grid_tune, tiny_spec_dict
-from kdray import results
+from kdray.analysis import results
+from kdray.infra.tracking import TENSORBOARD_DIR, TensorBoardReport, scalars
 from kdray.spec import spec_from_dict
-from kdray.tracking import TENSORBOARD_DIR, TensorBoardReport, scalars
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,7 +112,7 @@ def tracked(
     """One sweep for both trackers (two sweeps cost twice the teacher and the Ray start-up):
     two one-CPU trials of two epochs, a grid over the learning rate, ``tune.loggers: [mlflow,
     wandb]`` with their defaults, under ``WANDB_MODE=offline``; its folder, trials and epochs."""
-    from kdray.sweep import run_sweep
+    from kdray.experiments.sweep import run_sweep
 
     raw = tiny_spec_dict(tiny_bert, name="tracked", train={"epochs": 2})
     raw["distill"] = {"algorithm": "soft"}  # no layer stages: a dev metric every epoch
@@ -140,7 +140,7 @@ def test_mlflow_holds_one_run_per_trial_with_every_epochs_dev_metric(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from kdray.sweep import MLFLOW_DB
+    from kdray.experiments.sweep import MLFLOW_DB
 
     out, trials, epochs = tracked
     # default: a SQLite store in the results folder, the experiment named after the spec

@@ -1,10 +1,10 @@
 """The fine-tuned teacher: one home for finding, fine-tuning, storing and fetching it.
 
-A teacher is fine-tuned on the task once, through the same :func:`kdray.engine.train_step` as
-every student, keeping its best dev epoch, and stored as a folder (safetensors + tokenizer +
-``teacher.json``) in a content-addressed cache keyed by :func:`teacher_settings`; any later run
-with the same settings reuses it. A sweep copies it into its storage once (:func:`publish`) and
-each node fetches it from there under a file lock (:func:`fetch`).
+A teacher is fine-tuned on the task once, through the same :func:`kdray.training.engine.train_step`
+as every student, keeping its best dev epoch, and stored as a folder (safetensors + tokenizer +
+``teacher.json``) in a content-addressed cache keyed by :func:`teacher_settings`; any later run with
+the same settings reuses it. A sweep copies it into its storage once (:func:`publish`) and each node
+fetches it from there under a file lock (:func:`fetch`).
 
 ``teacher.json`` records the size and sha256 of every file beside it, so a truncated or corrupted
 teacher is never used under the id and dev metrics of the one that was saved: every read checks
@@ -27,10 +27,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdray import __version__, data, engine, losses, models, remote
-from kdray.progress import NoProgress, ProgressHook
-from kdray.spec import Spec
-from kdray.store import (
+from kdray import __version__
+from kdray.infra import remote
+from kdray.infra.progress import NoProgress, ProgressHook
+from kdray.infra.store import (
     atomic_dir,
     cache_root,
     content_hash,
@@ -38,6 +38,9 @@ from kdray.store import (
     file_problems,
     file_records,
 )
+from kdray.method import losses
+from kdray.spec import Spec
+from kdray.training import data, engine, models
 
 TEACHER_INFO_FILE = "teacher.json"
 #: Part of every teacher key: bump it when fine-tuning changes what it produces.

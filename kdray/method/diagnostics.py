@@ -8,7 +8,7 @@ directly on a dev split, after training:
   teacher layer, so one sees both whether the mapped pairs are similar and whether a student
   layer ended up resembling a different teacher layer than the one it was mapped to;
 - the attention KL(teacher || student) of every mapped layer, the same quantity the attention
-  loss optimises (``kdray.losses.attention_kl_loss``), so training and diagnosis agree;
+  loss optimises (``kdray.method.losses.attention_kl_loss``), so training and diagnosis agree;
 - prediction agreement between student and teacher, beside each one's accuracy, because two
   models with equal accuracy can still be wrong on different examples.
 
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from kdray.losses import attention_kl_loss
+from kdray.method.losses import attention_kl_loss
 
 __all__ = ["Diagnostics", "linear_cka", "representation_diagnostics"]
 
@@ -171,7 +171,7 @@ def _forward(model: nn.Module, batch: dict[str, Tensor], who: str) -> Any:
     if not out.attentions or any(a is None for a in out.attentions):
         raise ValueError(
             f"representation_diagnostics: the {who} returned no attention probabilities; load it "
-            'with attn_implementation="eager" (kdray.models.load_classifier does)'
+            'with attn_implementation="eager" (kdray.training.models.load_classifier does)'
         )
     return out
 

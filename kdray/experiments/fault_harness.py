@@ -1,7 +1,7 @@
 """Fault harness: kill a kdray command at random moments, resume it until it is done, and compare
 what it left with an uninterrupted run of the same spec and seeds.
 
-A dry run first counts how often the command passes each fault point (:mod:`kdray.faults`) and
+A dry run first counts how often the command passes each fault point (:mod:`kdray.infra.faults`) and
 how long it takes; the kills are then drawn from a seeded generator: half at a fault point (the
 n-th pass of a table write, a checkpoint, a student save, a teacher-output cache build), half on
 a timer. Each kill is a SIGKILL of the command's whole process group, as a pre-empted machine
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdray import faults, store
+from kdray.infra import faults, store
 
 #: What a finished run leaves that two runs of the same spec and seeds must agree on (the
 #: rest is identity, timing and paths): trials-table columns with these prefixes and names.
@@ -332,11 +332,12 @@ def compare(reference: Path, got: Path, rtol: float = 0.0) -> list[str]:
 
 def verdict_differences(reference: Path, got: Path) -> list[str]:
     """Where the verdicts of ``got`` differ from the reference's: every folder whose trials
-    compare cells (an ablation, a confirmation) reported by :func:`kdray.report.build_report`
-    on both, each cell's verdict per metric and its interval as printed."""
+    compare cells (an ablation, a confirmation) reported by
+    :func:`kdray.analysis.report.build_report` on both, each cell's verdict per metric and its
+    interval as printed."""
     import pandas as pd
 
-    from kdray.report import build_report
+    from kdray.analysis.report import build_report
 
     problems = []
     for ref_trials in sorted(reference.rglob("trials.parquet")):

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from kdray import models
 from kdray.spec import Spec
+from kdray.training import models
 
 WARMUP = 3
 ROUNDS = 20

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdray import remote, sources
-from kdray.models import load_tokenizer
-from kdray.store import atomic_file, cache_root, content_hash, file_digest
+from kdray.infra import remote
+from kdray.infra.store import atomic_file, cache_root, content_hash, file_digest
+from kdray.training import sources
+from kdray.training.models import load_tokenizer
 
 if TYPE_CHECKING:
     from kdray.spec import SourceSpec, Spec
@@ -1075,7 +1076,7 @@ def split_lengths(
 
 def _teacher_tokenizer_path(spec: Spec) -> str:
     """The folder whose tokenizer a run's examples are measured (and cut) with."""
-    from kdray.models import resolve_model_path
+    from kdray.training.models import resolve_model_path
 
     return resolve_model_path(spec.teacher.checkpoint or spec.teacher.model)
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import pandas as pd
 
-from kdray import followup, plan, plots, report, results, stats
+from kdray.analysis import plots, report, results, stats
+from kdray.experiments import followup, plan
+from kdray.infra.store import remove_stale_tree, write_text_atomic
 from kdray.spec import AblationSpec, AdaptiveSeeds, Spec, StudyBudgetSpec
-from kdray.store import remove_stale_tree, write_text_atomic
 
 logger = logging.getLogger("kdray")
 

@@ -24,14 +24,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdray import __version__, algorithms, data, engine, faults, losses, models
-from kdray.progress import NoProgress, ProgressHook
-from kdray.results import RunResult
-from kdray.schedule import Stage, StageSchedule
+from kdray import __version__
+from kdray.analysis.results import RunResult
+from kdray.infra import faults
+from kdray.infra.progress import NoProgress, ProgressHook
+from kdray.infra.store import atomic_dir
+from kdray.method import algorithms, losses
+from kdray.method.schedule import Stage, StageSchedule
 from kdray.spec import Spec, stage_schedule, term_weights
-from kdray.store import atomic_dir
-from kdray.teacher import TeacherInfo, ensure_teacher
-from kdray.teacher_outputs import OutputsFactory, TeacherBatch, TeacherOutputs, outputs_factory
+from kdray.training import data, engine, models
+from kdray.training.teacher import TeacherInfo, ensure_teacher
+from kdray.training.teacher_outputs import (
+    OutputsFactory,
+    TeacherBatch,
+    TeacherOutputs,
+    outputs_factory,
+)
 
 __all__ = [
     "STATE_FILE",
@@ -83,7 +91,7 @@ def stage_losses(
 ) -> dict[str, torch.Tensor]:
     """The named loss terms of one stage and their weighted total (key ``total``).
 
-    Only the stage's active terms (:func:`kdray.algorithms.active_terms`) are computed.
+    Only the stage's active terms (:func:`kdray.method.algorithms.active_terms`) are computed.
     Per-layer internal terms are summed over the stage's layers (the stacked objective of SID);
     ``attention.L<i>``/``hidden.L<i>`` keep each student layer's value for the records.
     """
@@ -119,7 +127,7 @@ def stage_losses(
 class DistillStep:
     """One distillation step on a batch in a stage: the teacher outputs the stage's active terms
     need, the student forward (attentions and hidden states only when used), the loss terms,
-    and the engine's :func:`~kdray.engine.train_step`. The benchmarks time exactly this."""
+    and the engine's :func:`~kdray.training.engine.train_step`. The benchmarks time exactly this."""
 
     student: nn.Module
     projections: models.Projections
@@ -579,7 +587,7 @@ def _better(value: float, best: float | None, mode: str) -> bool:
 def _diagnose(run: Run) -> dict[str, Any]:
     """Representation diagnostics of the best student (the current one if none was kept), as
     ``diag.*`` record fields (the CKA matrix as JSON)."""
-    from kdray.diagnostics import representation_diagnostics
+    from kdray.method.diagnostics import representation_diagnostics
 
     model = run.student
     if run.best_state is not None:

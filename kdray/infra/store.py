@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kdray import faults
+from kdray.infra import faults
 
 logger = logging.getLogger("kdray")
 

@@ -1,7 +1,8 @@
 """Tables and words over results tables: what an ablation or a sweep actually showed.
 
 Every function takes and returns plain DataFrames (the ``trials``/``epochs`` tables of
-``kdray.results``), so what ``kdray report`` prints a notebook user can recompute and extend.
+``kdray.analysis.results``), so what ``kdray report`` prints a notebook user can recompute and
+extend.
 
 Ablations (tables with a ``cell`` column, several seeds per cell) are summarised per cell and
 each cell is compared with a baseline cell *paired by seed*: runs sharing a seed share data
@@ -9,8 +10,8 @@ order and initialisation noise, so the per-seed differences are far less noisy t
 difference of two independent means. Sweeps (no ``cell`` column) get the best trials, the best
 trial per algorithm and a fANOVA parameter importance.
 
-The statistics behind every verdict are ``kdray.stats``'s; the plots of these tables are
-``kdray.plots``'s (``plots.draw(report, folder)``).
+The statistics behind every verdict are ``kdray.analysis.stats``'s; the plots of these tables are
+``kdray.analysis.plots``'s (``plots.draw(report, folder)``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-import kdray.pareto as pareto
-import kdray.results as results
-import kdray.stats as st
-from kdray.algorithms import INTERNAL
-from kdray.results import is_missing
+import kdray.analysis.pareto as pareto
+import kdray.analysis.results as results
+import kdray.analysis.stats as st
+from kdray.analysis.results import is_missing
+from kdray.method.algorithms import INTERNAL
 
 __all__ = [
     "Report",
@@ -56,7 +57,8 @@ MODES = ("max", "min")
 DEFAULT_MODE = "max"
 DEFAULT_ALPHA = 0.05
 
-# Columns of a trials row that are neither settings nor metrics (see kdray.results.trial_row).
+# Columns of a trials row that are neither settings nor metrics (see
+# kdray.analysis.results.trial_row).
 _NOT_SETTINGS = {
     "name",
     "trial_id",
@@ -84,7 +86,7 @@ _RESULT_PREFIXES = ("best.", "final.", "teacher.", "diag.")
 _BOOKKEEPING_PREFIXES = ("data.dir", "data.cache_dir", "train.device", "teacher.cache")
 
 Fmt = Literal["table", "markdown", "csv"]
-# Per-run diagnostics (kdray.diagnostics) worth a per-cell mean in the summary.
+# Per-run diagnostics (kdray.method.diagnostics) worth a per-cell mean in the summary.
 _DIAG_SUMMARY = ("diag.cka.mean", "diag.attention_kl.mean", "diag.agreement")
 
 
@@ -93,7 +95,8 @@ _DIAG_SUMMARY = ("diag.cka.mean", "diag.attention_kl.mean", "diag.agreement")
 
 
 def _folder(path: str | Path) -> Path:
-    """A results folder, given the folder or a file in it (as ``kdray.results.load`` accepts).
+    """A results folder, given the folder or a file in it (as ``kdray.analysis.results.load``
+    accepts).
 
     A path that does not exist stays itself, so nothing is read from its parent folder."""
     path = Path(path)
@@ -152,7 +155,7 @@ def _group_column(trials: pd.DataFrame) -> str:
         return "distill.algorithm"
     raise ValueError(
         "trials have neither a 'cell' nor a 'distill.algorithm' column to group runs by; "
-        "write the table with kdray.results (which records both) or add one of them"
+        "write the table with kdray.analysis.results (which records both) or add one of them"
     )
 
 
@@ -389,14 +392,13 @@ def paired_comparison(
 ) -> pd.DataFrame:
     """Every cell against the baseline cell, paired by seed over the seeds both have.
 
-    Per cell: ``n_pairs``, the two means over the paired seeds, ``mean_diff`` (cell minus
-    baseline), the ``confidence`` (default 95 %) t-interval of the mean difference (``ci_low``,
-    ``ci_high``), a BCa bootstrap interval beside it only from
-    :data:`kdray.stats.MIN_BOOTSTRAP_PAIRS` pairs on (``boot_low``, ``boot_high``; ``n_boot``
-    resamples seeded with ``seed``), the paired t-test p (``p_ttest``), its Holm-adjusted value
-    over the compared cells (``p_ttest_holm``, statsmodels) and the exact sign-flip p
-    (``p_signflip``). ``baseline`` is a cell name or ``{setting: value}`` selecting exactly one
-    cell (e.g. ``{"distill.algorithm": "soft"}``).
+    Per cell: ``n_pairs``, the two means over the paired seeds, ``mean_diff`` (cell minus baseline),
+    the ``confidence`` (default 95 %) t-interval of the mean difference (``ci_low``, ``ci_high``), a
+    BCa bootstrap interval beside it only from :data:`kdray.analysis.stats.MIN_BOOTSTRAP_PAIRS`
+    pairs on (``boot_low``, ``boot_high``; ``n_boot`` resamples seeded with ``seed``), the paired
+    t-test p (``p_ttest``), its Holm-adjusted value over the compared cells (``p_ttest_holm``,
+    statsmodels) and the exact sign-flip p (``p_signflip``). ``baseline`` is a cell name or
+    ``{setting: value}`` selecting exactly one cell (e.g. ``{"distill.algorithm": "soft"}``).
     """
     _check_confidence(confidence)
     group = _group_column(trials)
@@ -640,7 +642,7 @@ def learning_curves(
 
 
 # ---------------------------------------------------------------------------------------------
-# CKA per group (what kdray.plots draws as heatmaps)
+# CKA per group (what kdray.analysis.plots draws as heatmaps)
 
 
 _CKA_VALUES = ("student_layer", "teacher_layer", "cka")
@@ -650,7 +652,8 @@ _ALL_RUNS = "runs"
 
 
 def cka_means(cka_long: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
-    """Mean linear CKA per group, student layer and teacher layer (``kdray.plots.plot_cka``).
+    """Mean linear CKA per group, student layer and teacher layer
+    (``kdray.analysis.plots.plot_cka``).
 
     ``cka_long`` is ``cka.parquet`` (``name, trial_id, student_layer, teacher_layer, cka``)
     joined with the trials' ``cell`` or ``distill.algorithm``, as ``Report.cka`` is. ``by=None``
@@ -774,7 +777,7 @@ def render(df: pd.DataFrame, fmt: Fmt = "table") -> str:
 # Findings: the paper's question answered in words, from the paired statistics
 
 # Algorithms that distil the teacher's internal representations (the paper's methods).
-INTERNAL_ALGORITHMS = INTERNAL  # kdray.algorithms: the algorithms that distil internals
+INTERNAL_ALGORITHMS = INTERNAL  # kdray.method.algorithms: the algorithms that distil internals
 # Diagnostics compared with the baseline, and whether higher means closer to the teacher.
 DIAGNOSTICS = {"diag.cka.mean": True, "diag.attention_kl.mean": False, "diag.agreement": True}
 
@@ -802,9 +805,9 @@ def cell_verdicts(
     margin: float = DEFAULT_MARGIN,
     design: st.Design | None = None,
 ) -> dict[Any, st.Verdict]:
-    """Every cell's :class:`kdray.stats.Verdict` against the baseline: ``design`` (the adaptive
-    seeds' group-sequential one), else a fixed design over the seeds the cells have. The cells
-    compared are the family (Holm)."""
+    """Every cell's :class:`kdray.analysis.stats.Verdict` against the baseline: ``design`` (the
+    adaptive seeds' group-sequential one), else a fixed design over the seeds the cells have. The
+    cells compared are the family (Holm)."""
     _, pairs = paired_differences(trials, baseline, metric)
     diffs = {key: frame["diff"].to_numpy() for key, frame in pairs.items()}
     most = max((d.size for d in diffs.values()), default=2)
@@ -824,10 +827,10 @@ def findings(
 ) -> pd.DataFrame:
     """Per compared cell: the paired difference from the baseline of the metric and of each
     recorded diagnostic, each with a verdict (better / worse / equivalent / unresolved, by
-    :mod:`kdray.stats`: Holm across cells at ``alpha``) that reads "closer to the teacher" for
-    the diagnostics (higher CKA and agreement, lower attention KL). Equivalence (TOST within
-    ``margin``) is tested on the metric only, by ``design`` when the seeds came in adaptive
-    rounds (the verdicts are then the ones the rounds stopped on)."""
+    :mod:`kdray.analysis.stats`: Holm across cells at ``alpha``) that reads "closer to the teacher"
+    for the diagnostics (higher CKA and agreement, lower attention KL). Equivalence (TOST within
+    ``margin``) is tested on the metric only, by ``design`` when the seeds came in adaptive rounds
+    (the verdicts are then the ones the rounds stopped on)."""
     _check_alpha(alpha)
     _ascending(mode)
     group = _group_column(trials)
@@ -1059,7 +1062,7 @@ class Report:
     ranking_survived: bool | None = None
     stopping: pd.DataFrame | None = None  # adaptive seeds: seeds per cell and why it stopped
     equivalence: float | None = None  # the equivalence margin (ablation.equivalence)
-    design: st.Design | None = None  # how the verdicts were decided (kdray.stats)
+    design: st.Design | None = None  # how the verdicts were decided (kdray.analysis.stats)
     family: pd.DataFrame | None = None  # one question across folders: the joint verdicts
     pareto: pd.DataFrame | None = None  # a multi-objective sweep's non-dominated trials
     seeds: pd.DataFrame | None = None  # tune.seeds_per_trial: each configuration's seed spread
@@ -1368,7 +1371,8 @@ def _join_cka(cka: pd.DataFrame, trials: pd.DataFrame, group: str, path: Path) -
     if "trial_id" not in keys:
         raise ValueError(
             f"{path} and the trials table must both have a 'trial_id' column to be joined; "
-            f"{path.name} has {list(cka.columns)}. Rewrite it with kdray.results or remove it"
+            f"{path.name} has {list(cka.columns)}. Rewrite it with kdray.analysis.results or "
+            "remove it"
         )
     info = trials[keys + [group]].drop_duplicates(keys)
     return cka.merge(info, on=keys, how="inner")
@@ -1428,7 +1432,7 @@ def _report_design(report: Report, trials: pd.DataFrame) -> tuple[float, st.Desi
 
 
 # ---------------------------------------------------------------------------------------------
-# Confirmation and adaptive seeds (used by kdray.followup)
+# Confirmation and adaptive seeds (used by kdray.experiments.followup)
 
 
 def winners_curse(
@@ -1492,7 +1496,7 @@ MAX_REACHED = "max reached"  # a stop reason: the cell is unresolved with all it
 @dataclass
 class Decision:
     """Where one cell's comparison with the baseline stands after a round, and how it was
-    decided (the :class:`kdray.stats.Verdict` behind it)."""
+    decided (the :class:`kdray.analysis.stats.Verdict` behind it)."""
 
     status: str  # better | worse | equivalent | max reached | unresolved (more seeds coming)
     n_seeds: int
@@ -1517,9 +1521,9 @@ def seed_decisions(
     seeds: Any,
 ) -> dict[str, Decision]:
     """Per cell (not the baseline): decided by the group-sequential design of the adaptive
-    seeds (:func:`kdray.stats.sequential_verdicts`, replayed from the tables), or the seeds it
-    gets next: up to the design's next look (``seeds.step`` more, at most ``seeds.max``; a
-    cell below ``seeds.min`` is topped up first). ``seeds``: the spec's ``AdaptiveSeeds``."""
+    seeds (:func:`kdray.analysis.stats.sequential_verdicts`, replayed from the tables), or the seeds
+    it gets next: up to the design's next look (``seeds.step`` more, at most ``seeds.max``; a cell
+    below ``seeds.min`` is topped up first). ``seeds``: the spec's ``AdaptiveSeeds``."""
     design = st.Design(
         min=seeds.min, max=max(seeds.max, seeds.min), step=seeds.step, alpha=alpha,
         margin=equivalence, spending=seeds.spending,
@@ -1636,7 +1640,7 @@ def build_report(
     alpha: float | None = None,
     family_with: Sequence[str | Path] = (),
 ) -> Report:
-    """Read a results folder and compute every table (``kdray.plots.draw`` plots them).
+    """Read a results folder and compute every table (``kdray.analysis.plots.draw`` plots them).
 
     ``family_with``: other folders that answer the same question (a follow-up, a re-run with
     another teacher); every comparison of them all is one family (:func:`family_verdicts`).

@@ -1,9 +1,9 @@
 """Experiment tracking for ``kdray run``: the epoch records as TensorBoard scalars (no Ray).
 
-A sweep's trials are tracked by Ray Tune's own logger callbacks (:mod:`kdray.sweep`); a single
-run has no Ray, so :class:`TensorBoardReport` is the ``report`` callable that
-:func:`kdray.distill.distill` calls after every epoch, writing the same numbers under the same
-names so a run and a sweep's trials read alike in one TensorBoard.
+A sweep's trials are tracked by Ray Tune's own logger callbacks (:mod:`kdray.experiments.sweep`); a
+single run has no Ray, so :class:`TensorBoardReport` is the ``report`` callable that
+:func:`kdray.training.distill.distill` calls after every epoch, writing the same numbers under the
+same names so a run and a sweep's trials read alike in one TensorBoard.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardReport:
-    """``report(record, save)`` for :func:`~kdray.distill.distill`: one scalar per record field
-    per epoch (step = epoch) in ``<folder>``; call :meth:`close` when the run ends."""
+    """``report(record, save)`` for :func:`~kdray.training.distill.distill`: one scalar per record
+    field per epoch (step = epoch) in ``<folder>``; call :meth:`close` when the run ends."""
 
     def __init__(self, folder: str | Path) -> None:
         from tensorboardX import SummaryWriter  # imported here: kdray run only

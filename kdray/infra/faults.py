@@ -1,9 +1,9 @@
 """Faults: where kdray can be made to crash on purpose, and how it recognises an I/O failure.
 
-Crash safety is shown by tests that kill kdray at named points (:func:`point`) inside table
-writes, checkpoint writes, student saves and cache builds, then resume it and compare with an
-uninterrupted run (:mod:`kdray.fault_harness`). A point does nothing unless the environment
-variable :data:`PLAN_VAR` holds a plan, so production runs pay one dictionary lookup per point.
+Crash safety is shown by tests that kill kdray at named points (:func:`point`) inside table writes,
+checkpoint writes, student saves and cache builds, then resume it and compare with an uninterrupted
+run (:mod:`kdray.experiments.fault_harness`). A point does nothing unless the environment variable
+:data:`PLAN_VAR` holds a plan, so production runs pay one dictionary lookup per point.
 The plan is JSON::
 
     {"site": "store.file", "match": "trials.parquet", "hit": 3, "action": "kill",

@@ -1,10 +1,10 @@
 """Stages and the schedule that walks through them, testable without a model.
 
-A ``Stage`` says which loss terms are on and which student parts are frozen (each algorithm's
-stages are built in :mod:`kdray.algorithms`); ``StageSchedule`` decides which stage each epoch
-belongs to. Both are pure Python so the progressive (PID) and stacked (SID) algorithms of
-Aguilar et al. (AAAI 2020) can be checked exhaustively in unit tests, and a checkpointed run can
-resume mid-schedule exactly.
+A ``Stage`` says which loss terms are on and which student parts are frozen (each algorithm's stages
+are built in :mod:`kdray.method.algorithms`); ``StageSchedule`` decides which stage each epoch
+belongs to. Both are pure Python so the progressive (PID) and stacked (SID) algorithms of Aguilar et
+al. (AAAI 2020) can be checked exhaustively in unit tests, and a checkpointed run can resume
+mid-schedule exactly.
 
 Student layers are numbered 1..L (1-based); 0 means the embeddings.
 """

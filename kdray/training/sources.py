@@ -6,7 +6,8 @@ before any compute, so a wrong column, an empty split, a null text or a dev labe
 data never shows fails with the file and the row instead of a traceback mid-training. Labels
 get ids in a fixed order (the spec's ``labels``, else the dataset's ClassLabel names, else the
 train values sorted), so every process of a sweep numbers them alike. Knows nothing of GLUE,
-tokenisers or torch: :mod:`kdray.data` turns what this module reads into examples and a task.
+tokenisers or torch: :mod:`kdray.training.data` turns what this module reads into examples and a
+task.
 """
 
 from __future__ import annotations

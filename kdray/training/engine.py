@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from kdray import data
+from kdray.training import data
 
 logger = logging.getLogger("kdray")
 

@@ -11,7 +11,7 @@ without Ray: from a sweep to a confirmed, explained answer.
 - **Adaptive seeds** (:func:`seed_decisions`, :func:`adaptive_rounds`): seeds are spent only on
   cells whose paired comparison with the baseline is still unresolved.
 
-Pure Python and pandas: :mod:`kdray.sweep` runs the trials these describe.
+Pure Python and pandas: :mod:`kdray.experiments.sweep` runs the trials these describe.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-from kdray import algorithms, plan, report, results
-from kdray.report import (  # noqa: F401 - the study's statistics, kept with the report's
+from kdray.analysis import report, results
+from kdray.analysis.report import (  # noqa: F401 - the study's statistics, kept with the report's
     BETTER,
     EQUIVALENT,
     MAX_REACHED,
@@ -38,8 +38,10 @@ from kdray.report import (  # noqa: F401 - the study's statistics, kept with the
     stop_table,
     winners_curse,
 )
+from kdray.experiments import plan
+from kdray.infra.store import json_cell
+from kdray.method import algorithms
 from kdray.spec import AdaptiveSeeds, ComponentsSpec, Spec, stage_schedule, term_weights
-from kdray.store import json_cell
 
 logger = logging.getLogger("kdray")
 
@@ -130,7 +132,7 @@ def with_control(configs: list[dict[str, Any]], spec: Spec) -> list[dict[str, An
 
 
 def control_verdict(trials: pd.DataFrame, spec: Spec, cell: str) -> Any:
-    """``cell``'s :class:`kdray.stats.Verdict` against the spec as written (``default``),
+    """``cell``'s :class:`kdray.analysis.stats.Verdict` against the spec as written (``default``),
     every confirmed configuration against it one Holm family; None without a default cell."""
     if "cell" not in trials or DEFAULT_CELL not in set(trials["cell"]) or cell == DEFAULT_CELL:
         return None
@@ -387,7 +389,7 @@ def run_adaptive(
     **run_options: Any,
 ) -> tuple[pd.DataFrame, dict[str, Decision]]:
     """:func:`adaptive_rounds` with each round one experiment in ``out_dir/rounds/round-<k>``
-    run by ``run`` (:func:`kdray.sweep.run_trials`), its tables merged into ``out_dir``.
+    run by ``run`` (:func:`kdray.experiments.sweep.run_trials`), its tables merged into ``out_dir``.
 
     A folder holds one experiment, so rounds cannot append to one Tune experiment; with
     ``resume``, a round whose folder exists is continued (a finished one returns at once) and

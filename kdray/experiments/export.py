@@ -21,8 +21,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from kdray import __version__, algorithms, data, engine, models, plan, results, store
+from kdray import __version__
+from kdray.analysis import results
+from kdray.experiments import plan
+from kdray.infra import store
+from kdray.method import algorithms
 from kdray.spec import Spec, SpecError, spec_from_dict, stage_schedule, term_weights
+from kdray.training import data, engine, models
 
 __all__ = [
     "CARD_FILE",
@@ -370,8 +375,8 @@ def teacher_origin(model: str) -> tuple[str | None, str | None]:
     folder's README.md loads exactly one Hub id in its code (a copy of a Hub model does:
     ``from_pretrained('org/name')``) that is the id; else a packaged model or a hub id keeps its
     name, and a local folder has none (the Hub refuses a path as ``base_model``; the card's
-    ``kdray.teacher`` still names it). The license is the README's front matter ``license``;
-    None when there is none (kdray never guesses one).
+    ``kdray.training.teacher`` still names it). The license is the README's front matter
+    ``license``; None when there is none (kdray never guesses one).
     """
     fallback = None if Path(model).expanduser().is_dir() else model
     try:

@@ -1,9 +1,10 @@
-"""Plots of a report's tables: PNGs drawn from what ``kdray.report`` computed, nothing more.
+"""Plots of a report's tables: PNGs drawn from what ``kdray.analysis.report`` computed, nothing
+more.
 
-The tables and words live in ``kdray.report``; this module only draws them, so a notebook can
-draw its own variants of the same frames. matplotlib's Agg canvas is used directly (``Figure``
-+ ``FigureCanvasAgg``): headless-safe, and it never switches the pyplot backend of a notebook
-that imports this module.
+The tables and words live in ``kdray.analysis.report``; this module only draws them, so a notebook
+can draw its own variants of the same frames. matplotlib's Agg canvas is used directly (``Figure`` +
+``FigureCanvasAgg``): headless-safe, and it never switches the pyplot backend of a notebook that
+imports this module.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-import kdray.pareto as pareto
-from kdray.report import (
+import kdray.analysis.pareto as pareto
+from kdray.analysis.report import (
     Report,
     _hashable,
     _metric_column,
@@ -125,7 +126,8 @@ def plot_learning_curves(
     by: str | None = None,
 ) -> Path:
     """PNG of dev metric vs epoch per group (mean line, ±1 std band), stage starts dotted:
-    :func:`plot_curves` of ``kdray.report.learning_curves(epochs, trials, metric, by=by)``."""
+    :func:`plot_curves` of ``kdray.analysis.report.learning_curves(epochs, trials, metric,
+    by=by)``."""
     return plot_curves(learning_curves(epochs, trials, metric, by=by), metric, path)
 
 

@@ -1,5 +1,5 @@
 """What a person watches while kdray works: a progress bar for a run, a live table of a sweep's
-trials. No Ray in here: the sweep's Tune callback (in :mod:`kdray.sweep`) feeds
+trials. No Ray in here: the sweep's Tune callback (in :mod:`kdray.experiments.sweep`) feeds
 :class:`TrialsTable`, and the training loop talks to a :class:`ProgressHook`."""
 
 from __future__ import annotations

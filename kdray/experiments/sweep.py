@@ -1,14 +1,14 @@
 """Sweeps and ablations on Ray Tune: the only kdray module that imports Ray.
 
-Every trial is one :func:`kdray.distill.distill` run (:func:`distill_trainable`). Before the
-trials, one Ray task fine-tunes (or finds) the teacher and copies it into the sweep's storage, and
-another builds the teacher-output caches the trials will read. Ray Tune callbacks, module-level
+Every trial is one :func:`kdray.training.distill.distill` run (:func:`distill_trainable`). Before
+the trials, one Ray task fine-tunes (or finds) the teacher and copies it into the sweep's storage,
+and another builds the teacher-output caches the trials will read. Ray Tune callbacks, module-level
 classes so Ray pickles them by reference, keep the Parquet tables (:class:`TableWriter`) and the
 live trials table (:class:`LiveTrials`) up to date; Ray Tune's own logger callbacks write each
 trial's curves for TensorBoard, CSV/JSON, MLflow or W&B (``tune.loggers``); the Optuna study lives
 in a journal file or database so a resumed sweep's sampler keeps its history; ``Tuner.restore``
-resumes an interrupted experiment. What runs (search space, ablation cells, best trial) is
-decided in :mod:`kdray.plan`.
+resumes an interrupted experiment. What runs (search space, ablation cells, best trial) is decided
+in :mod:`kdray.experiments.plan`.
 """
 
 from __future__ import annotations
@@ -37,14 +37,16 @@ from ray import tune
 from ray.tune import Callback
 
 import kdray
-from kdray import check, data, faults, footprint, pareto, plan, remote, results
-from kdray.api import SpecLike, as_spec
-from kdray.distill import STUDENT_DIR, distill, selection_metric
-from kdray.plan import OBJECTIVE, RUNG_TIME
-from kdray.progress import TrialsTable
-from kdray.results import Results
-from kdray.spec import TPE_STARTUP, Spec
-from kdray.store import atomic_dir, json_cell, write_text_atomic
+from kdray.analysis import pareto, results
+from kdray.analysis.results import Results
+from kdray.experiments import check, plan
+from kdray.experiments.plan import OBJECTIVE, RUNG_TIME
+from kdray.infra import faults, remote
+from kdray.infra.progress import TrialsTable
+from kdray.infra.store import atomic_dir, json_cell, write_text_atomic
+from kdray.spec import TPE_STARTUP, Spec, SpecLike, as_spec
+from kdray.training import data, footprint
+from kdray.training.distill import STUDENT_DIR, distill, selection_metric
 
 logger = logging.getLogger("kdray")
 
@@ -189,8 +191,8 @@ def make_searcher(
 ) -> Any:
     """Optuna (TPE, random, CMA-ES, QMC) over the define-by-run space, or None for grid. With
     ``storage`` the study is kept there (loaded if it exists) rather than only in Ray's pickled
-    searcher state, which a restore has lost before (ray-project/ray#30861). ``told``: trials
-    that ran before (:func:`kdray.plan.told_trials`), given to the study in ``storage``."""
+    searcher state, which a restore has lost before (ray-project/ray#30861). ``told``: trials that
+    ran before (:func:`kdray.experiments.plan.told_trials`), given to the study in ``storage``."""
     if spec.tune.searcher.kind == "grid":
         return None
     import optuna
@@ -261,8 +263,8 @@ def make_scheduler(
     horizon: int | None = None,
     mode: str | None = None,
 ) -> Any:
-    """ASHA on classifier epochs (:data:`~kdray.plan.RUNG_TIME`, up to the most a trial can
-    run), or on ``time_attr`` up to ``horizon`` (a teacher search: teacher epochs); or FIFO."""
+    """ASHA on classifier epochs (:data:`~kdray.experiments.plan.RUNG_TIME`, up to the most a trial
+    can run), or on ``time_attr`` up to ``horizon`` (a teacher search: teacher epochs); or FIFO."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     asha = spec.tune.scheduler.asha
@@ -312,7 +314,7 @@ def _final_report(status: str, error: str | None, node: str, started: float) -> 
 
 
 def _run_trial(config: dict[str, Any], spec_json: dict[str, Any], node: str, started: float):
-    from kdray import teacher
+    from kdray.training import teacher
 
     base = Spec.model_validate(spec_json)
     spec, _ = plan.trial_spec(base, config)
@@ -686,7 +688,7 @@ def _trial_status(
 
 
 class LiveTrials(Callback):
-    """Feeds Tune's trial events to a :class:`~kdray.progress.TrialsTable` on screen.
+    """Feeds Tune's trial events to a :class:`~kdray.infra.progress.TrialsTable` on screen.
     ``horizon``: whose epochs a trial runs (``train`` for students, ``teacher`` for the teacher
     search), so that a trial the scheduler stopped early shows as pruned, as in the tables."""
 
@@ -815,8 +817,9 @@ def _wandb_callback(spec: Spec, out: Path, name: str) -> Any:
     root = Path(settings.dir).resolve() if settings.dir else out.resolve()
 
     class LocalWandbActor(_WandbLoggingActor):  # type: ignore[misc]
-        """Ray's per-trial W&B actor (local: Ray pickles it by value, so importing kdray.sweep
-        does not import wandb), with kdray's environment set and W&B's folder made first.
+        """Ray's per-trial W&B actor (local: Ray pickles it by value, so importing
+        kdray.experiments.sweep does not import wandb), with kdray's environment set and W&B's
+        folder made first.
 
         It returns only once W&B's writer process has ended: Ray kills the actor as soon as
         ``run`` returns, and ``wandb.finish`` may return before that process has written the
@@ -884,7 +887,7 @@ def _use_cpus(cpus: float) -> None:
 
 def _teacher_task(spec_json: dict[str, Any], target: str, cpus: float = 1) -> dict[str, Any]:
     """Runs as a Ray task: fine-tune (or reuse) the teacher and copy it into the storage."""
-    from kdray import teacher
+    from kdray.training import teacher
 
     _use_cpus(cpus)
     spec = data.localize(Spec.model_validate(spec_json))
@@ -897,9 +900,9 @@ def _teacher_outputs_task(
     spec_json: dict[str, Any], variants: list[dict], root: str, cpus: float = 1
 ) -> int:
     """Runs as a Ray task: build the teacher-output caches the trials will read."""
-    from kdray import data, engine, models
-    from kdray.teacher import ensure_teacher
-    from kdray.teacher_outputs import cache_enabled, outputs_factory
+    from kdray.training import data, engine, models
+    from kdray.training.teacher import ensure_teacher
+    from kdray.training.teacher_outputs import cache_enabled, outputs_factory
 
     _use_cpus(cpus)
     spec = Spec.model_validate(spec_json)
@@ -929,7 +932,7 @@ def _teacher_outputs_task(
 def _prepare_teacher(spec: Spec, store: str, name: str) -> tuple[Any, Spec]:
     """The teacher fine-tuned (or found) once by a Ray task and copied into the storage; the
     trials' base spec then points at that copy."""
-    from kdray.teacher import TeacherInfo
+    from kdray.training.teacher import TeacherInfo
 
     location = remote.join(store, f"{name}-teacher")
     task, cpus = _setup_task(spec, _teacher_task)
@@ -1277,8 +1280,8 @@ def run_trials(
     callbacks: list[Any] | None = None,
 ) -> SweepResult:
     """An explicit list of trial configs (``{"cell", "values", "source", "seed", ...}``, see
-    :func:`kdray.plan.trial_spec`) as one Ray Tune experiment, FIFO, nothing pruned: ablation
-    cells, confirmation runs, a round of adaptive seeds. Keys other than ``values`` become
+    :func:`kdray.experiments.plan.trial_spec`) as one Ray Tune experiment, FIFO, nothing pruned:
+    ablation cells, confirmation runs, a round of adaptive seeds. Keys other than ``values`` become
     columns of the trials table."""
     from ray.tune.schedulers import FIFOScheduler
 
@@ -1318,7 +1321,8 @@ def _search_from_tables(
     spec: Spec, out: Path, storage: str | None, name: str, resume: bool
 ) -> bool:
     """Whether a resumed search goes on from its tables (its Ray Tune state is gone); one that
-    cannot (:func:`kdray.plan.continue_problem`) is refused here, before anything runs."""
+    cannot (:func:`kdray.experiments.plan.continue_problem`) is refused here, before anything
+    runs."""
     if not (resume and _state_lost(out, storage, name)):
         return False
     if problem := plan.continue_problem(spec):
@@ -1348,7 +1352,7 @@ def _trial_key(values: dict[str, Any], keys: list[str]) -> tuple[str, ...]:
 
 def _not_ended(out: Path, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The planned trials the tables do not show ended, after dropping the rows of those cut
-    off (:func:`kdray.results.keep_ended`): they run again from their first epoch."""
+    off (:func:`kdray.analysis.results.keep_ended`): they run again from their first epoch."""
     ended = results.keep_ended(out)
     keys = sorted({key for trial in trials for key in trial if key != "values"})
     done = {_trial_key(row, keys) for row in ended.to_dict("records")}
@@ -1384,13 +1388,14 @@ def _ended(
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher search (kdray teacher --search): what it searches and says is kdray.teacher_search
+# Teacher search (kdray teacher --search): what it searches and says is
+# kdray.experiments.teacher_search
 
 
 def teacher_trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     """One teacher-search trial: the teacher fine-tuned with the trial's settings, every
     epoch's dev metrics reported (ASHA may stop it there); nothing is stored."""
-    from kdray import teacher
+    from kdray.training import teacher
 
     spec, _ = plan.trial_spec(Spec.model_validate(spec_json), config)
     _use_cpus(spec.tune.resources.cpu)
@@ -1406,7 +1411,7 @@ def teacher_trainable(config: dict[str, Any], spec_json: dict[str, Any]) -> None
 def _confirm_teacher_task(spec_json: dict[str, Any], cpus: float) -> dict[str, Any]:
     """Runs as a Ray task: the best configuration fine-tuned with one confirmation seed and
     stored in the teacher cache (or found there)."""
-    from kdray import teacher
+    from kdray.training import teacher
 
     _use_cpus(cpus)
     spec = Spec.model_validate(spec_json)
@@ -1531,7 +1536,7 @@ def _teacher_tuner(
     """The search restored from Ray Tune's state, a new one, or (``from_tables``) one that goes
     on from its tables alone (:func:`_continued_plan`); ``callbacks`` besides the tables' (the
     live trials table)."""
-    from kdray import teacher_search
+    from kdray.experiments import teacher_search
 
     fn = tune.with_parameters(teacher_trainable, spec_json=spec.model_dump(mode="json"))
     resources = spec.tune.resources
@@ -1620,7 +1625,7 @@ def run_teacher_search(
     """Search the teacher's fine-tuning as Ray Tune trials, then fine-tune the best
     configuration with fresh seeds into the teacher cache; tables and ``TEACHER.md`` in
     ``out_dir`` (default ``results/<name>-teacher``)."""
-    from kdray import teacher_search as ts
+    from kdray.experiments import teacher_search as ts
 
     problems = ts.search_problems(spec)
     if problems:
@@ -1667,8 +1672,8 @@ def search(
     overrides: dict[str, Any] | None = None,
 ) -> Results:
     """``kdray sweep`` from Python: the pre-flight (a failed check raises
-    :class:`kdray.check.PreflightError` before any compute), the search, its tables read back
-    (``trials, epochs = kdray.sweep(spec)``)."""
+    :class:`kdray.experiments.check.PreflightError` before any compute), the search, its tables read
+    back (``trials, epochs = kdray.sweep(spec)``)."""
     spec = as_spec(spec, overrides)
     if not spec.search:
         raise ValueError(f"{spec.name}: no search block; use kdray.run for a single run")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdray.store import (
+from kdray.infra.store import (
     atomic_dir,
     atomic_file,
     cache_root,

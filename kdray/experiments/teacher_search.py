@@ -1,9 +1,9 @@
 """A teacher worth distilling: what ``kdray teacher SPEC --search`` searches, keeps and says.
 
-Each trial of the search fine-tunes the teacher with the settings Optuna proposes from the
-spec's ``search`` block (teacher settings and ``data.max_seq_length`` only), reporting dev
-metrics per epoch so ASHA can stop weak trials early (:func:`kdray.sweep.run_teacher_search`
-runs them). The best configuration is then fine-tuned again with fresh seeds and stored in the
+Each trial of the search fine-tunes the teacher with the settings Optuna proposes from the spec's
+``search`` block (teacher settings and ``data.max_seq_length`` only), reporting dev metrics per
+epoch so ASHA can stop weak trials early (:func:`kdray.experiments.sweep.run_teacher_search` runs
+them). The best configuration is then fine-tuned again with fresh seeds and stored in the
 teacher cache like any teacher; ``TEACHER.md`` gives the settings to use, the seeds' spread,
 and the selection bias of choosing a teacher by its dev score. Pure: no Ray, no torch.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kdray import stats
+from kdray.analysis import stats
 from kdray.spec import Spec
 
 #: What a teacher search may vary: the fine-tuning settings and the tokens per example.

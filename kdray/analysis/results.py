@@ -25,12 +25,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdray import __version__, remote, store
+from kdray import __version__
+from kdray.infra import remote, store
+from kdray.infra.store import atomic_file, json_cell, write_text_atomic
 from kdray.spec import Spec
-from kdray.store import atomic_file, json_cell, write_text_atomic
 
 if TYPE_CHECKING:
-    from kdray.teacher import TeacherInfo
+    from kdray.training.teacher import TeacherInfo
 
 logger = logging.getLogger("kdray")
 
@@ -304,8 +305,8 @@ def write_experiment(
     out_dir: str | Path, spec: Spec, command: str, lengths: Iterable[Any] = ()
 ) -> Path:
     """``experiment.json``: which command wrote the folder and the full spec it ran (the report
-    reads the ablation baseline and the metric's direction from it), and ``lengths``: each
-    split's token lengths and what ``data.max_seq_length`` cut (``kdray.data.LengthStats``)."""
+    reads the ablation baseline and the metric's direction from it), and ``lengths``: each split's
+    token lengths and what ``data.max_seq_length`` cut (``kdray.training.data.LengthStats``)."""
     record = {
         "command": command,
         "folder": _made_at(Path(out_dir)),

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from kdray.schedule import Stage
+from kdray.method.schedule import Stage
 
 __all__ = [
     "ALGORITHMS",

@@ -9,7 +9,7 @@ the spec each trial runs, and the best trial of a table.
   classifier was trained) at time :data:`RUNG_TIME` (the number of such epochs), so staged
   algorithms (pid, sid) are compared with others only after the same classifier epochs.
 
-Pure Python and pandas: :mod:`kdray.sweep` hands these to Ray Tune.
+Pure Python and pandas: :mod:`kdray.experiments.sweep` hands these to Ray Tune.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import pandas as pd
 
-from kdray import pareto, results
+from kdray.analysis import pareto, results
+from kdray.infra.store import json_cell
 from kdray.spec import Distribution, Spec
-from kdray.store import json_cell
 
 OBJECTIVE = "objective"  # best dev metric so far over classifier-trained epochs; NaN before
 RUNG_TIME = "kd_epoch"  # epochs in which the classifier was trained (ASHA's time axis)

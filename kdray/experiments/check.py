@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdray import plan, remote, results
+from kdray.analysis import results
+from kdray.experiments import plan
+from kdray.infra import remote
 from kdray.spec import Spec
 
 EXPERIMENTS = ("sweep", "ablate", "confirm", "teacher")  # commands running Ray Tune trials
@@ -73,9 +75,9 @@ def preflight(
     skip: dict[str, str] | None = None,
 ) -> list[Check]:
     """Every check that applies to ``kdray <command>`` on ``spec`` (``run``, ``sweep`` or
-    ``ablate``), in order. ``cluster_resources`` is what the cluster at ``address`` offers (the
-    CLI asks :func:`kdray.sweep.cluster_resources`); without it, this machine's. ``skip`` names
-    checks that do not apply this time, each with why (a study whose sweep phase is done does
+    ``ablate``), in order. ``cluster_resources`` is what the cluster at ``address`` offers (the CLI
+    asks :func:`kdray.experiments.sweep.cluster_resources`); without it, this machine's. ``skip``
+    names checks that do not apply this time, each with why (a study whose sweep phase is done does
     not need that phase's folder free or resumable)."""
     out = Path(out_dir) if out_dir else default_out_dir(spec, command)
     store = results.ray_store(out, storage)
@@ -143,7 +145,7 @@ def _spec_check(spec: Spec, command: str) -> tuple[bool, str]:
             + _random_tpe(spec)
         )
     if command == "teacher":
-        from kdray.teacher_search import search_problems
+        from kdray.experiments.teacher_search import search_problems
 
         problems = search_problems(spec)
         if problems:
@@ -159,7 +161,7 @@ def _spec_check(spec: Spec, command: str) -> tuple[bool, str]:
 
 
 def _metric(spec: Spec) -> str:
-    from kdray.distill import selection_metric
+    from kdray.training.distill import selection_metric
 
     return f"selects by dev {selection_metric(spec)} ({spec.tune.mode})"
 
@@ -167,7 +169,7 @@ def _metric(spec: Spec) -> str:
 def _data_check(spec: Spec) -> tuple[bool | None, str]:
     """Train and dev read through data's own readers (every row checked), from the spec's
     folder or $KDRAY_GLUE_DIR; else the hub, which offline can only serve from its cache."""
-    from kdray import data
+    from kdray.training import data
 
     if spec.data.source is not None:
         task = data.task_of(spec)  # reads and checks every row of both splits
@@ -209,7 +211,7 @@ class _TeacherFolder:
         self.usable = False  # something from_pretrained can load (a folder, or a cached hub id)
 
     def check_model(self) -> tuple[bool | None, str]:
-        from kdray import data, models
+        from kdray.training import data, models
 
         name = self.spec.teacher.model
         if self.spec.teacher.checkpoint:
@@ -244,7 +246,7 @@ class _TeacherFolder:
         return True
 
     def check_checkpoint(self) -> tuple[bool | None, str]:
-        from kdray import models
+        from kdray.training import models
 
         given = self.spec.teacher.checkpoint
         if not given:
@@ -265,7 +267,7 @@ class _TeacherFolder:
         return True, str(path.resolve())
 
     def check_tokenizer(self) -> tuple[bool | None, str]:
-        from kdray import models
+        from kdray.training import models
 
         if not self.usable:
             return None, "no teacher to take it from"
@@ -303,7 +305,7 @@ class _TeacherFolder:
     def _truncation(self) -> list[str]:
         """What the length cuts in each split, with a warning above 5 %; nothing when the
         data is not on this machine (the data check says why)."""
-        from kdray import data
+        from kdray.training import data
 
         if self.folder is None:
             return []
@@ -346,7 +348,7 @@ def _precision_check(spec: Spec, command: str, address: str | None) -> tuple[boo
         return None, f"{asked}: resolved on each worker (its CPU or GPU)"
     if asked == "fp32":
         return True, "fp32"
-    from kdray import engine
+    from kdray.training import engine
 
     device = engine.pick_device(spec.train.device)
     runs = engine.resolve_precision(device, asked)
@@ -529,7 +531,7 @@ def _writable(path: Path, what: str) -> tuple[bool, str]:
 def _folder_check(
     spec: Spec, command: str, out: Path, resume: bool, overwrite: bool
 ) -> tuple[bool, str]:
-    """:func:`kdray.results.claim_folder`, dry: what it would say, nothing moved."""
+    """:func:`kdray.analysis.results.claim_folder`, dry: what it would say, nothing moved."""
     if resume and overwrite:
         return False, "give --resume or --overwrite, not both"
     writable, detail = _writable(out, "results folder")

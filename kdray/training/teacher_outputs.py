@@ -50,12 +50,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdray import algorithms, data, engine, faults
+from kdray.infra import faults
+from kdray.infra.store import atomic_dir, cache_root, content_hash, file_problems, file_records
+from kdray.method import algorithms
 from kdray.spec import Spec, term_weights
-from kdray.store import atomic_dir, cache_root, content_hash, file_problems, file_records
+from kdray.training import data, engine
 
 if TYPE_CHECKING:
-    from kdray.teacher import TeacherInfo
+    from kdray.training.teacher import TeacherInfo
 
 __all__ = [
     "ALL_PARTS",
