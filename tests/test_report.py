@@ -590,6 +590,25 @@ def test_findings_never_call_an_unresolved_claim_refuted(gain: float, word: str)
     assert "not tested" in R.findings_text(only_none, table, SOFT, "accuracy")
 
 
+def test_findings_say_claim_one_did_not_hold_when_a_cell_is_worse_and_none_better() -> None:
+    # idal 5 points behind on every seed (worse); pid 0.17 behind on average (unresolved)
+    trials = _claims_table(idal_gain=-0.05)
+    pid = _claims_table(idal_gain=-0.002)
+    pid = pid[pid["distill.algorithm"] == "idal"].assign(
+        **{"distill.algorithm": "pid", "cell": PID, "trial_id": lambda f: f["trial_id"] + "-pid"}
+    )
+    trials = pd.concat([trials, pid], ignore_index=True)
+    table = R.findings(trials, SOFT, "accuracy").set_index("cell")
+    assert table.loc["distill.algorithm=idal", "accuracy.verdict"] == "worse"
+    assert table.loc[PID, "accuracy.verdict"] == "unresolved"
+    text = R.findings_text(trials, table.reset_index(), SOFT, "accuracy")
+    assert (
+        "beats soft labels on dev accuracy: **did not hold**: no internal-distillation cell is "
+        "shown better, distill.algorithm=idal is worse (the other unresolved)"
+    ) in text
+    assert "not shown worse either" not in text
+
+
 def test_cli_report_prints_tables_and_writes_markdown_and_plots(
     ablation: pd.DataFrame, tmp_path: Path
 ) -> None:

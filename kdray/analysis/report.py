@@ -871,6 +871,13 @@ def _claim_one(rows: pd.DataFrame, group: str, short: str, diffs: pd.Series, bas
         claim = f"**held** for {', '.join(better)}"
     elif worse and len(worse) == len(rows):
         claim = "**did not hold**: every internal-distillation cell is worse"
+    elif worse:
+        rest = len(rows) - len(worse)
+        claim = (
+            f"**did not hold**: no internal-distillation cell is shown better, "
+            f"{', '.join(worse)} {'is' if len(worse) == 1 else 'are'} worse "
+            f"(the other{'s' if rest > 1 else ''} unresolved)"
+        )
     elif (diffs > 0).all():
         claim = (
             "**unresolved**: every internal-distillation cell is ahead on average, none shown "
