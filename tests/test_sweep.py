@@ -826,28 +826,42 @@ def test_a_trial_cut_off_by_ctrl_c_is_unfinished_though_tune_marks_it_terminated
     assert status.to_dict() == {"cut": "interrupted", "old": "pruned", "unreported": "pending"}
 
 
-def _flaky_client(failures: int, calls: list[str]) -> Any:
+#: What Ray Client's proxy answers when the per-client server it starts dies: its own message,
+#: or the traceback of its check of the new process (seen in CI: ray-project/ray#63202).
+SERVER_DIED = (
+    "Initialization failure from server:\nRuntimeError: Starting Ray client server "
+    "failed. See ray_client_server_23000.err for detailed logs."
+)
+SERVER_ZOMBIE = (
+    "Initialization failure from server:\nTraceback (most recent call last):\n  File "
+    '"ray/util/client/server/proxier.py", line 765, in Datapath\n    if not '
+    'self.proxy_manager.start_specific_server(\n  File "psutil/_pslinux.py", line 1648, in '
+    "_raise_if_zombie\npsutil.ZombieProcess: PID still exists but it's a zombie (pid=5700)"
+)
+
+
+def _flaky_client(failures: int, calls: list[str], message: str = SERVER_DIED) -> Any:
     """A stand-in for ``ray.init`` whose first ``failures`` calls fail as Ray Client's proxy
     does when the per-client server it starts dies."""
 
     def init(address: str, **_: Any) -> None:
         calls.append(address)
         if len(calls) <= failures:
-            raise ConnectionAbortedError(
-                "Initialization failure from server:\nRuntimeError: Starting Ray client server "
-                "failed. See ray_client_server_23000.err for detailed logs."
-            )
+            raise ConnectionAbortedError(message)
 
     return init
 
 
-def test_ray_client_is_tried_again_when_its_server_fails_to_start(monkeypatch: Any) -> None:
+@pytest.mark.parametrize("message", [SERVER_DIED, SERVER_ZOMBIE])
+def test_ray_client_is_tried_again_when_its_server_fails_to_start(
+    monkeypatch: Any, message: str
+) -> None:
     from kdray.experiments import sweep
 
     calls: list[str] = []
     monkeypatch.setattr(sweep.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(sweep.ray, "shutdown", lambda: None)
-    monkeypatch.setattr(sweep.ray, "init", _flaky_client(2, calls))
+    monkeypatch.setattr(sweep.ray, "init", _flaky_client(2, calls, message))
     monkeypatch.setattr(sweep, "CLIENT_RETRY_SECONDS", 0.0)
     assert sweep.init_ray("ray://10.0.0.1:10001") is False
     assert calls == ["ray://10.0.0.1:10001"] * 3  # two failures, then joined
@@ -870,6 +884,12 @@ def test_ray_client_gives_up_after_its_retries_and_a_plain_address_at_once(
     with pytest.raises(ConnectionAbortedError):
         sweep.init_ray("10.0.0.1:6379")
     assert calls == ["10.0.0.1:6379"]
+    calls.clear()  # a refusal that would hold again (here a bad runtime_env) is not retried
+    refused = "Initialization failure from server:\nValueError: bad runtime_env"
+    monkeypatch.setattr(sweep.ray, "init", _flaky_client(10, calls, refused))
+    with pytest.raises(ConnectionAbortedError, match="bad runtime_env"):
+        sweep.init_ray("ray://10.0.0.1:10001")
+    assert calls == ["ray://10.0.0.1:10001"]
 
 
 @pytest.mark.parametrize(

@@ -86,10 +86,20 @@ def _keep_io_failures() -> None:
 
 
 #: Ray Client's proxy starts a server per connecting client; on a loaded head that start can
-#: fail now and then ("Starting Ray client server failed"), a known Ray Client flake: kdray
-#: tries again this many times, a few seconds apart, before it gives up.
+#: fail now and then ("Starting Ray client server failed", or the proxy's own check of the new
+#: process failing while it is a zombie: ray-project/ray#63202), a known Ray Client flake:
+#: kdray tries again this many times, a few seconds apart, before it gives up.
 CLIENT_RETRIES = 2
 CLIENT_RETRY_SECONDS = 3.0
+
+
+def _client_server_failed(error: ConnectionError) -> bool:
+    """Did Ray Client's proxy fail to start this client's server (worth another try), rather
+    than refuse the connection for a reason that would hold again?"""
+    text = str(error)
+    return "Ray client server failed" in text or (
+        "Initialization failure from server" in text and "start_specific_server" in text
+    )
 
 
 def _join(address: str, runtime_env: dict[str, Any] | None) -> None:
@@ -100,8 +110,8 @@ def _join(address: str, runtime_env: dict[str, Any] | None) -> None:
             ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
             return
         except ConnectionError as error:
-            transient = "Ray client server failed" in str(error)
-            if not (address.startswith("ray://") and transient) or attempt == CLIENT_RETRIES:
+            transient = address.startswith("ray://") and _client_server_failed(error)
+            if not transient or attempt == CLIENT_RETRIES:
                 raise
             ray.shutdown()  # the half-made client connection, before a new one
             logger.warning(
