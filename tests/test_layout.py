@@ -128,15 +128,20 @@ def test_only_the_sweep_module_imports_ray() -> None:
     assert users == ["experiments.sweep"]
 
 
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter started in the repository."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    return out.stdout.strip()
+
+
 def test_results_and_report_load_without_torch() -> None:
     code = (
         "import sys, kdray.analysis.results, kdray.analysis.report, kdray.experiments.plan; "
         "print('torch' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
-    )
-    assert out.stdout.strip() == "False"
+    assert _fresh_python(code) == "False"
 
 
 def test_importing_kdray_models_leaves_transformers_logging_alone() -> None:
@@ -145,10 +150,7 @@ def test_importing_kdray_models_leaves_transformers_logging_alone() -> None:
         "bars = l.is_progress_bar_enabled(); import kdray.training.models, kdray.training.distill; "
         "print(l.get_verbosity() == before and l.is_progress_bar_enabled() == bars)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
-    )
-    assert out.stdout.strip() == "True"
+    assert _fresh_python(code) == "True"
 
 
 def test_no_function_in_kdray_is_longer_than_about_80_lines() -> None:
@@ -236,13 +238,6 @@ def test_the_test_extra_names_every_package_the_tests_import() -> None:
     assert not missing, (
         f"imported by the tests but not in dependencies or the test extra: {missing}"
     )
-
-
-def _fresh_python(code: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
-    )
-    return out.stdout.strip()
 
 
 def test_a_module_path_from_before_the_layers_imports_the_same_module() -> None:
