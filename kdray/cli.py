@@ -849,8 +849,9 @@ def check(
     command: Annotated[
         str | None,
         typer.Option(
-            help="run | sweep | ablate | teacher (teacher --search; default: sweep with a "
-            "search block, else ablate with an ablation block, else run)."
+            help="run | sweep | ablate | teacher (teacher --search; default: teacher when the "
+            "search block varies only teacher settings, sweep with another search block, else "
+            "ablate with an ablation block, else run)."
         ),
     ] = None,
     address: AddressOption = None,
@@ -864,9 +865,13 @@ def check(
     """Pre-flight checks of a spec, in seconds: data, teacher, tokenizer, metric, device,
     resources, storage, results folder. Exit 0 when all pass, 2 otherwise."""
     from kdray.experiments.check import as_rows, failed, preflight
+    from kdray.experiments.teacher_search import searches_teacher
 
     spec = _load(spec_path, set_)
-    chosen = command or ("sweep" if spec.search else "ablate" if spec.ablation else "run")
+    chosen = command or (
+        "teacher" if searches_teacher(spec)
+        else "sweep" if spec.search else "ablate" if spec.ablation else "run"
+    )  # fmt: skip
     if chosen not in ("run", "sweep", "ablate", "teacher"):
         console.print(f"[red]--command must be run, sweep, ablate or teacher, not {chosen!r}[/red]")
         raise typer.Exit(2)

@@ -341,6 +341,29 @@ def test_kdray_check_exits_0_when_all_pass_and_2_otherwise(tiny_bert: Path, tmp_
     assert "exceeds the teacher's max_position_embeddings 128" in failing.output
 
 
+def test_kdray_check_checks_a_teacher_only_search_as_a_teacher_search(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from kdray import cli
+
+    teacher_only = {
+        "teacher.lr": {"loguniform": [1e-5, 1e-4]},
+        "data.max_seq_length": {"choice": [16, 32]},
+    }
+    spec = _write_spec(tmp_path, tiny_spec_dict(tiny_bert, search=teacher_only))
+    result = CliRunner().invoke(cli.app, ["check", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert "kdray teacher tiny: pre-flight checks" in result.output
+    assert "results/tiny-teacher" in result.output  # where kdray teacher --search writes
+    # a length-only search is a sweep's (the student's tokens), and --command still decides
+    length_only = {"data.max_seq_length": {"choice": [16, 32]}}
+    spec = _write_spec(tmp_path, tiny_spec_dict(tiny_bert, search=length_only))
+    assert "kdray sweep tiny" in CliRunner().invoke(cli.app, ["check", str(spec)]).output
+    spec = _write_spec(tmp_path, tiny_spec_dict(tiny_bert, search=teacher_only))
+    forced = CliRunner().invoke(cli.app, ["check", str(spec), "--command", "sweep"])
+    assert forced.exit_code == 2 and "kdray sweep tiny" in forced.output
+
+
 def test_kdray_sweep_stops_before_ray_with_the_failed_checks(
     tiny_bert: Path, tmp_path: Path, monkeypatch
 ) -> None:

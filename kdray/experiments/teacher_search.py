@@ -53,6 +53,14 @@ def search_problems(spec: Spec) -> list[str]:
     return []
 
 
+def searches_teacher(spec: Spec) -> bool:
+    """Whether ``spec``'s search block can only be a teacher search's: it varies a teacher
+    setting and nothing a teacher search cannot vary (a sweep of it would be refused, since a
+    sweep trains its teacher once)."""
+    keys = set(spec.search)
+    return keys <= set(SEARCHABLE) and any(key.startswith("teacher.") for key in keys)
+
+
 def max_epochs(spec: Spec) -> int:
     """The most epochs a teacher trial can run (ASHA's horizon)."""
     searched = spec.search.get("teacher.epochs")
