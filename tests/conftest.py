@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,20 @@ def cluster() -> Any:
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+def wait_for_free_cpus(cpus: float, timeout: float = 120) -> None:
+    """Wait until the shared test cluster has ``cpus`` CPUs free: on a busy machine an earlier
+    test's trial actors can hold a node for a while after that test ends, and a test that checks
+    where trials ran needs every node free when its sweep starts."""
+    import ray
+
+    deadline = time.time() + timeout
+    while ray.available_resources().get("CPU", 0) < cpus:
+        assert time.time() < deadline, (
+            f"CPUs still held after {timeout} s: {ray.available_resources()}"
+        )
+        time.sleep(0.2)
 
 
 def grid_tune(**overrides: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import FIXTURE_GLUE, REPO, tiny_spec_dict
+from conftest import FIXTURE_GLUE, REPO, tiny_spec_dict, wait_for_free_cpus
 from kdray.analysis import results
 from kdray.experiments.plan import OBJECTIVE, RUNG_TIME, OptunaSpace, active_values
 from kdray.experiments.sweep import (
@@ -243,6 +243,7 @@ def test_sweep_writes_tables_with_conditional_params(
     cluster: Any, tiny_bert: Path, tmp_path: Path
 ) -> None:
     spec = spec_from_dict(sweep_spec(tiny_bert, "sweep"))
+    wait_for_free_cpus(2)  # both nodes free, so the first two trials start on different ones
     outcome = run_sweep(spec, out_dir=tmp_path / "out")
     trials, epochs = outcome.trials, outcome.epochs
     assert len(trials) == 4
@@ -266,7 +267,7 @@ def test_sweep_writes_tables_with_conditional_params(
     for _, row in trials.iterrows():
         assert per_trial[row["trial_id"]] == row["epochs_run"]
     # two concurrent one-CPU trials on two one-CPU nodes: both nodes ran trials
-    assert trials["node_id"].nunique() == 2
+    assert trials["node_id"].nunique() == 2, trials[["trial_id", "node_id", "status"]]
     # the sweep fine-tuned the teacher once and every trial used it
     assert trials["teacher.id"].nunique() == 1
     assert outcome.best is not None
