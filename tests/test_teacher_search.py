@@ -62,6 +62,30 @@ def test_the_best_trial_wins_by_its_best_dev_score_pruned_ones_included() -> Non
         ts.best_settings(trials[trials["status"] == "error"], "accuracy")
 
 
+def test_teacher_md_names_the_trials_tied_at_the_best_score(tiny_bert: Path) -> None:
+    spec = _spec(tiny_bert, {"teacher.lr": {"loguniform": [1e-5, 1e-4]}})
+    confirm = pd.DataFrame(
+        {"seed": [1, 2], "dev.accuracy": [0.6, 0.62], "teacher_id": ["x", "y"], "path": [".", "."]}
+    )
+
+    def report(scores: list[float]) -> str:
+        trials = pd.DataFrame(
+            {
+                "trial_id": ["b", "a", "c"],
+                "status": ["ok", "pruned", "ok"],
+                "best.dev.accuracy": scores,
+                "param.teacher.lr": [1e-5, 3e-5, 5e-5],
+            }
+        )
+        settings = ts.best_settings(trials, "accuracy")
+        return ts.teacher_markdown(spec, trials, confirm, settings, "accuracy")
+
+    tied = report([0.64, 0.64, 0.60])
+    assert "- 2 trials tie at the best score (`a`, `b`): the first by id is confirmed" in tied
+    assert "`teacher.lr=3e-05`" in tied  # a's settings
+    assert "tie" not in report([0.64, 0.63, 0.60])
+
+
 def test_the_confirmation_runs_the_best_settings_with_fresh_seeds(tiny_bert: Path) -> None:
     spec = _spec(tiny_bert, {"teacher.lr": {"loguniform": [1e-5, 1e-4]}})
     specs = ts.confirm_specs(spec, {"teacher.lr": 3e-5, "teacher.seed": 7}, (1, 2, 3))

@@ -69,7 +69,7 @@ def max_epochs(spec: Spec) -> int:
 
 def best_settings(trials: pd.DataFrame, metric: str) -> dict[str, Any]:
     """The searched values of the trial with the best dev ``metric`` (at its best epoch; a
-    trial ASHA stopped early counts with the epochs it ran)."""
+    trial ASHA stopped early counts with the epochs it ran); of tied trials, the first by id."""
     column = f"best.dev.{metric}"
     ok = trials[trials["status"].isin(["ok", "pruned"])].dropna(subset=[column])
     if ok.empty:
@@ -98,6 +98,18 @@ def spread(confirm: pd.DataFrame, metric: str) -> dict[str, float]:
     return {"mean": float(values.mean()), "sd": sd, "low": float(low), "high": float(high)}
 
 
+def _tie(ok: pd.DataFrame, column: str) -> list[str]:
+    """A line naming the trials that share the best score, if more than one does: which of
+    them is confirmed is then an arbitrary pick, and the reader should know."""
+    tied = sorted(ok.loc[ok[column] == ok[column].max(), "trial_id"])
+    if len(tied) < 2:
+        return []
+    return [
+        f"- {len(tied)} trials tie at the best score ({', '.join(f'`{t}`' for t in tied)}): the "
+        f"first by id is confirmed; one seed each does not say which configuration is better"
+    ]
+
+
 def teacher_markdown(
     spec: Spec, trials: pd.DataFrame, confirm: pd.DataFrame, settings: dict[str, Any], metric: str
 ) -> str:
@@ -116,6 +128,7 @@ def teacher_markdown(
         f"best dev {metric} in the search {ok[column].max():.4f}",
         "- best configuration: "
         + ", ".join(f"`{k}={v}`" for k, v in settings.items() if k != "teacher.seed"),
+        *_tie(ok, column),
         f"- the same configuration with seeds {', '.join(str(s) for s in confirm['seed'])}: dev "
         f"{metric} {found['mean']:.4f} mean, sd {found['sd']:.4f}, 95 % interval "
         f"[{found['low']:.4f}, {found['high']:.4f}]",
