@@ -309,6 +309,10 @@ def test_the_same_sweep_again_needs_resume_or_overwrite(tmp_path: Path) -> None:
     assert f"{folder} already holds trials of this sweep (same spec)" in message
     assert "continue it with --resume (kdray sweep SPEC --resume)" in message
     results.claim_folder(folder, spec, "sweep", resume=True)  # continuing it is fine
+    # a teacher search is continued with the flag that makes it one
+    teacher = _experiment(tmp_path / "t", SWEEP, "teacher")
+    with pytest.raises(ValueError, match=r"\(kdray teacher SPEC --search --resume\)"):
+        results.claim_folder(teacher, spec, "teacher")
     # experiment.json but no trials yet (it stopped before the first trial): start again
     bare = _experiment(tmp_path / "bare", SWEEP, "sweep", trials=False)
     results.claim_folder(bare, spec, "sweep")

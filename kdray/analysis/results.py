@@ -555,7 +555,8 @@ def _moved_message(folder: Path, made_at: str, command: str) -> str:
 def _ways_out(folder: Path, command: str, *, can_resume: bool, resume: bool) -> str:
     ways = ["write elsewhere with --out DIR"]
     if can_resume:
-        ways.append(f"continue it with --resume (kdray {command} SPEC --resume)")
+        search = " --search" if command == "teacher" else ""  # a teacher search's own flag
+        ways.append(f"continue it with --resume (kdray {command} SPEC{search} --resume)")
     aside = _aside_name(folder)
     ways.append(f"start over with --overwrite (moves the old folder aside to {aside})")
     text = "Ways out: " + ", ".join(ways[:-1]) + " or " + ways[-1]
