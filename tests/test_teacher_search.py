@@ -123,6 +123,11 @@ def test_teacher_search_finds_confirms_and_caches_the_best_teacher(
     assert set(epochs["trial_id"]) == set(trials["trial_id"])
     confirm = pd.read_parquet(out / ts.CONFIRM_FILE)
     assert list(confirm["seed"]) == [1, 2, 3] and confirm["teacher_id"].is_unique
+    # the confirmation says what it runs, and each seed as it ends (a background log shows it)
+    logged = " ".join(result.output.split())
+    assert "confirming teacher.lr=" in logged and "with teacher seeds 1, 2, 3" in logged
+    for row in confirm.to_dict("records"):
+        assert f"confirmation seed {row['seed']}: dev accuracy {row['dev.accuracy']:.4f}" in logged
     best_lr = ts.best_settings(trials, "accuracy")["teacher.lr"]
     for row in confirm.to_dict("records"):  # each one a teacher in the cache, like any other
         info = json.loads((Path(row["path"]) / "teacher.json").read_text())

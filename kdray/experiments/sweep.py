@@ -1659,12 +1659,41 @@ def run_teacher_search(
     settings = ts.best_settings(trials, metric)
     task, cpus = _setup_task(spec, _confirm_teacher_task)
     confirmed = ts.confirm_specs(spec, settings, seeds or ts.CONFIRM_SEEDS)
-    rows = ray.get([task.remote(s.model_dump(mode="json"), cpus) for s in confirmed])
-    results.write_table(rows, out / ts.CONFIRM_FILE)
+    logger.info(
+        "confirming %s with teacher seeds %s: %d fine-tunes of %d epochs, %g CPUs each "
+        "(a teacher already in the cache is reused)",
+        " ".join(f"{k}={v}" for k, v in settings.items()),
+        ", ".join(str(s.teacher.seed) for s in confirmed),
+        len(confirmed),
+        confirmed[0].teacher.epochs,
+        cpus,
+    )
+    rows = _confirm(task, confirmed, cpus, metric, out / ts.CONFIRM_FILE)
     confirm = pd.DataFrame(rows)
     report = ts.teacher_markdown(spec, trials, confirm, settings, metric)
     write_text_atomic(out / ts.TEACHER_REPORT, report)
     return TeacherSearchResult(trials, confirm, settings, out)
+
+
+def _confirm(
+    task: Any, specs: list[Spec], cpus: float, metric: str, table: Path
+) -> list[dict[str, Any]]:
+    """The confirmation fine-tunes as Ray tasks (in parallel where the cluster has room), one
+    log line and a rewritten ``table`` as each ends: an hour-long confirmation shows its
+    progress in a background run's log, and a kill loses no ended seed's row."""
+    order = {s.teacher.seed: index for index, s in enumerate(specs)}
+    pending = [task.remote(s.model_dump(mode="json"), cpus) for s in specs]
+    rows: list[dict[str, Any]] = []
+    while pending:
+        (done,), pending = ray.wait(pending, num_returns=1)
+        row = ray.get(done)
+        rows = sorted([*rows, row], key=lambda r: order[r["seed"]])
+        results.write_table(rows, table)
+        logger.info(
+            "confirmation seed %s: dev %s %.4f, teacher %s (%d of %d)",
+            row["seed"], metric, row[f"dev.{metric}"], row["teacher_id"], len(rows), len(specs),
+        )  # fmt: skip
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
