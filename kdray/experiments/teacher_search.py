@@ -57,8 +57,7 @@ def searches_teacher(spec: Spec) -> bool:
     """Whether ``spec``'s search block can only be a teacher search's: it varies a teacher
     setting and nothing a teacher search cannot vary (a sweep of it would be refused, since a
     sweep trains its teacher once)."""
-    keys = set(spec.search)
-    return keys <= set(SEARCHABLE) and any(key.startswith("teacher.") for key in keys)
+    return not search_problems(spec) and any(key.startswith("teacher.") for key in spec.search)
 
 
 def max_epochs(spec: Spec) -> int:
