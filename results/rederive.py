@@ -17,11 +17,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 RESULTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(RESULTS.parent))  # this checkout's kdray
 
 from kdray.analysis import plots, report, results  # noqa: E402
 from kdray.experiments import study  # noqa: E402
+from kdray.experiments import teacher_search as ts  # noqa: E402
 from kdray.spec import Spec  # noqa: E402
 
 # folder -> the other folders of its question (its family)
@@ -70,7 +73,6 @@ def verdict_lines(name: str, built: report.Report) -> list[str]:
 
 def control() -> str:
     """CONTROL.md of the study: its recipe against the spec as written, paired by seed."""
-    import pandas as pd
 
     from kdray.analysis import stats
 
@@ -110,6 +112,18 @@ def control() -> str:
     return "\n".join(lines) + "\n"
 
 
+def rewrite_teacher_report(folder: Path) -> str:
+    """A teacher search's ``TEACHER.md`` again from its tables and spec."""
+    spec = Spec.model_validate(report.read_experiment(folder)["spec"])
+    trials = pd.read_parquet(folder / ts.SEARCH_FILE)
+    confirm = pd.read_parquet(folder / ts.CONFIRM_FILE)
+    metric = spec.tune.metric
+    settings = ts.best_settings(trials, metric)
+    text = ts.teacher_markdown(spec, trials, confirm, settings, metric)
+    (folder / ts.TEACHER_REPORT).write_text(text)
+    return f"{folder.name}: TEACHER.md written again"
+
+
 def main() -> None:
     lines = []
     for name, family in FOLDERS.items():
@@ -125,6 +139,8 @@ def main() -> None:
     (folder / "CONTROL.md").write_text(control())
     confirm = study.phase_trials(folder, "confirm")
     lines.append(f"{STUDY}/confirm has a default cell: {'default' in set(confirm['cell'])}")
+    for teacher_md in sorted(Path("results").glob(f"*/{ts.TEACHER_REPORT}")):
+        lines.append(rewrite_teacher_report(teacher_md.parent))
     print("\n".join(lines))
 
 

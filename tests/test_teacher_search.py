@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from conftest import tiny_spec_dict
 from kdray.cli import app
 from kdray.experiments import teacher_search as ts
-from kdray.spec import spec_from_dict
+from kdray.spec import parse_overrides, spec_from_dict
+from kdray.training.teacher import teacher_settings
 
 
 def _spec(model: Path, search: dict[str, Any]) -> Any:
@@ -294,3 +295,34 @@ def test_a_teacher_search_whose_ray_state_is_lost_goes_on_from_its_tables(
     assert resumed["param.teacher.lr"][1] == whole["param.teacher.lr"][1]
     assert sorted(pd.read_parquet(out / "epochs.parquet")["epoch"]) == [1, 1, 2, 2]
     assert len(pd.read_parquet(out / ts.CONFIRM_FILE)) == 3
+
+
+def test_teacher_md_use_line_sets_what_keys_the_teacher_so_another_spec_finds_it(
+    tiny_bert: Path,
+) -> None:
+    # The search held epochs, batch and length fixed at values another spec does not share:
+    # the --set options must carry them, or that spec fine-tunes a different teacher.
+    spec = _spec(tiny_bert, {"teacher.lr": {"loguniform": [1e-5, 1e-4]}}).with_values(
+        {"teacher.epochs": 5, "teacher.batch_size": 16, "data.max_seq_length": 40}
+    )
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["a"],
+            "status": ["ok"],
+            "best.dev.accuracy": [0.7],
+            "param.teacher.lr": [3e-5],
+        }
+    )
+    confirm = pd.DataFrame(
+        {"seed": [1, 2], "dev.accuracy": [0.6, 0.62], "teacher_id": ["x", "y"], "path": [".", "."]}
+    )
+    settings = ts.best_settings(trials, "accuracy")
+    text = ts.teacher_markdown(spec, trials, confirm, settings, "accuracy")
+    line = next(row for row in text.splitlines() if row.startswith("Use it"))
+    options = parse_overrides(line.split("`")[1].split(" --set ")[1:])
+    other = _spec(tiny_bert, {}).with_values(
+        {"teacher.epochs": 2, "teacher.batch_size": 8, "data.max_seq_length": 64}
+    )
+    chosen = ts.confirm_specs(spec, settings, [2])[0]  # seed 2 scored best
+    assert teacher_settings(other.with_values(options), "fp") == teacher_settings(chosen, "fp")
+    assert "--set teacher.max_grad_norm=1.0" in line

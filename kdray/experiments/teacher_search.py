@@ -89,6 +89,24 @@ def confirm_specs(spec: Spec, settings: dict[str, Any], seeds: Sequence[int]) ->
     return [spec.with_values({**fixed, "teacher.seed": seed}) for seed in seeds]
 
 
+def keyed_settings(spec: Spec, settings: dict[str, Any]) -> dict[str, Any]:
+    """Every searchable setting of ``spec`` with ``settings`` applied: the ones (besides model,
+    task, data and precision) that key a cached teacher. ``TEACHER.md`` gives all of them, not
+    only the searched ones: a user's own spec may differ in a setting the search held fixed,
+    and would then fine-tune another teacher instead of finding this one."""
+    raw = spec.with_values(settings).model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for key in SEARCHABLE:
+        section, name = key.split(".")
+        out[key] = raw[section][name]
+    return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    """A ``--set`` value as YAML reads it back (``None`` is ``null``)."""
+    return "null" if value is None else str(value)
+
+
 def spread(confirm: pd.DataFrame, metric: str) -> dict[str, float]:
     """Mean, sd and 95 % t-interval of the confirmed teachers' dev ``metric`` over seeds."""
     values = confirm[f"dev.{metric}"].to_numpy(dtype=float)
@@ -117,7 +135,10 @@ def teacher_markdown(
     ok = trials[trials["status"].isin(["ok", "pruned"])]
     found = spread(confirm, metric)
     chosen = confirm.sort_values([f"dev.{metric}", "seed"], ascending=[False, True]).iloc[0]
-    sets = " ".join(f"--set {k}={v}" for k, v in {**settings, "teacher.seed": chosen.seed}.items())
+    sets = " ".join(
+        f"--set {k}={_yaml_scalar(v)}"
+        for k, v in keyed_settings(spec, {**settings, "teacher.seed": int(chosen.seed)}).items()
+    )
     lines = [
         f"# Teacher search: {spec.name}",
         "",
@@ -134,7 +155,9 @@ def teacher_markdown(
         f"- chosen teacher: seed {chosen.seed}, dev {metric} {chosen[f'dev.{metric}']:.4f}, id "
         f"`{chosen.teacher_id}` (in the teacher cache: `{chosen.path}`)",
         "",
-        "Use it: `kdray sweep SPEC " + sets + "` (the cached teacher is found by its settings).",
+        "Use it: `kdray sweep SPEC " + sets + "` (every setting the teacher cache is keyed by "
+        "besides the model, task, data and fine-tuning precision: a spec that shares those "
+        "finds the cached teacher with these options).",
         "",
         "**Selection bias.** The configuration and the seed were chosen by their dev score, the "
         "same dev set the students are evaluated on: the chosen teacher's dev score is "
