@@ -66,11 +66,17 @@ def max_epochs(spec: Spec) -> int:
     return int(max(searched.values)) if searched is not None else spec.teacher.epochs
 
 
+def finished(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials that ran to their end or that ASHA stopped: the ones a search's best is
+    chosen from (an error or an interrupted trial has no comparable score)."""
+    return trials[trials["status"].isin(["ok", "pruned"])]
+
+
 def best_settings(trials: pd.DataFrame, metric: str) -> dict[str, Any]:
     """The searched values of the trial with the best dev ``metric`` (at its best epoch; a
     trial ASHA stopped early counts with the epochs it ran); of tied trials, the first by id."""
     column = f"best.dev.{metric}"
-    ok = trials[trials["status"].isin(["ok", "pruned"])].dropna(subset=[column])
+    ok = finished(trials).dropna(subset=[column])
     if ok.empty:
         raise ValueError(f"no teacher trial finished with a {column} value: nothing to confirm")
     best = ok.sort_values([column, "trial_id"], ascending=[False, True]).iloc[0]
@@ -132,7 +138,7 @@ def teacher_markdown(
 ) -> str:
     """``TEACHER.md``: what was searched, the best configuration, its seeds, how to use it."""
     column = f"best.dev.{metric}"
-    ok = trials[trials["status"].isin(["ok", "pruned"])]
+    ok = finished(trials)
     found = spread(confirm, metric)
     chosen = confirm.sort_values([f"dev.{metric}", "seed"], ascending=[False, True]).iloc[0]
     sets = " ".join(
