@@ -26,6 +26,7 @@ from kdray.analysis import plots, report, results  # noqa: E402
 from kdray.experiments import study  # noqa: E402
 from kdray.experiments import teacher_search as ts  # noqa: E402
 from kdray.spec import Spec  # noqa: E402
+from kdray.training import data  # noqa: E402
 
 # folder -> the other folders of its question (its family)
 FOLDERS: dict[str, list[str]] = {
@@ -117,9 +118,8 @@ def rewrite_teacher_report(folder: Path) -> str:
     spec = Spec.model_validate(report.read_experiment(folder)["spec"])
     trials = pd.read_parquet(folder / ts.SEARCH_FILE)
     confirm = pd.read_parquet(folder / ts.CONFIRM_FILE)
-    metric = spec.tune.metric
-    settings = ts.best_settings(trials, metric)
-    text = ts.teacher_markdown(spec, trials, confirm, settings, metric)
+    metric = data.task_of(spec).main_metric  # as the search chose and wrote it
+    text = ts.teacher_markdown(spec, trials, confirm, metric)
     (folder / ts.TEACHER_REPORT).write_text(text)
     return f"{folder.name}: TEACHER.md written again"
 

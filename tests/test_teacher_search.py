@@ -78,8 +78,7 @@ def test_teacher_md_names_the_trials_tied_at_the_best_score(tiny_bert: Path) -> 
                 "param.teacher.lr": [1e-5, 3e-5, 5e-5],
             }
         )
-        settings = ts.best_settings(trials, "accuracy")
-        return ts.teacher_markdown(spec, trials, confirm, settings, "accuracy")
+        return ts.teacher_markdown(spec, trials, confirm, "accuracy")
 
     tied = report([0.64, 0.64, 0.60])
     assert "- 2 trials tie at the best score (`a`, `b`): the first by id is confirmed" in tied
@@ -317,7 +316,7 @@ def test_teacher_md_use_line_sets_what_keys_the_teacher_so_another_spec_finds_it
         {"seed": [1, 2], "dev.accuracy": [0.6, 0.62], "teacher_id": ["x", "y"], "path": [".", "."]}
     )
     settings = ts.best_settings(trials, "accuracy")
-    text = ts.teacher_markdown(spec, trials, confirm, settings, "accuracy")
+    text = ts.teacher_markdown(spec, trials, confirm, "accuracy")
     line = next(row for row in text.splitlines() if row.startswith("Use it"))
     options = parse_overrides(line.split("`")[1].split(" --set ")[1:])
     other = _spec(tiny_bert, {}).with_values(

@@ -1670,7 +1670,7 @@ def run_teacher_search(
     )
     rows = _confirm(task, confirmed, cpus, metric, out / ts.CONFIRM_FILE)
     confirm = pd.DataFrame(rows)
-    report = ts.teacher_markdown(spec, trials, confirm, settings, metric)
+    report = ts.teacher_markdown(spec, trials, confirm, metric)
     write_text_atomic(out / ts.TEACHER_REPORT, report)
     return TeacherSearchResult(trials, confirm, settings, out)
 

@@ -100,12 +100,8 @@ def keyed_settings(spec: Spec, settings: dict[str, Any]) -> dict[str, Any]:
     task, data and precision) that key a cached teacher. ``TEACHER.md`` gives all of them, not
     only the searched ones: a user's own spec may differ in a setting the search held fixed,
     and would then fine-tune another teacher instead of finding this one."""
-    raw = spec.with_values(settings).model_dump(mode="json")
-    out: dict[str, Any] = {}
-    for key in SEARCHABLE:
-        section, name = key.split(".")
-        out[key] = raw[section][name]
-    return out
+    flat = spec.with_values(settings).flat()
+    return {key: flat[key] for key in SEARCHABLE}
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -133,12 +129,12 @@ def _tie(ok: pd.DataFrame, column: str) -> list[str]:
     ]
 
 
-def teacher_markdown(
-    spec: Spec, trials: pd.DataFrame, confirm: pd.DataFrame, settings: dict[str, Any], metric: str
-) -> str:
-    """``TEACHER.md``: what was searched, the best configuration, its seeds, how to use it."""
+def teacher_markdown(spec: Spec, trials: pd.DataFrame, confirm: pd.DataFrame, metric: str) -> str:
+    """``TEACHER.md``: what was searched, the best configuration (:func:`best_settings` of
+    ``trials``, the one ``confirm`` holds the seeds of), its seeds, how to use it."""
     column = f"best.dev.{metric}"
     ok = finished(trials)
+    settings = best_settings(trials, metric)
     found = spread(confirm, metric)
     chosen = confirm.sort_values([f"dev.{metric}", "seed"], ascending=[False, True]).iloc[0]
     sets = " ".join(
